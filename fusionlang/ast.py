@@ -1,0 +1,161 @@
+"""Unresolved syntax tree: plain frozen dataclasses, every node carries a Span."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .diagnostics import Span
+
+
+@dataclass(frozen=True)
+class Node:
+    span: Span
+
+
+# ----- expressions -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Number(Node):
+    value: float
+    text: str
+
+
+@dataclass(frozen=True)
+class String(Node):
+    value: str
+
+
+@dataclass(frozen=True)
+class Bool(Node):
+    value: bool
+
+
+@dataclass(frozen=True)
+class NoneLit(Node):
+    pass
+
+
+@dataclass(frozen=True)
+class Var(Node):
+    name: str  # may be dotted: module.name
+
+
+@dataclass(frozen=True)
+class ListExpr(Node):
+    items: tuple["Expr", ...]
+
+
+@dataclass(frozen=True)
+class ListComp(Node):
+    body: "Expr"
+    var: str
+    var_span: Span
+    iterable: "Expr"
+
+
+@dataclass(frozen=True)
+class BinOp(Node):
+    op: str  # + - * /
+    left: "Expr"
+    right: "Expr"
+
+
+@dataclass(frozen=True)
+class Neg(Node):
+    operand: "Expr"
+
+
+@dataclass(frozen=True)
+class Cond(Node):
+    test: "Expr"
+    then: "Expr"
+    other: "Expr"
+
+
+@dataclass(frozen=True)
+class KwArg(Node):
+    name: str
+    value: "Expr"
+
+
+@dataclass(frozen=True)
+class Call(Node):
+    func: str  # may be dotted
+    func_span: Span
+    args: tuple["Expr", ...]
+    kwargs: tuple[KwArg, ...]
+
+
+Expr = Number | String | Bool | NoneLit | Var | ListExpr | ListComp | BinOp | Neg | Cond | Call
+
+
+# ----- statements ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Use(Node):
+    module: str  # dotted stdlib name or a path string
+    is_path: bool
+    alias: str | None
+
+
+@dataclass(frozen=True)
+class ModelDecl(Node):
+    name: str
+    plural: bool  # `models` declares a list
+    value: Expr
+
+
+@dataclass(frozen=True)
+class Let(Node):
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True)
+class Param(Node):
+    name: str
+    type: str | None
+    default: Expr | None
+
+
+@dataclass(frozen=True)
+class Def(Node):
+    name: str
+    params: tuple[Param, ...]
+    returns: str | None
+    body: Expr
+
+
+@dataclass(frozen=True)
+class Rule(Node):
+    pattern: str
+    pattern_span: Span
+    value: Expr
+
+
+@dataclass(frozen=True)
+class Merge(Node):
+    name: str
+    value: Expr
+    rules: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
+class Save(Node):
+    name: str
+    name_span: Span
+    path: str
+    path_span: Span
+    dtype: str | None
+    dtype_span: Span | None
+
+
+Stmt = Use | ModelDecl | Let | Def | Merge | Save
+
+
+@dataclass(frozen=True)
+class Module(Node):
+    file: str
+    stmts: tuple[Stmt, ...]

@@ -1,0 +1,129 @@
+"""Source spans, diagnostics and their compiler-style rendering.
+
+Every user mistake becomes a `Diagnostic` with a span; a stage collects all of them
+and raises `FuseErrors` once, so the CLI can print every error of a file at once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Span:
+    """A region of a source file (1-based line and column)."""
+
+    file: str
+    line: int
+    col: int
+    end_line: int = 0
+    end_col: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+    @staticmethod
+    def unknown(file: str = "<unknown>") -> "Span":
+        return Span(file, 1, 1, 1, 1)
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    code: str
+    message: str
+    span: Span
+    hint: str = ""
+    severity: str = "error"  # error | warning | note
+
+    def to_json(self) -> dict:
+        return {
+            "severity": self.severity,
+            "code": self.code,
+            "message": self.message,
+            "file": self.span.file,
+            "line": self.span.line,
+            "col": self.span.col,
+            "hint": self.hint,
+        }
+
+
+class FuseErrors(Exception):
+    """One or more user errors; carries every diagnostic found by a stage."""
+
+    def __init__(self, diagnostics: list[Diagnostic]):
+        super().__init__("; ".join(f"{d.span}: {d.message}" for d in diagnostics))
+        self.diagnostics = list(diagnostics)
+
+
+@dataclass
+class DiagnosticSink:
+    """Collects diagnostics during a stage; `raise_if_errors` ends the stage."""
+
+    items: list[Diagnostic] = field(default_factory=list)
+
+    def error(self, code: str, message: str, span: Span, hint: str = "") -> None:
+        self.items.append(Diagnostic(code, message, span, hint))
+
+    def warning(self, code: str, message: str, span: Span, hint: str = "") -> None:
+        self.items.append(Diagnostic(code, message, span, hint, "warning"))
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.items if d.severity == "error"]
+
+    def raise_if_errors(self) -> None:
+        if self.errors:
+            raise FuseErrors(self.items)
+
+
+class SourceCache:
+    """Source text by file name, so diagnostics can show the offending line."""
+
+    def __init__(self) -> None:
+        self._texts: dict[str, str] = {}
+
+    def add(self, file: str, text: str) -> None:
+        self._texts[file] = text
+
+    def line(self, file: str, line: int) -> str | None:
+        text = self._texts.get(file)
+        if text is None:
+            try:
+                text = Path(file).read_text()
+            except (OSError, UnicodeDecodeError):
+                return None
+            self._texts[file] = text
+        lines = text.splitlines()
+        return lines[line - 1] if 0 < line <= len(lines) else None
+
+
+SOURCES = SourceCache()
+
+
+def render(diag: Diagnostic, color: bool = False) -> str:
+    """Format like a compiler: location, code, message, source line, caret, hint."""
+    red, blue, bold, reset = ("\x1b[31m", "\x1b[34m", "\x1b[1m", "\x1b[0m") if color else ("",) * 4
+    if diag.severity == "warning":
+        red = "\x1b[33m" if color else ""
+    out = [f"{bold}{diag.span}: {red}{diag.severity}[{diag.code}]{reset}{bold}: {diag.message}{reset}"]
+    src = SOURCES.line(diag.span.file, diag.span.line)
+    if src is not None:
+        gutter = f"{diag.span.line:>4} | "
+        out.append(f"{blue}{gutter}{reset}{src}")
+        width = 1
+        if diag.span.end_line == diag.span.line and diag.span.end_col > diag.span.col:
+            width = diag.span.end_col - diag.span.col
+        out.append(f"{blue}{' ' * (len(gutter) - 2)}| {reset}{' ' * (diag.span.col - 1)}{red}{'^' * width}{reset}")
+    if diag.hint:
+        out.append(f"{blue}  = hint:{reset} {diag.hint}")
+    return "\n".join(out)
+
+
+def render_all(diags: list[Diagnostic], color: bool = False) -> str:
+    return "\n\n".join(render(d, color) for d in diags)
+
+
+def to_json(diags: list[Diagnostic]) -> str:
+    return json.dumps([d.to_json() for d in diags], indent=2)

@@ -1,0 +1,201 @@
+"""Text -> AST with Lark (LALR). Syntax errors become diagnostics with a hint."""
+
+from __future__ import annotations
+
+import ast as pyast
+from functools import lru_cache
+from importlib import resources
+
+from lark import Lark, Token, Transformer, Tree, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from . import ast
+from .diagnostics import SOURCES, Diagnostic, FuseErrors, Span
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    grammar = resources.files("fusionlang.grammar").joinpath("fuse.lark").read_text()
+    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def _span(file: str, meta) -> Span:
+    if getattr(meta, "empty", False):
+        return Span.unknown(file)
+    return Span(file, meta.line, meta.column, meta.end_line, meta.end_column)
+
+
+def _tok_span(file: str, tok: Token) -> Span:
+    return Span(file, tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)
+
+
+def _unquote(tok: Token) -> str:
+    # NOTE: the STRING terminal is a subset of Python string syntax, so literal_eval
+    # decodes escapes exactly; it never executes code.
+    return pyast.literal_eval(str(tok))
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    """Builds AST nodes only; never raises user errors (Lark would wrap them)."""
+
+    def __init__(self, file: str):
+        super().__init__()
+        self.file = file
+
+    def _s(self, meta) -> Span:
+        return _span(self.file, meta)
+
+    # --- expressions
+    def number(self, meta, c):
+        text = str(c[0])
+        return ast.Number(self._s(meta), float(text), text)
+
+    def string(self, meta, c):
+        return ast.String(self._s(meta), _unquote(c[0]))
+
+    def true(self, meta, c):
+        return ast.Bool(self._s(meta), True)
+
+    def false(self, meta, c):
+        return ast.Bool(self._s(meta), False)
+
+    def none(self, meta, c):
+        return ast.NoneLit(self._s(meta))
+
+    def dotted(self, meta, c):
+        return (".".join(str(t) for t in c), self._s(meta))
+
+    def var(self, meta, c):
+        name, span = c[0]
+        return ast.Var(span, name)
+
+    def list(self, meta, c):
+        return ast.ListExpr(self._s(meta), tuple(x for x in c if x is not None))
+
+    def listcomp(self, meta, c):
+        body, var, it = c
+        return ast.ListComp(self._s(meta), body, str(var), _tok_span(self.file, var), it)
+
+    def _bin(op):  # noqa: N805
+        def f(self, meta, c):
+            return ast.BinOp(self._s(meta), op, c[0], c[1])
+
+        return f
+
+    add, sub, mul, div = _bin("+"), _bin("-"), _bin("*"), _bin("/")
+
+    def neg(self, meta, c):
+        return ast.Neg(self._s(meta), c[0])
+
+    def cond(self, meta, c):
+        return ast.Cond(self._s(meta), c[0], c[1], c[2])
+
+    def kwarg(self, meta, c):
+        return ast.KwArg(self._s(meta), str(c[0]), c[1])
+
+    def args(self, meta, c):
+        return list(c)
+
+    def call(self, meta, c):
+        (name, fspan), args = c[0], c[1] or []
+        pos = tuple(a for a in args if not isinstance(a, ast.KwArg))
+        kws = tuple(a for a in args if isinstance(a, ast.KwArg))
+        return ast.Call(self._s(meta), name, fspan, pos, kws)
+
+    # --- statements
+    def use_stmt(self, meta, c):
+        target, alias = c[0], (str(c[1]) if len(c) > 1 and c[1] is not None else None)
+        if isinstance(target, Token):
+            return ast.Use(self._s(meta), _unquote(target), True, alias)
+        return ast.Use(self._s(meta), target[0], False, alias)
+
+    def model_stmt(self, meta, c):
+        return ast.ModelDecl(self._s(meta), str(c[0]), False, c[1])
+
+    def models_stmt(self, meta, c):
+        return ast.ModelDecl(self._s(meta), str(c[0]), True, c[1])
+
+    def let_stmt(self, meta, c):
+        return ast.Let(self._s(meta), str(c[0]), c[1])
+
+    def param(self, meta, c):
+        name, typ, default = c
+        return ast.Param(self._s(meta), str(name), str(typ) if typ else None, default)
+
+    def params(self, meta, c):
+        return tuple(c)
+
+    def def_stmt(self, meta, c):
+        name, params, ret, body = c
+        return ast.Def(self._s(meta), str(name), params or (), str(ret) if ret else None, body)
+
+    def rule(self, meta, c):
+        return ast.Rule(self._s(meta), _unquote(c[0]), _tok_span(self.file, c[0]), c[1])
+
+    def rule_block(self, meta, c):
+        return tuple(c)
+
+    def merge_stmt(self, meta, c):
+        return ast.Merge(self._s(meta), str(c[0]), c[1], c[2] or ())
+
+    def save_stmt(self, meta, c):
+        name, path, dtype = c
+        return ast.Save(
+            self._s(meta),
+            str(name),
+            _tok_span(self.file, name),
+            _unquote(path),
+            _tok_span(self.file, path),
+            str(dtype) if dtype else None,
+            _tok_span(self.file, dtype) if dtype else None,
+        )
+
+    def start(self, meta, c):
+        return ast.Module(self._s(meta), self.file, tuple(c))
+
+
+_TOKEN_NAMES = {
+    "NAME": "a name", "STRING": "a string", "NUMBER": "a number", "LPAR": "'('",
+    "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'", "RBRACE": "'}'",
+    "COMMA": "','", "EQUAL": "'='", "COLON": "':'", "PLUS": "'+'", "MINUS": "'-'",
+    "STAR": "'*'", "SLASH": "'/'", "DOT": "'.'", "$END": "end of file", "TYPE_NAME": "a type",
+}
+
+
+def _describe_expected(expected: set[str]) -> str:
+    names = sorted({_TOKEN_NAMES.get(e, repr(e.lower()) if e.isupper() else e) for e in expected})
+    if len(names) > 6:
+        names = names[:6] + ["..."]
+    return ", ".join(names)
+
+
+def _syntax_diag(file: str, err: UnexpectedInput) -> Diagnostic:
+    line, col = getattr(err, "line", 1) or 1, getattr(err, "column", 1) or 1
+    if isinstance(err, UnexpectedCharacters):
+        ch = err.char
+        hint = "strings use double quotes" if ch == "'" else "remove or quote this character"
+        return Diagnostic("E001", f"unexpected character {ch!r}", Span(file, line, col, line, col + 1), hint)
+    if isinstance(err, UnexpectedEOF):
+        return Diagnostic("E001", "unexpected end of file", Span(file, line, col), "a statement or bracket is not finished")
+    assert isinstance(err, UnexpectedToken)
+    tok = err.token
+    exp = _describe_expected(set(err.expected))
+    if tok.type == "$END":
+        return Diagnostic("E001", "unexpected end of file", Span(file, line, col), f"expected {exp}")
+    text = str(tok)
+    hint = f"expected {exp}"
+    if tok.type in {"MODEL", "MODELS", "MERGE", "LET", "DEF", "USE", "SAVE", "TO", "AS", "IN", "FOR"} and "NAME" in err.expected:
+        hint = f"'{text}' is a keyword and cannot be used as a name"
+    end = tok.end_column if tok.end_column else col + len(text)
+    return Diagnostic("E001", f"unexpected {text!r}", Span(file, line, col, line, end), hint)
+
+
+def parse(text: str, file: str = "<string>") -> ast.Module:
+    """Parse a .fuse source; raises FuseErrors with a syntax diagnostic."""
+    SOURCES.add(file, text)
+    try:
+        tree: Tree = _parser().parse(text)
+    except UnexpectedInput as err:
+        raise FuseErrors([_syntax_diag(file, err)]) from None
+    return _ToAst(file).transform(tree)
