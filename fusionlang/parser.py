@@ -83,7 +83,7 @@ class _ToAst(Transformer):
 
         return f
 
-    add, sub, mul, div = _bin("+"), _bin("-"), _bin("*"), _bin("/")
+    add, sub, mul, div, eq, ne = _bin("+"), _bin("-"), _bin("*"), _bin("/"), _bin("=="), _bin("!=")
 
     def neg(self, meta, c):
         return ast.Neg(self._s(meta), c[0])

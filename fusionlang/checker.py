@@ -1,0 +1,561 @@
+"""Resolve and check: AST modules -> typed IR `Program`.
+
+Resolves names across `use`d modules (stdlib or spec files), infers and checks types,
+validates calls against `def` signatures and the op registry (argument names, counts,
+types, `Literal` choices, ranges of constants). Reports every error of a file at once.
+Needs no model files and never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from . import ast, ir
+from .diagnostics import DiagnosticSink, FuseErrors, Span
+from .ops import OPS
+from .parser import parse
+
+ENTRY = "spec"
+STDLIB_FILES = {"merging"}
+
+
+@dataclass(frozen=True)
+class BuiltinSig:
+    params: tuple[tuple[str, str, object], ...]  # (name, type, default or REQUIRED)
+    returns: str
+    doc: str
+
+
+REQUIRED = object()
+BUILTINS: dict[str, BuiltinSig] = {
+    "local": BuiltinSig((("path", "string", REQUIRED),), "model",
+                        "a model directory: config.json + *.safetensors (relative to the spec file)"),
+    "hf": BuiltinSig((("repo", "string", REQUIRED), ("revision", "string", None)), "model",
+                     "a model from the local Hugging Face cache (never downloaded)"),
+    "ramp": BuiltinSig((("start", "number", REQUIRED), ("end", "number", REQUIRED)), "number",
+                       "a value interpolated linearly over the layer index (a MergeKit gradient)"),
+    "layers": BuiltinSig((("model", "model", REQUIRED), ("start", "int", REQUIRED), ("end", "int", REQUIRED)),
+                         "slice", "layers [start, end) of a model, for slices()"),
+    "slices": BuiltinSig((("parts", "list", REQUIRED),), "model",
+                         "stack layer ranges of models into a new model (passthrough)"),
+}
+
+_TYPE_OK = {
+    "model": {"model"},
+    "models": {"models"},
+    "number": {"number", "int", "numbers"},  # a list of numbers is a gradient over layers
+    "int": {"int", "number"},
+    "string": {"string"},
+    "bool": {"bool"},
+    "numbers": {"numbers", "list"},
+    "list": {"list", "numbers", "models"},
+    "any": None,
+    "tensor": {"model"},
+    "tensors": {"models"},
+}
+
+
+def type_accepts(expected: str, actual: str) -> bool:
+    if actual == "any" or expected == "any":
+        return True
+    ok = _TYPE_OK.get(expected)
+    return ok is None or actual in ok
+
+
+def pattern_regex(pattern: str) -> tuple[str, tuple[str, ...]]:
+    """Glob over tensor names -> regex. `*` spans dots; `{i}` captures a layer index.
+    A pattern matches a whole name or a dot-separated suffix of it."""
+    out, caps, pos = [], [], 0
+    for m in re.finditer(r"\*|\{([A-Za-z_][A-Za-z0-9_]*)\}", pattern):
+        out.append(re.escape(pattern[pos:m.start()]))
+        if m.group(0) == "*":
+            out.append(".*")
+        else:
+            name = m.group(1)
+            out.append(f"(?P<{name}>\\d+)" if name not in caps else f"(?P={name})")
+            caps.append(name)
+        pos = m.end()
+    out.append(re.escape(pattern[pos:]))
+    return "(?:^|.*\\.)" + "".join(out) + "$", tuple(dict.fromkeys(caps))
+
+
+@dataclass
+class _Sym:
+    kind: str  # model | models | let | merge | def
+    qualname: str
+    span: Span
+
+
+@dataclass
+class _Module:
+    key: str
+    file: str
+    tree: ast.Module
+    names: dict[str, _Sym] = field(default_factory=dict)
+    qualified: dict[str, dict[str, _Sym]] = field(default_factory=dict)  # alias -> names
+
+
+def stdlib_path(name: str) -> Path | None:
+    res = resources.files("fusionlang.stdlib").joinpath(f"{name}.fuse")
+    return Path(str(res)) if res.is_file() else None
+
+
+def stdlib_modules() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("fusionlang.stdlib").iterdir() if p.name.endswith(".fuse"))
+
+
+class Checker:
+    def __init__(self) -> None:
+        self.sink = DiagnosticSink()
+        self.modules: dict[str, _Module] = {}
+        self.bindings: dict[str, ir.Binding] = {}
+        self.defs: dict[str, ir.DefIR] = {}
+        self._def_ast: dict[str, tuple[ast.Def, _Module]] = {}
+        self._bind_ast: dict[str, tuple[ast.Stmt, _Module]] = {}
+        self._in_progress: set[str] = set()
+        self._loading: list[str] = []
+
+    # ------------------------------------------------------------------ modules
+    def load(self, key: str, file: str, text: str, use_span: Span | None = None) -> _Module | None:
+        if key in self.modules:
+            return self.modules[key]
+        try:
+            tree = parse(text, file)
+        except FuseErrors as e:
+            self.sink.items.extend(e.diagnostics)
+            return None
+        mod = _Module(key, file, tree)
+        self.modules[key] = mod
+        self._loading.append(key)
+        for stmt in tree.stmts:
+            if isinstance(stmt, ast.Use):
+                self._use(mod, stmt)
+        for stmt in tree.stmts:
+            self._declare(mod, stmt)
+        self._loading.pop()
+        return mod
+
+    def _use(self, mod: _Module, stmt: ast.Use) -> None:
+        if stmt.is_path:
+            path = (Path(mod.file).parent / stmt.module).resolve()
+            key = str(path)
+            if not path.is_file():
+                self.sink.error("E008", f"cannot find spec file '{stmt.module}'", stmt.span,
+                                f"looked for {path}")
+                return
+            alias = stmt.alias or path.stem
+        else:
+            p = stdlib_path(stmt.module)
+            if p is None:
+                self.sink.error("E008", f"unknown module '{stmt.module}'", stmt.span,
+                                f"stdlib modules: {', '.join(stdlib_modules())}; use \"file.fuse\" for a spec file")
+                return
+            path, key, alias = p, "std:" + stmt.module, stmt.alias or stmt.module
+        if key in self._loading:
+            chain = " -> ".join(self._display(k) for k in self._loading[self._loading.index(key):] + [key])
+            self.sink.error("E007", f"cyclic use: {chain}", stmt.span, "break the cycle by moving shared definitions into a third file")
+            return
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            self.sink.error("E008", f"cannot read '{path}': {e}", stmt.span, "")
+            return
+        file = str(path) if key.startswith("std:") else os.path.relpath(path)
+        used = self.load(key, file, text, stmt.span)
+        if used is None:
+            return
+        exported = {n: s for n, s in used.names.items() if not n.startswith("_")}
+        mod.qualified[alias] = exported
+        for n, s in exported.items():
+            mod.names.setdefault(n, s)
+
+    def _display(self, key: str) -> str:
+        return key[4:] if key.startswith("std:") else os.path.relpath(key) if os.path.isabs(key) else key
+
+    def _declare(self, mod: _Module, stmt: ast.Stmt) -> None:
+        if isinstance(stmt, (ast.Use, ast.Save)):
+            return
+        name = stmt.name
+        kind = {ast.Def: "def", ast.Let: "let", ast.Merge: "merge"}.get(type(stmt))
+        if isinstance(stmt, ast.ModelDecl):
+            kind = "models" if stmt.plural else "model"
+        qual = f"{mod.key}::{name}"
+        prev = mod.names.get(name)
+        if prev is not None and prev.qualname.startswith(mod.key + "::"):
+            self.sink.error("E003", f"'{name}' is already defined", stmt.span,
+                            f"first defined at {prev.span}; pick another name")
+            return
+        if name in OPS or name in BUILTINS:
+            self.sink.warning("W001", f"'{name}' shadows a built-in", stmt.span, "")
+        mod.names[name] = _Sym(kind, qual, stmt.span)
+        if kind == "def":
+            self._def_ast[qual] = (stmt, mod)
+        else:
+            self._bind_ast[qual] = (stmt, mod)
+
+    # ------------------------------------------------------------------ program
+    def check_program(self, file: str, text: str) -> ir.Program | None:
+        mod = self.load(ENTRY, file, text)
+        if mod is None:
+            return None
+        for qual in list(self._def_ast):
+            self._def(qual)
+        for qual in list(self._bind_ast):
+            self._binding(qual)
+        saves = []
+        seen_paths: dict[str, Span] = {}
+        for stmt in mod.tree.stmts:
+            if isinstance(stmt, ast.Save):
+                s = self._save(mod, stmt, seen_paths)
+                if s:
+                    saves.append(s)
+        if self.sink.errors:
+            return None
+        return ir.Program(file=file, text=text, module=ENTRY, bindings=self.bindings, defs=self.defs, saves=tuple(saves))
+
+    def _save(self, mod: _Module, stmt: ast.Save, seen: dict[str, Span]) -> ir.SaveIR | None:
+        sym = mod.names.get(stmt.name)
+        if sym is None:
+            self._unknown(mod, stmt.name, stmt.name_span, {})
+            return None
+        if sym.kind not in ("merge", "model"):
+            self.sink.error("E005", f"cannot save '{stmt.name}': it is a {sym.kind}, not a model", stmt.name_span,
+                            "save takes a merge or a model")
+            return None
+        if stmt.dtype is not None and stmt.dtype not in ("bf16", "fp16", "fp32"):
+            self.sink.error("E006", f"unknown dtype '{stmt.dtype}'", stmt.dtype_span or stmt.span, "use bf16, fp16 or fp32")
+            return None
+        if not stmt.path.strip():
+            self.sink.error("E016", "empty output path", stmt.path_span, "give a directory to write the model to")
+            return None
+        path = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(mod.file)), stmt.path))
+        if path in seen:
+            self.sink.error("E016", f"two saves write to '{stmt.path}'", stmt.path_span, f"the other save is at {seen[path]}")
+            return None
+        seen[path] = stmt.span
+        return ir.SaveIR(name=sym.qualname, display=stmt.name, path=path, dtype=stmt.dtype, span=stmt.span)
+
+    def _def(self, qual: str) -> ir.DefIR | None:
+        if qual in self.defs:
+            return self.defs[qual]
+        if qual in self._in_progress:
+            return None  # recursion is reported by the caller
+        d, mod = self._def_ast[qual]
+        self._in_progress.add(qual)
+        params, scope = [], {}
+        seen = set()
+        for p in d.params:
+            if p.name in seen:
+                self.sink.error("E003", f"duplicate parameter '{p.name}'", p.span, "")
+            seen.add(p.name)
+            default = self.expr(p.default, mod, {}) if p.default is not None else None
+            typ = p.type or (default.type if default is not None and default.type != "none" else "any")
+            if p.type and default is not None and default.type != "none" and not type_accepts(p.type, default.type):
+                self.sink.error("E005", f"default of '{p.name}' is {default.type}, not {p.type}", p.default.span, "")
+            params.append(ir.ParamIR(name=p.name, type=typ, default=default, span=p.span))
+            scope[p.name] = typ
+        body = self.expr(d.body, mod, scope)
+        ret = d.returns or body.type
+        if d.returns and not type_accepts(d.returns, body.type):
+            self.sink.error("E005", f"'{d.name}' declares -> {d.returns} but its body is {body.type}", d.body.span, "")
+        out = ir.DefIR(qualname=qual, params=tuple(params), returns=ret, body=body, span=d.span)
+        self._in_progress.discard(qual)
+        self.defs[qual] = out
+        return out
+
+    def _binding(self, qual: str) -> ir.Binding | None:
+        if qual in self.bindings:
+            return self.bindings[qual]
+        stmt, mod = self._bind_ast[qual]
+        if qual in self._in_progress:
+            self.sink.error("E009", f"'{stmt.name}' is defined in terms of itself", stmt.span, "")
+            return None
+        self._in_progress.add(qual)
+        value = self.expr(stmt.value, mod, {})
+        rules: list[ir.RuleIR] = []
+        if isinstance(stmt, ast.ModelDecl):
+            kind = "models" if stmt.plural else "model"
+            if not type_accepts(kind, value.type):
+                hint = "use `models` for a list" if value.type == "models" else "use `model` for a single model" if value.type == "model" else ""
+                self.sink.error("E005", f"'{stmt.name}' is declared {kind} but its value is {value.type}", stmt.value.span, hint)
+        elif isinstance(stmt, ast.Merge):
+            kind = "merge"
+            if not type_accepts("model", value.type):
+                self.sink.error("E005", f"merge '{stmt.name}' must be a model, not {value.type}", stmt.value.span,
+                                "a merge combines models into one model")
+            pats: dict[str, Span] = {}
+            for r in stmt.rules:
+                regex, caps = pattern_regex(r.pattern)
+                if r.pattern in pats:
+                    self.sink.error("E012", f"pattern '{r.pattern}' appears twice; the second never matches", r.pattern_span,
+                                    f"first at {pats[r.pattern]}")
+                pats[r.pattern] = r.pattern_span
+                rv = self.expr(r.value, mod, {c: "int" for c in caps})
+                if not type_accepts("model", rv.type):
+                    self.sink.error("E005", f"rule value must be a model, not {rv.type}", r.value.span, "")
+                rules.append(ir.RuleIR(pattern=r.pattern, regex=regex, captures=caps, value=rv, span=r.span,
+                                       pattern_span=r.pattern_span))
+        else:
+            kind = "let"
+        typ = "model" if kind == "merge" else value.type
+        b = ir.Binding(qualname=qual, kind=kind, type=typ, value=value, rules=tuple(rules), span=stmt.span)
+        self._in_progress.discard(qual)
+        self.bindings[qual] = b
+        return b
+
+    # ------------------------------------------------------------------ expressions
+    def _unknown(self, mod: _Module, name: str, span: Span, scope: dict) -> None:
+        import difflib
+
+        cands = list(scope) + list(mod.names) + [o for o, d in OPS.items() if d.public] + list(BUILTINS)
+        close = difflib.get_close_matches(name, cands, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else ""
+        for std in sorted(STDLIB_FILES):
+            if std not in mod.qualified and self._stdlib_defines(std, name):
+                hint = f"'{name}' is defined in the stdlib module '{std}': add `use {std}` at the top"
+        self.sink.error("E002", f"unknown name '{name}'", span, hint)
+
+    def _stdlib_defines(self, std: str, name: str) -> bool:
+        p = stdlib_path(std)
+        return bool(p and re.search(rf"^def\s+{re.escape(name)}\b", p.read_text(), re.M))
+
+    def _lookup(self, mod: _Module, name: str) -> _Sym | None:
+        if "." in name:
+            alias, _, rest = name.partition(".")
+            return mod.qualified.get(alias, {}).get(rest)
+        return mod.names.get(name)
+
+    def _sym_type(self, sym: _Sym) -> str:
+        if sym.kind in ("model", "models"):
+            return sym.kind
+        if sym.kind == "merge":
+            return "model"
+        if sym.kind == "def":
+            return "function"
+        b = self._binding(sym.qualname)
+        return b.type if b else "any"
+
+    def expr(self, e: ast.Expr, mod: _Module, scope: dict[str, str]) -> ir.Expr:
+        s = e.span
+        if isinstance(e, ast.Number):
+            return ir.Const(span=s, type="int" if e.value.is_integer() and "." not in e.text and "e" not in e.text.lower() else "number", value=e.value)
+        if isinstance(e, ast.String):
+            return ir.Const(span=s, type="string", value=e.value)
+        if isinstance(e, ast.Bool):
+            return ir.Const(span=s, type="bool", value=e.value)
+        if isinstance(e, ast.NoneLit):
+            return ir.Const(span=s, type="none", value=None)
+        if isinstance(e, ast.Var):
+            if e.name in scope:
+                return ir.Ref(span=s, type=scope[e.name], name=e.name, scope="local")
+            sym = self._lookup(mod, e.name)
+            if sym is None:
+                if e.name in OPS or e.name in BUILTINS:
+                    self.sink.error("E005", f"'{e.name}' is a function; call it with ( )", s, f"e.g. {e.name}(...)")
+                else:
+                    self._unknown(mod, e.name, s, scope)
+                return ir.Const(span=s, type="any", value=None)
+            if sym.kind == "def":
+                self.sink.error("E005", f"'{e.name}' is a function; call it with ( )", s, "")
+                return ir.Const(span=s, type="any", value=None)
+            return ir.Ref(span=s, type=self._sym_type(sym), name=sym.qualname, scope="global")
+        if isinstance(e, ast.ListExpr):
+            items = tuple(self.expr(i, mod, scope) for i in e.items)
+            types = {i.type for i in items} - {"any"}
+            if types and types <= {"model"}:
+                t = "models"
+            elif types and types <= {"number", "int"}:
+                t = "numbers"
+            else:
+                t = "list"
+            if "models" in types:
+                self.sink.error("E005", "a list of model lists is not supported", s,
+                                "concatenate lists with a comprehension or list the models directly")
+            return ir.ListE(span=s, type=t, items=items)
+        if isinstance(e, ast.ListComp):
+            it = self.expr(e.iterable, mod, scope)
+            elem = {"models": "model", "numbers": "number"}.get(it.type, "any")
+            if it.type not in ("models", "numbers", "list", "any"):
+                self.sink.error("E005", f"cannot iterate over a {it.type}", e.iterable.span, "iterate over a list, e.g. `models`")
+            body = self.expr(e.body, mod, {**scope, e.var: elem})
+            t = {"model": "models", "number": "numbers", "int": "numbers"}.get(body.type, "list")
+            return ir.Comp(span=s, type=t, body=body, var=e.var, iterable=it)
+        if isinstance(e, ast.BinOp):
+            left, right = self.expr(e.left, mod, scope), self.expr(e.right, mod, scope)
+            return ir.Bin(span=s, type=self._bin_type(e, left.type, right.type), op=e.op, left=left, right=right)
+        if isinstance(e, ast.Neg):
+            x = self.expr(e.operand, mod, scope)
+            if x.type not in ("model", "number", "int", "any"):
+                self.sink.error("E005", f"cannot negate a {x.type}", s, "")
+            return ir.Neg(span=s, type=x.type, operand=x)
+        if isinstance(e, ast.Cond):
+            test = self.expr(e.test, mod, scope)
+            if not type_accepts("bool", test.type):
+                self.sink.error("E005", f"condition must be a bool, not {test.type}", e.test.span, "")
+            a, b = self.expr(e.then, mod, scope), self.expr(e.other, mod, scope)
+            t = a.type if a.type == b.type else ("number" if {a.type, b.type} <= {"int", "number"} else "any" if "any" in (a.type, b.type) else None)
+            if t is None:
+                self.sink.error("E005", f"branches have different types: {a.type} and {b.type}", s, "")
+                t = "any"
+            return ir.CondE(span=s, type=t, test=test, then=a, other=b)
+        if isinstance(e, ast.Call):
+            return self._call(e, mod, scope)
+        raise AssertionError(f"unhandled AST node {type(e).__name__}")
+
+    def _bin_type(self, e: ast.BinOp, lt: str, rt: str) -> str:
+        num = {"number", "int"}
+        if e.op in ("==", "!="):
+            if "model" in (lt, rt) or "models" in (lt, rt):
+                self.sink.error("E005", f"cannot compare models with '{e.op}'", e.span, "compare numbers, strings, bools or none")
+            return "bool"
+        if "any" in (lt, rt):
+            return "model" if "model" in (lt, rt) else "any"
+        if lt in num and rt in num:
+            return "int" if lt == rt == "int" and e.op != "/" else "number"
+        if e.op in "+-" and lt == rt == "model":
+            return "model"
+        if e.op == "*" and {lt, rt} <= {"model"} | num and "model" in (lt, rt):
+            return "model"
+        if e.op == "/" and lt == "model" and rt in num:
+            return "model"
+        hint = ""
+        if "models" in (lt, rt):
+            hint = "arithmetic works on single models; use a comprehension, e.g. [m - base for m in models], or sum(...)"
+        elif e.op == "/" and rt == "model":
+            hint = "a model can only be divided by a number"
+        self.sink.error("E005", f"cannot apply '{e.op}' to {lt} and {rt}", e.span, hint)
+        return "any"
+
+    def _call(self, e: ast.Call, mod: _Module, scope: dict[str, str]) -> ir.Expr:
+        s = e.span
+        args = tuple(self.expr(a, mod, scope) for a in e.args)
+        kwargs = tuple((k.name, self.expr(k.value, mod, scope), k.span) for k in e.kwargs)
+        sym = None if e.func in scope else self._lookup(mod, e.func)
+        if sym is not None and sym.kind != "def":
+            self.sink.error("E005", f"'{e.func}' is a {sym.kind}, not a function", e.func_span, "")
+            return ir.Const(span=s, type="any", value=None)
+        if sym is not None:
+            d = self._def(sym.qualname)
+            if d is None:
+                if sym.qualname in self._in_progress:
+                    self.sink.error("E009", f"recursive call to '{e.func}'", e.func_span, "defs cannot call themselves")
+                return ir.Const(span=s, type="any", value=None)
+            sig = [(p.name, p.type, p.default if p.default is not None else REQUIRED) for p in d.params]
+            self._bind_args(e, sig, args, kwargs, None)
+            return ir.CallE(span=s, type=d.returns, kind="def", target=sym.qualname, args=args,
+                            kwargs=tuple((k, v) for k, v, _ in kwargs))
+        if e.func in OPS and OPS[e.func].public:
+            o = OPS[e.func]
+            sig = [(p.name, p.type, REQUIRED if p.required else p.default) for p in o.params]
+            self._bind_args(e, sig, args, kwargs, o)
+            return ir.CallE(span=s, type="model", kind="op", target=e.func, args=args,
+                            kwargs=tuple((k, v) for k, v, _ in kwargs))
+        if e.func in BUILTINS:
+            b = BUILTINS[e.func]
+            self._bind_args(e, list(b.params), args, kwargs, None)
+            return ir.CallE(span=s, type=b.returns, kind="builtin", target=e.func, args=args,
+                            kwargs=tuple((k, v) for k, v, _ in kwargs))
+        self._unknown(mod, e.func, e.func_span, scope)
+        return ir.Const(span=s, type="any", value=None)
+
+    def _bind_args(self, e: ast.Call, sig, args, kwargs, opdef) -> None:
+        names = [n for n, _, _ in sig]
+        bound: dict[str, ir.Expr] = {}
+        if len(args) > len(sig):
+            self.sink.error("E004", f"'{e.func}' takes {len(sig)} argument{'s' * (len(sig) != 1)} but {len(args)} were given",
+                            args[len(sig)].span, f"signature: {e.func}({', '.join(names)})")
+        for (n, _, _), a in zip(sig, args):
+            bound[n] = a
+        for k, v, ks in kwargs:
+            if k not in names:
+                import difflib
+
+                close = difflib.get_close_matches(k, names, n=1)
+                self.sink.error("E004", f"'{e.func}' has no parameter '{k}'", ks,
+                                f"did you mean '{close[0]}'?" if close else f"parameters: {', '.join(names)}")
+            elif k in bound:
+                self.sink.error("E004", f"'{k}' is given twice", ks, "")
+            else:
+                bound[k] = v
+        for n, typ, default in sig:
+            if n not in bound:
+                if default is REQUIRED:
+                    self.sink.error("E004", f"'{e.func}' is missing the argument '{n}'", e.span,
+                                    f"signature: {e.func}({', '.join(names)})")
+                continue
+            a = bound[n]
+            spec = next((p for p in opdef.params if p.name == n), None) if opdef else None
+            if a.type == "none" and (default is None or (spec and spec.optional)):
+                continue
+            if not type_accepts(typ, a.type):
+                hint = ""
+                if typ == "models" and a.type == "model":
+                    hint = f"wrap it in a list: [{_src(a)}]"
+                elif typ == "model" and a.type == "models":
+                    hint = "this parameter takes one model"
+                self.sink.error("E005", f"argument '{n}' of '{e.func}' must be {_tname(typ)}, not {_tname(a.type)}", a.span, hint)
+                continue
+            if isinstance(a, ir.Const) and spec is not None:
+                self.check_value(n, e.func, spec.choices, spec.range, spec.type, a.value, a.span)
+
+    def check_value(self, name, func, choices, rng, typ, value, span) -> None:
+        check_param_value(self.sink, name, func, choices, rng, typ, value, span)
+
+
+def check_param_value(sink: DiagnosticSink, name, func, choices, rng, typ, value, span) -> bool:
+    """Validate one constant op argument; shared by the checker and the lowering."""
+    if choices and value not in choices:
+        sink.error("E006", f"'{value}' is not a valid {name} for {func}", span,
+                   f"choose one of: {', '.join(repr(c) for c in choices)}")
+        return False
+    if rng and isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi = rng
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            sink.error("E006", f"{name}={value:g} is out of range for {func}", span, f"{name} must be in [{lo:g}, {hi:g}]")
+            return False
+    if typ == "int" and isinstance(value, float) and not value.is_integer():
+        sink.error("E005", f"{name} of {func} must be an integer, not {value:g}", span, "")
+        return False
+    return True
+
+
+def _tname(t: str) -> str:
+    return {"model": "a model", "models": "a list of models", "number": "a number", "int": "an integer",
+            "string": "a string", "bool": "a bool", "numbers": "a list of numbers", "list": "a list",
+            "tensor": "a model", "tensors": "a list of models", "none": "none", "function": "a function",
+            "slice": "a layer range"}.get(t, t)
+
+
+def _src(a: ir.Expr) -> str:
+    return a.name.split("::")[-1] if isinstance(a, ir.Ref) else "..."
+
+
+def check_source(text: str, file: str) -> tuple[ir.Program | None, DiagnosticSink]:
+    """Check one spec. Returns the program (None on errors) and all diagnostics."""
+    c = Checker()
+    prog = c.check_program(file, text)
+    return prog, c.sink
+
+
+def check_file(path: str) -> ir.Program:
+    """Read and check a spec; raises FuseErrors (errors and warnings) on any error."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise FuseErrors([_file_diag(path, "E008", f"spec file '{path}' does not exist", "check the path")]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FuseErrors([_file_diag(path, "E008", f"cannot read '{path}': {e}", "")]) from None
+    prog, sink = check_source(text, path)
+    if prog is None:
+        raise FuseErrors(sink.items)
+    return prog
+
+
+def _file_diag(path, code, msg, hint):
+    from .diagnostics import Diagnostic
+
+    return Diagnostic(code, msg, Span(path, 1, 1), hint)

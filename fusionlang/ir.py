@@ -1,0 +1,141 @@
+"""Typed, resolved IR (frozen pydantic models). Every node keeps its Span.
+
+Types are plain strings: model, models, number, numbers, int, string, bool, none,
+list, function, slice, any. `number` also covers per-layer schedules (ramp, gradients).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict
+
+from .diagnostics import Span
+
+
+class IR(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+
+class Const(IR):
+    span: Span
+    type: str
+    value: float | bool | str | None
+
+
+class Ref(IR):
+    """A resolved name: a global (`module::name`) or a local (parameter, loop variable)."""
+
+    span: Span
+    type: str
+    name: str
+    scope: Literal["global", "local"]
+
+
+class ListE(IR):
+    span: Span
+    type: str
+    items: tuple["Expr", ...]
+
+
+class Comp(IR):
+    span: Span
+    type: str
+    body: "Expr"
+    var: str
+    iterable: "Expr"
+
+
+class Bin(IR):
+    span: Span
+    type: str
+    op: Literal["+", "-", "*", "/", "==", "!="]
+    left: "Expr"
+    right: "Expr"
+
+
+class Neg(IR):
+    span: Span
+    type: str
+    operand: "Expr"
+
+
+class CondE(IR):
+    span: Span
+    type: str
+    test: "Expr"
+    then: "Expr"
+    other: "Expr"
+
+
+class CallE(IR):
+    """A call to a registered op, a `def` (by qualified name) or a builtin."""
+
+    span: Span
+    type: str
+    kind: Literal["op", "def", "builtin"]
+    target: str
+    args: tuple["Expr", ...]
+    kwargs: tuple[tuple[str, "Expr"], ...]
+
+
+Expr = Union[Const, Ref, ListE, Comp, Bin, Neg, CondE, CallE]
+for _cls in (ListE, Comp, Bin, Neg, CondE, CallE):
+    _cls.model_rebuild()
+
+
+class ParamIR(IR):
+    name: str
+    type: str
+    default: Expr | None
+    span: Span
+
+
+class DefIR(IR):
+    qualname: str
+    params: tuple[ParamIR, ...]
+    returns: str
+    body: Expr
+    span: Span
+
+
+class Binding(IR):
+    """A global value: `model`, `models`, `let` or `merge` (with its rule block)."""
+
+    qualname: str
+    kind: Literal["model", "models", "let", "merge"]
+    type: str
+    value: Expr
+    rules: tuple["RuleIR", ...] = ()
+    span: Span
+
+
+class RuleIR(IR):
+    pattern: str
+    regex: str
+    captures: tuple[str, ...]
+    value: Expr
+    span: Span
+    pattern_span: Span
+
+
+Binding.model_rebuild()
+
+
+class SaveIR(IR):
+    name: str  # qualified binding name
+    display: str
+    path: str  # absolute
+    dtype: Literal["bf16", "fp16", "fp32"] | None
+    span: Span
+
+
+class Program(IR):
+    """A checked spec: every global binding and def it can reach, and its outputs."""
+
+    file: str
+    text: str
+    module: str  # the entry module's key
+    bindings: dict[str, Binding]
+    defs: dict[str, DefIR]
+    saves: tuple[SaveIR, ...]

@@ -1,0 +1,132 @@
+"""Sparsification of task vectors: magnitude trim (TIES), random drop (DARE), breadcrumbs.
+
+Per-tensor magnitude selection uses `kthvalue` (a selection, not a full sort). The
+model-wide variant (TIES paper / FusionBench) finds the exact global k-th magnitude with
+two streaming histogram passes over the float bit patterns (non-negative float32 values
+order like their int32 bits): 32768 buckets on the high 16 bits, then 65536 on the low
+16 bits of the one bucket that holds the threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from typing import Literal
+
+from .registry import Tensor, op, torch
+
+_UNIT = {"density": (0.0, 1.0)}
+
+
+def keep_count(numel: int, density: float) -> int:
+    """How many entries a per-tensor trim keeps (MergeKit: int(density * numel))."""
+    return int(density * numel)
+
+
+@op(ranges=_UNIT)
+def trim(x: Tensor, density: float = 0.2, scope: Literal["tensor", "model"] = "tensor") -> Tensor:
+    """Keep the `density` fraction of largest-magnitude entries, zero the rest.
+
+    scope="tensor" selects within each tensor (MergeKit); scope="model" selects over all
+    tensors of the task vector at once (TIES paper, FusionBench) and compiles to a
+    multi-phase plan.
+    """
+    k = keep_count(x.numel(), density)
+    if k >= x.numel():
+        return x
+    if k <= 0:
+        return torch.zeros_like(x)
+    mag = x.abs().reshape(-1)
+    thr = torch.kthvalue(mag, x.numel() - k + 1).values
+    return x * (x.abs() >= thr)
+
+
+@op(public=False)
+def trim_at(x: Tensor, threshold: Tensor) -> Tensor:
+    """Zero entries with |x| below a (model-wide) threshold."""
+    return x * (x.abs() >= threshold.to(x.device))
+
+
+def _bits(x):
+    return x.abs().float().contiguous().view(torch.int32)
+
+
+@op(public=False)
+def magnitude_hist_hi(x: Tensor) -> Tensor:
+    """Histogram of |x| over the high 16 bits of its float32 pattern."""
+    return torch.bincount((_bits(x) >> 16).reshape(-1), minlength=32768).cpu()
+
+
+@op(kind="reduce", public=False)
+def select_bucket(hists: list[Tensor], density: float = 0.2) -> Tensor:
+    """Which high-bits bucket holds the global threshold (FusionBench: kthvalue(d - int(d*density)))."""
+    h = torch.stack(list(hists)).sum(0)
+    d = int(h.sum())
+    kk = max(1, d - int(d * density))  # 1-based rank from the smallest
+    cum = torch.cumsum(h, 0)
+    b = int(torch.searchsorted(cum, torch.tensor(kk, dtype=cum.dtype)))
+    before = int(cum[b - 1]) if b > 0 else 0
+    return torch.tensor([b, kk - before], dtype=torch.int64)
+
+
+@op(public=False)
+def magnitude_hist_lo(x: Tensor, bucket: Tensor) -> Tensor:
+    """Histogram over the low 16 bits of the entries that fall in the selected bucket."""
+    bits = _bits(x).reshape(-1)
+    b = int(bucket[0])
+    sel = bits[(bits >> 16) == b]
+    return torch.bincount(sel & 0xFFFF, minlength=65536).cpu()
+
+
+@op(kind="reduce", public=False)
+def select_threshold(hists: list[Tensor], bucket: Tensor) -> Tensor:
+    """The exact k-th smallest magnitude, as a 0-d float32 tensor."""
+    h = torch.stack(list(hists)).sum(0)
+    b, r = int(bucket[0]), int(bucket[1])
+    cum = torch.cumsum(h, 0)
+    lo = int(torch.searchsorted(cum, torch.tensor(r, dtype=cum.dtype)))
+    return torch.tensor([(b << 16) | lo], dtype=torch.int32).view(torch.float32)[0]
+
+
+def tensor_seed(seed: int, *parts: str) -> int:
+    """A per-tensor seed independent of execution order (so plans can be partitioned)."""
+    h = hashlib.sha256(("\x00".join([str(seed), *parts])).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+@op(ranges=_UNIT)
+def drop(x: Tensor, density: float = 0.5, rescale: Literal["inverse", "l1", "none"] = "inverse", seed: int = 0) -> Tensor:
+    """DARE: keep each entry with probability `density` (Bernoulli), then rescale.
+
+    rescale="inverse" divides by density (DARE paper, FusionBench); "l1" restores the
+    tensor's L1 norm (MergeKit's rescale_norm); "none" keeps the dropped values as is.
+    The mask is drawn on the CPU from a generator seeded per tensor, so results are
+    bit-identical across runs and devices.
+    """
+    if density >= 1.0:
+        return x
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(x.shape, generator=g) < density
+    out = x * mask.to(x.device)
+    if rescale == "inverse":
+        out.div_(density) if density > 0 else None
+    elif rescale == "l1":
+        before, after = x.abs().sum(), out.abs().sum()
+        if after > 0:
+            out.mul_(before / after)
+    return out
+
+
+@op(ranges={"density": (0.0, 1.0), "gamma": (0.0, 1.0)})
+def breadcrumbs(x: Tensor, density: float = 0.9, gamma: float = 0.01) -> Tensor:
+    """Model Breadcrumbs: drop the `gamma` largest-magnitude outliers and keep the next
+    `density` fraction; the smallest entries are zeroed (MergeKit's breadcrumbs)."""
+    n = x.numel()
+    top = int(gamma * n)
+    keep = int(density * n)
+    if keep <= 0:
+        return torch.zeros_like(x)
+    order = torch.argsort(x.abs().reshape(-1), descending=True)
+    mask = torch.zeros(n, dtype=torch.bool, device=x.device)
+    mask[order[top: top + keep]] = True
+    return x * mask.reshape(x.shape)
