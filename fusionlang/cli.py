@@ -1,0 +1,300 @@
+"""The `fusionlang` command line: check, compile, run, fmt (rich output).
+
+Exit codes: 0 ok, 1 user error, 2 internal error. A user never sees a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from rich.console import Console
+from rich.table import Table
+
+from .diagnostics import Diagnostic, FuseErrors, Span, render_all, to_json
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _color() -> bool:
+    return console.is_terminal and not os.environ.get("NO_COLOR")
+
+
+def _print_diags(diags: list[Diagnostic]) -> None:
+    diags = sorted(diags, key=lambda d: (d.severity != "error", d.span.file, d.span.line, d.span.col))
+    if diags:
+        sys.stderr.write(render_all(diags, _color()) + "\n")
+        n_err = sum(d.severity == "error" for d in diags)
+        if n_err:
+            sys.stderr.write(f"\n{n_err} error{'s' * (n_err != 1)}\n")
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_check(args) -> int:
+    from .pipeline import check
+
+    results = [check(f) for f in args.files]
+    if args.format == "json":
+        print(json.dumps([{"file": r.file, "ok": r.ok, "diagnostics": json.loads(to_json(r.diagnostics)),
+                           "unverified": r.unverified} for r in results], indent=2))
+    else:
+        for r in results:
+            _print_diags(r.diagnostics)
+            status = "[green]ok[/]" if r.ok else "[red]failed[/]"
+            console.print(f"{r.file}: {status}")
+            if r.unverified and r.ok:
+                console.print("  [yellow]not verified[/] (model files absent): tensor names, shapes, dtypes and rule patterns")
+                for u in r.unverified:
+                    console.print(f"    {u}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _summary(prog, lowered, plan) -> None:
+    from .pipeline import estimate_peak_bytes
+
+    t = Table(title=f"plan for {prog.file}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("models", ", ".join(f"{k} ({len(s.tensors)} tensors)" for k, s in plan.sources.items()))
+    t.add_row("outputs", ", ".join(f"{o.name} -> {o.path}" for o in plan.outputs.values()))
+    t.add_row("tensors", str(sum(len(o.tensors) for o in plan.outputs.values())))
+    t.add_row("ops", f"{len(lowered.nodes)} lowered -> {len(plan.nodes)} after passes "
+              + " ".join(f"[dim]{n}:{c}[/]" for n, c in plan.history[1:]))
+    counts = plan.count_ops()
+    t.add_row("op mix", ", ".join(f"{k}×{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
+    t.add_row("phases", str(max(plan.phase_of.values(), default=0) + 1))
+    t.add_row("bytes read", _human(plan.bytes_read()))
+    t.add_row("bytes written", _human(plan.bytes_written()))
+    t.add_row("est. peak memory", _human(estimate_peak_bytes(plan)) + " (largest tensor group, fp32)")
+    console.print(t)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _compile(args):
+    from .pipeline import compile_spec
+    from .plan import emit
+
+    dumps: list[str] = []
+
+    def on_dump(name, plan):
+        dumps.append(f"# --- after {name}\n" + emit.to_text(plan))
+
+    passes = None
+    if getattr(args, "passes", None) is not None:
+        passes = {p for p in args.passes.split(",") if p}
+    prog, lowered, plan = compile_spec(args.spec, passes, getattr(args, "dump_after", None),
+                                       getattr(args, "verify_passes", False), on_dump)
+    for d in dumps:
+        sys.stdout.write(d)
+    return prog, lowered, plan
+
+
+def cmd_compile(args) -> int:
+    from .plan import emit
+
+    if args.dump_after:
+        from .passes import PASSES
+
+        names = [n for n, _ in PASSES]
+        if args.dump_after not in names:
+            raise FuseErrors([Diagnostic("E004", f"unknown pass '{args.dump_after}'", Span("<command line>", 1, 1),
+                                         f"passes: {', '.join(names)}")])
+    prog, lowered, plan = _compile(args)
+    if args.emit:
+        text = {"text": emit.to_text, "json": emit.to_json, "dot": emit.to_dot}[args.emit](plan)
+        if args.output:
+            _write_text(args.output, text)
+        else:
+            sys.stdout.write(text)
+    if not args.quiet:
+        _summary(prog, lowered, plan)
+    return 0
+
+
+def _write_text(path: str, text: str) -> None:
+    try:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise FuseErrors([Diagnostic("E016", f"cannot write '{path}': {e.strerror}", Span("<command line>", 1, 1),
+                                     "choose a writable path")]) from None
+
+
+def cmd_run(args) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .executor import run_plan
+
+    if args.spec.endswith(".json"):
+        from .plan import emit
+
+        try:
+            with open(args.spec) as f:
+                plan = emit.from_json(f.read())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise FuseErrors([Diagnostic("E008", f"cannot load plan '{args.spec}': {e}", Span(args.spec, 1, 1),
+                                         "pass a .fuse spec or a plan written by `fusionlang compile --emit json`")]) from None
+        _verify_plan_inputs(plan, args.spec)
+        name = args.spec
+    else:
+        prog, lowered, plan = _compile(args)
+        name = prog.file
+    import time
+
+    start = time.perf_counter()
+    total_bytes = plan.bytes_written()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
+                  disable=args.quiet or not console.is_terminal) as progress:
+        task = progress.add_task(f"merging {name}", total=sum(len(o.tensors) for o in plan.outputs.values()), rate="")
+
+        def tick(done, total):
+            el = max(time.perf_counter() - start, 1e-9)
+            frac = done / max(total, 1)
+            progress.update(task, completed=done,
+                            rate=f"{done / el:.1f} tensors/s, {_human(total_bytes * frac / el)}/s")
+
+        stats = run_plan(plan, args.device, int(args.shard_size * 1024**3), tick)
+    if not args.quiet:
+        t = Table(title="run", title_justify="left")
+        for c in ("output", "path", "tensors"):
+            t.add_column(c)
+        for o in plan.outputs.values():
+            t.add_row(o.name, o.path, str(len(o.tensors)))
+        console.print(t)
+        console.print(f"read {_human(stats.bytes_read)}, wrote {_human(stats.bytes_written)} in {stats.seconds:.2f}s "
+                      f"({_human(stats.bytes_written / max(stats.seconds, 1e-9))}/s written)")
+    return 0
+
+
+def _verify_plan_inputs(plan, path: str) -> None:
+    """A saved plan names input files and their headers: make sure they still match."""
+    from .sources import SourceError, read_model_dir
+
+    diags = []
+    for k, s in plan.sources.items():
+        try:
+            h = read_model_dir(s.path)
+        except SourceError as e:
+            diags.append(Diagnostic(e.code, f"source '{k}': {e.message}", Span(path, 1, 1), e.hint))
+            continue
+        for t, (dtype, shape, _) in s.tensors.items():
+            info = h.tensors.get(t)
+            if info is None or info.dtype != dtype or info.shape != tuple(shape):
+                diags.append(Diagnostic("E014", f"source '{k}' changed since the plan was compiled (tensor '{t}')",
+                                        Span(path, 1, 1), "re-run `fusionlang compile`"))
+                break
+    if diags:
+        raise FuseErrors(diags)
+
+
+def cmd_fmt(args) -> int:
+    from .fmt import format_source
+
+    rc = 0
+    for f in args.files:
+        try:
+            with open(f) as fh:
+                text = fh.read()
+        except OSError as e:
+            raise FuseErrors([Diagnostic("E008", f"cannot read '{f}': {e.strerror}", Span(f, 1, 1), "")]) from None
+        new = format_source(text, f)
+        if args.check:
+            if new != text:
+                console.print(f"{f}: would reformat")
+                rc = 1
+        elif args.write:
+            if new != text:
+                _write_text(f, new)
+        else:
+            sys.stdout.write(new)
+    return rc
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.dir, console)
+
+
+# ---------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fusionlang", description="A language and compiler for deep model fusion.")
+    p.add_argument("--version", action="version", version=f"fusionlang {__import__('fusionlang').__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("check", help="check specs (syntax, names, types; models too when present)")
+    c.add_argument("files", nargs="+")
+    c.add_argument("--format", choices=["text", "json"], default="text")
+    c.set_defaults(fn=cmd_check)
+
+    for name, fn, helptext in (("compile", cmd_compile, "compile a spec into a merge plan"),
+                               ("run", cmd_run, "run a spec or a saved JSON plan")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("spec")
+        c.add_argument("--passes", help="comma-separated passes to run (default: all)")
+        c.add_argument("--dump-after", help="print the plan after this pass")
+        c.add_argument("--verify-passes", action="store_true", help="re-verify the plan after every pass")
+        c.add_argument("-q", "--quiet", action="store_true")
+        if name == "compile":
+            c.add_argument("--emit", choices=["text", "json", "dot"])
+            c.add_argument("-o", "--output", help="write the emitted plan here")
+        else:
+            c.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+            c.add_argument("--shard-size", type=float, default=4.0, help="max GB per output shard")
+        c.set_defaults(fn=fn)
+
+    c = sub.add_parser("fmt", help="print specs in canonical form")
+    c.add_argument("files", nargs="+")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("-w", "--write", action="store_true", help="rewrite the files in place")
+    g.add_argument("--check", action="store_true", help="exit 1 if a file is not formatted")
+    c.set_defaults(fn=cmd_fmt)
+
+    c = sub.add_parser("demo", help="build a tiny offline model set and run a merge on it")
+    c.add_argument("--dir", default=".fusionlang-demo")
+    c.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except FuseErrors as e:
+        _print_diags(e.diagnostics)
+        return 1
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]: no output was left behind")
+        return 1
+    except Exception as e:  # noqa: BLE001
+        from .executor import RunError
+
+        if isinstance(e, RunError):
+            console.print(f"[red]error[/]: {e.message}")
+            if e.hint:
+                console.print(f"  = hint: {e.hint}")
+            return 1
+        if isinstance(e, OSError) and e.filename:
+            console.print(f"[red]error[/]: {e.strerror}: {e.filename}")
+            return 1
+        console.print("[red]internal error[/] (a fusionlang bug; please report it with this trace):")
+        traceback.print_exc()
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""The streaming executor: an interpreter over the scheduled plan.
+
+Phase by phase, tensor group by tensor group: read each input tensor lazily from
+safetensors (mmap), compute on the chosen device in float32, free every value after
+its last use, and write each output tensor straight to its final offset in a
+pre-laid-out safetensors shard. Outputs go to a temporary directory that is renamed
+into place at the end, so a failed or interrupted run never leaves an output that
+looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from .ops import OPS
+from .plan.graph import OutputSpec, Plan
+from .sources import DTYPE_SIZES
+
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
+                   "preprocessor_config.json", "chat_template.jinja")
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+
+
+class RunError(Exception):
+    """A user-facing failure while running (unreadable input, unwritable output...)."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda was requested but CUDA is not available", "use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RunError("--device mps was requested but MPS is not available", "use --device auto or cpu")
+    return torch.device(name)
+
+
+class ShardWriter:
+    """Lays out an output's shards up front (shapes are known from headers), then writes
+    each tensor's bytes at its offset as soon as it is computed: memory stays at one group."""
+
+    def __init__(self, out: OutputSpec, directory: Path, shard_bytes: int):
+        self.dir = directory
+        self.where: dict[str, tuple[int, int, int]] = {}  # tensor -> (shard, offset, nbytes)
+        shards: list[list[str]] = [[]]
+        size = 0
+        for t in out.tensors:
+            n = _nbytes(out.dtypes[t], out.shapes[t])
+            if shards[-1] and size + n > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(t)
+            size += n
+        total = len(shards)
+        self.names = ["model.safetensors"] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+        self.fds: list[int] = []
+        weight_map = {}
+        for si, tensors in enumerate(shards):
+            header: dict = {"__metadata__": {"format": "pt"}}
+            off = 0
+            for t in tensors:
+                n = _nbytes(out.dtypes[t], out.shapes[t])
+                header[t] = {"dtype": out.dtypes[t], "shape": list(out.shapes[t]), "data_offsets": [off, off + n]}
+                off += n
+                weight_map[t] = self.names[si]
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            fd = os.open(self.dir / self.names[si], os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+            os.pwrite(fd, len(raw).to_bytes(8, "little") + raw, 0)
+            base = 8 + len(raw)
+            os.ftruncate(fd, base + off)
+            self.fds.append(fd)
+            for t in tensors:
+                start, end = header[t]["data_offsets"]
+                self.where[t] = (si, base + start, end - start)
+        if total > 1:
+            total_size = sum(_nbytes(out.dtypes[t], out.shapes[t]) for t in out.tensors)
+            (self.dir / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
+
+    def write(self, tensor: str, value: torch.Tensor) -> int:
+        si, off, n = self.where[tensor]
+        data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        assert data.nbytes == n, f"{tensor}: {data.nbytes} bytes, header says {n}"
+        view = memoryview(data)
+        while len(view):
+            written = os.pwrite(self.fds[si], view, off)
+            view, off = view[written:], off + written
+        return n
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.fsync(fd)
+            os.close(fd)
+        self.fds = []
+
+
+def _nbytes(dtype: str, shape) -> int:
+    n = DTYPE_SIZES[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass
+class RunStats:
+    tensors_written: int = 0
+    bytes_written: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+class Executor:
+    def __init__(self, plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 progress: Callable[[int, int], None] | None = None):
+        self.plan = plan
+        self.device = pick_device(device)
+        self.shard_bytes = shard_bytes
+        self.progress = progress
+        self._files: dict[str, object] = {}
+        self.stats = RunStats()
+
+    # -- inputs
+    def _load(self, source: str, tensor: str) -> torch.Tensor:
+        src = self.plan.sources[source]
+        _, _, file = src.tensors[tensor]
+        h = self._files.get(file)
+        if h is None:
+            try:
+                h = safe_open(file, framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise RunError(f"cannot read '{file}': {e}", "the model file changed or is corrupt; re-run compile") from None
+            self._files[file] = h
+        try:
+            t = h.get_tensor(tensor)
+        except Exception as e:
+            raise RunError(f"cannot read tensor '{tensor}' from '{file}': {e}", "the file is corrupt or truncated") from None
+        self.stats.bytes_read += t.numel() * t.element_size()
+        # NOTE: .to(float32) copies bf16/fp16 into fresh memory the ops may reuse in place;
+        # fp32 inputs are cloned so in-place ops never write into a file mapping.
+        if t.dtype == torch.float32:
+            return t.to(self.device, copy=True)
+        return t.to(self.device, dtype=torch.float32) if t.is_floating_point() else t.to(self.device)
+
+    # -- ops
+    def _apply(self, nid: str, args: list[torch.Tensor], donate: bool) -> torch.Tensor:
+        n = self.plan.nodes[nid]
+        if n.op == "load":
+            return self._load(n.param("source"), n.param("tensor"))
+        if n.op == "cast":
+            return args[0].to(TORCH_DTYPES[n.param("dtype")])
+        o = OPS[n.op]
+        n_single = sum(1 for p in o.params if p.type == "tensor")
+        kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.params}
+        # Inputs are stored flat, in parameter order; a list parameter takes the rest.
+        call_args: list = []
+        rest = list(args)
+        for p in o.params:
+            if p.type == "tensor":
+                call_args.append(rest.pop(0))
+            elif p.type == "tensors":
+                k = len(args) - n_single
+                call_args.append(rest[:k])
+                rest = rest[k:]
+        if o.inplace:
+            kwargs["_inplace"] = donate
+        return o.fn(*call_args, **kwargs)
+
+    def _refcounts(self, nodes: list[str], inside: set[str]) -> dict[str, int]:
+        rc: dict[str, int] = {}
+        for nid in nodes:
+            for i in self.plan.nodes[nid].inputs:
+                if i in inside:
+                    rc[i] = rc.get(i, 0) + 1
+        return rc
+
+    def run(self) -> RunStats:
+        """Execute the plan; writes every output atomically. Raises RunError."""
+        t0 = time.perf_counter()
+        plan = self.plan
+        order = plan.order or plan.topo_order()
+        pos = {nid: i for i, nid in enumerate(order)}
+        ph = plan.phase_of or {nid: 0 for nid in order}
+        reduces = [nid for nid in order if OPS.get(plan.nodes[nid].op) is not None and OPS[plan.nodes[nid].op].kind == "reduce"]
+        roots: dict[str, list[tuple[str, str]]] = {}  # root node -> [(output, tensor)]
+        for o in plan.outputs.values():
+            for t, nid in o.tensors.items():
+                roots.setdefault(nid, []).append((o.name, t))
+        n_phases = max(ph.values(), default=0) + 1
+        reduce_values: dict[str, torch.Tensor] = {}
+        tmp_dirs: dict[str, Path] = {}
+        writers: dict[str, ShardWriter] = {}
+        try:
+            for o in plan.outputs.values():
+                tmp_dirs[o.name] = _make_tmp(o.path)
+                writers[o.name] = ShardWriter(o, tmp_dirs[o.name], self.shard_bytes)
+            total = sum(len(o.tensors) for o in plan.outputs.values())
+            done = 0
+            for p in range(n_phases):
+                targets = [nid for nid in roots if ph[nid] == p]
+                targets += [i for r in reduces if ph[r] == p for i in plan.nodes[r].inputs if i not in reduce_values]
+                by_group: dict[str, list[str]] = {}
+                for t in targets:
+                    by_group.setdefault(plan.nodes[t].group, []).append(t)
+                groups = sorted(by_group, key=lambda g: min(pos[t] for t in by_group[g]))
+                stat_inputs: dict[str, torch.Tensor] = {}
+                for g in groups:
+                    need = self._closure(by_group[g], reduce_values)
+                    nodes = sorted(need, key=pos.__getitem__)
+                    rc = self._refcounts(nodes, need)
+                    keep = set(by_group[g])
+                    vals: dict[str, torch.Tensor] = {}
+                    for nid in nodes:
+                        n = plan.nodes[nid]
+                        args = [vals[i] if i in vals else reduce_values[i] for i in n.inputs]
+                        first = n.inputs[0] if n.inputs else None
+                        donate = first is not None and first in vals and rc.get(first, 0) == 1 and first not in keep \
+                            and n.inputs.count(first) == 1
+                        vals[nid] = self._apply(nid, args, donate)
+                        for i in n.inputs:
+                            if i in rc:
+                                rc[i] -= 1
+                                if rc[i] == 0 and i not in keep:
+                                    vals.pop(i, None)
+                        if nid in roots and ph[nid] == p:
+                            for oname, t in roots[nid]:
+                                self.stats.bytes_written += writers[oname].write(t, vals[nid])
+                                done += 1
+                                if self.progress:
+                                    self.progress(done, total)
+                    for t in by_group[g]:
+                        if t not in roots:
+                            stat_inputs[t] = vals[t]
+                    vals.clear()
+                for r in reduces:
+                    if ph[r] == p:
+                        args = [stat_inputs[i] if i in stat_inputs else reduce_values[i] for i in plan.nodes[r].inputs]
+                        reduce_values[r] = self._apply(r, args, False)
+            for o in plan.outputs.values():
+                writers[o.name].close()
+                self._finish(o, tmp_dirs[o.name])
+            for o in plan.outputs.values():
+                _commit(tmp_dirs[o.name], Path(o.path))
+                self.stats.outputs[o.name] = o.path
+            self.stats.tensors_written = done
+        except BaseException:
+            for w in writers.values():
+                for fd in w.fds:
+                    os.close(fd)
+                w.fds = []
+            for d in tmp_dirs.values():
+                shutil.rmtree(d, ignore_errors=True)
+            raise
+        self.stats.seconds = time.perf_counter() - t0
+        return self.stats
+
+    def _closure(self, targets: list[str], reduce_values: dict) -> set[str]:
+        need: set[str] = set()
+        stack = list(targets)
+        while stack:
+            nid = stack.pop()
+            if nid in need or nid in reduce_values:
+                continue
+            need.add(nid)
+            stack.extend(self.plan.nodes[nid].inputs)
+        return need
+
+    def _finish(self, o: OutputSpec, d: Path) -> None:
+        src = self.plan.sources[o.reference]
+        config = dict(src.config)
+        config.update(o.config_overrides)
+        if o.dtype:
+            name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[o.dtype]
+            for key in ("torch_dtype", "dtype"):
+                if key in config:
+                    config[key] = name
+            if "torch_dtype" not in config and "dtype" not in config:
+                config["torch_dtype"] = name
+        if config:
+            (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for f in TOKENIZER_FILES:
+            p = Path(src.path) / f
+            if p.is_file():
+                shutil.copy2(p, d / f)
+        (d / "README.md").write_text(
+            f"---\ntags: [fusionlang, merge]\n---\n# {o.name}\n\nMerged with [fusionlang](https://example.invalid/fusionlang) "
+            f"from `{os.path.basename(self.plan.spec_file)}`:\n\n```fuse\n{self.plan.spec_text.rstrip()}\n```\n")
+
+
+def _make_tmp(path: str) -> Path:
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.fusionlang-tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise RunError(f"cannot write to '{path}': {e.strerror}", "choose an output directory you can write to") from None
+    return tmp
+
+
+def _commit(tmp: Path, target: Path) -> None:
+    """Move a finished output into place; an existing output is replaced only now."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.fusionlang-old-{os.getpid()}"
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
+             progress: Callable[[int, int], None] | None = None) -> RunStats:
+    return Executor(plan, device, shard_bytes, progress).run()

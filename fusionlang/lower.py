@@ -1,0 +1,642 @@
+"""Lower a checked Program against model headers into a Plan.
+
+Evaluation is per tensor: a merge is evaluated once for every tensor name of its
+output, in a `TensorCtx` (name, layer index, gradient position). Models evaluate to
+`TensorV` (a plan node); numbers to floats (schedules resolve to the layer's value);
+`def` calls are inlined by evaluating their bodies. Rule blocks pick the first pattern
+that matches the tensor name. Model-wide statistics (TIES trim over the whole task
+vector) become reduce nodes that split the plan into phases.
+
+In dry mode (no model files) every merge is evaluated once at a probe tensor, which
+checks argument values through `def`s without reading any headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+
+from . import arch, ir
+from .checker import check_param_value
+from .diagnostics import Diagnostic, DiagnosticSink, FuseErrors, Span
+from .ops import OPS
+from .ops.sparsify import tensor_seed
+from .plan.graph import OutputSpec, Plan, SourceSpec, add_with_id
+from .sources import ModelHeader, SourceError, read_model_dir, resolve_hf
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+SAVE_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+
+
+class EvalError(Exception):
+    def __init__(self, code: str, message: str, span: Span, hint: str = ""):
+        super().__init__(message)
+        self.diag = Diagnostic(code, message, span, hint)
+
+
+class MissingTensor(Exception):
+    def __init__(self, source: str, tensor: str, span: Span):
+        super().__init__(tensor)
+        self.source, self.tensor, self.span = source, tensor, span
+
+
+@dataclass(frozen=True)
+class TensorV:
+    node: str
+    shape: tuple[int, ...] | None
+    dtype: str | None
+
+
+@dataclass(frozen=True)
+class SliceV:
+    expr: ir.Expr
+    env: tuple
+    start: int
+    end: int
+    span: Span
+
+
+@dataclass
+class TensorCtx:
+    tensor: str  # the tensor name being read from inputs
+    group: str  # the output tensor this computation belongs to
+    layer: int | None
+    num_layers: int
+
+    @property
+    def t(self) -> float:
+        return arch.gradient_t(self.layer, self.num_layers)
+
+
+@dataclass
+class _Domain:
+    names: list[str]  # output tensor names, in reference order
+    reference: str  # source key
+    num_layers: int
+    source_of: dict[str, tuple[int, str, int | None, int]] = field(default_factory=dict)  # slices: out -> (slice#, src name, src layer, src layers)
+    config_overrides: dict = field(default_factory=dict)
+
+
+PROBE = "model.layers.0.probe.weight"
+
+
+class Lowerer:
+    def __init__(self, prog: ir.Program, dry: bool = False):
+        self.prog = prog
+        self.dry = dry
+        self.sink = DiagnosticSink()
+        self.plan = Plan()
+        self.plan.spec_text, self.plan.spec_file = prog.text, prog.file
+        self.headers: dict[str, ModelHeader] = {}
+        self.keys: dict[str, str] = {}  # abs path -> source key
+        self.names = self._source_names()
+        self.site: Span | None = None
+        self.rules_used: set[tuple[str, int]] = set()
+        self.sources_used: dict[str, Span] = {}
+        self.stats: dict[str, dict] = {}
+        self._sig: dict[str, str] = {}
+        self._warned: set[tuple] = set()
+
+    # ------------------------------------------------------------------ sources
+    def _source_names(self) -> dict[Span, str]:
+        names: dict[Span, str] = {}
+        for b in self.prog.bindings.values():
+            short = b.qualname.split("::")[-1]
+            if isinstance(b.value, ir.CallE) and b.value.kind == "builtin" and b.value.target in ("local", "hf"):
+                names[b.value.span] = short
+            if isinstance(b.value, ir.ListE):
+                for i, item in enumerate(b.value.items):
+                    if isinstance(item, ir.CallE) and item.kind == "builtin" and item.target in ("local", "hf"):
+                        names[item.span] = f"{short}[{i}]"
+        return names
+
+    def source(self, call: ir.CallE, args: dict) -> str:
+        """Resolve local()/hf() to a source key, reading its headers once."""
+        if self.dry:
+            return self.names.get(call.span, "model")
+        try:
+            if call.target == "local":
+                path = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(call.span.file)), args["path"]))
+            else:
+                path = str(resolve_hf(args["repo"], args.get("revision")))
+            if path in self.keys:
+                return self.keys[path]
+            header = read_model_dir(path)
+        except SourceError as e:
+            raise EvalError(e.code, e.message, call.span, e.hint) from None
+        key = self.names.get(call.span) or os.path.basename(path.rstrip("/")) or "model"
+        while key in self.plan.sources:
+            key += "'"
+        self.keys[path] = key
+        self.headers[key] = header
+        self.plan.sources[key] = SourceSpec(key, header.path, {n: (t.dtype, t.shape, t.file) for n, t in header.tensors.items()},
+                                            header.config)
+        self.sources_used[key] = call.span
+        return key
+
+    def load(self, key: str, ctx: TensorCtx, span: Span) -> TensorV:
+        if self.dry:
+            return TensorV(self.plan.add("load", (), {"source": key, "tensor": ctx.tensor}, group=ctx.group), None, None)
+        src = self.plan.sources[key]
+        if ctx.tensor not in src.tensors:
+            raise MissingTensor(key, ctx.tensor, span)
+        dtype, shape, _ = src.tensors[ctx.tensor]
+        nid = self.plan.add("load", (), {"source": key, "tensor": ctx.tensor}, group=ctx.group, loc=self._loc(span), shape=shape)
+        return TensorV(nid, shape, dtype)
+
+    # ------------------------------------------------------------------ domains
+    def first_source(self, e: ir.Expr, seen: set[str] | None = None) -> ir.CallE | None:
+        """The first model source an expression reads: its output has that model's tensors."""
+        seen = seen if seen is not None else set()
+        if isinstance(e, ir.CallE):
+            if e.kind == "builtin" and e.target in ("local", "hf"):
+                return e
+            if e.kind == "builtin" and e.target == "slices":
+                return None
+            for a in list(e.args) + [v for _, v in e.kwargs]:
+                r = self.first_source(a, seen)
+                if r:
+                    return r
+            if e.kind == "def":
+                return self.first_source(self.prog.defs[e.target].body, seen)
+            return None
+        if isinstance(e, ir.Ref) and e.scope == "global" and e.name not in seen:
+            seen.add(e.name)
+            b = self.prog.bindings.get(e.name)
+            if b is None:
+                return None
+            r = self.first_source(b.value, seen)
+            for rule in b.rules:
+                r = r or self.first_source(rule.value, seen)
+            return r
+        children: list[ir.Expr] = []
+        if isinstance(e, ir.ListE):
+            children = list(e.items)
+        elif isinstance(e, ir.Comp):
+            children = [e.iterable, e.body]
+        elif isinstance(e, ir.Bin):
+            children = [e.left, e.right]
+        elif isinstance(e, ir.Neg):
+            children = [e.operand]
+        elif isinstance(e, ir.CondE):
+            children = [e.then, e.other]
+        for c in children:
+            r = self.first_source(c, seen)
+            if r:
+                return r
+        return None
+
+    def slices_call(self, b: ir.Binding) -> ir.CallE | None:
+        v = b.value
+        while isinstance(v, ir.Ref) and v.scope == "global" and v.name in self.prog.bindings:
+            b = self.prog.bindings[v.name]
+            v = b.value
+        return v if isinstance(v, ir.CallE) and v.kind == "builtin" and v.target == "slices" else None
+
+    def domain(self, b: ir.Binding) -> _Domain:
+        sl = self.slices_call(b)
+        if sl is not None:
+            return self.slices_domain(sl)
+        call = self.first_source(b.value)
+        if call is None:
+            raise EvalError("E013", f"'{b.qualname.split('::')[-1]}' reads no model", b.span,
+                            "a merge needs at least one input model")
+        args = self.call_args(call, (), TensorCtx(PROBE, PROBE, 0, 2))
+        key = self.source(call, args)
+        h = self.headers[key]
+        names = list(h.tensors)
+        return _Domain(names, key, arch.count_layers(h.config, names))
+
+    def slices_domain(self, call: ir.CallE) -> _Domain:
+        parts = self.eval(call.args[0], (), TensorCtx(PROBE, PROBE, 0, 2))
+        if not isinstance(parts, list) or not parts or not all(isinstance(p, SliceV) for p in parts):
+            raise EvalError("E005", "slices() takes a non-empty list of layers(model, start, end)", call.span, "")
+        names: list[str] = []
+        source_of: dict[str, tuple] = {}
+        ref_key = None
+        out_layer = 0
+        per_layer_rest: list[str] = []
+        prefix = None
+        for si, p in enumerate(parts):
+            scall = self.first_source(p.expr)
+            if scall is None:
+                raise EvalError("E013", "layers() needs a model", p.span, "")
+            key = self.source(scall, self.call_args(scall, (), TensorCtx(PROBE, PROBE, 0, 2)))
+            h = self.headers[key]
+            n = arch.count_layers(h.config, h.tensors)
+            if not (0 <= p.start < p.end <= n):
+                raise EvalError("E006", f"layer range [{p.start}, {p.end}) is outside the model's {n} layers", p.span,
+                                f"valid ranges lie within [0, {n}); the end is exclusive")
+            if si == 0:
+                ref_key = key
+                for t in h.tensors:
+                    if arch.split_layer(t) is None:
+                        names.append(t)
+                        source_of[t] = (0, t, None, n)
+            for layer in range(p.start, p.end):
+                rests = sorted((s[0], s[2]) for s in (arch.split_layer(t) for t in h.tensors) if s and s[1] == layer)
+                if prefix is None and rests:
+                    prefix = rests[0][0]
+                    per_layer_rest = [r for _, r in rests]
+                elif [r for _, r in rests] != per_layer_rest:
+                    raise EvalError("E013", f"layer {layer} of '{key}' has different tensors than the first slice's layers",
+                                    p.span, "slices must come from models of the same architecture")
+                for pre, rest in rests:
+                    out = f"{pre}.{out_layer}.{rest}"
+                    names.append(out)
+                    source_of[out] = (si, f"{pre}.{layer}.{rest}", layer, n)
+                out_layer += 1
+        config = self.headers[ref_key].config
+        return _Domain(names, ref_key, out_layer, source_of, arch.layer_count_overrides(config, out_layer))
+
+    # ------------------------------------------------------------------ outputs
+    def lower(self) -> Plan:
+        for save in self.prog.saves:
+            try:
+                self.lower_output(save)
+            except EvalError as e:
+                self._report(e.diag)
+        if not self.dry:
+            self.finish_stats()
+            self.check_rules()
+        self.sink.raise_if_errors()
+        return self.plan
+
+    def dry_check(self) -> None:
+        """Evaluate every merge once at a probe tensor (no model files needed)."""
+        for b in self.prog.bindings.values():
+            if b.kind != "merge":
+                continue
+            ctx = TensorCtx(PROBE, PROBE, 0, 2)
+            try:
+                if self.slices_call(b) is not None:
+                    continue
+                self.eval(b.value, (), ctx)
+                for r in b.rules:
+                    self.eval(r.value, tuple((c, 0) for c in r.captures), ctx)
+            except EvalError as e:
+                self._report(e.diag)
+        self.sink.raise_if_errors()
+
+    def lower_output(self, save: ir.SaveIR) -> None:
+        b = self.prog.bindings[save.name]
+        dom = self.domain(b)
+        ref = self.plan.sources[dom.reference]
+        out = OutputSpec(save.display, save.path, save.dtype, {}, {}, {}, dom.reference, dom.config_overrides,
+                         self._loc(save.span))
+        self._check_output_path(save)
+        first_missing: MissingTensor | None = None
+        for name in dom.names:
+            if name in dom.source_of:
+                si, src_name, layer, n = dom.source_of[name]
+                ctx = TensorCtx(src_name, name, layer, n)
+            else:
+                ctx = TensorCtx(name, name, arch.layer_of(name), dom.num_layers)
+            try:
+                v = self.eval_binding(b, ctx)
+            except MissingTensor as m:
+                first_missing = first_missing or m
+                continue
+            if not isinstance(v, TensorV):
+                raise EvalError("E005", f"'{save.display}' does not evaluate to a model", b.span, "")
+            src_dtype = v.dtype or ref.tensors.get(ctx.tensor, ("F32",))[0]
+            dtype = SAVE_DTYPES[save.dtype] if save.dtype else src_dtype
+            if dtype not in FLOAT_DTYPES:
+                dtype = src_dtype
+            node = self.plan.add("cast", (v.node,), {"dtype": dtype}, group=name, loc=out.loc, shape=v.shape)
+            out.tensors[name] = node
+            out.dtypes[name] = dtype
+            out.shapes[name] = v.shape or ()
+        if first_missing:
+            self._report_missing(first_missing, dom)
+        self.plan.outputs[save.display] = out
+
+    def _check_output_path(self, save: ir.SaveIR) -> None:
+        parent = os.path.dirname(save.path.rstrip("/")) or "."
+        probe = parent
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe) or "."
+        if os.path.exists(save.path) and not os.path.isdir(save.path):
+            raise EvalError("E016", f"output '{save.path}' exists and is not a directory", save.span, "choose another path")
+        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+            raise EvalError("E016", f"cannot write to '{save.path}': '{probe}' is not writable", save.span,
+                            "choose a directory you can write to")
+
+    def _report_missing(self, m: MissingTensor, dom: _Domain) -> None:
+        ref = set(self.headers[dom.reference].tensors)
+        other = set(self.headers[m.source].tensors)
+        only_ref, only_other = sorted(ref - other), sorted(other - ref)
+
+        def show(xs):
+            return ", ".join(xs[:4]) + (f" (+{len(xs) - 4} more)" if len(xs) > 4 else "")
+
+        parts = []
+        if only_ref:
+            parts.append(f"missing from '{m.source}': {show(only_ref)}")
+        if only_other:
+            parts.append(f"only in '{m.source}': {show(only_other)}")
+        self._report(Diagnostic("E013", f"models '{dom.reference}' and '{m.source}' have different tensor names",
+                                self.sources_used.get(m.source, m.span),
+                                "; ".join(parts) + ". Inputs must share an architecture; use a rule block to treat such tensors separately"))
+
+    def check_rules(self) -> None:
+        for b in self.prog.bindings.values():
+            for i, r in enumerate(b.rules):
+                used_by_output = any(self.prog.bindings[s.name] is b or self._depends(s.name, b.qualname) for s in self.prog.saves)
+                if used_by_output and (b.qualname, i) not in self.rules_used:
+                    self._report(Diagnostic("E012", f"pattern '{r.pattern}' matches no tensor", r.pattern_span,
+                                            self._pattern_hint(r.pattern)))
+
+    def _depends(self, root: str, target: str) -> bool:
+        stack, seen = [root], set()
+        while stack:
+            q = stack.pop()
+            if q == target:
+                return True
+            if q in seen or q not in self.prog.bindings:
+                continue
+            seen.add(q)
+            b = self.prog.bindings[q]
+            stack.extend(_refs(b.value) | {x for r in b.rules for x in _refs(r.value)})
+        return False
+
+    def _pattern_hint(self, pattern: str) -> str:
+        names = [n for h in self.headers.values() for n in h.tensors]
+        import difflib
+
+        close = difflib.get_close_matches(pattern.replace("{i}", "0").replace("*", ""), names, n=1, cutoff=0.3)
+        return f"tensor names look like '{close[0]}'" if close else "patterns are globs over tensor names; `*` matches any text"
+
+    def _report(self, d: Diagnostic) -> None:
+        key = (d.code, d.message, d.span)
+        if key not in self._warned:
+            self._warned.add(key)
+            self.sink.items.append(d)
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_binding(self, b: ir.Binding, ctx: TensorCtx):
+        for i, r in enumerate(b.rules):
+            m = re.match(r.regex, ctx.tensor)
+            if m:
+                self.rules_used.add((b.qualname, i))
+                env = tuple((c, int(m.group(c))) for c in r.captures)
+                return self.eval(r.value, env, ctx)
+        sl = self.slices_call(b)
+        if sl is not None and not self.dry:
+            return self.eval_slices(sl, ctx)
+        return self.eval(b.value, (), ctx)
+
+    def eval_slices(self, call: ir.CallE, ctx: TensorCtx):
+        parts = self.eval(call.args[0], (), ctx)
+        dom = self._slices_cache = getattr(self, "_slices_cache", None) or {}
+        key = id(call)
+        if key not in dom:
+            dom[key] = self.slices_domain(call)
+        si, src, layer, n = dom[key].source_of.get(ctx.group, (0, ctx.tensor, None, 0))
+        p = parts[si]
+        return self.eval(p.expr, p.env, TensorCtx(src, ctx.group, layer, n))
+
+    def _loc(self, span: Span | None) -> str:
+        s = self.site or span
+        return f"{os.path.basename(s.file)}:{s.line}" if s else ""
+
+    def eval(self, e: ir.Expr, env: tuple, ctx: TensorCtx):
+        prev = self.site
+        if e.span.file == self.prog.file:
+            self.site = e.span
+        try:
+            return self._eval(e, env, ctx)
+        finally:
+            self.site = prev
+
+    def _lookup(self, env: tuple, name: str):
+        for k, v in reversed(env):
+            if k == name:
+                return v
+        raise KeyError(name)
+
+    def _eval(self, e: ir.Expr, env: tuple, ctx: TensorCtx):
+        if isinstance(e, ir.Const):
+            return e.value
+        if isinstance(e, ir.Ref):
+            if e.scope == "local":
+                return self._lookup(env, e.name)
+            b = self.prog.bindings[e.name]
+            if b.kind == "merge":
+                return self.eval_binding(b, ctx)
+            return self.eval(b.value, (), ctx)
+        if isinstance(e, ir.ListE):
+            return [self.eval(i, env, ctx) for i in e.items]
+        if isinstance(e, ir.Comp):
+            it = self.eval(e.iterable, env, ctx)
+            if not isinstance(it, list):
+                raise EvalError("E005", "can only iterate over a list", e.iterable.span, "")
+            return [self.eval(e.body, env + ((e.var, x),), ctx) for x in it]
+        if isinstance(e, ir.Neg):
+            x = self.eval(e.operand, env, ctx)
+            return self.scale(x, -1.0, ctx, e.span) if isinstance(x, TensorV) else -x
+        if isinstance(e, ir.CondE):
+            test = self.eval(e.test, env, ctx)
+            return self.eval(e.then if test else e.other, env, ctx)
+        if isinstance(e, ir.Bin):
+            return self.binop(e, self.eval(e.left, env, ctx), self.eval(e.right, env, ctx), ctx)
+        if isinstance(e, ir.CallE):
+            return self.call(e, env, ctx)
+        raise AssertionError(type(e))
+
+    def scale(self, x: TensorV, k: float, ctx: TensorCtx, span: Span) -> TensorV:
+        return TensorV(self.plan.add("scale", (x.node,), {"k": float(k)}, group=ctx.group, loc=self._loc(span), shape=x.shape),
+                       x.shape, x.dtype)
+
+    def _same_shape(self, xs: list[TensorV], span: Span, ctx: TensorCtx, what: str) -> None:
+        shapes = {x.shape for x in xs if x.shape is not None}
+        if len(shapes) > 1:
+            raise EvalError("E014", f"shape mismatch in {what} for tensor '{ctx.tensor}': "
+                            + " vs ".join(str(list(s)) for s in sorted(shapes)), span,
+                            "models must share an architecture; use a rule to treat this tensor separately (e.g. => base)")
+        floats = {x.dtype in FLOAT_DTYPES for x in xs if x.dtype}
+        if len(floats) > 1:
+            raise EvalError("E014", f"dtype mismatch in {what} for tensor '{ctx.tensor}': "
+                            + ", ".join(sorted({x.dtype for x in xs if x.dtype})), span, "cannot combine integer and float tensors")
+
+    def binop(self, e: ir.Bin, a, b, ctx: TensorCtx):
+        if e.op in ("==", "!="):
+            return (a == b) if e.op == "==" else (a != b)
+        ta, tb = isinstance(a, TensorV), isinstance(b, TensorV)
+        if not ta and not tb:
+            if isinstance(a, list) or isinstance(b, list):
+                raise EvalError("E005", f"cannot apply '{e.op}' to a list", e.span, "")
+            if e.op == "/" and b == 0:
+                raise EvalError("E006", "division by zero", e.span, "")
+            return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[e.op]()
+        if ta and tb:
+            if e.op == "/":
+                raise EvalError("E005", "cannot divide a model by a model", e.span, "divide by a number")
+            self._same_shape([a, b], e.span, ctx, f"'{e.op}'")
+            op = {"+": "add", "-": "sub", "*": "mul"}[e.op]
+            return TensorV(self.plan.add(op, (a.node, b.node), {}, group=ctx.group, loc=self._loc(e.span), shape=a.shape),
+                           a.shape, a.dtype)
+        t, k = (a, b) if ta else (b, a)
+        if isinstance(k, list):
+            k = arch.gradient_value([float(x) for x in k], ctx.t)
+        if not isinstance(k, (int, float)) or isinstance(k, bool):
+            raise EvalError("E005", f"cannot apply '{e.op}' to a model and a {type(k).__name__}", e.span, "")
+        if e.op == "*":
+            return self.scale(t, k, ctx, e.span)
+        if e.op == "/" and ta:
+            if k == 0:
+                raise EvalError("E006", "division by zero", e.span, "")
+            return self.scale(t, 1.0 / k, ctx, e.span)
+        raise EvalError("E005", f"cannot apply '{e.op}' to a model and a number", e.span,
+                        "models can be added to models and scaled by numbers")
+
+    def call_args(self, e: ir.CallE, env: tuple, ctx: TensorCtx) -> dict:
+        if e.kind == "def":
+            names = [p.name for p in self.prog.defs[e.target].params]
+        elif e.kind == "op":
+            names = [p.name for p in OPS[e.target].params]
+        else:
+            from .checker import BUILTINS
+
+            names = [p[0] for p in BUILTINS[e.target].params]
+        out = {n: self.eval(a, env, ctx) for n, a in zip(names, e.args)}
+        for k, v in e.kwargs:
+            out[k] = self.eval(v, env, ctx)
+        return out
+
+    def call(self, e: ir.CallE, env: tuple, ctx: TensorCtx):
+        if e.kind == "builtin" and e.target == "layers":
+            args = {p: a for p, a in zip(("model", "start", "end"), e.args)} | dict(e.kwargs)
+            start, end = (self.eval(args[k], env, ctx) for k in ("start", "end"))
+            return SliceV(args["model"], env, int(start), int(end), e.span)
+        if e.kind == "builtin" and e.target == "slices" and self.dry:
+            return self.load("model", ctx, e.span)
+        if e.kind == "builtin" and e.target == "slices":
+            raise EvalError("E005", "slices() must be the whole value of a merge", e.span,
+                            "write `merge deep = slices([...])` and use `deep` elsewhere")
+        args = self.call_args(e, env, ctx)
+        if e.kind == "builtin":
+            if e.target in ("local", "hf"):
+                return self.load(self.source(e, args), ctx, e.span)
+            if e.target == "ramp":
+                a, b = float(args["start"]), float(args["end"])
+                return a + (b - a) * ctx.t
+            raise AssertionError(e.target)
+        if e.kind == "def":
+            d = self.prog.defs[e.target]
+            local: list = []
+            for p in d.params:
+                if p.name in args:
+                    local.append((p.name, args[p.name]))
+                else:
+                    local.append((p.name, self.eval(p.default, (), ctx) if p.default is not None else None))
+            return self.eval(d.body, tuple(local), ctx)
+        return self.apply_op(e, args, ctx)
+
+    def apply_op(self, e: ir.CallE, args: dict, ctx: TensorCtx):
+        o = OPS[e.target]
+        inputs: list[TensorV] = []
+        params: dict = {}
+        sink = DiagnosticSink()
+        for p in o.params:
+            v = args.get(p.name, None if p.required else p.default)
+            if p.type == "tensor":
+                if not isinstance(v, TensorV):
+                    raise EvalError("E005", f"argument '{p.name}' of '{o.name}' must be a model", e.span, "")
+                inputs.append(v)
+            elif p.type == "tensors":
+                if not isinstance(v, list) or not v or not all(isinstance(x, TensorV) for x in v):
+                    raise EvalError("E005", f"argument '{p.name}' of '{o.name}' must be a non-empty list of models", e.span, "")
+                inputs.extend(v)
+                params["n"] = len(v)
+            else:
+                if v is None:
+                    if p.optional:
+                        continue
+                    raise EvalError("E005", f"argument '{p.name}' of '{o.name}' cannot be none", e.span, "")
+                if p.type in ("number", "int") and isinstance(v, list):
+                    v = arch.gradient_value([float(x) for x in v], ctx.t)
+                if p.type == "numbers":
+                    if not isinstance(v, list) or not all(isinstance(x, (int, float)) for x in v):
+                        raise EvalError("E005", f"argument '{p.name}' of '{o.name}' must be a list of numbers", e.span, "")
+                    v = [float(x) for x in v]
+                if not check_param_value(sink, p.name, o.name, p.choices, p.range, p.type, v, e.span):
+                    d = sink.items[-1]
+                    raise EvalError(d.code, d.message + self._via(e.span), self.site or e.span, d.hint)
+                params[p.name] = int(v) if p.type == "int" else float(v) if p.type == "number" else v
+        if "n" in params and "weights" in params and len(params["weights"]) != params["n"]:
+            raise EvalError("E006", f"{len(params['weights'])} weights for {params['n']} models in '{o.name}'"
+                            + self._via(e.span), self.site or e.span, "give one weight per model")
+        self._same_shape(inputs, self.site or e.span, ctx, f"'{o.name}'")
+        shape = inputs[0].shape if inputs else None
+        dtype = inputs[0].dtype if inputs else None
+        node_ids = tuple(x.node for x in inputs)
+        loc = self._loc(e.span)
+        if o.name == "drop":
+            params["seed"] = tensor_seed(params.get("seed", 0), ctx.group, self.signature(node_ids[0]))
+        if o.name == "trim" and params.get("scope") == "model":
+            return TensorV(self.model_trim(node_ids[0], params["density"], ctx, loc), shape, dtype)
+        params.pop("n", None)
+        return TensorV(self.plan.add(o.name, node_ids, params, group=ctx.group, loc=loc, shape=shape), shape, dtype)
+
+    def _via(self, span: Span) -> str:
+        if span.file != self.prog.file:
+            return f" (in {os.path.basename(span.file)}:{span.line})"
+        return ""
+
+    # ------------------------------------------------------------------ model-wide statistics
+    def signature(self, nid: str) -> str:
+        """A tensor-independent structural hash: equal for the same expression on every tensor."""
+        if nid not in self._sig:
+            n = self.plan.nodes[nid]
+            params = [(k, v) for k, v in n.params if not (n.op == "load" and k == "tensor")]
+            text = repr((n.op, params, [self.signature(i) for i in n.inputs]))
+            self._sig[nid] = hashlib.sha1(text.encode()).hexdigest()[:16]
+        return self._sig[nid]
+
+    def model_trim(self, x: str, density: float, ctx: TensorCtx, loc: str) -> str:
+        if self.dry:
+            return self.plan.add("trim", (x,), {"density": density, "scope": "model"}, group=ctx.group, loc=loc)
+        key = f"{self.signature(x)}:{density!r}"
+        st = self.stats.setdefault(key, {"density": density, "xs": {}, "loc": loc,
+                                         "thr": "thr-" + hashlib.sha1(key.encode()).hexdigest()[:12],
+                                         "bucket": "bkt-" + hashlib.sha1(key.encode()).hexdigest()[:12]})
+        st["xs"][x] = ctx.group
+        return self.plan.add("trim_at", (x, st["thr"]), {}, group=ctx.group, loc=loc, shape=self.plan.nodes[x].shape)
+
+    def finish_stats(self) -> None:
+        for st in self.stats.values():
+            his = [self.plan.add("magnitude_hist_hi", (x,), {}, group=g, loc=st["loc"]) for x, g in st["xs"].items()]
+            add_with_id(self.plan, st["bucket"], "select_bucket", tuple(his), {"density": st["density"]}, loc=st["loc"])
+            los = [self.plan.add("magnitude_hist_lo", (x, st["bucket"]), {}, group=g, loc=st["loc"]) for x, g in st["xs"].items()]
+            add_with_id(self.plan, st["thr"], "select_threshold", tuple(los) + (st["bucket"],), {}, loc=st["loc"])
+
+
+def _refs(e) -> set[str]:
+    out: set[str] = set()
+    if isinstance(e, ir.Ref) and e.scope == "global":
+        out.add(e.name)
+    for f in ("items", "args"):
+        for c in getattr(e, f, ()) or ():
+            out |= _refs(c)
+    for f in ("body", "iterable", "left", "right", "operand", "test", "then", "other"):
+        c = getattr(e, f, None)
+        if c is not None:
+            out |= _refs(c)
+    for _, v in getattr(e, "kwargs", ()) or ():
+        out |= _refs(v)
+    return out
+
+
+def lower(prog: ir.Program) -> Plan:
+    """Lower a checked program to an (unoptimized) plan; raises FuseErrors."""
+    return Lowerer(prog).lower()
+
+
+def dry_check(prog: ir.Program) -> None:
+    Lowerer(prog, dry=True).dry_check()
+
+
+__all__ = ["lower", "dry_check", "Lowerer", "FuseErrors"]

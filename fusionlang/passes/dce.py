@@ -1,0 +1,18 @@
+"""Dead-code elimination: only what a saved output needs is computed."""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from ..plan.graph import Plan
+
+
+def dce(plan: Plan) -> Plan:
+    """Drop nodes that no output depends on."""
+    live: set[str] = set()
+    for r in plan.roots():
+        live.add(r)
+        live |= nx.ancestors(plan.graph, r)
+    out = plan.copy()
+    out.replace_nodes({k: v for k, v in plan.nodes.items() if k in live})
+    return out

@@ -1,0 +1,86 @@
+"""The compiler driver: spec file -> checked IR -> plan -> optimized plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import ir
+from .checker import check_file
+from .diagnostics import Diagnostic, FuseErrors, Span
+from .lower import Lowerer
+from .plan.graph import Plan
+
+MISSING_MODEL_CODES = {"E010", "E017"}
+
+
+@dataclass
+class CheckResult:
+    file: str
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    unverified: list[str] = field(default_factory=list)  # what could not be checked without models
+
+    @property
+    def ok(self) -> bool:
+        return not any(d.severity == "error" for d in self.diagnostics)
+
+
+def check(path: str) -> CheckResult:
+    """Everything `fusionlang check` verifies: syntax, names, types, signatures, argument
+    values; and, when the model files are present, tensor names, shapes and patterns."""
+    res = CheckResult(path)
+    try:
+        prog = check_file(path)
+    except FuseErrors as e:
+        res.diagnostics = e.diagnostics
+        return res
+    low = Lowerer(prog)
+    try:
+        low.lower()
+        res.diagnostics = [d for d in low.sink.items]
+        return res
+    except FuseErrors as e:
+        missing = [d for d in e.diagnostics if d.code in MISSING_MODEL_CODES]
+        others = [d for d in e.diagnostics if d.code not in MISSING_MODEL_CODES]
+        if not missing:
+            res.diagnostics = e.diagnostics
+            return res
+    # Models are absent: check argument values by evaluating at a probe tensor instead.
+    try:
+        Lowerer(prog, dry=True).dry_check()
+    except FuseErrors as e:
+        others += [d for d in e.diagnostics if d not in others]
+    res.diagnostics = others
+    for d in missing:
+        res.unverified.append(f"{d.span}: {d.message}")
+    return res
+
+
+def compile_spec(path: str, passes: set[str] | None = None, dump_after: str | None = None,
+                 verify: bool = False, on_dump: Callable[[str, Plan], None] | None = None) -> tuple[ir.Program, Plan, Plan]:
+    """Check and lower a spec (models required); returns (program, lowered plan, optimized plan)."""
+    from .passes import run_passes
+
+    prog = check_file(path)
+    lowered = Lowerer(prog).lower()
+    if not prog.saves:
+        raise FuseErrors([Diagnostic("E015", "the spec saves nothing, so there is nothing to run", Span(path, 1, 1),
+                                     'add `save NAME to "dir"` for the merge you want written')])
+    optimized = run_passes(lowered, passes, dump_after, verify, on_dump)
+    return prog, lowered, optimized
+
+
+def estimate_peak_bytes(plan: Plan) -> int:
+    """Largest tensor group: the bytes of values alive at once in fp32 (an upper bound)."""
+    from .sources import DTYPE_SIZES
+
+    per_group: dict[str, int] = {}
+    for n in plan.nodes.values():
+        if n.shape is None or not n.group:
+            continue
+        size = 4
+        for d in n.shape:
+            size *= d
+        per_group[n.group] = per_group.get(n.group, 0) + size
+    _ = DTYPE_SIZES
+    return max(per_group.values(), default=0)

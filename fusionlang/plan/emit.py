@@ -1,0 +1,121 @@
+"""Plan emission (text, JSON, dot) and JSON loading.
+
+The text form is the main debugging surface: one line per node in execution order,
+`%17 = ties(%3, %9; density=0.2)  # spec.fuse:14`, deterministic across runs.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .graph import OutputSpec, Plan, PlanNode, SourceSpec
+
+FORMAT_VERSION = 1
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt_value(x) for x in v) + "]"
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def node_order(plan: Plan) -> list[str]:
+    return plan.order if plan.order and set(plan.order) == set(plan.nodes) else plan.topo_order()
+
+
+def to_text(plan: Plan) -> str:
+    order = node_order(plan)
+    num = {nid: i for i, nid in enumerate(order)}
+    lines = [f"# plan for {plan.spec_file}: {len(plan.nodes)} nodes, {len(plan.outputs)} outputs"]
+    for k, s in sorted(plan.sources.items()):
+        lines.append(f"source {k} = {json.dumps(s.path)}")
+    phase = None
+    for nid in order:
+        n = plan.nodes[nid]
+        p = plan.phase_of.get(nid)
+        if p is not None and p != phase:
+            lines.append(f"# phase {p}")
+            phase = p
+        if n.op == "load":
+            body = f"load({n.param('source')}, {json.dumps(n.param('tensor'))})"
+        else:
+            args = ", ".join(f"%{num[i]}" for i in n.inputs)
+            ps = "; ".join(f"{k}={_fmt_value(v)}" for k, v in n.params)
+            body = f"{n.op}({args}{'; ' if args and ps else ''}{ps})"
+        loc = f"  # {n.loc}" if n.loc else ""
+        lines.append(f"%{num[nid]} = {body}{loc}")
+    for o in plan.outputs.values():
+        lines.append(f"output {o.name} -> {json.dumps(o.path)}  # {len(o.tensors)} tensors, from {o.reference}")
+        for t, nid in o.tensors.items():
+            lines.append(f"  {json.dumps(t)} = %{num[nid]}")
+    return "\n".join(lines) + "\n"
+
+
+def to_json(plan: Plan) -> str:
+    order = node_order(plan)
+    return json.dumps({
+        "fusionlang_plan": FORMAT_VERSION,
+        "spec_file": plan.spec_file,
+        "spec_text": plan.spec_text,
+        "sources": {k: {"path": s.path, "config": s.config,
+                        "tensors": {t: [d, list(sh), f] for t, (d, sh, f) in s.tensors.items()}}
+                    for k, s in plan.sources.items()},
+        "nodes": [{"id": nid, "op": plan.nodes[nid].op, "inputs": list(plan.nodes[nid].inputs),
+                   "params": [[k, v] for k, v in plan.nodes[nid].params], "group": plan.nodes[nid].group,
+                   "loc": plan.nodes[nid].loc,
+                   "shape": list(plan.nodes[nid].shape) if plan.nodes[nid].shape is not None else None,
+                   "phase": plan.phase_of.get(nid, 0)} for nid in order],
+        "outputs": [{"name": o.name, "path": o.path, "dtype": o.dtype, "tensors": o.tensors, "dtypes": o.dtypes,
+                     "shapes": {k: list(v) for k, v in o.shapes.items()}, "reference": o.reference,
+                     "config_overrides": o.config_overrides, "loc": o.loc} for o in plan.outputs.values()],
+        "history": plan.history,
+    }, indent=1)
+
+
+def _tuplify(v):
+    return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
+
+
+def from_json(text: str) -> Plan:
+    """Load a plan written by `to_json`; raises ValueError when it is not one."""
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("fusionlang_plan") != FORMAT_VERSION:
+        raise ValueError("not a fusionlang plan (or a plan from another format version)")
+    plan = Plan()
+    plan.spec_file, plan.spec_text = data["spec_file"], data["spec_text"]
+    for k, s in data["sources"].items():
+        plan.sources[k] = SourceSpec(k, s["path"], {t: (d, tuple(sh), f) for t, (d, sh, f) in s["tensors"].items()}, s["config"])
+    nodes = {}
+    for n in data["nodes"]:
+        params = tuple((k, _tuplify(v)) for k, v in n["params"])
+        nodes[n["id"]] = PlanNode(n["op"], tuple(n["inputs"]), params, n["group"], n["loc"],
+                                  tuple(n["shape"]) if n["shape"] is not None else None)
+        plan.phase_of[n["id"]] = n["phase"]
+    plan.replace_nodes(nodes)
+    plan.order = [n["id"] for n in data["nodes"]]
+    for o in data["outputs"]:
+        plan.outputs[o["name"]] = OutputSpec(o["name"], o["path"], o["dtype"], o["tensors"], o["dtypes"],
+                                             {k: tuple(v) for k, v in o["shapes"].items()}, o["reference"],
+                                             o["config_overrides"], o["loc"])
+    plan.history = [tuple(h) for h in data.get("history", [])]
+    return plan
+
+
+def to_dot(plan: Plan) -> str:
+    order = node_order(plan)
+    num = {nid: i for i, nid in enumerate(order)}
+    lines = ["digraph plan {", "  rankdir=LR;", '  node [shape=box, fontname="monospace"];']
+    for nid in order:
+        n = plan.nodes[nid]
+        label = f"%{num[nid]} {n.op}"
+        if n.op == "load":
+            label += f"\\n{n.param('source')}:{n.param('tensor')}"
+        lines.append(f'  n{num[nid]} [label="{label}"];')
+        for i in n.inputs:
+            lines.append(f"  n{num[i]} -> n{num[nid]};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,172 @@
+"""The merge plan: a networkx DiGraph of node ids, payloads in a dict beside it.
+
+Nodes are immutable and hash-consed on (op, inputs, params): building the same
+sub-expression twice returns the same id, so merges that share task vectors share
+their nodes and each input tensor is read once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import networkx as nx
+
+Param = tuple[str, Any]
+
+
+@dataclass(frozen=True)
+class PlanNode:
+    op: str
+    inputs: tuple[str, ...]
+    params: tuple[Param, ...]
+    group: str  # tensor group (output tensor name) the node is computed in; "" for reduces
+    loc: str = ""  # spec.fuse:14
+    shape: tuple[int, ...] | None = None
+
+    def param(self, name: str, default: Any = None) -> Any:
+        for k, v in self.params:
+            if k == name:
+                return v
+        return default
+
+
+@dataclass
+class SourceSpec:
+    """A model read by the plan: its directory and tensor headers."""
+
+    key: str  # display name, e.g. base
+    path: str
+    tensors: dict[str, tuple[str, tuple[int, ...], str]]  # name -> (dtype, shape, shard file)
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class OutputSpec:
+    """One saved model: where it goes and which node defines each of its tensors."""
+
+    name: str
+    path: str
+    dtype: str | None  # None: the dtype of the reference input tensor
+    tensors: dict[str, str]  # output tensor name -> node id
+    dtypes: dict[str, str]  # output tensor name -> safetensors dtype
+    shapes: dict[str, tuple[int, ...]]
+    reference: str  # source key whose config / tokenizer are copied
+    config_overrides: dict = field(default_factory=dict)
+    loc: str = ""
+
+
+def _canon(v: Any) -> Any:
+    if isinstance(v, float) and v.is_integer():
+        return float(v)
+    if isinstance(v, list):
+        return tuple(_canon(x) for x in v)
+    return v
+
+
+class Plan:
+    def __init__(self) -> None:
+        self.graph = nx.DiGraph()
+        self.nodes: dict[str, PlanNode] = {}
+        self.sources: dict[str, SourceSpec] = {}
+        self.outputs: dict[str, OutputSpec] = {}
+        self.spec_text: str = ""
+        self.spec_file: str = ""
+        self.hashcons = True
+        self.history: list[tuple[str, int]] = []  # (pass name, node count after it)
+        self.order: list[str] = []  # execution order, set by the schedule pass
+        self.phase_of: dict[str, int] = {}
+
+    # -- construction
+    @staticmethod
+    def node_id(op: str, inputs: tuple[str, ...], params: tuple[Param, ...], group: str) -> str:
+        key = json.dumps([op, list(inputs), [[k, v] for k, v in params], group], sort_keys=False, default=str)
+        return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    def add(self, op: str, inputs: tuple[str, ...] = (), params: dict | tuple = (), *, group: str,
+            loc: str = "", shape: tuple[int, ...] | None = None) -> str:
+        items = tuple(sorted(params.items())) if isinstance(params, dict) else tuple(params)
+        items = tuple((k, _canon(v)) for k, v in items)
+        nid = self.node_id(op, inputs, items, group)
+        if not self.hashcons:
+            nid = f"{nid}-{len(self.nodes)}"
+        if nid not in self.nodes:
+            self.nodes[nid] = PlanNode(op, tuple(inputs), items, group, loc, shape)
+            self.graph.add_node(nid)
+            for i in inputs:
+                self.graph.add_edge(i, nid)
+        return nid
+
+    def replace_nodes(self, nodes: dict[str, PlanNode]) -> None:
+        """Rebuild the graph from a new node dict (passes build new dicts)."""
+        self.nodes = nodes
+        g = nx.DiGraph()
+        g.add_nodes_from(nodes)
+        for nid, n in nodes.items():
+            for i in n.inputs:
+                g.add_edge(i, nid)
+        self.graph = g
+
+    def copy(self) -> "Plan":
+        p = Plan()
+        p.nodes = dict(self.nodes)
+        p.graph = self.graph.copy()
+        p.sources = self.sources
+        p.outputs = {k: replace(v, tensors=dict(v.tensors)) for k, v in self.outputs.items()}
+        p.spec_text, p.spec_file, p.history = self.spec_text, self.spec_file, list(self.history)
+        p.hashcons = self.hashcons
+        p.order, p.phase_of = list(self.order), dict(self.phase_of)
+        return p
+
+    # -- queries
+    def roots(self) -> set[str]:
+        return {nid for o in self.outputs.values() for nid in o.tensors.values()}
+
+    def topo_order(self) -> list[str]:
+        """Deterministic topological order (lexicographic on (group, op, id) among ready nodes)."""
+        return list(nx.lexicographical_topological_sort(self.graph, key=lambda n: (self.nodes[n].group, n)))
+
+    def count_ops(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for n in self.nodes.values():
+            counts[n.op] = counts.get(n.op, 0) + 1
+        return counts
+
+    def bytes_read(self) -> int:
+        total = 0
+        from ..sources import DTYPE_SIZES
+
+        for n in self.nodes.values():
+            if n.op == "load":
+                src = self.sources[n.param("source")]
+                dtype, shape, _ = src.tensors[n.param("tensor")]
+                size = DTYPE_SIZES.get(dtype, 4)
+                for d in shape:
+                    size *= d
+                total += size
+        return total
+
+    def bytes_written(self) -> int:
+        from ..sources import DTYPE_SIZES
+
+        total = 0
+        for o in self.outputs.values():
+            for t, shape in o.shapes.items():
+                size = DTYPE_SIZES.get(o.dtypes[t], 4)
+                for d in shape:
+                    size *= d
+                total += size
+        return total
+
+
+def add_with_id(plan: Plan, nid: str, op: str, inputs: tuple[str, ...], params: dict, *, group: str = "",
+                loc: str = "") -> str:
+    """Add a node under a chosen id (for reduce nodes referenced before they exist)."""
+    items = tuple((k, _canon(v)) for k, v in sorted(params.items()))
+    plan.nodes[nid] = PlanNode(op, tuple(inputs), items, group, loc)
+    plan.graph.add_node(nid)
+    for i in inputs:
+        plan.graph.add_edge(i, nid)
+    return nid
