@@ -74,6 +74,12 @@ class Cond(Node):
 
 
 @dataclass(frozen=True)
+class Index(Node):
+    value: "Expr"
+    index: "Expr"
+
+
+@dataclass(frozen=True)
 class KwArg(Node):
     name: str
     value: "Expr"
@@ -87,7 +93,7 @@ class Call(Node):
     kwargs: tuple[KwArg, ...]
 
 
-Expr = Number | String | Bool | NoneLit | Var | ListExpr | ListComp | BinOp | Neg | Cond | Call
+Expr = Number | String | Bool | NoneLit | Var | ListExpr | ListComp | BinOp | Neg | Cond | Call | Index
 
 
 # ----- statements ------------------------------------------------------------------

@@ -402,6 +402,14 @@ class Checker:
                 self.sink.error("E005", f"branches have different types: {a.type} and {b.type}", s, "")
                 t = "any"
             return ir.CondE(span=s, type=t, test=test, then=a, other=b)
+        if isinstance(e, ast.Index):
+            v, i = self.expr(e.value, mod, scope), self.expr(e.index, mod, scope)
+            if not type_accepts("int", i.type):
+                self.sink.error("E005", f"index must be an integer, not {i.type}", e.index.span, "")
+            elem = {"models": "model", "numbers": "number"}.get(v.type, "any")
+            if v.type not in ("models", "numbers", "list", "any"):
+                self.sink.error("E005", f"cannot index a {v.type}", e.value.span, "only lists can be indexed, e.g. experts[0]")
+            return ir.IndexE(span=s, type=elem, value=v, index=i)
         if isinstance(e, ast.Call):
             return self._call(e, mod, scope)
         raise AssertionError(f"unhandled AST node {type(e).__name__}")

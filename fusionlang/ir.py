@@ -68,6 +68,13 @@ class CondE(IR):
     other: "Expr"
 
 
+class IndexE(IR):
+    span: Span
+    type: str
+    value: "Expr"
+    index: "Expr"
+
+
 class CallE(IR):
     """A call to a registered op, a `def` (by qualified name) or a builtin."""
 
@@ -79,8 +86,8 @@ class CallE(IR):
     kwargs: tuple[tuple[str, "Expr"], ...]
 
 
-Expr = Union[Const, Ref, ListE, Comp, Bin, Neg, CondE, CallE]
-for _cls in (ListE, Comp, Bin, Neg, CondE, CallE):
+Expr = Union[Const, Ref, ListE, Comp, Bin, Neg, CondE, IndexE, CallE]
+for _cls in (ListE, Comp, Bin, Neg, CondE, IndexE, CallE):
     _cls.model_rebuild()
 
 

@@ -182,6 +182,8 @@ class Lowerer:
             children = [e.operand]
         elif isinstance(e, ir.CondE):
             children = [e.then, e.other]
+        elif isinstance(e, ir.IndexE):
+            children = [e.value]
         for c in children:
             r = self.first_source(c, seen)
             if r:
@@ -442,6 +444,14 @@ class Lowerer:
             return self.eval(e.then if test else e.other, env, ctx)
         if isinstance(e, ir.Bin):
             return self.binop(e, self.eval(e.left, env, ctx), self.eval(e.right, env, ctx), ctx)
+        if isinstance(e, ir.IndexE):
+            v, i = self.eval(e.value, env, ctx), self.eval(e.index, env, ctx)
+            if not isinstance(v, list) or not isinstance(i, (int, float)) or float(i) != int(i):
+                raise EvalError("E005", "only lists can be indexed, with an integer", e.span, "")
+            if not -len(v) <= int(i) < len(v):
+                raise EvalError("E006", f"index {int(i)} is out of range for a list of {len(v)}", e.index.span,
+                                f"valid indices are 0..{len(v) - 1}")
+            return v[int(i)]
         if isinstance(e, ir.CallE):
             return self.call(e, env, ctx)
         raise AssertionError(type(e))
@@ -621,7 +631,7 @@ def _refs(e) -> set[str]:
     for f in ("items", "args"):
         for c in getattr(e, f, ()) or ():
             out |= _refs(c)
-    for f in ("body", "iterable", "left", "right", "operand", "test", "then", "other"):
+    for f in ("body", "iterable", "left", "right", "operand", "test", "then", "other", "value", "index"):
         c = getattr(e, f, None)
         if c is not None:
             out |= _refs(c)

@@ -91,6 +91,9 @@ class _ToAst(Transformer):
     def cond(self, meta, c):
         return ast.Cond(self._s(meta), c[0], c[1], c[2])
 
+    def index(self, meta, c):
+        return ast.Index(self._s(meta), c[0], c[1])
+
     def kwarg(self, meta, c):
         return ast.KwArg(self._s(meta), str(c[0]), c[1])
 

@@ -1,4 +1,4 @@
-"""Sparsification of task vectors: magnitude trim (TIES), random drop (DARE), breadcrumbs.
+"""Sparsification of task vectors: magnitude trim (TIES), random drop (DARE), magnitude band (breadcrumbs).
 
 Per-tensor magnitude selection uses `kthvalue` (a selection, not a full sort). The
 model-wide variant (TIES paper / FusionBench) finds the exact global k-th magnitude with
@@ -118,8 +118,8 @@ def drop(x: Tensor, density: float = 0.5, rescale: Literal["inverse", "l1", "non
 
 
 @op(ranges={"density": (0.0, 1.0), "gamma": (0.0, 1.0)})
-def breadcrumbs(x: Tensor, density: float = 0.9, gamma: float = 0.01) -> Tensor:
-    """Model Breadcrumbs: drop the `gamma` largest-magnitude outliers and keep the next
+def band(x: Tensor, density: float = 0.9, gamma: float = 0.01) -> Tensor:
+    """Model Breadcrumbs' mask: drop the `gamma` largest-magnitude outliers and keep the next
     `density` fraction; the smallest entries are zeroed (MergeKit's breadcrumbs)."""
     n = x.numel()
     top = int(gamma * n)
