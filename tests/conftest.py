@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny random models built from `transformers` configs, saved to disk."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("NO_COLOR", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(arch: str, **overrides):
+    import transformers as tf
+
+    if arch == "llama":
+        cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, tie_word_embeddings=False)
+        cfg.update(overrides)
+        return tf.LlamaConfig(**cfg), tf.LlamaForCausalLM
+    if arch == "gpt2":
+        cfg = dict(n_embd=32, n_layer=3, n_head=4, vocab_size=96, n_positions=64)
+        cfg.update(overrides)
+        return tf.GPT2Config(**cfg), tf.GPT2LMHeadModel
+    if arch == "bert":
+        cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=96,
+                   max_position_embeddings=64)
+        cfg.update(overrides)
+        return tf.BertConfig(**cfg), tf.BertModel
+    if arch == "vit":
+        cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+                   patch_size=8, num_labels=3)
+        cfg.update(overrides)
+        return tf.ViTConfig(**cfg), tf.ViTForImageClassification
+    raise ValueError(arch)
+
+
+def make_family(root: Path, arch: str = "llama", n_experts: int = 3, noise: float = 0.02, seed: int = 0,
+                dtype: torch.dtype = torch.float32, **overrides) -> dict[str, Path]:
+    """base + experts (base + noise) saved as safetensors model dirs under root."""
+    cfg, cls = tiny_config(arch, **overrides)
+    torch.manual_seed(seed)
+    base = cls(cfg).to(dtype)
+    out = {"base": root / "base"}
+    base.save_pretrained(out["base"], safe_serialization=True)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    for i in range(n_experts):
+        m = cls(cfg).to(dtype)
+        sd = {k: (v + noise * torch.randn(v.shape, generator=g).to(dtype)) if v.is_floating_point() else v
+              for k, v in state.items()}
+        m.load_state_dict(sd)
+        out[f"e{i}"] = root / f"e{i}"
+        m.save_pretrained(out[f"e{i}"], safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory) -> dict[str, Path]:
+    return make_family(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory) -> dict[str, Path]:
+    return make_family(tmp_path_factory.mktemp("gpt2"), "gpt2", n_experts=2)
+
+
+@pytest.fixture(scope="session")
+def bert(tmp_path_factory) -> dict[str, Path]:
+    return make_family(tmp_path_factory.mktemp("bert"), "bert", n_experts=2)
+
+
+def write_spec(dirpath: Path, text: str, name: str = "spec.fuse") -> Path:
+    p = dirpath / name
+    p.write_text(text)
+    return p
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    """Run the real CLI in-process; returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from fusionlang.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    try:
+        if cwd:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(args))
+    finally:
+        os.chdir(old)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+sys.path.insert(0, str(Path(__file__).parent))

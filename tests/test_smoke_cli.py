@@ -1,0 +1,17 @@
+from conftest import load_state, run_cli, write_spec
+
+
+def test_task_arithmetic_end_to_end(llama, tmp_path):
+    spec = write_spec(tmp_path, f'''use merging
+model base = local("{llama['base']}")
+models experts = [local("{llama['e0']}"), local("{llama['e1']}")]
+merge ta = task_arithmetic(base, experts, scale=0.5)
+save ta to "out/ta"
+''')
+    rc, out, err = run_cli("run", str(spec), "-q")
+    assert rc == 0, err
+    got = load_state(tmp_path / "out/ta")
+    b, e0, e1 = (load_state(llama[k]) for k in ("base", "e0", "e1"))
+    for k in b:
+        ref = b[k] + 0.5 * ((e0[k] - b[k]) + (e1[k] - b[k]))
+        assert (got[k] - ref).abs().max() < 1e-6, k
