@@ -366,9 +366,11 @@ class Checker:
         if isinstance(e, ast.ListExpr):
             items = tuple(self.expr(i, mod, scope) for i in e.items)
             types = {i.type for i in items} - {"any"}
-            if types and types <= {"model"}:
+            if not types:
+                t = "any" if items else "list"
+            elif types <= {"model"}:
                 t = "models"
-            elif types and types <= {"number", "int"}:
+            elif types <= {"number", "int"}:
                 t = "numbers"
             else:
                 t = "list"
@@ -382,7 +384,7 @@ class Checker:
             if it.type not in ("models", "numbers", "list", "any"):
                 self.sink.error("E005", f"cannot iterate over a {it.type}", e.iterable.span, "iterate over a list, e.g. `models`")
             body = self.expr(e.body, mod, {**scope, e.var: elem})
-            t = {"model": "models", "number": "numbers", "int": "numbers"}.get(body.type, "list")
+            t = {"model": "models", "number": "numbers", "int": "numbers", "any": "any"}.get(body.type, "list")
             return ir.Comp(span=s, type=t, body=body, var=e.var, iterable=it)
         if isinstance(e, ast.BinOp):
             left, right = self.expr(e.left, mod, scope), self.expr(e.right, mod, scope)
