@@ -20,8 +20,8 @@ GQA with kv_heads = largest divisor of heads <= heads/3, intermediate = 8/3*hidd
 rounded up to a multiple of 256): hidden is the largest of 4096, 3072, 2048, 1536,
 1024, 768, 512, 384, 256 that still leaves >= 12 layers (>= 4 below 200M parameters);
 layers = round((P - 2*vocab*hidden - hidden) / params_per_layer).
-  0.5B -> hidden 1536, 16 layers, 24 heads / 8 kv heads, intermediate 4096: 501.3M params.
-  50M  -> hidden 512, 6 layers, 8 heads / 2 kv heads, intermediate 1536: 51.3M params.
+  0.5B -> hidden 1536, 16 layers, 24 heads / 8 kv heads, intermediate 4096: 501.0M params.
+  50M  -> hidden 512, 6 layers, 8 heads / 2 kv heads, intermediate 1536: 50.9M params.
 """
 
 from __future__ import annotations
