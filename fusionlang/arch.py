@@ -9,6 +9,16 @@ import re
 # (encoder.layers.N), T5/timm style (blocks.N / block.N).
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|layer|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
 
+# Non-layer tensors that come before the layer stack (embeddings); all others (final
+# norm, heads, poolers) come after it. Passthrough takes the former from the first slice
+# and the latter from the last, as MergeKit does.
+PRE_LAYER_MARKERS = ("embed", "wte", "wpe", "embeddings", "patch", "cls_token", "position")
+
+
+def is_pre_layer(tensor: str) -> bool:
+    return any(m in tensor for m in PRE_LAYER_MARKERS)
+
+
 # Config keys that hold the number of layers, by priority.
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 

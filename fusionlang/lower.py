@@ -234,9 +234,11 @@ class Lowerer:
             if si == 0:
                 ref_key = key
                 for t in h.tensors:
-                    if arch.split_layer(t) is None:
+                    if arch.split_layer(t) is None and arch.is_pre_layer(t):
                         names.append(t)
                         source_of[t] = (0, t, None, n)
+            if si == len(parts) - 1:
+                post = [t for t in h.tensors if arch.split_layer(t) is None and not arch.is_pre_layer(t)]
             for layer in range(p.start, p.end):
                 rests = sorted((s[0], s[2]) for s in (arch.split_layer(t) for t in h.tensors) if s and s[1] == layer)
                 if prefix is None and rests:
@@ -250,6 +252,9 @@ class Lowerer:
                     names.append(out)
                     source_of[out] = (si, f"{pre}.{layer}.{rest}", layer, n)
                 out_layer += 1
+        for t in post:
+            names.append(t)
+            source_of[t] = (len(parts) - 1, t, None, n)
         config = self.headers[ref_key].config
         return _Domain(names, ref_key, out_layer, source_of, arch.layer_count_overrides(config, out_layer))
 

@@ -229,6 +229,7 @@ def test_slices_passthrough_builds_deeper_model(llama, tmp_path):
     assert torch.equal(got["model.layers.3.mlp.up_proj.weight"], ex[0]["model.layers.1.mlp.up_proj.weight"])
     assert torch.equal(got["model.layers.5.mlp.up_proj.weight"], ex[0]["model.layers.3.mlp.up_proj.weight"])
     assert torch.equal(got["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert torch.equal(got["model.norm.weight"], ex[0]["model.norm.weight"])  # post-layer: last slice
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(out)

@@ -16,7 +16,7 @@ def slerp(a: Tensor, b: Tensor, t: float = 0.5, dot_threshold: float = 0.9995, e
     na, nb = a64.norm(), b64.norm()
     ua = a64 / na if na > eps else a64
     ub = b64 / nb if nb > eps else b64
-    dot = float((ua * ub).sum())
+    dot = min(1.0, max(-1.0, float((ua * ub).sum())))
     if abs(dot) > dot_threshold:
         return torch.lerp(a, b, t)
     import math

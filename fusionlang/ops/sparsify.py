@@ -19,8 +19,8 @@ _UNIT = {"density": (0.0, 1.0)}
 
 
 def keep_count(numel: int, density: float) -> int:
-    """How many entries a per-tensor trim keeps (MergeKit: int(density * numel))."""
-    return int(density * numel)
+    """How many entries a per-tensor trim keeps (MergeKit: max(1, int(density * numel)))."""
+    return 0 if density <= 0 else max(1, int(density * numel))
 
 
 @op(ranges=_UNIT)
@@ -120,13 +120,15 @@ def drop(x: Tensor, density: float = 0.5, rescale: Literal["inverse", "l1", "non
 @op(ranges={"density": (0.0, 1.0), "gamma": (0.0, 1.0)})
 def band(x: Tensor, density: float = 0.9, gamma: float = 0.01) -> Tensor:
     """Model Breadcrumbs' mask: drop the `gamma` largest-magnitude outliers and keep the next
-    `density` fraction; the smallest entries are zeroed (MergeKit's breadcrumbs)."""
+    `density` fraction; the smallest entries are zeroed (MergeKit's `magnitude_outliers`)."""
+    if density >= 1.0:
+        return x
     n = x.numel()
-    top = int(gamma * n)
-    keep = int(density * n)
-    if keep <= 0:
-        return torch.zeros_like(x)
-    order = torch.argsort(x.abs().reshape(-1), descending=True)
+    keep, top = int(density * n), int(gamma * n)
+    # NOTE: as MergeKit: exactly `keep` entries survive; when keep + top > n the
+    # outlier cut shrinks rather than the density.
+    bottom = max(0, n - keep - top)
+    order = torch.argsort(x.abs().reshape(-1))
     mask = torch.zeros(n, dtype=torch.bool, device=x.device)
-    mask[order[top: top + keep]] = True
+    mask[order[bottom: bottom + keep]] = True
     return x * mask.reshape(x.shape)
