@@ -329,6 +329,12 @@ class Checker:
             return mod.qualified.get(alias, {}).get(rest)
         return mod.names.get(name)
 
+    def _lookup_imported(self, mod: _Module, name: str) -> str | None:
+        for alias, names in mod.qualified.items():
+            if name in names and names[name].kind == "def":
+                return alias
+        return None
+
     def _sym_type(self, sym: _Sym) -> str:
         if sym.kind in ("model", "models"):
             return sym.kind
@@ -446,7 +452,10 @@ class Checker:
         kwargs = tuple((k.name, self.expr(k.value, mod, scope), k.span) for k in e.kwargs)
         sym = None if e.func in scope else self._lookup(mod, e.func)
         if sym is not None and sym.kind != "def":
-            self.sink.error("E005", f"'{e.func}' is a {sym.kind}, not a function", e.func_span, "")
+            hidden = self._lookup_imported(mod, e.func)
+            self.sink.error("E005", f"'{e.func}' is a {sym.kind}, not a function", e.func_span,
+                            f"the {sym.kind} defined at {sym.span} hides the function '{e.func}' from `use {hidden}`; rename it"
+                            if hidden else "")
             return ir.Const(span=s, type="any", value=None)
         if sym is not None:
             d = self._def(sym.qualname)
