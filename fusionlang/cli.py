@@ -45,11 +45,12 @@ def cmd_check(args) -> int:
         for r in results:
             _print_diags(r.diagnostics)
             status = "[green]ok[/]" if r.ok else "[red]failed[/]"
-            console.print(f"{r.file}: {status}")
+            console.print(f"{r.file}: {status}", soft_wrap=True)
             if r.unverified and r.ok:
-                console.print("  [yellow]not verified[/] (model files absent): tensor names, shapes, dtypes and rule patterns")
+                console.print("  [yellow]not verified[/] (model files absent): tensor names, shapes, dtypes and rule patterns",
+                              soft_wrap=True)
                 for u in r.unverified:
-                    console.print(f"    {u}")
+                    console.print(f"    {u}", soft_wrap=True, markup=False)
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -265,7 +265,9 @@ class Lowerer:
                 self.lower_output(save)
             except EvalError as e:
                 self._report(e.diag)
-        if not self.dry:
+        if not self.dry and not self.sink.errors:
+            # NOTE: only when every output was lowered: an output that stopped early
+            # (e.g. a missing model) would make its rules look unmatched.
             self.finish_stats()
             self.check_rules()
         self.sink.raise_if_errors()
