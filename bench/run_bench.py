@@ -21,6 +21,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -108,13 +109,19 @@ def _descendants(root: int) -> list[int]:
 
 
 def run_measured(cmd: list[str], env: dict, log: Path, timeout: float,
-                 interval: float = 0.01) -> dict:
-    """Run cmd; return wall time, peak anonymous RSS of its process tree, exit code."""
+                 mem_limit_mb: float | None = None, interval: float = 0.01) -> dict:
+    """Run cmd; return wall time, peak anonymous RSS of its process tree, exit code.
+
+    The tree is killed when it runs past `timeout` seconds or past `mem_limit_mb` of
+    anonymous memory (so a runaway merge cannot take the shared machine down with it).
+    """
     with open(log, "wb") as lf:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env)
+        # NOTE: own session, so the whole tree can be killed with one killpg.
+        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
         pids, next_scan, peak_kb, samples = [proc.pid], 0.0, 0, 0
-        status, rusage = None, None
+        status, rusage, killed = None, None, None
         while True:
             wpid, wstatus, wrusage = os.wait4(proc.pid, os.WNOHANG)
             if wpid:
@@ -128,7 +135,14 @@ def run_measured(cmd: list[str], env: dict, log: Path, timeout: float,
             peak_kb = max(peak_kb, total)
             samples += 1
             if now - t0 > timeout:
-                proc.kill()
+                killed = f"killed: ran past the {timeout:.0f}s timeout"
+            elif mem_limit_mb and total > mem_limit_mb * 1024:
+                killed = f"killed: anonymous memory passed the {mem_limit_mb:.0f} MB limit"
+            if killed:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 _, status, rusage = os.wait4(proc.pid, 0)
                 break
             time.sleep(interval)
@@ -141,7 +155,7 @@ def run_measured(cmd: list[str], env: dict, log: Path, timeout: float,
         "max_rss_mb": round(rusage.ru_maxrss / 1024, 1) if rusage else None,
         "cpu_s": round(rusage.ru_utime + rusage.ru_stime, 2) if rusage else None,
         "rc": proc.returncode,
-        "timed_out": wall > timeout,
+        "killed": killed,
         "samples": samples,
     }
 
@@ -264,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                     "0 = leave each tool's default). See README: OpenMP barriers collapse "
                     "when the 2 cores are shared with other work")
     ap.add_argument("--repeat", type=int, default=1, help="runs per case; the fastest is kept")
-    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    ap.add_argument("--mem-limit-mb", type=float, default=12000,
+                    help="kill a run whose anonymous memory passes this (0 = no limit)")
     ap.add_argument("--no-verify", action="store_true", help="skip comparing outputs")
     ap.add_argument("--keep-outputs", action="store_true")
     ap.add_argument("--seed", type=int, default=0, help="workload seed")
@@ -332,10 +348,10 @@ def main(argv: list[str] | None = None) -> int:
             warm_cache([wl_dir / "base"] + [wl_dir / f"expert_{i}" for i in range(1, n + 1)])
             log = run_dir / f"{tool}-{method}-{n}-{r}.log"
             load = os.getloadavg()[0]
-            res = run_measured(cmd, env, log, a.timeout)
+            res = run_measured(cmd, env, log, a.timeout, a.mem_limit_mb)
             res["loadavg_1m"] = round(load, 2)
             if res["rc"] != 0:
-                res["error"] = tail(log, 4000)
+                res["error"] = tail(log, 4000) + ("\n" + res["killed"] if res["killed"] else "")
             elif not all(o.exists() for o in outs):
                 res["rc"], res["error"] = -1, "exit 0 but output missing: " + tail(log)
             if best is None or (res["rc"] == 0 and (best["rc"] != 0 or
@@ -426,6 +442,8 @@ def _fmt(x, spec=".2f", none="—"):
 
 def _summary(rec: dict) -> str:
     """The first error-looking line of a failed run's output (else its last line)."""
+    if rec.get("killed"):
+        return rec["killed"]
     lines = [x.strip() for x in (rec.get("error") or "").strip().splitlines() if x.strip()]
     if not lines:
         return f"rc={rec.get('rc')}"

@@ -136,6 +136,15 @@ def slerp_t(name):
 
 check("slerp", {k: slerp(slerp_t(k), base[k], ex[0][k]) for k in names}, atol=2e-6)
 
+
+def grad_t(name):
+    if not name.startswith("model.layers."):
+        return 0.2  # first value of the gradient
+    return grad([0.2, 0.9, 0.4], int(name.split(".")[2]) / 3)
+
+
+check("slerp_gradient", {k: slerp(grad_t(k), base[k], ex[1][k]) for k in names}, atol=2e-6)
+
 # passthrough slices: base layers 0..2 then expert_1 layers 2..3 -> 5 layers
 ref = {}
 e1 = ex[0]
