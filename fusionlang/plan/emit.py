@@ -27,12 +27,22 @@ def node_order(plan: Plan) -> list[str]:
     return plan.order if plan.order and set(plan.order) == set(plan.nodes) else plan.topo_order()
 
 
+def _rel(path: str, spec_file: str) -> str:
+    """Paths relative to the spec's directory, so plans read the same on every machine."""
+    import os
+
+    base = os.path.dirname(os.path.abspath(spec_file)) if spec_file else os.getcwd()
+    return os.path.relpath(path, base)
+
+
 def to_text(plan: Plan) -> str:
+    import os
+
     order = node_order(plan)
     num = {nid: i for i, nid in enumerate(order)}
-    lines = [f"# plan for {plan.spec_file}: {len(plan.nodes)} nodes, {len(plan.outputs)} outputs"]
+    lines = [f"# plan for {os.path.basename(plan.spec_file)}: {len(plan.nodes)} nodes, {len(plan.outputs)} outputs"]
     for k, s in sorted(plan.sources.items()):
-        lines.append(f"source {k} = {json.dumps(s.path)}")
+        lines.append(f"source {k} = {json.dumps(_rel(s.path, plan.spec_file))}")
     phase = None
     for nid in order:
         n = plan.nodes[nid]
@@ -49,7 +59,7 @@ def to_text(plan: Plan) -> str:
         loc = f"  # {n.loc}" if n.loc else ""
         lines.append(f"%{num[nid]} = {body}{loc}")
     for o in plan.outputs.values():
-        lines.append(f"output {o.name} -> {json.dumps(o.path)}  # {len(o.tensors)} tensors, from {o.reference}")
+        lines.append(f"output {o.name} -> {json.dumps(_rel(o.path, plan.spec_file))}  # {len(o.tensors)} tensors, from {o.reference}")
         for t, nid in o.tensors.items():
             lines.append(f"  {json.dumps(t)} = %{num[nid]}")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,103 @@
+"""Passes: optimized and unoptimized plans give the same tensors; each pass does its job."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import load_state, run_cli, write_spec
+from fusionlang.checker import check_file
+from fusionlang.executor import run_plan
+from fusionlang.lower import Lowerer
+from fusionlang.passes import PASSES, run_passes
+
+SPEC = '''use merging
+model base = local("{base}")
+models experts = [local("{e0}"), local("{e1}"), local("{e2}")]
+merge ta = task_arithmetic(base, experts, scale=0.3)
+merge t = ties(base, experts, density=0.4) {{
+    "*norm.weight" => base * 1.0
+    "layers.{{i}}.mlp.*" => ties(base, experts, density=ramp(0.6, 0.2), scale=1.0)
+}}
+merge fb = ties(base, experts, density=0.3, scale=0.3, merge="sum", scope="model")
+merge d = dare(base, experts, density=0.6, consensus=true, seed=9)
+merge dead = mean(experts)
+save ta to "{out}/ta"
+save t to "{out}/t"
+save fb to "{out}/fb" as bf16
+save d to "{out}/d"
+'''
+
+
+def _plan(spec, passes):
+    prog = check_file(str(spec))
+    plan = Lowerer(prog).lower()
+    return plan, run_passes(plan, passes, verify=True)
+
+
+def test_optimized_equals_unoptimized(llama, tmp_path):
+    fam = {k: str(v) for k, v in llama.items()}
+    results = {}
+    for label, passes in (("none", set()), ("all", None)):
+        spec = write_spec(tmp_path, SPEC.format(**fam, out=f"out_{label}"), f"{label}.fuse")
+        lowered, plan = _plan(spec, passes)
+        run_plan(plan, "cpu")
+        results[label] = (lowered, plan)
+    for name in ("ta", "t", "fb", "d"):
+        a, b = load_state(tmp_path / f"out_none/{name}"), load_state(tmp_path / f"out_all/{name}")
+        for k in a:
+            assert (a[k].float() - b[k].float()).abs().max() <= 1e-6, (name, k)
+    assert len(results["all"][1].nodes) < len(results["none"][1].nodes)
+
+
+def test_each_pass(llama, tmp_path):
+    fam = {k: str(v) for k, v in llama.items()}
+    spec = write_spec(tmp_path, SPEC.format(**fam, out="out"))
+    lowered, plan = _plan(spec, None)
+    hist = dict(plan.history)
+    assert [n for n, _ in plan.history] == ["lower"] + [n for n, _ in PASSES]
+    ops_lowered = lowered.count_ops()
+    ops = plan.count_ops()
+    # fold: scale(x, 1.0) disappears, add + scale fuse into axpy
+    assert ops.get("axpy", 0) > 0 and ops_lowered.get("axpy", 0) == 0
+    assert all(not (n.op == "scale" and n.param("k") == 1.0) for n in plan.nodes.values())
+    # the unsaved `dead` merge (mean over experts) is never lowered; dce removes the
+    # nodes that fusion orphaned (the scale nodes folded into axpy)
+    assert "mean" not in ops_lowered and "mean" not in ops
+    assert hist["dce"] < hist["cse"]
+    live = set(plan.order)
+    assert all(nid in live for nid in plan.nodes)
+    # hash-consing: every input tensor is loaded exactly once across the four merges
+    loads = [n for n in plan.nodes.values() if n.op == "load"]
+    n_tensors = len(plan.sources["base"].tensors)
+    assert len(loads) == 4 * n_tensors
+    # schedule: three phases for the model-wide TIES; order is a topological order
+    assert max(plan.phase_of.values()) == 2
+    pos = {nid: i for i, nid in enumerate(plan.order)}
+    assert all(pos[i] < pos[nid] for nid, n in plan.nodes.items() for i in n.inputs)
+
+
+def test_dump_after_and_emit(llama, tmp_path):
+    fam = {k: str(v) for k, v in llama.items()}
+    spec = write_spec(tmp_path, SPEC.format(**fam, out="out"))
+    rc, out, err = run_cli("compile", str(spec), "--dump-after", "fold", "-q")
+    assert rc == 0, err
+    assert out.startswith("# --- after fold") and "axpy(" in out
+    rc, out, err = run_cli("compile", str(spec), "--emit", "dot", "-q")
+    assert rc == 0 and out.startswith("digraph plan {")
+    rc, out, err = run_cli("compile", str(spec))
+    assert rc == 0
+    assert "lowered ->" in err and "bytes read" in err and "est. peak memory" in err
+
+
+def test_saved_json_plan_runs_identically(llama, tmp_path):
+    fam = {k: str(v) for k, v in llama.items()}
+    spec = write_spec(tmp_path, SPEC.format(**fam, out="out"))
+    rc, _, err = run_cli("compile", str(spec), "--emit", "json", "-o", str(tmp_path / "plan.json"), "-q")
+    assert rc == 0, err
+    rc, _, err = run_cli("run", str(tmp_path / "plan.json"), "-q")
+    assert rc == 0, err
+    first = load_state(tmp_path / "out/d")
+    rc, _, err = run_cli("run", str(spec), "-q")
+    assert rc == 0, err
+    again = load_state(tmp_path / "out/d")
+    assert all(torch.equal(first[k], again[k]) for k in first)
