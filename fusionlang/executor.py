@@ -109,8 +109,9 @@ class ShardWriter:
         return n
 
     def close(self) -> None:
+        # NOTE: no fsync: atomicity against interruption comes from the rename of the
+        # finished directory; durability across power loss is the filesystem's job.
         for fd in self.fds:
-            os.fsync(fd)
             os.close(fd)
         self.fds = []
 

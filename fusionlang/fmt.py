@@ -109,7 +109,8 @@ def _body(prefix: str, e: ast.Expr, indent: str = "") -> str:
     if len(indent + prefix + expr(e)) <= WIDTH:
         return prefix + expr(e)
     head = prefix.rstrip()
-    if not head.endswith(("=", "=>")) or isinstance(e, (ast.Call, ast.ListExpr)):
+    hang = isinstance(e, (ast.Call, ast.ListExpr)) and not prefix.startswith("def ")
+    if not head.endswith(("=", "=>")) or hang:
         return prefix + pretty(e, indent, len(indent + prefix))
     inner = indent + "    "
     return f"{head}\n{inner}" + pretty(e, inner, len(inner))
