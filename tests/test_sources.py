@@ -1,0 +1,54 @@
+"""Model sources: the local Hugging Face cache (never the network) and header reading."""
+
+from __future__ import annotations
+
+import shutil
+
+from conftest import load_state, run_cli, write_spec
+from fusionlang.sources import read_model_dir
+
+
+def fake_hf_cache(root, repo, src, commit="3f2a1c0ffee0000000000000000000000000000a"):
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    snap = repo_dir / "snapshots" / commit
+    shutil.copytree(src, snap)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return commit
+
+
+def test_hf_resolves_from_local_cache(llama, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    commit = fake_hf_cache(cache, "org/math-ft", llama["e0"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    spec = write_spec(tmp_path, f'''model a = hf("org/math-ft")
+model b = hf("org/math-ft", revision="{commit[:8]}")
+merge m = (a + b) / 2
+save m to "out/m"
+''')
+    rc, _, err = run_cli("run", str(spec), "-q")
+    assert rc == 0, err
+    got, ref = load_state(tmp_path / "out/m"), load_state(llama["e0"])
+    assert all((got[k] - ref[k]).abs().max() < 1e-6 for k in ref)
+
+
+def test_hf_missing_repo_and_revision_name_the_cache(llama, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    fake_hf_cache(cache, "org/math-ft", llama["e0"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    spec = write_spec(tmp_path, '''model a = hf("org/nothere")
+model b = hf("org/math-ft", revision="deadbeef")
+merge m = a + b
+save m to "out/m"
+''')
+    rc, _, err = run_cli("compile", str(spec), "-q")
+    assert rc == 1
+    assert "error[E017]" in err and str(cache) in err and "never downloads" in err
+    assert "Traceback" not in err
+
+
+def test_header_reading_needs_no_weights(llama):
+    h = read_model_dir(llama["base"])
+    assert h.num_layers == 4
+    info = h.tensors["model.layers.0.mlp.up_proj.weight"]
+    assert info.dtype == "F32" and info.shape == (64, 32)
