@@ -71,16 +71,33 @@ def compile_spec(path: str, passes: set[str] | None = None, dump_after: str | No
 
 
 def estimate_peak_bytes(plan: Plan) -> int:
-    """Largest tensor group: the bytes of values alive at once in fp32 (an upper bound)."""
-    from .sources import DTYPE_SIZES
-
-    per_group: dict[str, int] = {}
-    for n in plan.nodes.values():
-        if n.shape is None or not n.group:
+    """Peak bytes of live values, simulating the executor's order and frees (fp32
+    intermediates, no credit for in-place ops: an upper bound per tensor group)."""
+    order = plan.order or plan.topo_order()
+    by_group: dict[str, list[str]] = {}
+    for nid in order:
+        by_group.setdefault(plan.nodes[nid].group, []).append(nid)
+    peak = 0
+    for group, nodes in by_group.items():
+        if not group:
             continue
-        size = 4
-        for d in n.shape:
-            size *= d
-        per_group[n.group] = per_group.get(n.group, 0) + size
-    _ = DTYPE_SIZES
-    return max(per_group.values(), default=0)
+        uses: dict[str, int] = {}
+        for nid in nodes:
+            for i in plan.nodes[nid].inputs:
+                uses[i] = uses.get(i, 0) + 1
+        alive: dict[str, int] = {}
+        for nid in nodes:
+            n = plan.nodes[nid]
+            size = 4
+            for d in n.shape or ():
+                size *= d
+            alive[nid] = size
+            peak = max(peak, sum(alive.values()))
+            for i in n.inputs:
+                if i in uses:
+                    uses[i] -= 1
+                    if uses[i] == 0:
+                        alive.pop(i, None)
+            if nid not in uses:
+                alive.pop(nid, None)  # an output: written, then freed
+    return peak
