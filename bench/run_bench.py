@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from handwritten_ta import Model  # noqa: E402
+from handwritten_ta import Model  # noqa: E402  (after the sys.path insert)
 from make_workload import make_workload, parse_params  # noqa: E402
 
 METHODS = ("task_arithmetic", "ties", "dare_ties")
@@ -230,23 +230,18 @@ def version_of(cmd: list[str], code: str) -> str | None:
         return None
     try:
         return subprocess.run([str(py), "-c", code], capture_output=True, text=True,
-                              timeout=120).stdout.strip() or None
+                              timeout=120, check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 def machine_info() -> dict:
-    cpu = ""
+    cpu, mem = "", ""
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        mem = f"{int(open('/proc/meminfo').readline().split()[1]) / 1024**2:.1f} GiB"
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+        with open("/proc/meminfo") as f:
+            mem = f"{int(f.readline().split()[1]) / 1024**2:.1f} GiB"
     except (OSError, ValueError, IndexError):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "memory": mem,
@@ -508,7 +503,8 @@ def render_markdown(result: dict) -> str:
                 continue
             flt = t(fl) if fl else None
             fl_cell = _fmt(flt) if flt is not None else ("failed" if fl and fl.get("rc") else "—")
-            mk_cell = _fmt(t(mk)) if t(mk) is not None else ("failed" if mk and mk.get("rc") else "—")
+            mk_cell = (_fmt(t(mk)) if t(mk) is not None
+                       else ("failed" if mk and mk.get("rc") else "—"))
             lines.append(
                 f"| {m} | {n} | {fl_cell} | {mk_cell} | {_fmt(ratio(flt, t(mk)))} | "
                 f"{_fmt(t(fr))} | {_fmt(ratio(flt, t(fr)))} | {_fmt(mem(fl), '.0f')} | "
@@ -540,7 +536,10 @@ def render_markdown(result: dict) -> str:
             else:
                 lines.append(f"| {r['method']} | {r['experts']} | {r['a']} | {r['b']} | "
                              f"{r['max_abs_diff']:.3g} | {r['frac_diff']:.3g} |")
-    fails = [r for r in runs if r.get("rc") not in (0,)]
+    fails = [r for r in runs if r.get("rc") not in (0,) and r.get("error") != "skipped"]
+    skipped = sorted({r["tool"] for r in runs if r.get("error") == "skipped"})
+    if skipped:
+        lines += ["", f"Skipped on purpose in this run: {', '.join(skipped)}."]
     if fails:
         lines += ["", "Not run or failed:", ""]
         for r in fails:

@@ -63,12 +63,15 @@ check("linear", {k: sum(wi * e[k] for wi, e in zip(w, ex)) / sum(w) for k in nam
 # task arithmetic: base + lambda * sum(w_i * delta_i)   (normalize=false)
 check("task_arithmetic", {k: base[k] + 0.3 * sum(e[k] - base[k] for e in ex) for k in names})
 
-# ties: top-k(density) per tensor, weighted-sum sign election, normalize=true (divide by sum of agreeing weights)
+# ties: top-k(density) per tensor, weighted-sum sign election,
+# normalize=true (divide by the sum of the agreeing weights)
 check(
     "ties",
     {
         k: base[k]
-        + ties_combine([(e[k] - base[k]) * topk_mask(e[k] - base[k], 0.2) for e in ex], [1.0] * 3, True)
+        + ties_combine(
+            [(e[k] - base[k]) * topk_mask(e[k] - base[k], 0.2) for e in ex], [1.0] * 3, True
+        )
         for k in names
     },
 )
@@ -87,13 +90,20 @@ def outliers_mask(d: torch.Tensor, density: float, gamma: float) -> torch.Tensor
 ex2 = ex[:2]
 check(
     "breadcrumbs",
-    {k: base[k] + sum((e[k] - base[k]) * outliers_mask(e[k] - base[k], 0.5, 0.01) for e in ex2) for k in names},
+    {
+        k: base[k] + sum((e[k] - base[k]) * outliers_mask(e[k] - base[k], 0.5, 0.01) for e in ex2)
+        for k in names
+    },
 )
 check(
     "breadcrumbs_ties",
     {
         k: base[k]
-        + ties_combine([(e[k] - base[k]) * outliers_mask(e[k] - base[k], 0.5, 0.01) for e in ex2], [1.0] * 2, True)
+        + ties_combine(
+            [(e[k] - base[k]) * outliers_mask(e[k] - base[k], 0.5, 0.01) for e in ex2],
+            [1.0] * 2,
+            True,
+        )
         for k in names
     },
 )
@@ -150,7 +160,9 @@ ref = {}
 e1 = ex[0]
 for k in names:
     if not k.startswith("model.layers."):
-        src = base if k == "model.embed_tokens.weight" else e1  # pre from first slice, post from last
+        src = (
+            base if k == "model.embed_tokens.weight" else e1
+        )  # pre from first slice, post from last
         ref[k] = src[k]
 for j, (src, i) in enumerate([(base, 0), (base, 1), (base, 2), (e1, 2), (e1, 3)]):
     for k in names:
