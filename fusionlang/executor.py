@@ -19,17 +19,72 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 
 from .ops import OPS
 from .plan.graph import OutputSpec, Plan
 from .sources import DTYPE_SIZES
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+TORCH_DTYPES_ALL = {**TORCH_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                    "U8": torch.uint8, "BOOL": torch.bool}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
                    "preprocessor_config.json", "chat_template.jinja")
 DEFAULT_SHARD_BYTES = 4 * 1024**3
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc reuse freed tensor memory instead of returning it to the OS.
+
+    NOTE: every tensor group allocates and frees buffers of the same sizes; with glibc's
+    defaults each large buffer is a fresh mmap, paid for again in page faults and kernel
+    zeroing on every tensor. Raising the mmap and trim thresholds keeps freed blocks in
+    the heap, so steady-state memory is one group's worth, reused.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, 1 << 31 - 1)
+    except (OSError, AttributeError):
+        pass
+
+
+class _MappedFile:
+    """A safetensors file mapped read-only; tensors are zero-copy views of the mapping
+    (file-backed page cache, not anonymous memory)."""
+
+    def __init__(self, path: str):
+        import mmap
+        import struct
+        import warnings
+
+        self.path = path
+        with open(path, "rb") as f:
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        (n,) = struct.unpack("<Q", self.mm[:8])
+        self.header = json.loads(self.mm[8:8 + n])
+        self.start = 8 + n
+        self._warnings = warnings
+
+    def tensor(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        dtype = TORCH_DTYPES_ALL[info["dtype"]]
+        a, b = info["data_offsets"]
+        if a == b:
+            return torch.empty(info["shape"], dtype=dtype)
+        with self._warnings.catch_warnings():
+            # NOTE: torch warns that a view of a read-only buffer is writable; the
+            # executor never writes into a loaded view (it converts or copies first).
+            self._warnings.simplefilter("ignore")
+            t = torch.frombuffer(self.mm, dtype=dtype, count=(b - a) // dtype.itemsize, offset=self.start + a)
+        return t.view(info["shape"])
 
 
 class RunError(Exception):
@@ -149,20 +204,21 @@ class Executor:
         h = self._files.get(file)
         if h is None:
             try:
-                h = safe_open(file, framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types
+                h = _MappedFile(file)
+            except (OSError, ValueError, json.JSONDecodeError) as e:
                 raise RunError(f"cannot read '{file}': {e}", "the model file changed or is corrupt; re-run compile") from None
             self._files[file] = h
         try:
-            t = h.get_tensor(tensor)
-        except Exception as e:
-            raise RunError(f"cannot read tensor '{tensor}' from '{file}': {e}", "the file is corrupt or truncated") from None
+            t = h.tensor(tensor)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise RunError(f"cannot read tensor '{tensor}' from '{file}': {e}",
+                           "the file is corrupt or changed since compile; re-run compile") from None
         self.stats.bytes_read += t.numel() * t.element_size()
-        # NOTE: .to(float32) copies bf16/fp16 into fresh memory the ops may reuse in place;
-        # fp32 inputs are cloned so in-place ops never write into a file mapping.
-        if t.dtype == torch.float32:
-            return t.to(self.device, copy=True)
-        return t.to(self.device, dtype=torch.float32) if t.is_floating_point() else t.to(self.device)
+        # NOTE: the conversion (or copy, for fp32) makes a private buffer that ops may
+        # reuse in place; the mapped view itself is never written.
+        if t.is_floating_point():
+            return t.to(self.device, dtype=torch.float32, copy=True)
+        return t.to(self.device, copy=True)
 
     # -- ops
     def _apply(self, nid: str, args: list[torch.Tensor], donate: bool) -> torch.Tensor:
@@ -199,6 +255,7 @@ class Executor:
     def run(self) -> RunStats:
         """Execute the plan; writes every output atomically. Raises RunError."""
         t0 = time.perf_counter()
+        _keep_freed_memory()
         plan = self.plan
         order = plan.order or plan.topo_order()
         pos = {nid: i for i, nid in enumerate(order)}
