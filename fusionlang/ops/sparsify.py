@@ -23,8 +23,27 @@ def keep_count(numel: int, density: float) -> int:
     return 0 if density <= 0 else max(1, int(density * numel))
 
 
-@op(ranges=_UNIT)
-def trim(x: Tensor, density: float = 0.2, scope: Literal["tensor", "model"] = "tensor") -> Tensor:
+def topk_mask(a, k: int):
+    """Boolean mask of exactly the k largest entries of a non-negative tensor `a`.
+
+    The threshold comes from `kthvalue` (a selection, not a sort). Entries equal to the
+    threshold are kept in flat-index order until k is reached: the result is
+    deterministic and keeps exactly k entries even when many magnitudes tie (common
+    for deltas of bf16 models), as MergeKit's top-k does.
+    """
+    flat = a.reshape(-1)
+    thr = torch.kthvalue(flat, flat.numel() - k + 1).values
+    mask = flat > thr
+    need = k - int(torch.count_nonzero(mask))
+    if need > 0:
+        ties = torch.nonzero(flat == thr).reshape(-1)[:need]
+        mask[ties] = True
+    return mask.reshape(a.shape)
+
+
+@op(ranges=_UNIT, inplace=True)
+def trim(x: Tensor, density: float = 0.2, scope: Literal["tensor", "model"] = "tensor",
+         _inplace: bool = False) -> Tensor:
     """Keep the `density` fraction of largest-magnitude entries, zero the rest.
 
     scope="tensor" selects within each tensor (MergeKit); scope="model" selects over all
@@ -36,9 +55,8 @@ def trim(x: Tensor, density: float = 0.2, scope: Literal["tensor", "model"] = "t
         return x
     if k <= 0:
         return torch.zeros_like(x)
-    mag = x.abs().reshape(-1)
-    thr = torch.kthvalue(mag, x.numel() - k + 1).values
-    return x * (x.abs() >= thr)
+    mask = topk_mask(x.abs(), k)
+    return x.mul_(mask) if _inplace else x * mask
 
 
 @op(public=False)

