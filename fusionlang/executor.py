@@ -153,10 +153,13 @@ class ShardWriter:
             (self.dir / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
 
-    def write(self, tensor: str, value: torch.Tensor) -> int:
+    def write(self, tensor: str, value: torch.Tensor, first_row: int = 0) -> int:
+        """Write a whole tensor, or a block of its rows starting at `first_row`."""
         si, off, n = self.where[tensor]
         data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        assert data.nbytes == n, f"{tensor}: {data.nbytes} bytes, header says {n}"
+        if first_row:
+            off += first_row * (data.nbytes // value.shape[0])
+        assert data.nbytes <= n, f"{tensor}: {data.nbytes} bytes, header says {n}"
         view = memoryview(data)
         while len(view):
             written = os.pwrite(self.fds[si], view, off)
@@ -198,7 +201,7 @@ class Executor:
         self.stats = RunStats()
 
     # -- inputs
-    def _load(self, source: str, tensor: str) -> torch.Tensor:
+    def _load(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         src = self.plan.sources[source]
         _, _, file = src.tensors[tensor]
         h = self._files.get(file)
@@ -213,6 +216,8 @@ class Executor:
         except (KeyError, ValueError, RuntimeError) as e:
             raise RunError(f"cannot read tensor '{tensor}' from '{file}': {e}",
                            "the file is corrupt or changed since compile; re-run compile") from None
+        if rows is not None:
+            t = t[rows[0]:rows[1]]
         self.stats.bytes_read += t.numel() * t.element_size()
         # NOTE: the conversion (or copy, for fp32) makes a private buffer that ops may
         # reuse in place; the mapped view itself is never written.
@@ -224,7 +229,7 @@ class Executor:
     def _apply(self, nid: str, args: list[torch.Tensor], donate: bool) -> torch.Tensor:
         n = self.plan.nodes[nid]
         if n.op == "load":
-            return self._load(n.param("source"), n.param("tensor"))
+            return self._load(n.param("source"), n.param("tensor"), n.param("rows"))
         if n.op == "cast":
             return args[0].to(TORCH_DTYPES[n.param("dtype")])
         o = OPS[n.op]
@@ -261,10 +266,11 @@ class Executor:
         pos = {nid: i for i, nid in enumerate(order)}
         ph = plan.phase_of or {nid: 0 for nid in order}
         reduces = [nid for nid in order if OPS.get(plan.nodes[nid].op) is not None and OPS[plan.nodes[nid].op].kind == "reduce"]
-        roots: dict[str, list[tuple[str, str]]] = {}  # root node -> [(output, tensor)]
+        roots: dict[str, list[tuple[str, str, int]]] = {}  # root node -> [(output, tensor, first row)]
         for o in plan.outputs.values():
-            for t, nid in o.tensors.items():
-                roots.setdefault(nid, []).append((o.name, t))
+            for t in o.tensors:
+                for first_row, nid in o.parts(t):
+                    roots.setdefault(nid, []).append((o.name, t, first_row))
         n_phases = max(ph.values(), default=0) + 1
         reduce_values: dict[str, torch.Tensor] = {}
         tmp_dirs: dict[str, Path] = {}
@@ -273,7 +279,7 @@ class Executor:
             for o in plan.outputs.values():
                 tmp_dirs[o.name] = _make_tmp(o.path)
                 writers[o.name] = ShardWriter(o, tmp_dirs[o.name], self.shard_bytes)
-            total = sum(len(o.tensors) for o in plan.outputs.values())
+            total = sum(len(v) for v in roots.values())
             done = 0
             for p in range(n_phases):
                 targets = [nid for nid in roots if ph[nid] == p]
@@ -302,8 +308,8 @@ class Executor:
                                 if rc[i] == 0 and i not in keep:
                                     vals.pop(i, None)
                         if nid in roots and ph[nid] == p:
-                            for oname, t in roots[nid]:
-                                self.stats.bytes_written += writers[oname].write(t, vals[nid])
+                            for oname, t, first_row in roots[nid]:
+                                self.stats.bytes_written += writers[oname].write(t, vals[nid], first_row)
                                 done += 1
                                 if self.progress:
                                     self.progress(done, total)
@@ -321,7 +327,7 @@ class Executor:
             for o in plan.outputs.values():
                 _commit(tmp_dirs[o.name], Path(o.path))
                 self.stats.outputs[o.name] = o.path
-            self.stats.tensors_written = done
+            self.stats.tensors_written = sum(len(o.tensors) for o in plan.outputs.values())
         except BaseException:
             for w in writers.values():
                 for fd in w.fds:

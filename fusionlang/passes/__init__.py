@@ -9,6 +9,7 @@ from .cse import cse
 from .dce import dce
 from .fold import fold
 from .schedule import schedule
+from .split import split
 
 # NOTE: `def`s are inlined while lowering (the evaluator expands their bodies), so the
 # plan holds only primitives; these passes optimize that primitive graph.
@@ -16,6 +17,7 @@ PASSES: list[tuple[str, Callable[[Plan], Plan]]] = [
     ("fold", fold),
     ("cse", cse),
     ("dce", dce),
+    ("split", split),
     ("schedule", schedule),
 ]
 REQUIRED = {"schedule"}
@@ -46,8 +48,9 @@ def verify_plan(plan: Plan, after: str) -> None:
         for i in n.inputs:
             assert i in plan.nodes, f"{nid} uses missing {i} after {after}"
     for o in plan.outputs.values():
-        for t, nid in o.tensors.items():
-            assert nid in plan.nodes, f"output {o.name}[{t}] undefined after {after}"
+        for t in o.tensors:
+            for _, nid in o.parts(t):
+                assert nid in plan.nodes, f"output {o.name}[{t}] undefined after {after}"
 
 
 __all__ = ["PASSES", "run_passes", "verify_plan"]

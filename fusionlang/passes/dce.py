@@ -15,4 +15,7 @@ def dce(plan: Plan) -> Plan:
         live |= nx.ancestors(plan.graph, r)
     out = plan.copy()
     out.replace_nodes({k: v for k, v in plan.nodes.items() if k in live})
+    for o in out.outputs.values():
+        for t in o.blocks:  # a tensor computed in row blocks keeps no whole-tensor node
+            o.tensors[t] = o.blocks[t][0][1]
     return out

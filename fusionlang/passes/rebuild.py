@@ -36,4 +36,5 @@ def rebuild(plan: Plan, rule: Rule | None = None) -> Plan:
             mapping[nid] = out.add(op, inputs, params, group=n.group, loc=n.loc, shape=n.shape)
     for o in out.outputs.values():
         o.tensors = {t: mapping[v] for t, v in o.tensors.items()}
+        o.blocks = {t: [(a, mapping[v]) for a, v in parts] for t, parts in o.blocks.items()}
     return out

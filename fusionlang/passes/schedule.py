@@ -52,7 +52,7 @@ def schedule(plan: Plan) -> Plan:
     """Order nodes by (phase, group, depth-first position); records `plan.order`."""
     out = plan.copy()
     ph = phases(out)
-    roots = [nid for o in out.outputs.values() for nid in o.tensors.values()]
+    roots = [nid for o in out.outputs.values() for t in o.tensors for _, nid in o.parts(t)]
     roots += [nid for nid in sorted(out.nodes) if _is_reduce(out, nid)]
     topo = depth_first(out, roots)
     for nid in out.topo_order():  # nodes no output needs (when dce is disabled)
@@ -60,7 +60,8 @@ def schedule(plan: Plan) -> Plan:
     group_rank: dict[str, int] = {}
     for o in out.outputs.values():
         for t in o.tensors:
-            group_rank.setdefault(t, len(group_rank))
+            for _, nid in o.parts(t):
+                group_rank.setdefault(out.nodes[nid].group, len(group_rank))
     out.order = sorted(out.nodes, key=lambda n: (ph[n], _is_reduce(out, n), group_rank.get(out.nodes[n].group, 1 << 30),
                                                  out.nodes[n].group, topo[n]))
     out.phase_of = ph

@@ -60,8 +60,12 @@ def to_text(plan: Plan) -> str:
         lines.append(f"%{num[nid]} = {body}{loc}")
     for o in plan.outputs.values():
         lines.append(f"output {o.name} -> {json.dumps(_rel(o.path, plan.spec_file))}  # {len(o.tensors)} tensors, from {o.reference}")
-        for t, nid in o.tensors.items():
-            lines.append(f"  {json.dumps(t)} = %{num[nid]}")
+        for t in o.tensors:
+            parts = o.parts(t)
+            if len(parts) == 1:
+                lines.append(f"  {json.dumps(t)} = %{num[parts[0][1]]}")
+            else:
+                lines.append(f"  {json.dumps(t)} = rows " + ", ".join(f"{a}: %{num[nid]}" for a, nid in parts))
     return "\n".join(lines) + "\n"
 
 
@@ -81,7 +85,9 @@ def to_json(plan: Plan) -> str:
                    "phase": plan.phase_of.get(nid, 0)} for nid in order],
         "outputs": [{"name": o.name, "path": o.path, "dtype": o.dtype, "tensors": o.tensors, "dtypes": o.dtypes,
                      "shapes": {k: list(v) for k, v in o.shapes.items()}, "reference": o.reference,
-                     "config_overrides": o.config_overrides, "loc": o.loc} for o in plan.outputs.values()],
+                     "config_overrides": o.config_overrides, "loc": o.loc,
+                     "blocks": {t: [[a, nid] for a, nid in parts] for t, parts in o.blocks.items()}}
+                    for o in plan.outputs.values()],
         "history": plan.history,
     }, indent=1)
 
@@ -110,7 +116,8 @@ def from_json(text: str) -> Plan:
     for o in data["outputs"]:
         plan.outputs[o["name"]] = OutputSpec(o["name"], o["path"], o["dtype"], o["tensors"], o["dtypes"],
                                              {k: tuple(v) for k, v in o["shapes"].items()}, o["reference"],
-                                             o["config_overrides"], o["loc"])
+                                             o["config_overrides"], o["loc"],
+                                             {t: [(a, nid) for a, nid in parts] for t, parts in o.get("blocks", {}).items()})
     plan.history = [tuple(h) for h in data.get("history", [])]
     return plan
 

@@ -56,6 +56,12 @@ class OutputSpec:
     reference: str  # source key whose config / tokenizer are copied
     config_overrides: dict = field(default_factory=dict)
     loc: str = ""
+    # tensors computed in row blocks (by the split pass): name -> [(first row, node)]
+    blocks: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+
+    def parts(self, tensor: str) -> list[tuple[int, str]]:
+        """(first row, node) pieces that make up an output tensor."""
+        return self.blocks.get(tensor) or [(0, self.tensors[tensor])]
 
 
 def _canon(v: Any) -> Any:
@@ -114,7 +120,7 @@ class Plan:
         p.nodes = dict(self.nodes)
         p.graph = self.graph.copy()
         p.sources = self.sources
-        p.outputs = {k: replace(v, tensors=dict(v.tensors)) for k, v in self.outputs.items()}
+        p.outputs = {k: replace(v, tensors=dict(v.tensors), blocks=dict(v.blocks)) for k, v in self.outputs.items()}
         p.spec_text, p.spec_file, p.history = self.spec_text, self.spec_file, list(self.history)
         p.hashcons = self.hashcons
         p.order, p.phase_of = list(self.order), dict(self.phase_of)
@@ -122,7 +128,7 @@ class Plan:
 
     # -- queries
     def roots(self) -> set[str]:
-        return {nid for o in self.outputs.values() for nid in o.tensors.values()}
+        return {nid for o in self.outputs.values() for t in o.tensors for _, nid in o.parts(t)}
 
     def topo_order(self) -> list[str]:
         """Deterministic topological order (lexicographic on (group, op, id) among ready nodes)."""
