@@ -117,7 +117,9 @@ class Checker:
         self._def_ast: dict[str, tuple[ast.Def, _Module]] = {}
         self._bind_ast: dict[str, tuple[ast.Stmt, _Module]] = {}
         self._in_progress: set[str] = set()
+        self._failed: set[str] = set()
         self._loading: list[str] = []
+        self._use_spans: list[Span] = []
 
     # ------------------------------------------------------------------ modules
     def load(self, key: str, file: str, text: str, use_span: Span | None = None) -> _Module | None:
@@ -145,7 +147,7 @@ class Checker:
             key = str(path)
             if not path.is_file():
                 self.sink.error("E008", f"cannot find spec file '{stmt.module}'", stmt.span,
-                                f"looked for {path}")
+                                f"looked for {os.path.relpath(path)} (relative to the file that uses it)")
                 return
             alias = stmt.alias or path.stem
         else:
@@ -156,8 +158,12 @@ class Checker:
                 return
             path, key, alias = p, "std:" + stmt.module, stmt.alias or stmt.module
         if key in self._loading:
-            chain = " -> ".join(self._display(k) for k in self._loading[self._loading.index(key):] + [key])
-            self.sink.error("E007", f"cyclic use: {chain}", stmt.span, "break the cycle by moving shared definitions into a third file")
+            start = self._loading.index(key)
+            chain = " -> ".join(self._display(k) for k in self._loading[start:] + [key])
+            # NOTE: reported at the `use` in the module where the cycle starts (for the
+            # entry file: its own line), not deep inside the other file.
+            span = self._use_spans[start] if start < len(self._use_spans) else stmt.span
+            self.sink.error("E007", f"cyclic use: {chain}", span, "break the cycle by moving shared definitions into a third file")
             return
         try:
             text = path.read_text()
@@ -165,7 +171,9 @@ class Checker:
             self.sink.error("E008", f"cannot read '{path}': {e}", stmt.span, "")
             return
         file = str(path) if key.startswith("std:") else os.path.relpath(path)
+        self._use_spans.append(stmt.span)
         used = self.load(key, file, text, stmt.span)
+        self._use_spans.pop()
         if used is None:
             return
         exported = {n: s for n, s in used.names.items() if not n.startswith("_")}
@@ -199,7 +207,7 @@ class Checker:
 
     # ------------------------------------------------------------------ program
     def check_program(self, file: str, text: str) -> ir.Program | None:
-        mod = self.load(ENTRY, file, text)
+        mod = self.load(str(Path(file).resolve()), file, text)
         if mod is None:
             return None
         for qual in list(self._def_ast):
@@ -215,7 +223,7 @@ class Checker:
                     saves.append(s)
         if self.sink.errors:
             return None
-        return ir.Program(file=file, text=text, module=ENTRY, bindings=self.bindings, defs=self.defs, saves=tuple(saves))
+        return ir.Program(file=file, text=text, module=mod.key, bindings=self.bindings, defs=self.defs, saves=tuple(saves))
 
     def _save(self, mod: _Module, stmt: ast.Save, seen: dict[str, Span]) -> ir.SaveIR | None:
         sym = mod.names.get(stmt.name)
@@ -237,7 +245,8 @@ class Checker:
             self.sink.error("E016", f"two saves write to '{stmt.path}'", stmt.path_span, f"the other save is at {seen[path]}")
             return None
         seen[path] = stmt.span
-        return ir.SaveIR(name=sym.qualname, display=stmt.name, path=path, dtype=stmt.dtype, span=stmt.span)
+        return ir.SaveIR(name=sym.qualname, display=stmt.name, path=path, dtype=stmt.dtype, span=stmt.span,
+                         path_span=stmt.path_span)
 
     def _def(self, qual: str) -> ir.DefIR | None:
         if qual in self.defs:
@@ -272,9 +281,13 @@ class Checker:
             return self.bindings[qual]
         stmt, mod = self._bind_ast[qual]
         if qual in self._in_progress:
-            self.sink.error("E009", f"'{stmt.name}' is defined in terms of itself", stmt.span, "")
+            self.sink.error("E009", f"'{stmt.name}' is defined in terms of itself", stmt.span,
+                            "a model, merge or let cannot use its own value; refer to the inputs instead")
+            return None
+        if qual in self._failed:
             return None
         self._in_progress.add(qual)
+        n_errors = len(self.sink.errors)
         value = self.expr(stmt.value, mod, {})
         rules: list[ir.RuleIR] = []
         if isinstance(stmt, ast.ModelDecl):
@@ -304,6 +317,9 @@ class Checker:
         typ = "model" if kind == "merge" else value.type
         b = ir.Binding(qualname=qual, kind=kind, type=typ, value=value, rules=tuple(rules), span=stmt.span)
         self._in_progress.discard(qual)
+        if any(d.code == "E009" for d in self.sink.errors[n_errors:]):
+            self._failed.add(qual)  # report a cycle once, not again from each member
+            return None
         self.bindings[qual] = b
         return b
 
@@ -313,7 +329,8 @@ class Checker:
 
         cands = list(scope) + list(mod.names) + [o for o, d in OPS.items() if d.public] + list(BUILTINS)
         close = difflib.get_close_matches(name, cands, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else ""
+        hint = f"did you mean '{close[0]}'?" if close else \
+            f"declare it first, e.g. `model {name} = local(\"dir\")` or `merge {name} = ...`"
         for std in sorted(STDLIB_FILES):
             if std not in mod.qualified and self._stdlib_defines(std, name):
                 hint = f"'{name}' is defined in the stdlib module '{std}': add `use {std}` at the top"
@@ -336,13 +353,15 @@ class Checker:
         return None
 
     def _sym_type(self, sym: _Sym) -> str:
+        if sym.kind == "def":
+            return "function"
+        # NOTE: resolving the binding here (not just reading its declared kind) is what
+        # detects definitions that depend on themselves (E009) before lowering loops.
+        b = self._binding(sym.qualname)
         if sym.kind in ("model", "models"):
             return sym.kind
         if sym.kind == "merge":
             return "model"
-        if sym.kind == "def":
-            return "function"
-        b = self._binding(sym.qualname)
         return b.type if b else "any"
 
     def expr(self, e: ast.Expr, mod: _Module, scope: dict[str, str]) -> ir.Expr:
@@ -397,6 +416,8 @@ class Checker:
             return ir.Bin(span=s, type=self._bin_type(e, left.type, right.type), op=e.op, left=left, right=right)
         if isinstance(e, ast.Neg):
             x = self.expr(e.operand, mod, scope)
+            if isinstance(x, ir.Const) and x.type in ("number", "int"):
+                return ir.Const(span=s, type=x.type, value=-x.value)
             if x.type not in ("model", "number", "int", "any"):
                 self.sink.error("E005", f"cannot negate a {x.type}", s, "")
             return ir.Neg(span=s, type=x.type, operand=x)
@@ -443,6 +464,8 @@ class Checker:
             hint = "arithmetic works on single models; use a comprehension, e.g. [m - base for m in models], or sum(...)"
         elif e.op == "/" and rt == "model":
             hint = "a model can only be divided by a number"
+        elif "string" in (lt, rt) or "bool" in (lt, rt):
+            hint = "arithmetic works on models and numbers"
         self.sink.error("E005", f"cannot apply '{e.op}' to {lt} and {rt}", e.span, hint)
         return "any"
 
@@ -512,7 +535,7 @@ class Checker:
                 continue
             if not type_accepts(typ, a.type):
                 hint = ""
-                if typ == "models" and a.type == "model":
+                if typ in ("models", "tensors") and a.type == "model":
                     hint = f"wrap it in a list: [{_src(a)}]"
                 elif typ == "model" and a.type == "models":
                     hint = "this parameter takes one model"

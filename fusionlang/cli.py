@@ -82,9 +82,22 @@ def _human(n: float) -> str:
     return str(n)
 
 
+def _check_pass_args(args) -> None:
+    from .passes import PASSES
+
+    names = [n for n, _ in PASSES]
+    bad = [p for p in ([args.dump_after] if args.dump_after else []) + (args.passes.split(",") if args.passes else [])
+           if p and p not in names]
+    if bad:
+        raise FuseErrors([Diagnostic("E004", f"unknown pass '{bad[0]}'", Span("<command line>", 1, 1),
+                                     f"passes: {', '.join(names)}")])
+
+
 def _compile(args):
     from .pipeline import compile_spec
     from .plan import emit
+
+    _check_pass_args(args)
 
     dumps: list[str] = []
 
@@ -104,13 +117,6 @@ def _compile(args):
 def cmd_compile(args) -> int:
     from .plan import emit
 
-    if args.dump_after:
-        from .passes import PASSES
-
-        names = [n for n, _ in PASSES]
-        if args.dump_after not in names:
-            raise FuseErrors([Diagnostic("E004", f"unknown pass '{args.dump_after}'", Span("<command line>", 1, 1),
-                                         f"passes: {', '.join(names)}")])
     prog, lowered, plan = _compile(args)
     if args.emit:
         text = {"text": emit.to_text, "json": emit.to_json, "dot": emit.to_dot}[args.emit](plan)
@@ -139,6 +145,9 @@ def cmd_run(args) -> int:
 
     from .executor import run_plan
 
+    if args.shard_size <= 0:
+        raise FuseErrors([Diagnostic("E006", f"--shard-size must be positive, not {args.shard_size:g}",
+                                     Span("<command line>", 1, 1), "a size in GB, e.g. --shard-size 2")])
     if args.spec.endswith(".json"):
         from .plan import emit
 

@@ -260,6 +260,7 @@ class Executor:
     def run(self) -> RunStats:
         """Execute the plan; writes every output atomically. Raises RunError."""
         t0 = time.perf_counter()
+        _CREATED_DIRS.clear()
         _keep_freed_memory()
         plan = self.plan
         order = plan.order or plan.topo_order()
@@ -335,6 +336,11 @@ class Executor:
                 w.fds = []
             for d in tmp_dirs.values():
                 shutil.rmtree(d, ignore_errors=True)
+            for d in _CREATED_DIRS:  # parents this run created, deepest first
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
             raise
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
@@ -372,10 +378,15 @@ class Executor:
             f"from `{os.path.basename(self.plan.spec_file)}`:\n\n```fuse\n{self.plan.spec_text.rstrip()}\n```\n")
 
 
+_CREATED_DIRS: list[Path] = []
+
+
 def _make_tmp(path: str) -> Path:
     target = Path(path)
     try:
+        missing = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
         target.parent.mkdir(parents=True, exist_ok=True)
+        _CREATED_DIRS.extend(sorted(missing, key=lambda p: -len(p.parts)))
         tmp = target.parent / f".{target.name}.fusionlang-tmp-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -135,6 +135,7 @@ class SaveIR(IR):
     path: str  # absolute
     dtype: Literal["bf16", "fp16", "fp32"] | None
     span: Span
+    path_span: Span
 
 
 class Program(IR):

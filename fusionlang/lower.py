@@ -320,17 +320,40 @@ class Lowerer:
             out.shapes[name] = v.shape or ()
         if first_missing:
             self._report_missing(first_missing, dom)
+        elif not dom.source_of:
+            ref_names = set(self.headers[dom.reference].tensors)
+            for key in self._sources_read(out):
+                if set(self.headers[key].tensors) != ref_names:
+                    self._report_missing(MissingTensor(key, "", self.sources_used.get(key, save.span)), dom)
         self.plan.outputs[save.display] = out
 
+    def _sources_read(self, out: OutputSpec) -> set[str]:
+        keys, stack, seen = set(), list(out.tensors.values()), set()
+        while stack:
+            nid = stack.pop()
+            if nid in seen or nid not in self.plan.nodes:  # reduce nodes are added later
+                continue
+            seen.add(nid)
+            n = self.plan.nodes[nid]
+            if n.op == "load":
+                keys.add(n.param("source"))
+            stack.extend(n.inputs)
+        return keys
+
     def _check_output_path(self, save: ir.SaveIR) -> None:
+        span = save.path_span
+        shown = os.path.relpath(save.path)
         parent = os.path.dirname(save.path.rstrip("/")) or "."
         probe = parent
         while not os.path.exists(probe):
             probe = os.path.dirname(probe) or "."
         if os.path.exists(save.path) and not os.path.isdir(save.path):
-            raise EvalError("E016", f"output '{save.path}' exists and is not a directory", save.span, "choose another path")
-        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-            raise EvalError("E016", f"cannot write to '{save.path}': '{probe}' is not writable", save.span,
+            raise EvalError("E016", f"output '{shown}' exists and is not a directory", span, "choose another path")
+        if not os.path.isdir(probe):
+            raise EvalError("E016", f"cannot write to '{shown}': '{os.path.relpath(probe)}' is a file, not a directory",
+                            span, "choose an output path whose parents are directories")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise EvalError("E016", f"cannot write to '{shown}': '{os.path.relpath(probe)}' is not writable", span,
                             "choose a directory you can write to")
 
     def _report_missing(self, m: MissingTensor, dom: _Domain) -> None:
@@ -491,7 +514,7 @@ class Lowerer:
         if ta and tb:
             if e.op == "/":
                 raise EvalError("E005", "cannot divide a model by a model", e.span, "divide by a number")
-            self._same_shape([a, b], e.span, ctx, f"'{e.op}'")
+            self._same_shape([a, b], self.site or e.span, ctx, f"'{e.op}'")
             op = {"+": "add", "-": "sub", "*": "mul"}[e.op]
             return TensorV(self.plan.add(op, (a.node, b.node), {}, group=ctx.group, loc=self._loc(e.span), shape=a.shape),
                            a.shape, a.dtype)

@@ -188,7 +188,10 @@ def _syntax_diag(file: str, err: UnexpectedInput) -> Diagnostic:
         return Diagnostic("E001", "unexpected end of file", Span(file, line, col), f"expected {exp}")
     text = str(tok)
     hint = f"expected {exp}"
-    if tok.type in {"MODEL", "MODELS", "MERGE", "LET", "DEF", "USE", "SAVE", "TO", "AS", "IN", "FOR"} and "NAME" in err.expected:
+    keywords = {"MODEL", "MODELS", "MERGE", "LET", "DEF", "USE", "SAVE", "TO", "AS", "IN", "FOR", "IF", "THEN", "ELSE",
+                "TRUE", "FALSE", "NONE"}
+    if tok.type in keywords and ("NAME" in err.expected or tok.type in {"IF", "THEN", "ELSE", "TRUE", "FALSE", "NONE"}
+                                 and "NAME" in err.expected):
         hint = f"'{text}' is a keyword and cannot be used as a name"
     end = tok.end_column if tok.end_column else col + len(text)
     return Diagnostic("E001", f"unexpected {text!r}", Span(file, line, col, line, end), hint)

@@ -97,6 +97,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             raise SourceError("E011", f"'{path}': tensor '{name}' points outside the file (truncated?)",
                               "the file is truncated; re-create or re-download it")
         out[name] = ti
+    used = max((t.nbytes for t in out.values()), default=0) and max(
+        header[k]["data_offsets"][1] for k in out)
+    if used != data_len:
+        raise SourceError("E011", f"'{path}' has {data_len - used} bytes after its last tensor (truncated or corrupt?)",
+                          "safetensors files end with their last tensor; re-create or re-download it")
     return out
 
 
@@ -128,14 +133,15 @@ def read_model_dir(path: str | os.PathLike) -> ModelHeader:
     if not files:
         has_bin = any(d.glob("*.bin")) or any(d.glob("*.pt"))
         raise SourceError(
-            "E010", f"no safetensors weights in '{d}'",
+            "E011", f"no safetensors weights in '{d}'",
             "convert pickle checkpoints to safetensors first (pickle is not loaded for safety)"
             if has_bin else "a model directory needs config.json and *.safetensors files",
         )
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         if not f.exists():
-            raise SourceError("E010", f"shard '{f.name}' listed in the index is missing from '{d}'", "")
+            raise SourceError("E011", f"shard '{f.name}' listed in the index is missing from '{d}'",
+                              "the model directory is incomplete; copy or re-download the missing shard")
         tensors.update(read_safetensors_header(f))
     return ModelHeader(str(d.resolve()), config, tensors)
 
@@ -154,7 +160,7 @@ _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 def resolve_hf(repo: str, revision: str | None = None) -> Path:
     """Find a snapshot of `repo` in the local HF cache; never touches the network."""
     if not _REPO_RE.match(repo):
-        raise SourceError("E010", f"'{repo}' is not a Hugging Face repository id", "expected 'org/name'")
+        raise SourceError("E006", f"'{repo}' is not a Hugging Face repository id", "expected 'org/name'")
     cache = hf_cache_dir()
     repo_dir = cache / ("models--" + repo.replace("/", "--"))
     if not repo_dir.is_dir():

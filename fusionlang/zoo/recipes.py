@@ -48,6 +48,15 @@ class ZooRecipe:
         raise ZooError(f"zoo {self.name!r} has no task {name!r}",
                        hint=f"tasks: {', '.join(t.name for t in self.tasks)}")
 
+    def select(self, names) -> "ZooRecipe":
+        """The same recipe restricted to some tasks (in the recipe's order)."""
+        if not names:
+            return self
+        names = list(names)
+        for n in names:
+            self.task(n)  # unknown names are a user error
+        return replace(self, tasks=tuple(t for t in self.tasks if t.name in names))
+
     def tiny(self) -> "ZooRecipe":
         """Few examples, few steps: exercises the real code paths in seconds."""
         tasks = tuple(
