@@ -282,23 +282,34 @@ class Executor:
                 writers[o.name] = ShardWriter(o, tmp_dirs[o.name], self.shard_bytes)
             total = sum(len(v) for v in roots.values())
             done = 0
+            # Values one group computes for others (a per-tensor statistic shared by the row
+            # blocks of a split tensor) are kept in `shared` for the rest of the phase.
+            exports = {i for nid, n in plan.nodes.items() for i in n.inputs
+                       if plan.nodes[i].group and plan.nodes[i].group != n.group and nid not in reduces}
+            group_deps: dict[str, set[str]] = {}
+            for n in plan.nodes.values():
+                for i in n.inputs:
+                    if i in exports:
+                        group_deps.setdefault(n.group, set()).add(plan.nodes[i].group)
             for p in range(n_phases):
+                shared: dict[str, torch.Tensor] = {}
                 targets = [nid for nid in roots if ph[nid] == p]
+                targets += [nid for nid in exports if ph[nid] == p]
                 targets += [i for r in reduces if ph[r] == p for i in plan.nodes[r].inputs if i not in reduce_values]
                 by_group: dict[str, list[str]] = {}
                 for t in targets:
                     by_group.setdefault(plan.nodes[t].group, []).append(t)
-                groups = sorted(by_group, key=lambda g: min(pos[t] for t in by_group[g]))
+                groups = _order_groups(sorted(by_group, key=lambda g: min(pos[t] for t in by_group[g])), group_deps)
                 stat_inputs: dict[str, torch.Tensor] = {}
                 for g in groups:
-                    need = self._closure(by_group[g], reduce_values)
+                    need = self._closure(by_group[g], {**reduce_values, **shared})
                     nodes = sorted(need, key=pos.__getitem__)
                     rc = self._refcounts(nodes, need)
                     keep = set(by_group[g])
                     vals: dict[str, torch.Tensor] = {}
                     for nid in nodes:
                         n = plan.nodes[nid]
-                        args = [vals[i] if i in vals else reduce_values[i] for i in n.inputs]
+                        args = [vals[i] if i in vals else shared[i] if i in shared else reduce_values[i] for i in n.inputs]
                         first = n.inputs[0] if n.inputs else None
                         donate = first is not None and first in vals and rc.get(first, 0) == 1 and first not in keep \
                             and n.inputs.count(first) == 1
@@ -315,7 +326,9 @@ class Executor:
                                 if self.progress:
                                     self.progress(done, total)
                     for t in by_group[g]:
-                        if t not in roots:
+                        if t in exports:
+                            shared[t] = vals[t]
+                        elif t not in roots:
                             stat_inputs[t] = vals[t]
                     vals.clear()
                 for r in reduces:
@@ -379,6 +392,24 @@ class Executor:
 
 
 _CREATED_DIRS: list[Path] = []
+
+
+def _order_groups(groups: list[str], deps: dict[str, set[str]]) -> list[str]:
+    """Keep the given order, but run a group that exports a value before its consumers."""
+    present, done, out = set(groups), set(), []
+
+    def visit(g: str) -> None:
+        if g in done:
+            return
+        done.add(g)
+        for d in sorted(deps.get(g, ())):
+            if d in present:
+                visit(d)
+        out.append(g)
+
+    for g in groups:
+        visit(g)
+    return out
 
 
 def _make_tmp(path: str) -> Path:

@@ -618,6 +618,12 @@ class Lowerer:
             params["seed"] = tensor_seed(params.get("seed", 0), ctx.group, self.signature(node_ids[0]))
         if o.name == "trim" and params.get("scope") == "model":
             return TensorV(self.model_trim(node_ids[0], params["density"], ctx, loc), shape, dtype)
+        if o.name == "trim" and not self.dry:
+            # NOTE: the threshold is a small per-tensor value; the trim itself is then
+            # row-wise, so the split pass can compute big tensors in row blocks.
+            info = self.plan.add("topk_threshold", node_ids, {"density": params["density"]}, group=ctx.group, loc=loc)
+            return TensorV(self.plan.add("trim_topk", (node_ids[0], info), {}, group=ctx.group, loc=loc, shape=shape),
+                           shape, dtype)
         params.pop("n", None)
         return TensorV(self.plan.add(o.name, node_ids, params, group=ctx.group, loc=loc, shape=shape), shape, dtype)
 

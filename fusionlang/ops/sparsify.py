@@ -23,6 +23,45 @@ def keep_count(numel: int, density: float) -> int:
     return 0 if density <= 0 else max(1, int(density * numel))
 
 
+@op(public=False)
+def topk_threshold(x: Tensor, density: float = 0.2) -> Tensor:
+    """What a per-tensor top-k keeps, as a small value: [threshold, cut]. Entries with
+    |x| > threshold are kept, and so are entries equal to it at flat index < cut, so
+    that exactly k = max(1, int(density * numel)) survive (MergeKit's count; ties at the
+    threshold, common for deltas of bf16 models, are taken in flat-index order)."""
+    n = x.numel()
+    k = keep_count(n, density)
+    if k >= n:
+        return torch.tensor([-1.0, 0.0], dtype=torch.float64)
+    if k <= 0:
+        return torch.tensor([float("inf"), 0.0], dtype=torch.float64)
+    a = x.abs().reshape(-1)
+    thr = torch.kthvalue(a, n - k + 1).values
+    need = k - int(torch.count_nonzero(a > thr))
+    cut, seen, step = 0, 0, 1 << 20
+    for start in range(0, n, step):  # NOTE: chunked, so many ties never need a big index tensor
+        eq = a[start:start + step] == thr
+        cnt = int(torch.count_nonzero(eq))
+        if seen + cnt >= need:
+            cut = start + int(torch.nonzero(eq).reshape(-1)[need - seen - 1]) + 1
+            break
+        seen += cnt
+    return torch.tensor([float(thr), float(cut)], dtype=torch.float64)
+
+
+@op(public=False, inplace=True)
+def trim_topk(x: Tensor, info: Tensor, offset: int = 0, _inplace: bool = False) -> Tensor:
+    """Apply a `topk_threshold` to x, or to a block of its rows starting at flat `offset`."""
+    thr, cut = float(info[0]), int(info[1])
+    a = x.abs()
+    mask = a > thr
+    if cut > offset:
+        end = min(cut - offset, x.numel())
+        flat_mask = mask.reshape(-1)
+        flat_mask[:end] |= a.reshape(-1)[:end] == thr
+    return x.mul_(mask) if _inplace else x * mask
+
+
 def topk_mask(a, k: int):
     """Boolean mask of exactly the k largest entries of a non-negative tensor `a`.
 

@@ -11,20 +11,23 @@ from __future__ import annotations
 from ..plan.graph import Plan
 from .dce import dce
 
-ROWWISE = {"load", "cast", "add", "sub", "mul", "scale", "axpy", "lerp", "disjoint_merge", "trim_at"}
+ROWWISE = {"load", "cast", "add", "sub", "mul", "scale", "axpy", "lerp", "disjoint_merge", "trim_at", "trim_topk"}
+# Small per-tensor values computed from the whole tensor once, then shared by the blocks.
+WHOLE_TENSOR_STATS = {"topk_threshold"}
 BLOCK_ELEMENTS = 1 << 22  # 4M elements: 16 MB per fp32 value
 
 
 def _closure(plan: Plan, root: str) -> list[str] | None:
-    """The group's nodes under `root` (stopping at reduce nodes), or None if any is not row-wise."""
+    """The group's nodes under `root` (stopping at reduce nodes and whole-tensor
+    statistics, which the blocks share), or None if any is not row-wise."""
     seen, stack, group = set(), [root], plan.nodes[root].group
     while stack:
         nid = stack.pop()
         if nid in seen:
             continue
         n = plan.nodes[nid]
-        if n.group != group:
-            continue  # a reduce node (model-wide statistic): shared, not split
+        if n.group != group or n.op in WHOLE_TENSOR_STATS:
+            continue  # a reduce node or a per-tensor statistic: shared, not split
         if n.op not in ROWWISE or n.shape is None or len(n.shape) < 2:
             return None
         seen.add(nid)
@@ -59,6 +62,8 @@ def split(plan: Plan, block_elements: int = BLOCK_ELEMENTS) -> Plan:
                     params = dict(n.params)
                     if n.op == "load":
                         params["rows"] = (a, b)
+                    if n.op == "trim_topk":
+                        params["offset"] = a * row
                     new_shape = (b - a, *n.shape[1:])
                     mapping[nid] = out.add(n.op, tuple(mapping.get(i, i) for i in n.inputs), params,
                                            group=f"{n.group}@{a}", loc=n.loc, shape=new_shape)
