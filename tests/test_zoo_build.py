@@ -14,6 +14,17 @@ from fusionlang.zoo.testing import link_packages, require
 TASKS = ["austen", "pos"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: fast and repeatable on a busy 2-core machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory):
     pytest.importorskip("torch")
@@ -23,7 +34,7 @@ def tiny_zoo(tmp_path_factory):
     from fusionlang.zoo.build import build_zoo
 
     cache = link_packages(tmp_path_factory.mktemp("cache"))
-    out = build_zoo("text", seed=0, tiny=True, cache=cache, fetch=False, tasks=TASKS)
+    out = build_zoo("text", seed=0, tiny=True, cache=cache, fetch=False, tasks=TASKS, threads=1)
     return cache, out
 
 
@@ -96,37 +107,51 @@ def test_rebuild_is_cached_and_deterministic(tiny_zoo, tmp_path):
     assert (out / "zoo.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
     # same seed, fresh cache: the same expert weights
     cache2 = link_packages(tmp_path / "c2")
-    out2 = build_zoo("text", tiny=True, cache=cache2, fetch=False, tasks=["pos"])
+    out2 = build_zoo("text", tiny=True, cache=cache2, fetch=False, tasks=["pos"], threads=1)
     a = load_file(str(out / "pos" / "model.safetensors"))
     b = load_file(str(out2 / "pos" / "model.safetensors"))
     assert all((a[k] == b[k]).all() for k in a)
 
 
-def _cli(*args, env_cache):
-    import os
-
-    env = dict(os.environ, FUSIONLANG_CACHE=str(env_cache), FUSIONLANG_NO_FETCH="1")
-    return subprocess.run([sys.executable, "-m", "fusionlang.zoo", *args], capture_output=True,
-                          text=True, env=env, timeout=300)
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
 
 
-def test_cli_list_path_eval(tiny_zoo):
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``python -m fusionlang.zoo ARGS`` in-process (imports are already paid)."""
+    from fusionlang.zoo.cli import main
+
+    def run(*args, env_cache):
+        monkeypatch.setenv("FUSIONLANG_CACHE", str(env_cache))
+        monkeypatch.setenv("FUSIONLANG_NO_FETCH", "1")
+        monkeypatch.setenv("FUSIONLANG_THREADS", "1")
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return _Result(code, out, err)
+
+    return run
+
+
+def test_cli_list_path_eval(tiny_zoo, cli):
     cache, out = tiny_zoo
-    r = _cli("list", "--json", env_cache=cache)
+    r = cli("list", "--json", env_cache=cache)
     assert r.returncode == 0, r.stderr
     rows = {row["name"]: row for row in json.loads(r.stdout)}
     assert rows["text-tiny"]["built"] and not rows["text"]["built"]
-    r = _cli("path", "text-tiny", env_cache=cache)
+    r = cli("path", "text-tiny", env_cache=cache)
     assert r.returncode == 0 and r.stdout.strip() == str(out)
-    r = _cli("eval", str(out / "pos"), "text-tiny/pos", "--json", env_cache=cache)
+    r = cli("eval", str(out / "pos"), "text-tiny/pos", "--json", env_cache=cache)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["n"] == 16
 
 
-def test_cli_user_errors_exit_1_without_traceback(tmp_path):
+def test_cli_user_errors_exit_1_without_traceback(tmp_path, cli):
     for args in (["build", "nosuchzoo"], ["path", "text"], ["build", "text", "--task", "nope"],
                  ["eval", str(tmp_path), "nosuchtask"]):
-        r = _cli(*args, env_cache=tmp_path)
+        r = cli(*args, env_cache=tmp_path)
         assert r.returncode == 1, (args, r.stderr)
         assert "Traceback" not in r.stderr and "error:" in r.stderr, r.stderr
 
@@ -137,7 +162,7 @@ def test_cli_missing_data_package_names_install_command(tmp_path, monkeypatch):
     env = dict(os.environ, FUSIONLANG_CACHE=str(tmp_path), FUSIONLANG_NO_FETCH="1",
                FUSIONLANG_SYSTEM_ROOT=str(tmp_path / "root"))
     r = subprocess.run([sys.executable, "-m", "fusionlang.zoo", "build", "text", "--tiny",
-                        "--task", "austen"], capture_output=True, text=True, env=env, timeout=300)
+                        "--task", "austen"], capture_output=True, text=True, env=env, timeout=300, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "apt-get download r-cran-janeaustenr" in r.stderr.replace("\n", " ")
 
@@ -145,5 +170,5 @@ def test_cli_missing_data_package_names_install_command(tmp_path, monkeypatch):
 def test_import_is_light():
     code = ("import sys, fusionlang.zoo, fusionlang.zoo.cli, fusionlang.zoo.data; "
             "print('torch' in sys.modules, 'numpy' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert r.stdout.split() == ["False", "False"], r.stderr

@@ -3,6 +3,7 @@ when an asset is not installed), plus the pure split logic."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from fusionlang.zoo.data import TextDataset, load, stratified_parts
 from fusionlang.zoo.testing import require
 
-SMALL = dict(n_train=8, n_val=2, n_test=5)
+SMALL = {"n_train": 8, "n_val": 2, "n_test": 5}
 
 
 def test_stratified_parts_disjoint_balanced_deterministic():
@@ -41,7 +42,7 @@ def _check(ds: TextDataset, k: int, sizes=SMALL):
         assert all(isinstance(t, str) and t.strip() for t in s.texts)
     # no test example is also a training example
     assert not set(ds.train.texts) & set(ds.test.texts)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         ds.train = ds.test  # frozen
 
 

@@ -8,10 +8,21 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fusionlang.zoo.data import TextDataset, TextSplit  # noqa: E402
-from fusionlang.zoo.errors import ZooError  # noqa: E402
-from fusionlang.zoo.evaluate import evaluate, find_task  # noqa: E402
-from fusionlang.zoo.testing import require  # noqa: E402
+from fusionlang.zoo.data import TextDataset, TextSplit
+from fusionlang.zoo.errors import ZooError
+from fusionlang.zoo.evaluate import evaluate, find_task
+from fusionlang.zoo.testing import require
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: fast and repeatable on a busy 2-core machine."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def _tiny_text_zoo(tmp_path):
@@ -70,7 +81,7 @@ def test_bias_only_head_predicts_class_frequency(tmp_path):
 
 
 def test_task_resolution_errors(tmp_path):
-    zoo, model = _tiny_text_zoo(tmp_path)
+    zoo, _model = _tiny_text_zoo(tmp_path)
     assert find_task("fruit", zoo=zoo).class_names == ["fruit", "animal"]
     assert find_task("fruit", cache=tmp_path).zoo_dir == zoo
     with pytest.raises(ZooError, match="unknown task"):

@@ -8,8 +8,16 @@ import zlib
 
 import pytest
 
-from fusionlang.zoo.rdata import (LazyLoadDB, RDataError, RList, RVector, as_columns, r_class,
-                                  read_rds, unserialize)
+from fusionlang.zoo.rdata import (
+    LazyLoadDB,
+    RDataError,
+    RList,
+    RVector,
+    as_columns,
+    r_class,
+    read_rds,
+    unserialize,
+)
 
 # -- a tiny XDR writer, enough to produce known R objects -------------------------------
 

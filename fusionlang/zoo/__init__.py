@@ -16,15 +16,15 @@ from .errors import MissingPackageError, ZooError
 from .paths import cache_dir, zoo_dir
 
 __all__ = [
-    "ZooError",
     "MissingPackageError",
-    "cache_dir",
-    "zoo_dir",
+    "ZooError",
     "build_zoo",
+    "cache_dir",
     "evaluate",
     "find_task",
     "get_recipe",
     "list_zoos",
+    "zoo_dir",
 ]
 
 

@@ -66,10 +66,13 @@ def build_zoo(
     progress=None,
     command: str | None = None,
     tasks=None,
+    threads: int | None = None,
 ) -> Path:
     """Build (or reuse, if already built with the same recipe and seed) a zoo.
 
-    ``tasks``: build only these tasks of the recipe (the zoo keeps its name)."""
+    ``tasks``: build only these tasks of the recipe (the zoo keeps its name).
+    ``threads``: torch CPU threads (default: ``$FUSIONLANG_THREADS``, else the cores
+    that the load average leaves idle, at least 1)."""
     recipe = get_recipe(name, tiny).select(tasks)
     out = zoo_dir(recipe.name, cache)
     manifest_path = out / "zoo.json"
@@ -91,6 +94,10 @@ def build_zoo(
         shutil.rmtree(tmp)
     tmp.mkdir()
     t0 = time.perf_counter()
+    import torch
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(choose_threads(threads))
     try:
         if recipe.kind == "text":
             tasks = _build_text(recipe, tmp, seed, cache, fetch, progress)
@@ -110,9 +117,26 @@ def build_zoo(
         else:
             tmp.rename(out)
     finally:
+        torch.set_num_threads(old_threads)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def choose_threads(threads: int | None = None) -> int:
+    """Explicit > $FUSIONLANG_THREADS > idle cores. Oversubscribed OpenMP threads spin
+    against other processes: on a busy 2-core machine 2 threads run ~10x slower than 1."""
+    if threads:
+        return max(1, int(threads))
+    env = os.environ.get("FUSIONLANG_THREADS")
+    if env:
+        return max(1, int(env))
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def _manifest(recipe: ZooRecipe, seed: int, tasks: dict, seconds: float, command) -> dict:
@@ -205,7 +229,7 @@ def _build_text(recipe: ZooRecipe, out: Path, seed: int, cache, fetch, progress)
         write_head(out / "heads", task.name, weight, bias, info)
         spec = TaskSpec(task.name, out, "text", out / "heads" / f"{task.name}.safetensors", info)
 
-        def ev(model, split):
+        def ev(model, split, spec=spec, ds=ds):
             return evaluate(model, spec, split, batch_size=recipe.eval_batch_size, dataset=ds)
 
         pre_test, pre_val = ev(base, "test"), ev(base, "val")
@@ -222,8 +246,9 @@ def _build_text(recipe: ZooRecipe, out: Path, seed: int, cache, fetch, progress)
         ft_seconds = time.perf_counter() - t_ft
         T.save_encoder(expert, src, out / task.name)
         del expert
-        ft_test = ev(out / task.name, "test")
-        ft_val = ev(out / task.name, "val")
+        saved = T.load_encoder(out / task.name)  # evaluate what was written
+        ft_test, ft_val = ev(saved, "test"), ev(saved, "val")
+        del saved
         results[task.name] = {
             "model": task.name,
             "head": f"heads/{task.name}.safetensors",

@@ -39,6 +39,8 @@ def add_zoo_commands(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--tiny", action="store_true",
                    help="a few examples and steps (for tests), built as NAME-tiny")
     b.add_argument("--force", action="store_true", help="rebuild even if already built")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: $FUSIONLANG_THREADS, else idle cores)")
     b.add_argument("--task", action="append", dest="tasks", metavar="TASK",
                    help="build only this task (repeatable)")
     b.add_argument("--no-fetch", action="store_true",
@@ -65,6 +67,8 @@ def add_zoo_commands(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch-size", type=int, default=128)
     e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: $FUSIONLANG_THREADS, else idle cores)")
     common(e)
     return zoo
 
@@ -72,7 +76,7 @@ def add_zoo_commands(subparsers) -> argparse.ArgumentParser:
 def run_zoo_command(args) -> int:
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         return _dispatch(args, console)
     except ZooError as e:
@@ -106,8 +110,15 @@ def _dispatch(args, console) -> int:
 
 
 def _build(args, console) -> int:
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
-                               TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from .build import build_zoo
     from .recipes import get_recipe
@@ -121,7 +132,8 @@ def _build(args, console) -> int:
                   console=console, transient=False) as progress:
         out = build_zoo(args.name, seed=args.seed, tiny=args.tiny, cache=args.cache,
                         fetch=False if args.no_fetch else None, force=args.force,
-                        progress=progress, command=command, tasks=args.tasks)
+                        progress=progress, command=command, tasks=args.tasks,
+                        threads=args.threads)
     _print_manifest(out, console)
     print(out)
     return 0
@@ -198,7 +210,13 @@ def _fetch(args, console) -> int:
 
 
 def _eval(args, console) -> int:
+    import torch
+
+    from .build import choose_threads
     from .evaluate import evaluate
+
+    if args.device == "cpu":
+        torch.set_num_threads(choose_threads(args.threads))
 
     results = []
     for t in args.tasks:

@@ -17,14 +17,15 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ZooError
 from .paths import zoo_dir, zoo_root
 
-__all__ = ["TaskSpec", "find_task", "evaluate", "load_task_data", "list_zoos"]
+__all__ = ["TaskSpec", "evaluate", "find_task", "list_zoos", "load_task_data"]
 
 
 @dataclass(frozen=True)

@@ -28,15 +28,15 @@ from .errors import MissingPackageError
 from .paths import packages_dir
 
 __all__ = [
-    "DebAsset",
-    "NpmAsset",
     "DEB_ASSETS",
     "NPM_ASSETS",
     "PIP_INSTALL",
+    "DebAsset",
+    "NpmAsset",
+    "fetch_allowed",
     "find_deb",
     "find_npm",
     "find_pip_package",
-    "fetch_allowed",
 ]
 
 
@@ -114,7 +114,7 @@ def find_deb(package: str, cache=None, fetch: bool | None = None) -> Path:
 
 def _run(cmd: list[str], cwd: Path, what: str, command_hint: str) -> None:
     try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
     except FileNotFoundError:
         raise MissingPackageError(what, command_hint, f"`{cmd[0]}` is not on PATH") from None
     except subprocess.TimeoutExpired:
@@ -189,4 +189,4 @@ def find_pip_package(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise MissingPackageError(f"Python package {module}", PIP_INSTALL.get(module, f"pip install {module}"))
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))

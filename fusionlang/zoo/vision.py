@@ -17,8 +17,8 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -210,7 +210,7 @@ def fine_tune(model, weight, bias, images, labels: Sequence[int], *, steps: int,
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if on_step:
             on_step(step, float(loss))
     model.eval()
@@ -252,7 +252,7 @@ def build_vision_tasks(recipe, out: Path, seed: int, cache, fetch, progress) -> 
         write_head(out / "heads", task.name, weight, bias, info)
         spec = TaskSpec(task.name, out, "vision", out / "heads" / f"{task.name}.safetensors", info)
 
-        def ev(model, split):
+        def ev(model, split, spec=spec, ds=ds):
             return evaluate(model, spec, split, batch_size=recipe.eval_batch_size, dataset=ds)
 
         pre_test, pre_val = ev(base, "test"), ev(base, "val")
@@ -267,7 +267,9 @@ def build_vision_tasks(recipe, out: Path, seed: int, cache, fetch, progress) -> 
         ft_seconds = time.perf_counter() - t_ft
         save_body(expert, out / task.name)
         del expert
-        ft_test, ft_val = ev(out / task.name, "test"), ev(out / task.name, "val")
+        saved = load_body(out / task.name)  # evaluate what was written
+        ft_test, ft_val = ev(saved, "test"), ev(saved, "val")
+        del saved
         results[task.name] = {
             "model": task.name, "head": f"heads/{task.name}.safetensors",
             "description": task.description, "source": ds.source,

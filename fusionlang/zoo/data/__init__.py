@@ -36,11 +36,11 @@ def load(source: str, **kwargs):
 
 
 __all__ = [
+    "LOADERS",
     "ImageDataset",
     "ImageSplit",
     "TextDataset",
     "TextSplit",
-    "LOADERS",
     "get_loader",
     "load",
     "stratified_parts",
