@@ -33,6 +33,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 
 
+_LIBC = None
+
+
+def _trim_heap() -> None:
+    """Give free heap pages back to the OS (after a group of odd-sized whole tensors,
+    whose freed blocks would otherwise fragment the heap and pile up)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def _keep_freed_memory() -> None:
     """Let glibc reuse freed tensor memory instead of returning it to the OS.
 
@@ -45,13 +55,15 @@ def _keep_freed_memory() -> None:
     import ctypes.util
     import sys
 
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("FUSIONLANG_MALLOC") == "default":
         return
     try:
+        global _LIBC
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        libc.mallopt(m_trim_threshold, 1 << 31 - 1)
+        libc.mallopt(m_mmap_threshold, 32 << 20)  # bigger (whole embedding) buffers: mmap, freed at once
+        libc.mallopt(m_trim_threshold, 1 << 30)
+        _LIBC = libc
     except (OSError, AttributeError):
         pass
 
@@ -172,6 +184,13 @@ class ShardWriter:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _nbytes(dtype: str, shape) -> int:
@@ -331,6 +350,8 @@ class Executor:
                         elif t not in roots:
                             stat_inputs[t] = vals[t]
                     vals.clear()
+                    if "@" not in g and any(plan.nodes[n].shape and _numel(plan.nodes[n].shape) > (1 << 22) for n in nodes):
+                        _trim_heap()
                 for r in reduces:
                     if ph[r] == p:
                         args = [stat_inputs[i] if i in stat_inputs else reduce_values[i] for i in plan.nodes[r].inputs]

@@ -35,12 +35,12 @@ def topk_threshold(x: Tensor, density: float = 0.2) -> Tensor:
         return torch.tensor([-1.0, 0.0], dtype=torch.float64)
     if k <= 0:
         return torch.tensor([float("inf"), 0.0], dtype=torch.float64)
-    a = x.abs().reshape(-1)
-    thr = torch.kthvalue(a, n - k + 1).values
-    need = k - int(torch.count_nonzero(a > thr))
+    thr, above = kth_largest_magnitude(x, k)
+    need = k - above
+    a = x.reshape(-1)
     cut, seen, step = 0, 0, 1 << 20
     for start in range(0, n, step):  # NOTE: chunked, so many ties never need a big index tensor
-        eq = a[start:start + step] == thr
+        eq = a[start:start + step].abs() == thr
         cnt = int(torch.count_nonzero(eq))
         if seen + cnt >= need:
             cut = start + int(torch.nonzero(eq).reshape(-1)[need - seen - 1]) + 1
@@ -60,6 +60,43 @@ def trim_topk(x: Tensor, info: Tensor, offset: int = 0, _inplace: bool = False) 
         flat_mask = mask.reshape(-1)
         flat_mask[:end] |= a.reshape(-1)[:end] == thr
     return x.mul_(mask) if _inplace else x * mask
+
+
+_STEP = 1 << 22
+
+
+def kth_largest_magnitude(x, k: int) -> tuple[float, int]:
+    """The k-th largest |x| and how many entries are strictly larger, exactly.
+
+    NOTE: no sort and no full-size temporaries: |x| as float32 bits orders like an
+    int32, so one streaming histogram over the high 16 bits finds the bucket holding
+    the answer and a second one over the low 16 bits of that bucket finds the value.
+    Memory stays at one chunk of the tensor.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    if n <= 2 * _STEP:
+        # small enough: a selection on a copy is faster than two histogram passes
+        a = flat.abs()
+        value = torch.kthvalue(a, n - k + 1).values
+        return float(value), int(torch.count_nonzero(a > value))
+    hist = torch.zeros(32768, dtype=torch.int64)
+    for s in range(0, n, _STEP):
+        bits = flat[s:s + _STEP].abs().float().view(torch.int32)
+        hist += torch.bincount((bits >> 16).reshape(-1), minlength=32768)
+    at_least = hist.flip(0).cumsum(0).flip(0)  # entries in this bucket or above
+    bucket = int(torch.nonzero(at_least >= k).max())
+    above = int(at_least[bucket + 1]) if bucket + 1 < 32768 else 0
+    rank = k - above
+    low = torch.zeros(65536, dtype=torch.int64)
+    for s in range(0, n, _STEP):
+        bits = flat[s:s + _STEP].abs().float().view(torch.int32)
+        low += torch.bincount((bits[(bits >> 16) == bucket] & 0xFFFF).reshape(-1), minlength=65536)
+    low_at_least = low.flip(0).cumsum(0).flip(0)
+    lo = int(torch.nonzero(low_at_least >= rank).max())
+    above += int(low_at_least[lo + 1]) if lo + 1 < 65536 else 0
+    value = torch.tensor([(bucket << 16) | lo], dtype=torch.int32).view(torch.float32)
+    return float(value), above
 
 
 def topk_mask(a, k: int):

@@ -127,9 +127,17 @@ def save_body(model, out_dir: str | Path) -> Path:
     return out
 
 
+def _as_tensor(images) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images
+    import numpy as np
+
+    return torch.from_numpy(np.array(images))  # a copy: the data sets' arrays are read-only
+
+
 def preprocess(images, cfg: Mapping, device="cpu") -> torch.Tensor:
     """uint8 [N, C, H, W] (C = 1 or 3) -> normalised float [N, 3, S, S]."""
-    x = torch.as_tensor(images).to(device=device, dtype=torch.float32)
+    x = _as_tensor(images).to(device=device, dtype=torch.float32)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     size = int(cfg["image_size"])
@@ -179,7 +187,7 @@ def fine_tune(model, weight, bias, images, labels: Sequence[int], *, steps: int,
     _freeze_bn(model)
     w, b = weight.to(device), bias.to(device)
     y_all = torch.as_tensor(list(labels))
-    imgs = torch.as_tensor(images)
+    imgs = _as_tensor(images)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
