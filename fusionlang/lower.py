@@ -618,6 +618,17 @@ class Lowerer:
             params["seed"] = tensor_seed(params.get("seed", 0), ctx.group, self.signature(node_ids[0]))
         if o.name == "trim" and params.get("scope") == "model":
             return TensorV(self.model_trim(node_ids[0], params["density"], ctx, loc), shape, dtype)
+        if o.name == "drop" and not self.dry:
+            x, base = node_ids[0], {"density": params["density"], "seed": params["seed"]}
+            if params["density"] >= 1.0:
+                return inputs[0]
+            if params["rescale"] == "l1":
+                factor = self.plan.add("drop_l1_factor", (x,), base, group=ctx.group, loc=loc)
+            else:
+                k = 1.0 / params["density"] if params["rescale"] == "inverse" and params["density"] > 0 else 1.0
+                factor = self.plan.add("const", (), {"value": k}, group=ctx.group, loc=loc)
+            return TensorV(self.plan.add("drop_rows", (x, factor), base, group=ctx.group, loc=loc, shape=shape),
+                           shape, dtype)
         if o.name == "trim" and not self.dry:
             # NOTE: the threshold is a small per-tensor value; the trim itself is then
             # row-wise, so the split pass can compute big tensors in row blocks.

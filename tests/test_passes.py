@@ -115,8 +115,12 @@ model base = local("{base}")
 models experts = [local("{e0}"), local("{e1}"), local("{e2}")]
 merge ta = task_arithmetic(base, experts, scale=0.3)
 merge t = ties(base, experts, density=0.4)
+merge d = dare(base, experts, density=0.5, consensus=true, rescale="l1", seed=3)
+merge d2 = dare(base, experts, density=0.6, seed=1)
 save ta to "{out}/ta" as bf16
 save t to "{out}/t"
+save d to "{out}/d"
+save d2 to "{out}/d2"
 '''
     outs = {}
     for label, block in (("whole", None), ("split", 200)):
@@ -129,11 +133,12 @@ save t to "{out}/t"
             assert "model.embed_tokens.weight" in blocked and len(blocked["model.embed_tokens.weight"]) > 1
             # TIES too: its per-tensor top-k threshold is computed once and shared by the blocks
             assert "model.embed_tokens.weight" in plan.outputs["t"].blocks
+            assert "model.embed_tokens.weight" in plan.outputs["d"].blocks  # DARE masks are split-invariant
             plan = emit.from_json(emit.to_json(schedule(plan)))  # blocks survive a saved plan
         else:
             plan = schedule(plan)
         run_plan(plan, "cpu")
-        outs[label] = {n: load_state(tmp_path / label / n) for n in ("ta", "t")}
-    for n in ("ta", "t"):
+        outs[label] = {n: load_state(tmp_path / label / n) for n in ("ta", "t", "d", "d2")}
+    for n in ("ta", "t", "d", "d2"):
         for k, v in outs["whole"][n].items():
             assert torch.equal(v, outs["split"][n][k]), (n, k)

@@ -130,3 +130,40 @@ def test_missing_package_names_install_command(tmp_path, monkeypatch):
     with pytest.raises(MissingPackageError) as e:
         fetch.find_pip_package("surely_not_a_module_xyz")
     assert "pip install" in str(e.value)
+
+
+def _check_images(ds, k, sizes=SMALL, side=28):
+    for split, n in (("train", sizes["n_train"]), ("val", sizes["n_val"]), ("test", sizes["n_test"])):
+        s = ds.split(split)
+        assert Counter(s.labels) == {c: n for c in range(k)}, split
+        assert s.images.dtype.name == "uint8" and s.images.shape[1:] == (1, side, side)
+        assert not s.images.flags.writeable
+
+
+def test_fashion_subsets_and_rotation():
+    require("deb", "dataset-fashion-mnist")
+    import numpy as np
+
+    tops = load("fashion", seed=0, fetch=False, classes=["Coat", "Shirt"], **SMALL)
+    assert tops.class_names == ("Coat", "Shirt")
+    _check_images(tops, 2)
+    rot = load("fashion", seed=0, fetch=False, rotation=True, **SMALL)
+    assert rot.class_names == ("0", "90", "180", "270")
+    _check_images(rot, 4)
+    again = load("fashion", seed=0, fetch=False, rotation=True, **SMALL)
+    assert np.array_equal(rot.test.images, again.test.images) and rot.test.labels == again.test.labels
+
+
+def test_fashion_idx_reader():
+    root = require("deb", "dataset-fashion-mnist")
+    from fusionlang.zoo.data.fashion import read_idx
+
+    y = read_idx(root / "t10k-labels-idx1-ubyte.gz")
+    assert y.shape == (10000,) and sorted(Counter(y.tolist()).values()) == [1000] * 10
+
+
+def test_digits():
+    pytest.importorskip("sklearn")
+    ds = load("digits", seed=0, **SMALL)
+    _check_images(ds, 10, side=8)
+    assert ds.train.images.max() == 255

@@ -5,6 +5,12 @@ from __future__ import annotations
 from .registry import Tensor, op, torch
 
 
+@op(public=False)
+def const(value: float = 0.0) -> Tensor:
+    """A scalar constant (e.g. DARE's 1/density rescale factor)."""
+    return torch.tensor(value, dtype=torch.float64)
+
+
 @op(public=False, inplace=True)
 def add(a: Tensor, b: Tensor, _inplace: bool = False) -> Tensor:
     """a + b"""

@@ -188,27 +188,64 @@ def tensor_seed(seed: int, *parts: str) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+_MASK_CHUNK = 1 << 18
+
+
+def keep_mask(offset: int, n: int, density: float, seed: int):
+    """DARE's Bernoulli(density) keep-mask for flat positions [offset, offset + n).
+
+    NOTE: drawn in fixed chunks of the flattened tensor, each from its own generator
+    seeded by (seed, chunk), on the CPU: the mask of a row block equals that slice of the
+    whole tensor's mask, so results are bit-identical however the plan is split, run
+    or ordered, and on any device.
+    """
+    first, last = offset // _MASK_CHUNK, (offset + n - 1) // _MASK_CHUNK
+    parts = []
+    for j in range(first, last + 1):
+        g = torch.Generator().manual_seed(tensor_seed(seed, str(j)))
+        parts.append(torch.rand(_MASK_CHUNK, generator=g) < density)
+    start = offset - first * _MASK_CHUNK
+    return torch.cat(parts)[start:start + n] if len(parts) > 1 else parts[0][start:start + n]
+
+
 @op(ranges=_UNIT)
 def drop(x: Tensor, density: float = 0.5, rescale: Literal["inverse", "l1", "none"] = "inverse", seed: int = 0) -> Tensor:
     """DARE: keep each entry with probability `density` (Bernoulli), then rescale.
 
     rescale="inverse" divides by density (DARE paper, FusionBench); "l1" restores the
     tensor's L1 norm (MergeKit's rescale_norm); "none" keeps the dropped values as is.
-    The mask is drawn on the CPU from a generator seeded per tensor, so results are
-    bit-identical across runs and devices.
+    Compiles to row-wise `drop_rows` (plus a per-tensor `drop_l1_factor` for "l1").
     """
     if density >= 1.0:
         return x
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(x.shape, generator=g) < density
-    out = x * mask.to(x.device)
-    if rescale == "inverse":
-        out.div_(density) if density > 0 else None
-    elif rescale == "l1":
-        before, after = x.abs().sum(), out.abs().sum()
-        if after > 0:
-            out.mul_(before / after)
-    return out
+    if rescale == "l1":
+        return drop_rows(x, drop_l1_factor(x, density, seed), density, seed)
+    factor = 1.0 / density if rescale == "inverse" and density > 0 else 1.0
+    return drop_rows(x, torch.tensor(factor, dtype=torch.float64), density, seed)
+
+
+@op(public=False)
+def drop_l1_factor(x: Tensor, density: float = 0.5, seed: int = 0) -> Tensor:
+    """sum|x| / sum|x * mask|: the factor that restores the L1 norm after the drop."""
+    flat = x.reshape(-1)
+    before = after = 0.0
+    for s in range(0, flat.numel(), 1 << 22):
+        chunk = flat[s:s + (1 << 22)].abs()
+        before += float(chunk.sum(dtype=torch.float64))
+        after += float((chunk * keep_mask(s, chunk.numel(), density, seed)).sum(dtype=torch.float64))
+    return torch.tensor(before / after if after > 0 else 1.0, dtype=torch.float64)
+
+
+@op(public=False, inplace=True)
+def drop_rows(x: Tensor, factor: Tensor, density: float = 0.5, seed: int = 0, offset: int = 0,
+              _inplace: bool = False) -> Tensor:
+    """x * mask * factor for x, or for a block of its rows starting at flat `offset`."""
+    if density >= 1.0:
+        return x
+    mask = keep_mask(offset, x.numel(), density, seed).reshape(x.shape).to(x.device)
+    out = x.mul_(mask) if _inplace else x * mask
+    f = float(factor)
+    return out.mul_(f) if f != 1.0 else out
 
 
 @op(ranges={"density": (0.0, 1.0), "gamma": (0.0, 1.0)})

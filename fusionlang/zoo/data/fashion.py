@@ -5,6 +5,7 @@ image of any class. Train/val come from the 60,000 training images, test from th
 
 from __future__ import annotations
 
+import functools
 import gzip
 import struct
 from pathlib import Path
@@ -30,6 +31,7 @@ def read_idx(path: Path):
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+@functools.lru_cache(maxsize=2)
 def read_fashion(cache=None, fetch=None):
     """``{"train": (images [N,28,28] uint8, labels [N]), "test": (...)}``."""
     root = find_deb("dataset-fashion-mnist", cache, fetch)
