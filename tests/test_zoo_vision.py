@@ -42,7 +42,7 @@ def test_vision_layout_and_evaluate(tiny_vision):
     from fusionlang.zoo.evaluate import evaluate
     from fusionlang.zoo.vision import load_body
 
-    cache, out = tiny_vision
+    _, out = tiny_vision
     m = json.loads((out / "zoo.json").read_text())
     assert m["kind"] == "vision" and list(m["tasks"]) == TASKS
     cfg = json.loads((out / "base" / "config.json").read_text())

@@ -220,7 +220,7 @@ def fine_tune(model, weight, bias, images, labels: Sequence[int], *, steps: int,
         sched.step()
         losses.append(loss.item())
         if on_step:
-            on_step(step, float(loss))
+            on_step(step, losses[-1])
     model.eval()
     return losses
 
