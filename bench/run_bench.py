@@ -48,7 +48,7 @@ def fusionlang_spec(base: Path, experts: list[Path], merges: list[tuple[str, str
     calls = {
         "task_arithmetic": f"task_arithmetic(base, experts, scale={TA_SCALE})",
         "ties": f"ties(base, experts, density={TIES_DENSITY})",
-        "dare_ties": f"dare(base, experts, density={DARE_DENSITY}, consensus=true, seed={SEED})",
+        "dare_ties": f"dare(base, experts, density={DARE_DENSITY}, consensus=true, rescale=\"l1\", seed={SEED})",
     }
     lines = ["use merging", "", f'model base = local("{base}")',
              "models experts = [" + ", ".join(f'local("{e}")' for e in experts) + "]", ""]

@@ -240,8 +240,8 @@ class Executor:
         self.stats.bytes_read += t.numel() * t.element_size()
         # NOTE: the conversion (or copy, for fp32) makes a private buffer that ops may
         # reuse in place; the mapped view itself is never written.
-        if t.is_floating_point():
-            return t.to(self.device, dtype=torch.float32, copy=True)
+        if t.dtype != torch.float32 and t.is_floating_point():
+            return t.to(self.device).float() if self.device.type != "cpu" else t.float()
         return t.to(self.device, copy=True)
 
     # -- ops

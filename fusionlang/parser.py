@@ -16,7 +16,9 @@ from .diagnostics import SOURCES, Diagnostic, FuseErrors, Span
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
     grammar = resources.files("fusionlang.grammar").joinpath("fuse.lark").read_text()
-    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    # NOTE: cache=True stores the LALR tables (keyed by the grammar hash) in the temp dir:
+    # building them costs more than parsing a spec.
+    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=True)
 
 
 def _span(file: str, meta) -> Span:

@@ -35,7 +35,7 @@ def _closure(plan: Plan, root: str) -> list[str] | None:
             return None
         seen.add(nid)
         stack.extend(n.inputs)
-    return sorted(seen, key=lambda x: plan.topo_order().index(x)) if seen else None
+    return list(seen) if seen else None
 
 
 def split(plan: Plan, block_elements: int = BLOCK_ELEMENTS) -> Plan:

@@ -242,7 +242,7 @@ def _eval(args, console) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fusionlang.zoo")
+    parser = argparse.ArgumentParser(prog="fusionlang")
     sub = parser.add_subparsers(dest="command")
     sub.required = True
     add_zoo_commands(sub)

