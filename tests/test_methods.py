@@ -249,3 +249,22 @@ save m to "out/m" as {dtype}
     assert all(v.dtype == expect for v in got.values())
     cfg = json.loads((tmp_path / "out/m/config.json").read_text())
     assert cfg.get("torch_dtype", cfg.get("dtype")) == str(expect).split(".")[1]
+
+
+def test_kth_largest_magnitude_is_exact():
+    """The sampled/histogram selections behind top-k agree with a full kthvalue, ties included."""
+    from fusionlang.ops.sparsify import kth_largest_magnitude
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n = int(torch.randint(60_000, 400_000, (1,), generator=g))
+        y = torch.randn(n, generator=g)
+        if trial % 2:
+            y = y.bfloat16().float() * 0.01  # many ties, as in deltas of bf16 models
+        k = int(torch.randint(1, n, (1,), generator=g))
+        v = torch.kthvalue(y.abs(), n - k + 1).values.item()
+        assert kth_largest_magnitude(y, k) == (v, int((y.abs() > v).sum()))
+    big = torch.randn(9_000_000, generator=g).bfloat16().float()  # the streaming histogram path
+    k = 1_234_567
+    v = torch.kthvalue(big.abs(), big.numel() - k + 1).values.item()
+    assert kth_largest_magnitude(big, k) == (v, int((big.abs() > v).sum()))

@@ -92,3 +92,17 @@ def test_task_resolution_errors(tmp_path):
         evaluate({"foo": torch.zeros(1)}, "fruit", zoo=zoo, dataset=_dataset())
     with pytest.raises(ZooError, match="not a model directory"):
         evaluate(tmp_path, "fruit", zoo=zoo, dataset=_dataset())
+
+
+def test_bf16_model_dir_is_evaluated_in_float32(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    zoo, _ = _tiny_text_zoo(tmp_path)
+    bf = tmp_path / "bf16"
+    bf.mkdir()
+    for f in (zoo / "base").iterdir():
+        (bf / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(bf / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in sd.items()}, str(bf / "model.safetensors"))
+    r = evaluate(bf, "fruit", zoo=zoo, dataset=_dataset())
+    assert r["n"] == 6 and 0.0 <= r["accuracy"] <= 1.0

@@ -76,10 +76,7 @@ def kth_largest_magnitude(x, k: int) -> tuple[float, int]:
     flat = x.reshape(-1)
     n = flat.numel()
     if n <= 2 * _STEP:
-        # small enough: a selection on a copy is faster than two histogram passes
-        a = flat.abs()
-        value = torch.kthvalue(a, n - k + 1).values
-        return float(value), int(torch.count_nonzero(a > value))
+        return _kth_largest_sampled(flat.abs(), k)
     hist = torch.zeros(32768, dtype=torch.int64)
     for s in range(0, n, _STEP):
         bits = flat[s:s + _STEP].abs().float().view(torch.int32)
@@ -97,6 +94,32 @@ def kth_largest_magnitude(x, k: int) -> tuple[float, int]:
     above += int(low_at_least[lo + 1]) if lo + 1 < 65536 else 0
     value = torch.tensor([(bucket << 16) | lo], dtype=torch.int32).view(torch.float32)
     return float(value), above
+
+
+def _kth_largest_sampled(a, k: int) -> tuple[float, int]:
+    """Exact k-th largest of a non-negative vector: a strided sample brackets the answer,
+    then a selection runs only on the entries inside the bracket (falls back to a full
+    selection when the bracket misses)."""
+    n = a.numel()
+    if n < (1 << 16):
+        value = torch.kthvalue(a, n - k + 1).values
+        return float(value), int(torch.count_nonzero(a > value))
+    stride = 32
+    sample = a[::stride].contiguous()
+    m = sample.numel()
+    target = (n - k) / n * m  # the answer's position in the sorted sample
+    margin = 4.0 * (m * (k / n) * (1 - k / n)) ** 0.5 + 8
+    lo_i, hi_i = max(1, int(target - margin)), min(m, int(target + margin) + 1)
+    lo = torch.kthvalue(sample, lo_i).values
+    hi = torch.kthvalue(sample, hi_i).values
+    above = int(torch.count_nonzero(a > hi))
+    inside = a[(a >= lo) & (a <= hi)]
+    if above < k <= above + inside.numel():
+        r = k - above  # the answer is the r-th largest inside the bracket
+        value = torch.kthvalue(inside, inside.numel() - r + 1).values
+        return float(value), int(torch.count_nonzero(a > value))
+    value = torch.kthvalue(a, n - k + 1).values
+    return float(value), int(torch.count_nonzero(a > value))
 
 
 def topk_mask(a, k: int):

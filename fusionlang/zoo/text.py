@@ -49,7 +49,12 @@ def load_encoder(model_dir: str | Path, device: str = "cpu"):
     _quiet_transformers()
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+    try:  # float32 whatever the files hold (a merge may be saved as bf16)
+        model = AutoModel.from_pretrained(str(model_dir), local_files_only=True,
+                                          dtype=torch.float32)
+    except TypeError:  # transformers < 4.56 calls it torch_dtype
+        model = AutoModel.from_pretrained(str(model_dir), local_files_only=True,
+                                          torch_dtype=torch.float32)
     return model.to(device).eval()
 
 
