@@ -35,6 +35,9 @@ def disjoint_merge(xs: list[Tensor], merge: Literal["mean", "sum", "max"] = "mea
         else:
             acc.add_(xe)
     if den is not None:
-        den.masked_fill_(den == 0, 1.0)
+        if weights is None:
+            den.clamp_(min=1.0)  # counts: 0 -> 1 (no agreeing entry: acc is 0 there anyway)
+        else:
+            den.masked_fill_(den == 0, 1.0)
         acc.div_(den)
     return acc.mul_(elected)
