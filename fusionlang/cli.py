@@ -277,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("demo", help="build a tiny offline model set and run a merge on it")
     c.add_argument("--dir", default=".fusionlang-demo")
     c.set_defaults(fn=cmd_demo)
+
+    from .zoo.cli import add_zoo_commands, run_zoo_command
+
+    add_zoo_commands(sub).set_defaults(fn=run_zoo_command)
     return p
 
 
