@@ -158,7 +158,21 @@ class Save(Node):
     dtype_span: Span | None
 
 
-Stmt = Use | ModelDecl | Let | Def | Merge | Save
+@dataclass(frozen=True)
+class TaskDecl(Node):
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True)
+class Eval(Node):
+    models: tuple[tuple[str, Span], ...]
+    tasks: tuple[tuple[str, Span], ...]
+    report: str | None
+    report_span: Span | None
+
+
+Stmt = Use | ModelDecl | Let | Def | Merge | Save | TaskDecl | Eval
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,17 @@ BUILTINS: dict[str, BuiltinSig] = {
                         "a model directory: config.json + *.safetensors (relative to the spec file)"),
     "hf": BuiltinSig((("repo", "string", REQUIRED), ("revision", "string", None)), "model",
                      "a model from the local Hugging Face cache (never downloaded)"),
+    "zoo": BuiltinSig((("zoo", "string", REQUIRED), ("model", "string", "base")), "model",
+                      "a model of a built zoo (`fusionlang zoo build NAME`): its base or a task's fine-tuned expert"),
     "ramp": BuiltinSig((("start", "number", REQUIRED), ("end", "number", REQUIRED)), "number",
                        "a value interpolated linearly over the layer index (a MergeKit gradient)"),
     "layers": BuiltinSig((("model", "model", REQUIRED), ("start", "int", REQUIRED), ("end", "int", REQUIRED)),
                          "slice", "layers [start, end) of a model, for slices()"),
     "slices": BuiltinSig((("parts", "list", REQUIRED),), "model",
                          "stack layer ranges of models into a new model (passthrough)"),
+    "classify": BuiltinSig((("task", "string", REQUIRED), ("zoo", "string", "text"), ("split", "string", "test"),
+                            ("batch_size", "int", 128), ("limit", "int", None)), "task",
+                           "a classification task of a model zoo: its data split, frozen head and accuracy"),
 }
 
 _TYPE_OK = {
@@ -56,6 +61,7 @@ _TYPE_OK = {
     "any": None,
     "tensor": {"model"},
     "tensors": {"models"},
+    "task": {"task"},
 }
 
 
@@ -185,10 +191,10 @@ class Checker:
         return key[4:] if key.startswith("std:") else os.path.relpath(key) if os.path.isabs(key) else key
 
     def _declare(self, mod: _Module, stmt: ast.Stmt) -> None:
-        if isinstance(stmt, (ast.Use, ast.Save)):
+        if isinstance(stmt, (ast.Use, ast.Save, ast.Eval)):
             return
         name = stmt.name
-        kind = {ast.Def: "def", ast.Let: "let", ast.Merge: "merge"}.get(type(stmt))
+        kind = {ast.Def: "def", ast.Let: "let", ast.Merge: "merge", ast.TaskDecl: "task"}.get(type(stmt))
         if isinstance(stmt, ast.ModelDecl):
             kind = "models" if stmt.plural else "model"
         qual = f"{mod.key}::{name}"
@@ -214,16 +220,21 @@ class Checker:
             self._def(qual)
         for qual in list(self._bind_ast):
             self._binding(qual)
-        saves = []
+        saves, evals = [], []
         seen_paths: dict[str, Span] = {}
         for stmt in mod.tree.stmts:
             if isinstance(stmt, ast.Save):
                 s = self._save(mod, stmt, seen_paths)
                 if s:
                     saves.append(s)
+            elif isinstance(stmt, ast.Eval):
+                ev = self._eval(mod, stmt)
+                if ev:
+                    evals.append(ev)
         if self.sink.errors:
             return None
-        return ir.Program(file=file, text=text, module=mod.key, bindings=self.bindings, defs=self.defs, saves=tuple(saves))
+        return ir.Program(file=file, text=text, module=mod.key, bindings=self.bindings, defs=self.defs, saves=tuple(saves),
+                          evals=tuple(evals))
 
     def _save(self, mod: _Module, stmt: ast.Save, seen: dict[str, Span]) -> ir.SaveIR | None:
         sym = mod.names.get(stmt.name)
@@ -247,6 +258,26 @@ class Checker:
         seen[path] = stmt.span
         return ir.SaveIR(name=sym.qualname, display=stmt.name, path=path, dtype=stmt.dtype, span=stmt.span,
                          path_span=stmt.path_span)
+
+    def _eval(self, mod: _Module, stmt: ast.Eval) -> ir.EvalIR | None:
+        models, tasks, ok = [], [], True
+        for names, want, out in ((stmt.models, ("model", "merge", "models"), models), (stmt.tasks, ("task",), tasks)):
+            for name, span in names:
+                sym = mod.names.get(name)
+                if sym is None:
+                    self._unknown(mod, name, span, {})
+                    ok = False
+                elif sym.kind not in want:
+                    what = "a model or merge" if "model" in want else "a task"
+                    self.sink.error("E005", f"'{name}' is a {sym.kind}, not {what}", span,
+                                    "eval MODELS on TASKS: models first, then tasks declared with `task NAME = classify(...)`")
+                    ok = False
+                else:
+                    out.append(sym.qualname)
+        report = None
+        if stmt.report is not None:
+            report = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(mod.file)), stmt.report))
+        return ir.EvalIR(models=tuple(models), tasks=tuple(tasks), report=report, span=stmt.span) if ok else None
 
     def _def(self, qual: str) -> ir.DefIR | None:
         if qual in self.defs:
@@ -295,6 +326,11 @@ class Checker:
             if not type_accepts(kind, value.type):
                 hint = "use `models` for a list" if value.type == "models" else "use `model` for a single model" if value.type == "model" else ""
                 self.sink.error("E005", f"'{stmt.name}' is declared {kind} but its value is {value.type}", stmt.value.span, hint)
+        elif isinstance(stmt, ast.TaskDecl):
+            kind = "task"
+            if not type_accepts("task", value.type):
+                self.sink.error("E005", f"task '{stmt.name}' must be a task, not {value.type}", stmt.value.span,
+                                'e.g. task austen = classify("austen", zoo="text")')
         elif isinstance(stmt, ast.Merge):
             kind = "merge"
             if not type_accepts("model", value.type):

@@ -16,7 +16,9 @@ from rich.table import Table
 
 from .diagnostics import Diagnostic, FuseErrors, Span, render_all, to_json
 
-console = Console(stderr=True, highlight=False)
+# NOTE: tables are wide; when stderr is not a terminal (CI logs, pipes) use 120 columns
+# rather than rich's 80, so result tables are not truncated.
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120)
 out = Console(highlight=False)
 
 
@@ -177,7 +179,14 @@ def cmd_run(args) -> int:
             progress.update(task, completed=done,
                             rate=f"{done / el:.1f} tensors/s, {_human(total_bytes * frac / el)}/s")
 
-        stats = run_plan(plan, args.device, int(args.shard_size * 1024**3), tick)
+        stats = run_plan(plan, args.device, int(args.shard_size * 1024**3), tick) if plan.outputs else None
+    setup = getattr(plan, "eval_setup", None)
+    if stats is None and setup is not None:
+        from .evaluation import run as run_evals
+        from .executor import pick_device
+
+        run_evals(setup, pick_device(args.device).type, console)
+        return 0
     if not args.quiet:
         t = Table(title="run", title_justify="left")
         for c in ("output", "path", "tensors"):
@@ -187,6 +196,11 @@ def cmd_run(args) -> int:
         console.print(t)
         console.print(f"read {_human(stats.bytes_read)}, wrote {_human(stats.bytes_written)} in {stats.seconds:.2f}s "
                       f"({_human(stats.bytes_written / max(stats.seconds, 1e-9))}/s written)")
+    if setup is not None and setup.reports:
+        from .evaluation import run as run_evals
+        from .executor import pick_device
+
+        run_evals(setup, pick_device(args.device).type, console)
     return 0
 
 
@@ -297,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001
         from .executor import RunError
 
+        from .zoo.errors import ZooError
+
+        if isinstance(e, ZooError):
+            console.print(f"[red]error[/]: {e.message}", soft_wrap=True)
+            if e.hint:
+                console.print(f"  = hint: {e.hint}", soft_wrap=True)
+            return 1
         if isinstance(e, RunError):
             console.print(f"[red]error[/]: {e.message}")
             if e.hint:

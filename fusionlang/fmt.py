@@ -135,6 +135,11 @@ def stmt(s: ast.Stmt) -> str:
         if len(head) > WIDTH:
             head = f"def {s.name}(\n" + "".join(f"    {_param(p)},\n" for p in s.params) + f"){ret} = "
         return _body(head, s.body)
+    if isinstance(s, ast.TaskDecl):
+        return _body(f"task {s.name} = ", s.value)
+    if isinstance(s, ast.Eval):
+        return (f"eval {', '.join(n for n, _ in s.models)} on {', '.join(n for n, _ in s.tasks)}"
+                + (f" to {_string(s.report)}" if s.report is not None else ""))
     if isinstance(s, ast.Save):
         return f"save {s.name} to {_string(s.path)}" + (f" as {s.dtype}" if s.dtype else "")
     raise AssertionError(type(s))

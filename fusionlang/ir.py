@@ -107,10 +107,10 @@ class DefIR(IR):
 
 
 class Binding(IR):
-    """A global value: `model`, `models`, `let` or `merge` (with its rule block)."""
+    """A global value: `model`, `models`, `let`, `merge` (with its rule block) or `task`."""
 
     qualname: str
-    kind: Literal["model", "models", "let", "merge"]
+    kind: Literal["model", "models", "let", "merge", "task"]
     type: str
     value: Expr
     rules: tuple["RuleIR", ...] = ()
@@ -138,6 +138,15 @@ class SaveIR(IR):
     path_span: Span
 
 
+class EvalIR(IR):
+    """`eval m1, m2 on t1, t2 [to "dir"]`: qualified names of models and tasks."""
+
+    models: tuple[str, ...]
+    tasks: tuple[str, ...]
+    report: str | None  # absolute directory for the report files
+    span: Span
+
+
 class Program(IR):
     """A checked spec: every global binding and def it can reach, and its outputs."""
 
@@ -147,3 +156,4 @@ class Program(IR):
     bindings: dict[str, Binding]
     defs: dict[str, DefIR]
     saves: tuple[SaveIR, ...]
+    evals: tuple[EvalIR, ...] = ()

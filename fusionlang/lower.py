@@ -30,6 +30,19 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 SAVE_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
+def zoo_model_dir(zoo: str, model: str) -> str:
+    from .zoo.paths import zoo_dir
+
+    d = zoo_dir(zoo)
+    if not (d / "zoo.json").is_file():
+        raise SourceError("E018", f"the '{zoo}' zoo is not built (looked in {d})",
+                          f"build it once, offline: fusionlang zoo build {zoo}")
+    if not (d / model).is_dir():
+        have = sorted(p.name for p in d.iterdir() if (p / "config.json").is_file())
+        raise SourceError("E006", f"the '{zoo}' zoo has no model '{model}'", f"its models: {', '.join(have)}")
+    return str(d / model)
+
+
 class EvalError(Exception):
     def __init__(self, code: str, message: str, span: Span, hint: str = ""):
         super().__init__(message)
@@ -104,11 +117,11 @@ class Lowerer:
         names: dict[Span, str] = {}
         for b in self.prog.bindings.values():
             short = b.qualname.split("::")[-1]
-            if isinstance(b.value, ir.CallE) and b.value.kind == "builtin" and b.value.target in ("local", "hf"):
+            if isinstance(b.value, ir.CallE) and b.value.kind == "builtin" and b.value.target in ("local", "hf", "zoo"):
                 names[b.value.span] = short
             if isinstance(b.value, ir.ListE):
                 for i, item in enumerate(b.value.items):
-                    if isinstance(item, ir.CallE) and item.kind == "builtin" and item.target in ("local", "hf"):
+                    if isinstance(item, ir.CallE) and item.kind == "builtin" and item.target in ("local", "hf", "zoo"):
                         names[item.span] = f"{short}[{i}]"
         return names
 
@@ -119,6 +132,8 @@ class Lowerer:
         try:
             if call.target == "local":
                 path = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(call.span.file)), args["path"]))
+            elif call.target == "zoo":
+                path = zoo_model_dir(args["zoo"], args.get("model", "base"))
             else:
                 path = str(resolve_hf(args["repo"], args.get("revision")))
             if path in self.keys:
@@ -151,7 +166,7 @@ class Lowerer:
         """The first model source an expression reads: its output has that model's tensors."""
         seen = seen if seen is not None else set()
         if isinstance(e, ir.CallE):
-            if e.kind == "builtin" and e.target in ("local", "hf"):
+            if e.kind == "builtin" and e.target in ("local", "hf", "zoo"):
                 return e
             if e.kind == "builtin" and e.target == "slices":
                 return None
@@ -558,7 +573,7 @@ class Lowerer:
                             "write `merge deep = slices([...])` and use `deep` elsewhere")
         args = self.call_args(e, env, ctx)
         if e.kind == "builtin":
-            if e.target in ("local", "hf"):
+            if e.target in ("local", "hf", "zoo"):
                 return self.load(self.source(e, args), ctx, e.span)
             if e.target == "ramp":
                 a, b = float(args["start"]), float(args["end"])

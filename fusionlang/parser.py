@@ -156,6 +156,17 @@ class _ToAst(Transformer):
             _tok_span(self.file, dtype) if dtype else None,
         )
 
+    def task_stmt(self, meta, c):
+        return ast.TaskDecl(self._s(meta), str(c[0]), c[1])
+
+    def eval_names(self, meta, c):
+        return tuple((str(t), _tok_span(self.file, t)) for t in c)
+
+    def eval_stmt(self, meta, c):
+        models, tasks, report = c
+        return ast.Eval(self._s(meta), models, tasks, _unquote(report) if report else None,
+                        _tok_span(self.file, report) if report else None)
+
     def start(self, meta, c):
         return ast.Module(self._s(meta), self.file, tuple(c))
 

@@ -11,7 +11,7 @@ from .diagnostics import Diagnostic, FuseErrors, Span
 from .lower import Lowerer
 from .plan.graph import Plan
 
-MISSING_MODEL_CODES = {"E010", "E017"}
+MISSING_MODEL_CODES = {"E010", "E017", "E018"}
 
 
 @dataclass
@@ -36,6 +36,7 @@ def check(path: str) -> CheckResult:
         return res
     low = Lowerer(prog)
     try:
+        _check_tasks(prog)
         low.lower()
         res.diagnostics = [d for d in low.sink.items]
         return res
@@ -56,17 +57,39 @@ def check(path: str) -> CheckResult:
     return res
 
 
+def _check_tasks(prog: ir.Program) -> None:
+    """Every task names a task of a built zoo (E018 when the zoo is not built)."""
+    if not any(b.kind == "task" for b in prog.bindings.values()):
+        return
+    from .evaluation import resolve_task
+
+    diags = []
+    for q, b in prog.bindings.items():
+        if b.kind == "task":
+            try:
+                resolve_task(prog, q)
+            except FuseErrors as e:
+                diags += e.diagnostics
+    if diags:
+        raise FuseErrors(diags)
+
+
 def compile_spec(path: str, passes: set[str] | None = None, dump_after: str | None = None,
                  verify: bool = False, on_dump: Callable[[str, Plan], None] | None = None) -> tuple[ir.Program, Plan, Plan]:
-    """Check and lower a spec (models required); returns (program, lowered plan, optimized plan)."""
+    """Check and lower a spec (models required); returns (program, lowered plan, optimized plan).
+    Merges that an `eval` needs but no `save` writes get outputs in a temporary directory;
+    the evaluation setup travels as `plan.eval_setup`."""
+    from .evaluation import prepare
     from .passes import run_passes
 
-    prog = check_file(path)
+    setup = prepare(check_file(path))
+    prog = setup.program
     lowered = Lowerer(prog).lower()
-    if not prog.saves:
+    if not prog.saves and not prog.evals:
         raise FuseErrors([Diagnostic("E015", "the spec saves nothing, so there is nothing to run", Span(path, 1, 1),
                                      'add `save NAME to "dir"` for the merge you want written')])
     optimized = run_passes(lowered, passes, dump_after, verify, on_dump)
+    optimized.eval_setup = setup
     return prog, lowered, optimized
 
 

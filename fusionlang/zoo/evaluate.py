@@ -86,6 +86,9 @@ def find_task(task: str | os.PathLike, zoo: str | os.PathLike | None = None, cac
         where = ", ".join(str(z) for z in candidates) or f"no zoo built under {zoo_root(cache)}"
         raise ZooError(f"unknown task {name!r} (searched: {where})",
                        hint="build a zoo first (fusionlang zoo build text), or name it as ZOO/TASK")
+    if len(found) > 1:  # a full zoo wins over its tiny test version
+        full = [z for z in found if not z.name.endswith("-tiny")]
+        found = full if len(full) == 1 else found
     if len(found) > 1:
         raise ZooError(f"task {name!r} is in several zoos: {', '.join(z.name for z in found)}",
                        hint="name it as ZOO/TASK")

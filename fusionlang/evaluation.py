@@ -1,0 +1,229 @@
+"""`eval MODELS on TASKS`: evaluate merged models on zoo tasks and report.
+
+Each evaluated model is scored on each task (accuracy with the task's frozen head), next
+to two reference rows, as FusionBench reports: the pre-trained model, and the
+individually fine-tuned expert of each task. For every evaluated model the report adds
+normalized accuracy (accuracy / fine-tuned accuracy, per task) and forgetting versus the
+pre-trained model (MergeBench's view: mean over tasks of max(0, pretrained - model)),
+plus latency per batch and peak memory. Output: a rich table, `report.json`, `report.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import ir
+from .diagnostics import Diagnostic, FuseErrors
+from .sources import SourceError, resolve_hf
+
+
+@dataclass
+class EvalSetup:
+    program: ir.Program  # with implicit outputs for evaluated merges that are not saved
+    models: dict[str, str] = field(default_factory=dict)  # row name -> model directory
+    tasks: dict[str, dict] = field(default_factory=dict)  # task name -> classify() arguments
+    tmpdir: str | None = None
+    reports: list[tuple[list[str], list[str], str]] = field(default_factory=list)  # rows, tasks, report dir
+
+
+def _call_args(prog: ir.Program, call: ir.CallE) -> dict:
+    from .lower import Lowerer, TensorCtx, PROBE
+
+    return Lowerer(prog, dry=True).call_args(call, (), TensorCtx(PROBE, PROBE, 0, 2))
+
+
+def resolve_task(prog: ir.Program, qual: str) -> dict:
+    """classify() arguments of a task binding, with the zoo task located (FuseErrors if not)."""
+    from .zoo.evaluate import find_task
+    from .zoo.errors import ZooError
+
+    b = prog.bindings[qual]
+    args = _call_args(prog, b.value) if isinstance(b.value, ir.CallE) else {}
+    try:
+        spec = find_task(args["task"], args.get("zoo", "text"))
+    except ZooError as e:
+        raise FuseErrors([Diagnostic("E018", e.message, b.value.span, e.hint or "")]) from None
+    return {**args, "spec": spec, "span": b.span}
+
+
+def prepare(prog: ir.Program) -> EvalSetup:
+    """Locate every evaluated model (adding outputs for unsaved merges) and task."""
+    setup = EvalSetup(prog)
+    if not prog.evals:
+        return setup
+    saved = {s.name: s.path for s in prog.saves}
+    extra: list[ir.SaveIR] = []
+    for ev in prog.evals:
+        rows = []
+        for q in ev.models:
+            b = prog.bindings[q]
+            short = q.split("::")[-1]
+            if b.kind == "merge":
+                if q not in saved:
+                    setup.tmpdir = setup.tmpdir or tempfile.mkdtemp(prefix="fusionlang-eval-")
+                    saved[q] = os.path.join(setup.tmpdir, short)
+                    extra.append(ir.SaveIR(name=q, display=short, path=saved[q], dtype=None, span=ev.span,
+                                           path_span=ev.span))
+                setup.models[short] = saved[q]
+                rows.append(short)
+            else:
+                items = b.value.items if isinstance(b.value, ir.ListE) else [b.value]
+                for i, item in enumerate(items):
+                    name = short if b.kind == "model" else f"{short}[{i}]"
+                    setup.models[name] = _source_dir(prog, item)
+                    rows.append(name)
+        tasks = []
+        for q in ev.tasks:
+            name = q.split("::")[-1]
+            setup.tasks.setdefault(name, resolve_task(prog, q))
+            tasks.append(name)
+        setup.reports.append((rows, tasks, ev.report or _default_report(prog)))
+    setup.program = prog.model_copy(update={"saves": prog.saves + tuple(extra)})
+    return setup
+
+
+def _default_report(prog: ir.Program) -> str:
+    spec = Path(prog.file).resolve()
+    return str(spec.parent / f"{spec.stem}-report")
+
+
+def _source_dir(prog: ir.Program, e: ir.Expr) -> str:
+    if isinstance(e, ir.Ref) and e.scope == "global":
+        return _source_dir(prog, prog.bindings[e.name].value)
+    if isinstance(e, ir.CallE) and e.kind == "builtin" and e.target in ("local", "hf", "zoo"):
+        args = _call_args(prog, e)
+        if e.target == "zoo":
+            from .lower import zoo_model_dir
+
+            try:
+                return zoo_model_dir(args["zoo"], args.get("model", "base"))
+            except SourceError as err:
+                raise FuseErrors([Diagnostic(err.code, err.message, e.span, err.hint)]) from None
+        if e.target == "local":
+            return os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(e.span.file)), args["path"]))
+        try:
+            return str(resolve_hf(args["repo"], args.get("revision")))
+        except SourceError as err:
+            raise FuseErrors([Diagnostic(err.code, err.message, e.span, err.hint)]) from None
+    raise FuseErrors([Diagnostic("E005", "only merges and models read with local()/hf() can be evaluated", e.span,
+                                 "evaluate a merge, or declare the model with `model NAME = local(\"dir\")`")])
+
+
+def run(setup: EvalSetup, device: str, console) -> list[dict]:
+    """Evaluate, print the tables, write report.json and report.png for each `eval`."""
+    from .zoo.evaluate import evaluate
+
+    cache: dict[tuple[str, str], dict] = {}
+
+    def score(model_dir: str, task: str) -> dict:
+        key = (model_dir, task)
+        if key not in cache:
+            t = setup.tasks[task]
+            cache[key] = evaluate(model_dir, t["spec"], split=t.get("split", "test"), device=device,
+                                  batch_size=int(t.get("batch_size") or 128),
+                                  limit=int(t["limit"]) if t.get("limit") is not None else None)
+        return cache[key]
+
+    reports = []
+    try:
+        for rows, tasks, report_dir in setup.reports:
+            table: dict[str, dict] = {}
+            pre = {t: score(str(setup.tasks[t]["spec"].base_dir), t)["accuracy"] for t in tasks}
+            fine = {t: score(str(setup.tasks[t]["spec"].zoo_dir / setup.tasks[t]["spec"].name), t)["accuracy"]
+                    for t in tasks}
+            table["pretrained"] = {"accuracy": pre}
+            table["fine-tuned (individual)"] = {"accuracy": fine}
+            for r in rows:
+                res = {t: score(setup.models[r], t) for t in tasks}
+                acc = {t: res[t]["accuracy"] for t in tasks}
+                table[r] = {
+                    "accuracy": acc,
+                    "normalized_accuracy": {t: acc[t] / fine[t] if fine[t] else float("nan") for t in tasks},
+                    "forgetting": sum(max(0.0, pre[t] - acc[t]) for t in tasks) / len(tasks),
+                    "latency_per_batch_s": sum(res[t]["latency_per_batch_s"] for t in tasks) / len(tasks),
+                    "peak_mem_bytes": max(res[t]["peak_mem_bytes"] for t in tasks),
+                }
+            for row in table.values():
+                row["average"] = sum(row["accuracy"].values()) / len(tasks)
+            report = {"tasks": tasks, "device": device, "rows": table,
+                      "definitions": {"normalized_accuracy": "accuracy / fine-tuned accuracy on the task",
+                                      "forgetting": "mean over tasks of max(0, pretrained - model accuracy)"}}
+            _print(console, report)
+            _write(report_dir, report)
+            console.print(f"report: {report_dir}/report.json, report.png")
+            reports.append(report)
+    finally:
+        if setup.tmpdir:
+            shutil.rmtree(setup.tmpdir, ignore_errors=True)
+    return reports
+
+
+def _print(console, report: dict) -> None:
+    from rich.table import Table
+
+    tasks = report["tasks"]
+    t = Table(title="accuracy (%) on the test splits", title_justify="left")
+    t.add_column("model")
+    for name in tasks:
+        t.add_column(name, justify="right")
+    for c in ("avg", "norm. avg", "forgetting", "ms/batch"):
+        t.add_column(c, justify="right")
+    for name, row in report["rows"].items():
+        acc = row["accuracy"]
+        norm = row.get("normalized_accuracy")
+        t.add_row(name, *[f"{100 * acc[k]:.1f}" for k in tasks], f"{100 * row['average']:.1f}",
+                  f"{100 * sum(norm.values()) / len(norm):.1f}" if norm else "",
+                  f"{100 * row['forgetting']:.1f}" if "forgetting" in row else "",
+                  f"{1000 * row['latency_per_batch_s']:.0f}" if "latency_per_batch_s" in row else "",
+                  style="dim" if norm is None else None)
+    console.print(t)
+
+
+def _write(report_dir: str, report: dict) -> None:
+    d = Path(report_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, d / "report.json")
+    try:
+        from PIL import Image, ImageDraw  # noqa: F401
+    except ImportError:
+        return
+    plot_png(report, d / "report.png")
+
+
+def plot_png(report: dict, path: Path) -> None:
+    """Grouped bars: one group per task (+ average), one bar per model row."""
+    from PIL import Image, ImageDraw
+
+    tasks = report["tasks"] + ["average"]
+    rows = list(report["rows"])
+    colors = [(150, 150, 150), (60, 60, 60), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
+              (148, 103, 189), (140, 86, 75), (227, 119, 194), (23, 190, 207)]
+    bar, gap, left, top, height = 14, 24, 50, 20, 300
+    width = left + len(tasks) * (len(rows) * bar + gap) + 20
+    img = Image.new("RGB", (max(width, 420), top + height + 60 + 14 * len(rows)), "white")
+    draw = ImageDraw.Draw(img)
+    for pct in range(0, 101, 20):
+        y = top + height - pct * height // 100
+        draw.line([(left - 4, y), (width - 10, y)], fill=(225, 225, 225))
+        draw.text((8, y - 6), f"{pct}%", fill="black")
+    for ti, task in enumerate(tasks):
+        x0 = left + ti * (len(rows) * bar + gap)
+        for ri, name in enumerate(rows):
+            row = report["rows"][name]
+            v = row["average"] if task == "average" else row["accuracy"][task]
+            h = int(max(0.0, min(1.0, v)) * height)
+            draw.rectangle([x0 + ri * bar, top + height - h, x0 + (ri + 1) * bar - 2, top + height],
+                           fill=colors[ri % len(colors)])
+        draw.text((x0, top + height + 6), task[:12], fill="black")
+    for ri, name in enumerate(rows):
+        y = top + height + 28 + 14 * ri
+        draw.rectangle([left, y, left + 10, y + 10], fill=colors[ri % len(colors)])
+        draw.text((left + 16, y - 1), name, fill="black")
+    img.save(path)
