@@ -43,53 +43,53 @@ class Var(Node):
 
 @dataclass(frozen=True)
 class ListExpr(Node):
-    items: tuple["Expr", ...]
+    items: tuple[Expr, ...]
 
 
 @dataclass(frozen=True)
 class ListComp(Node):
-    body: "Expr"
+    body: Expr
     var: str
     var_span: Span
-    iterable: "Expr"
+    iterable: Expr
 
 
 @dataclass(frozen=True)
 class BinOp(Node):
     op: str  # + - * /
-    left: "Expr"
-    right: "Expr"
+    left: Expr
+    right: Expr
 
 
 @dataclass(frozen=True)
 class Neg(Node):
-    operand: "Expr"
+    operand: Expr
 
 
 @dataclass(frozen=True)
 class Cond(Node):
-    test: "Expr"
-    then: "Expr"
-    other: "Expr"
+    test: Expr
+    then: Expr
+    other: Expr
 
 
 @dataclass(frozen=True)
 class Index(Node):
-    value: "Expr"
-    index: "Expr"
+    value: Expr
+    index: Expr
 
 
 @dataclass(frozen=True)
 class KwArg(Node):
     name: str
-    value: "Expr"
+    value: Expr
 
 
 @dataclass(frozen=True)
 class Call(Node):
     func: str  # may be dotted
     func_span: Span
-    args: tuple["Expr", ...]
+    args: tuple[Expr, ...]
     kwargs: tuple[KwArg, ...]
 
 

@@ -374,7 +374,7 @@ class Checker:
 
     def _stdlib_defines(self, std: str, name: str) -> bool:
         p = stdlib_path(std)
-        return bool(p and re.search(rf"^def\s+{re.escape(name)}\b", p.read_text(), re.M))
+        return bool(p and re.search(rf"^def\s+{re.escape(name)}\b", p.read_text(), re.MULTILINE))
 
     def _lookup(self, mod: _Module, name: str) -> _Sym | None:
         if "." in name:

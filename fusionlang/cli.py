@@ -162,7 +162,7 @@ def cmd_run(args) -> int:
         _verify_plan_inputs(plan, args.spec)
         name = args.spec
     else:
-        prog, lowered, plan = _compile(args)
+        prog, _lowered, plan = _compile(args)
         name = prog.file
     import time
 
@@ -310,7 +310,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as e:  # noqa: BLE001
         from .executor import RunError
-
         from .zoo.errors import ZooError
 
         if isinstance(e, ZooError):

@@ -25,7 +25,7 @@ class Span:
         return f"{self.file}:{self.line}:{self.col}"
 
     @staticmethod
-    def unknown(file: str = "<unknown>") -> "Span":
+    def unknown(file: str = "<unknown>") -> Span:
         return Span(file, 1, 1, 1, 1)
 
 

@@ -32,15 +32,15 @@ class EvalSetup:
 
 
 def _call_args(prog: ir.Program, call: ir.CallE) -> dict:
-    from .lower import Lowerer, TensorCtx, PROBE
+    from .lower import PROBE, Lowerer, TensorCtx
 
     return Lowerer(prog, dry=True).call_args(call, (), TensorCtx(PROBE, PROBE, 0, 2))
 
 
 def resolve_task(prog: ir.Program, qual: str) -> dict:
     """classify() arguments of a task binding, with the zoo task located (FuseErrors if not)."""
-    from .zoo.evaluate import find_task
     from .zoo.errors import ZooError
+    from .zoo.evaluate import find_task
 
     b = prog.bindings[qual]
     args = _call_args(prog, b.value) if isinstance(b.value, ir.CallE) else {}

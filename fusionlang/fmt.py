@@ -8,8 +8,8 @@ from importlib import resources
 from lark import Lark
 
 from . import ast
-from .parser import _syntax_diag, _ToAst
 from .diagnostics import SOURCES, FuseErrors
+from .parser import _syntax_diag, _ToAst
 
 WIDTH = 100
 _PREC = {"cond": 0, "==": 1, "!=": 1, "+": 2, "-": 2, "*": 3, "/": 3, "neg": 4, "postfix": 5, "atom": 6}
@@ -75,7 +75,7 @@ def pretty(e: ast.Expr, indent: str, col: int, need: int = 0) -> str:
     inner = indent + "    "
     if _prec(e) < need:
         return "(" + pretty(e, indent, col + 1) + ")"
-    if isinstance(e, ast.Call) or isinstance(e, ast.ListExpr):
+    if isinstance(e, (ast.Call, ast.ListExpr)):
         items = list(e.args if isinstance(e, ast.Call) else e.items)
         parts = [pretty(a, inner, len(inner)) for a in items]
         if isinstance(e, ast.Call):

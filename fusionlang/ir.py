@@ -35,44 +35,44 @@ class Ref(IR):
 class ListE(IR):
     span: Span
     type: str
-    items: tuple["Expr", ...]
+    items: tuple[Expr, ...]
 
 
 class Comp(IR):
     span: Span
     type: str
-    body: "Expr"
+    body: Expr
     var: str
-    iterable: "Expr"
+    iterable: Expr
 
 
 class Bin(IR):
     span: Span
     type: str
     op: Literal["+", "-", "*", "/", "==", "!="]
-    left: "Expr"
-    right: "Expr"
+    left: Expr
+    right: Expr
 
 
 class Neg(IR):
     span: Span
     type: str
-    operand: "Expr"
+    operand: Expr
 
 
 class CondE(IR):
     span: Span
     type: str
-    test: "Expr"
-    then: "Expr"
-    other: "Expr"
+    test: Expr
+    then: Expr
+    other: Expr
 
 
 class IndexE(IR):
     span: Span
     type: str
-    value: "Expr"
-    index: "Expr"
+    value: Expr
+    index: Expr
 
 
 class CallE(IR):
@@ -82,11 +82,11 @@ class CallE(IR):
     type: str
     kind: Literal["op", "def", "builtin"]
     target: str
-    args: tuple["Expr", ...]
-    kwargs: tuple[tuple[str, "Expr"], ...]
+    args: tuple[Expr, ...]
+    kwargs: tuple[tuple[str, Expr], ...]
 
 
-Expr = Union[Const, Ref, ListE, Comp, Bin, Neg, CondE, IndexE, CallE]
+Expr = Union[Const, Ref, ListE, Comp, Bin, Neg, CondE, IndexE, CallE]  # noqa: UP007 (pydantic needs a runtime Union)
 for _cls in (ListE, Comp, Bin, Neg, CondE, IndexE, CallE):
     _cls.model_rebuild()
 
@@ -113,7 +113,7 @@ class Binding(IR):
     kind: Literal["model", "models", "let", "merge", "task"]
     type: str
     value: Expr
-    rules: tuple["RuleIR", ...] = ()
+    rules: tuple[RuleIR, ...] = ()
     span: Span
 
 

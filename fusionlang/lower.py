@@ -314,7 +314,7 @@ class Lowerer:
         first_missing: MissingTensor | None = None
         for name in dom.names:
             if name in dom.source_of:
-                si, src_name, layer, n = dom.source_of[name]
+                _si, src_name, layer, n = dom.source_of[name]
                 ctx = TensorCtx(src_name, name, layer, n)
             else:
                 ctx = TensorCtx(name, name, arch.layer_of(name), dom.num_layers)
@@ -711,4 +711,4 @@ def dry_check(prog: ir.Program) -> None:
     Lowerer(prog, dry=True).dry_check()
 
 
-__all__ = ["lower", "dry_check", "Lowerer", "FuseErrors"]
+__all__ = ["FuseErrors", "Lowerer", "dry_check", "lower"]

@@ -79,7 +79,7 @@ class _ToAst(Transformer):
         body, var, it = c
         return ast.ListComp(self._s(meta), body, str(var), _tok_span(self.file, var), it)
 
-    def _bin(op):  # noqa: N805
+    def _bin(op):
         def f(self, meta, c):
             return ast.BinOp(self._s(meta), op, c[0], c[1])
 

@@ -20,22 +20,22 @@ def tiny_config(arch: str, **overrides):
     import transformers as tf
 
     if arch == "llama":
-        cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, tie_word_embeddings=False)
+        cfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 64, "tie_word_embeddings": False}
         cfg.update(overrides)
         return tf.LlamaConfig(**cfg), tf.LlamaForCausalLM
     if arch == "gpt2":
-        cfg = dict(n_embd=32, n_layer=3, n_head=4, vocab_size=96, n_positions=64)
+        cfg = {"n_embd": 32, "n_layer": 3, "n_head": 4, "vocab_size": 96, "n_positions": 64}
         cfg.update(overrides)
         return tf.GPT2Config(**cfg), tf.GPT2LMHeadModel
     if arch == "bert":
-        cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, vocab_size=96,
-                   max_position_embeddings=64)
+        cfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "vocab_size": 96,
+                   "max_position_embeddings": 64}
         cfg.update(overrides)
         return tf.BertConfig(**cfg), tf.BertModel
     if arch == "vit":
-        cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
-                   patch_size=8, num_labels=3)
+        cfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 16,
+                   "patch_size": 8, "num_labels": 3}
         cfg.update(overrides)
         return tf.ViTConfig(**cfg), tf.ViTForImageClassification
     raise ValueError(arch)

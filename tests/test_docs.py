@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli
 
 DOCS = [REPO / "docs/language.md", REPO / "README.md"]
-BLOCKS = [(p, i, m.group(1)) for p in DOCS for i, m in enumerate(re.finditer(r"```fuse\n(.*?)```", p.read_text(), re.S))]
+BLOCKS = [(p, i, m.group(1)) for p in DOCS for i, m in enumerate(re.finditer(r"```fuse\n(.*?)```", p.read_text(), re.DOTALL))]
 
 
 @pytest.mark.parametrize("path,i,text", BLOCKS, ids=[f"{p.name}#{i}" for p, i, _ in BLOCKS])
 def test_doc_example_checks(tmp_path, path, i, text):
     spec = tmp_path / "example.fuse"
     spec.write_text(text)
-    rc, out, err = run_cli("check", str(spec))
+    rc, _out, err = run_cli("check", str(spec))
     assert rc == 0, err
     if path.name == "language.md":
         rc, _, err = run_cli("fmt", "--check", str(spec))

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_family, run_cli, write_spec
 
 
@@ -79,7 +78,7 @@ save m2 to "out/m2"
 
 
 def test_demo_command(tmp_path):
-    rc, out, err = run_cli("demo", "--dir", str(tmp_path / "demo"))
+    rc, _out, err = run_cli("demo", "--dir", str(tmp_path / "demo"))
     assert rc == 0, err
     assert (tmp_path / "demo/out/deep/config.json").exists()
     assert json.loads((tmp_path / "demo/out/deep/config.json").read_text())["num_hidden_layers"] == 6

@@ -6,8 +6,8 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from fusionlang.diagnostics import FuseErrors, Span
 from fusionlang.fmt import format_source
 from fusionlang.parser import parse

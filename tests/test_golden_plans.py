@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import run_cli
+from safetensors.torch import save_file
 
 GOLDEN = Path(__file__).parent / "golden" / "plans"
 UPDATE = os.environ.get("FUSIONLANG_UPDATE_GOLDEN") == "1"

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import load_state, run_cli, write_spec
 
 
@@ -18,7 +17,7 @@ models experts = [{", ".join(f'local("{fam[k]}")' for k in sorted(fam) if k != "
 {extra}merge {name} = {body}
 save {name} to "out/{name}"
 ''', f"{name}.fuse")
-    rc, out, err = run_cli("run", str(spec), "-q")
+    rc, _out, err = run_cli("run", str(spec), "-q")
     assert rc == 0, err
     return load_state(tmp_path / "out" / name)
 
@@ -84,7 +83,7 @@ def test_ties_model_scope_matches_fusionbench(llama, tmp_path):
     keys = sorted(base)
     flat_base = torch.cat([base[k].reshape(-1) for k in keys])
     tvs = torch.stack([torch.cat([e[k].reshape(-1) for k in keys]) - flat_base for e in ex])
-    n, d = tvs.shape
+    _n, d = tvs.shape
     kth = tvs.abs().kthvalue(d - int(d * 0.2), dim=1, keepdim=True).values
     trimmed = tvs * (tvs.abs() >= kth)
     sign = torch.sign(trimmed.sum(0))

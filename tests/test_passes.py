@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import load_state, run_cli, write_spec
+
 from fusionlang.checker import check_file
 from fusionlang.executor import run_plan
 from fusionlang.lower import Lowerer

@@ -8,7 +8,7 @@ models experts = [local("{llama['e0']}"), local("{llama['e1']}")]
 merge ta = task_arithmetic(base, experts, scale=0.5)
 save ta to "out/ta"
 ''')
-    rc, out, err = run_cli("run", str(spec), "-q")
+    rc, _out, err = run_cli("run", str(spec), "-q")
     assert rc == 0, err
     got = load_state(tmp_path / "out/ta")
     b, e0, e1 = (load_state(llama[k]) for k in ("base", "e0", "e1"))

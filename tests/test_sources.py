@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 from conftest import load_state, run_cli, write_spec
+
 from fusionlang.sources import read_model_dir
 
 

@@ -10,7 +10,6 @@ order like their int32 bits): 32768 buckets on the high 16 bits, then 65536 on t
 from __future__ import annotations
 
 import hashlib
-
 from typing import Literal
 
 from .registry import Tensor, op, torch

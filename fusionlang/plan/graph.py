@@ -115,7 +115,7 @@ class Plan:
                 g.add_edge(i, nid)
         self.graph = g
 
-    def copy(self) -> "Plan":
+    def copy(self) -> Plan:
         p = Plan()
         p.nodes = dict(self.nodes)
         p.graph = self.graph.copy()
