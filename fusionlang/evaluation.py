@@ -44,10 +44,24 @@ def resolve_task(prog: ir.Program, qual: str) -> dict:
 
     b = prog.bindings[qual]
     args = _call_args(prog, b.value) if isinstance(b.value, ir.CallE) else {}
+    zoo = args.get("zoo", "text")
     try:
-        spec = find_task(args["task"], args.get("zoo", "text"))
+        spec = find_task(args["task"], zoo)
     except ZooError as e:
-        raise FuseErrors([Diagnostic("E018", e.message, b.value.span, e.hint or "")]) from None
+        from .zoo.paths import zoo_dir
+
+        try:
+            built = (zoo_dir(zoo) / "zoo.json").is_file()
+        except (ZooError, OSError, ValueError):
+            built = False
+        # NOTE: E018 (zoo not built) is "not verified" for `check`; a task missing from a
+        # built zoo is a plain error.
+        code = "E006" if built else "E018"
+        hint = e.hint or ""
+        if built:
+            have = sorted(p.stem for p in (zoo_dir(zoo) / "heads").glob("*.json"))
+            hint = f"tasks of the '{zoo}' zoo: {', '.join(have)}"
+        raise FuseErrors([Diagnostic(code, e.message, b.value.span, hint)]) from None
     return {**args, "spec": spec, "span": b.span}
 
 

@@ -82,7 +82,9 @@ def compile_spec(path: str, passes: set[str] | None = None, dump_after: str | No
     from .evaluation import prepare
     from .passes import run_passes
 
-    setup = prepare(check_file(path))
+    checked = check_file(path)
+    _check_tasks(checked)  # every task error at once, before anything runs
+    setup = prepare(checked)
     prog = setup.program
     lowered = Lowerer(prog).lower()
     if not prog.saves and not prog.evals:
