@@ -28,10 +28,28 @@ def _is_reduce(plan: Plan, nid: str) -> bool:
     return op in OPS and OPS[op].kind == "reduce"
 
 
+# Ops whose result is a small statistic: run them as soon as their inputs exist, so a
+# whole-tensor value feeding several of them (one delta -> a top-k threshold and a DARE
+# L1 factor) is freed at once instead of waiting for the other consumer's turn.
+SMALL_RESULT_OPS = {"topk_threshold", "drop_l1_factor", "magnitude_hist_hi", "magnitude_hist_lo", "const"}
+
+
 def depth_first(plan: Plan, roots: list[str]) -> dict[str, int]:
     """Post-order from the roots, inputs in their listed order: each input's subtree is
     finished before the next one starts, which keeps few values alive at once."""
     pos: dict[str, int] = {}
+    consumers: dict[str, list[str]] = {}
+    for nid, n in plan.nodes.items():
+        if n.op in SMALL_RESULT_OPS:
+            for i in n.inputs:
+                consumers.setdefault(i, []).append(nid)
+
+    def place(nid: str) -> None:
+        pos[nid] = len(pos)
+        for c in sorted(consumers.get(nid, ())):
+            if c not in pos and all(i in pos for i in plan.nodes[c].inputs):
+                place(c)
+
     for r in roots:
         stack = [(r, False)]
         while stack:
@@ -39,7 +57,7 @@ def depth_first(plan: Plan, roots: list[str]) -> dict[str, int]:
             if nid in pos:
                 continue
             if expanded:
-                pos[nid] = len(pos)
+                place(nid)
                 continue
             stack.append((nid, True))
             for i in reversed(plan.nodes[nid].inputs):
