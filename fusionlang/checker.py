@@ -47,6 +47,9 @@ BUILTINS: dict[str, BuiltinSig] = {
     "classify": BuiltinSig((("task", "string", REQUIRED), ("zoo", "string", "text"), ("split", "string", "test"),
                             ("batch_size", "int", 128), ("limit", "int", None)), "task",
                            "a classification task of a model zoo: its data split, frozen head and accuracy"),
+    "tune": BuiltinSig((("values", "numbers", REQUIRED), ("on", "any", REQUIRED), ("split", "string", "val")), "number",
+                       "a merge argument chosen at run time: the candidate with the best mean accuracy on the "
+                       "tasks' validation split"),
 }
 
 _TYPE_OK = {
@@ -126,6 +129,7 @@ class Checker:
         self._failed: set[str] = set()
         self._loading: list[str] = []
         self._use_spans: list[Span] = []
+        self._tune_ok = False  # tune() may appear only in the expression of a merge
 
     # ------------------------------------------------------------------ modules
     def load(self, key: str, file: str, text: str, use_span: Span | None = None) -> _Module | None:
@@ -286,6 +290,13 @@ class Checker:
             return None  # recursion is reported by the caller
         d, mod = self._def_ast[qual]
         self._in_progress.add(qual)
+        tune_ok, self._tune_ok = self._tune_ok, False
+        try:
+            return self._def_body(qual, d, mod)
+        finally:
+            self._tune_ok = tune_ok
+
+    def _def_body(self, qual: str, d: ast.Def, mod: _Module) -> ir.DefIR:
         params, scope = [], {}
         seen = set()
         for p in d.params:
@@ -319,7 +330,11 @@ class Checker:
             return None
         self._in_progress.add(qual)
         n_errors = len(self.sink.errors)
-        value = self.expr(stmt.value, mod, {})
+        tune_ok, self._tune_ok = self._tune_ok, isinstance(stmt, ast.Merge)
+        try:
+            value = self.expr(stmt.value, mod, {})
+        finally:
+            self._tune_ok = tune_ok
         rules: list[ir.RuleIR] = []
         if isinstance(stmt, ast.ModelDecl):
             kind = "models" if stmt.plural else "model"
@@ -343,7 +358,11 @@ class Checker:
                     self.sink.error("E012", f"pattern '{r.pattern}' appears twice; the second never matches", r.pattern_span,
                                     f"first at {pats[r.pattern]}")
                 pats[r.pattern] = r.pattern_span
-                rv = self.expr(r.value, mod, {c: "int" for c in caps})
+                tune_ok, self._tune_ok = self._tune_ok, True
+                try:
+                    rv = self.expr(r.value, mod, {c: "int" for c in caps})
+                finally:
+                    self._tune_ok = tune_ok
                 if not type_accepts("model", rv.type):
                     self.sink.error("E005", f"rule value must be a model, not {rv.type}", r.value.span, "")
                 rules.append(ir.RuleIR(pattern=r.pattern, regex=regex, captures=caps, value=rv, span=r.span,
@@ -360,10 +379,12 @@ class Checker:
         return b
 
     # ------------------------------------------------------------------ expressions
-    def _unknown(self, mod: _Module, name: str, span: Span, scope: dict) -> None:
+    def _unknown(self, mod: _Module, name: str, span: Span, scope: dict, called: bool = False) -> None:
         import difflib
 
-        cands = list(scope) + list(mod.names) + [o for o, d in OPS.items() if d.public] + list(BUILTINS)
+        # a called name is compared with functions, a value's name with values
+        cands = [n for n, sym in mod.names.items() if (sym.kind == "def") == called]
+        cands += ([o for o, d in OPS.items() if d.public] + list(BUILTINS)) if called else list(scope)
         close = difflib.get_close_matches(name, cands, n=1)
         hint = f"did you mean '{close[0]}'?" if close else \
             f"declare it first, e.g. `model {name} = local(\"dir\")` or `merge {name} = ...`"
@@ -535,10 +556,45 @@ class Checker:
         if e.func in BUILTINS:
             b = BUILTINS[e.func]
             self._bind_args(e, list(b.params), args, kwargs, None)
+            if e.func == "tune":
+                self._check_tune(e, args, kwargs)
             return ir.CallE(span=s, type=b.returns, kind="builtin", target=e.func, args=args,
                             kwargs=tuple((k, v) for k, v, _ in kwargs))
-        self._unknown(mod, e.func, e.func_span, scope)
+        self._unknown(mod, e.func, e.func_span, scope, called=True)
         return ir.Const(span=s, type="any", value=None)
+
+    def _check_tune(self, e: ast.Call, args, kwargs) -> None:
+        """tune(values, on=[tasks]): literal candidates, declared tasks, only in a merge."""
+        if not self._tune_ok:
+            self.sink.error("E019", "tune() can only choose an argument of a merge", e.span,
+                            "write it in the merge itself, e.g. merge ta = task_arithmetic(base, experts, "
+                            "scale=tune([0.1, 0.3, 0.5], on=[task1, task2]))")
+        bound = dict(zip(("values", "on", "split"), args)) | {k: v for k, v, _ in kwargs}
+        values, on = bound.get("values"), bound.get("on")
+        if values is not None and values.type != "any":
+            if not (isinstance(values, ir.ListE) and values.items
+                    and all(isinstance(i, ir.Const) and i.type in ("number", "int") for i in values.items)):
+                self.sink.error("E019", "tune() needs a literal list of candidate numbers", values.span,
+                                "e.g. tune([0.1, 0.2, 0.3, 0.5, 0.7, 1.0], on=[task1, task2])")
+            elif len({i.value for i in values.items}) != len(values.items):
+                self.sink.error("E019", "tune() lists a candidate twice", values.span, "list each candidate once")
+            else:
+                for i in values.items:
+                    if isinstance(i.value, bool):
+                        self.sink.error("E005", "tune() candidates must be numbers", i.span, "")
+        if on is not None and on.type != "any":
+            items = on.items if isinstance(on, ir.ListE) else (on,)
+            if not items:
+                self.sink.error("E019", "tune() needs at least one task to choose on", on.span,
+                                "e.g. on=[austen, pos]")
+            for i in items:
+                if not (isinstance(i, ir.Ref) and i.type == "task"):
+                    self.sink.error("E005", f"tune() chooses on tasks, not {_tname(i.type)}", i.span,
+                                    'declare one with `task NAME = classify("NAME", zoo="text")`')
+        split = bound.get("split")
+        if isinstance(split, ir.Const) and split.value == "test":
+            self.sink.warning("W002", "tune() chooses on the test split: the reported test accuracy is then "
+                              "optimistic", split.span, 'choose on split="val" and report on "test"')
 
     def _bind_args(self, e: ast.Call, sig, args, kwargs, opdef) -> None:
         names = [n for n, _, _ in sig]
@@ -630,7 +686,8 @@ def check_file(path: str) -> ir.Program:
     prog, sink = check_source(text, path)
     if prog is None:
         raise FuseErrors(sink.items)
-    return prog
+    warnings = tuple(d for d in sink.items if d.severity == "warning")
+    return prog.model_copy(update={"warnings": warnings}) if warnings else prog
 
 
 def _file_diag(path, code, msg, hint):

@@ -73,6 +73,13 @@ def _summary(prog, lowered, plan) -> None:
     t.add_row("bytes read", _human(plan.bytes_read()))
     t.add_row("bytes written", _human(plan.bytes_written()))
     t.add_row("est. peak memory", _human(estimate_peak_bytes(plan)) + " (largest tensor group, fp32)")
+    from .tuning import find_sites
+
+    sites = find_sites(prog)
+    if sites:
+        t.add_row("tune()", "; ".join(f"{s.merge.split('::')[-1]}.{s.param} in {[round(v, 6) for v in s.values]}"
+                                      for s in sites)
+                  + " [dim](planned with the first candidate; `run` chooses on the validation split)[/]")
     console.print(t)
 
 
@@ -95,7 +102,7 @@ def _check_pass_args(args) -> None:
                                      f"passes: {', '.join(names)}")])
 
 
-def _compile(args):
+def _compile(args, tuner=None):
     from .pipeline import compile_spec
     from .plan import emit
 
@@ -110,7 +117,9 @@ def _compile(args):
     if getattr(args, "passes", None) is not None:
         passes = {p for p in args.passes.split(",") if p}
     prog, lowered, plan = compile_spec(args.spec, passes, getattr(args, "dump_after", None),
-                                       getattr(args, "verify_passes", False), on_dump)
+                                       getattr(args, "verify_passes", False), on_dump, tuner)
+    if prog.warnings:
+        _print_diags(list(prog.warnings))
     for d in dumps:
         sys.stdout.write(d)
     return prog, lowered, plan
@@ -162,7 +171,13 @@ def cmd_run(args) -> int:
         _verify_plan_inputs(plan, args.spec)
         name = args.spec
     else:
-        prog, _lowered, plan = _compile(args)
+        from .executor import pick_device
+        from .tuning import resolve
+
+        def tuner(p):
+            return resolve(p, args.device, pick_device(args.device).type, console, int(args.shard_size * 1024**3))
+
+        prog, _lowered, plan = _compile(args, tuner)
         name = prog.file
     import time
 

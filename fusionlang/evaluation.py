@@ -29,6 +29,7 @@ class EvalSetup:
     tasks: dict[str, dict] = field(default_factory=dict)  # task name -> classify() arguments
     tmpdir: str | None = None
     reports: list[tuple[list[str], list[str], str]] = field(default_factory=list)  # rows, tasks, report dir
+    tuning: list = field(default_factory=list)  # tuning.TuneRecord of every tune() chosen before the run
 
 
 def _call_args(prog: ir.Program, call: ir.CallE) -> dict:
@@ -167,6 +168,8 @@ def run(setup: EvalSetup, device: str, console) -> list[dict]:
             report = {"tasks": tasks, "device": device, "rows": table,
                       "definitions": {"normalized_accuracy": "accuracy / fine-tuned accuracy on the task",
                                       "forgetting": "mean over tasks of max(0, pretrained - model accuracy)"}}
+            if setup.tuning:
+                report["tuning"] = [r.to_json() for r in setup.tuning]
             _print(console, report)
             _write(report_dir, report)
             console.print(f"report: {report_dir}/report.json, report.png")

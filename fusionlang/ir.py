@@ -157,3 +157,42 @@ class Program(IR):
     defs: dict[str, DefIR]
     saves: tuple[SaveIR, ...]
     evals: tuple[EvalIR, ...] = ()
+    warnings: tuple = ()  # the checker's warnings (Diagnostic), shown by check, compile and run
+
+
+def map_expr(e: Expr, f) -> Expr:
+    """Rebuild `e` bottom-up where `f(node)` returns a replacement (None keeps the node)."""
+    r = f(e)
+    if r is not None:
+        return r
+    updates = {}
+    for name in type(e).model_fields:
+        v = getattr(e, name)
+        nv = _map_value(v, f)
+        if nv is not v:
+            updates[name] = nv
+    return e.model_copy(update=updates) if updates else e
+
+
+def _map_value(v, f):
+    if isinstance(v, IR) and not isinstance(v, (ParamIR, DefIR, Binding, RuleIR)):
+        return map_expr(v, f)
+    if isinstance(v, tuple):
+        items = tuple(_map_value(x, f) for x in v)
+        return v if all(a is b for a, b in zip(items, v)) else items
+    return v
+
+
+def walk_expr(e: Expr):
+    """Every node of an expression tree, parents first."""
+    yield e
+    for name in type(e).model_fields:
+        yield from _walk_value(getattr(e, name))
+
+
+def _walk_value(v):
+    if isinstance(v, IR):
+        yield from walk_expr(v)
+    elif isinstance(v, tuple):
+        for x in v:
+            yield from _walk_value(x)

@@ -571,6 +571,10 @@ class Lowerer:
         if e.kind == "builtin" and e.target == "slices":
             raise EvalError("E005", "slices() must be the whole value of a merge", e.span,
                             "write `merge deep = slices([...])` and use `deep` elsewhere")
+        if e.kind == "builtin" and e.target == "tune":
+            from .tuning import first_value
+
+            return first_value(e)  # `run` substitutes the chosen value before lowering
         args = self.call_args(e, env, ctx)
         if e.kind == "builtin":
             if e.target in ("local", "hf", "zoo"):

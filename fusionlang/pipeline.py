@@ -34,24 +34,28 @@ def check(path: str) -> CheckResult:
     except FuseErrors as e:
         res.diagnostics = e.diagnostics
         return res
+    from .tuning import check_candidates
+
+    warnings = list(prog.warnings)
+    tune_errors = check_candidates(prog)
     low = Lowerer(prog)
     try:
         _check_tasks(prog)
         low.lower()
-        res.diagnostics = [d for d in low.sink.items]
+        res.diagnostics = warnings + tune_errors + [d for d in low.sink.items]
         return res
     except FuseErrors as e:
         missing = [d for d in e.diagnostics if d.code in MISSING_MODEL_CODES]
         others = [d for d in e.diagnostics if d.code not in MISSING_MODEL_CODES]
         if not missing:
-            res.diagnostics = e.diagnostics
+            res.diagnostics = warnings + tune_errors + [d for d in e.diagnostics if d not in tune_errors]
             return res
     # Models are absent: check argument values by evaluating at a probe tensor instead.
     try:
         Lowerer(prog, dry=True).dry_check()
     except FuseErrors as e:
         others += [d for d in e.diagnostics if d not in others]
-    res.diagnostics = others
+    res.diagnostics = warnings + tune_errors + [d for d in others if d not in tune_errors]
     for d in missing:
         res.unverified.append(f"{d.span}: {d.message}")
     return res
@@ -75,16 +79,26 @@ def _check_tasks(prog: ir.Program) -> None:
 
 
 def compile_spec(path: str, passes: set[str] | None = None, dump_after: str | None = None,
-                 verify: bool = False, on_dump: Callable[[str, Plan], None] | None = None) -> tuple[ir.Program, Plan, Plan]:
+                 verify: bool = False, on_dump: Callable[[str, Plan], None] | None = None,
+                 tuner: Callable[[ir.Program], tuple[ir.Program, list]] | None = None) -> tuple[ir.Program, Plan, Plan]:
     """Check and lower a spec (models required); returns (program, lowered plan, optimized plan).
     Merges that an `eval` needs but no `save` writes get outputs in a temporary directory;
-    the evaluation setup travels as `plan.eval_setup`."""
+    the evaluation setup travels as `plan.eval_setup`. `tuner` chooses the tune() arguments
+    (`run`); without it the plan holds each tune()'s first candidate (`compile`)."""
     from .evaluation import prepare
     from .passes import run_passes
+    from .tuning import check_candidates
 
     checked = check_file(path)
     _check_tasks(checked)  # every task error at once, before anything runs
+    tune_errors = check_candidates(checked)
+    if tune_errors:
+        raise FuseErrors(tune_errors)
+    tuning: list = []
+    if tuner is not None:
+        checked, tuning = tuner(checked)
     setup = prepare(checked)
+    setup.tuning = tuning
     prog = setup.program
     lowered = Lowerer(prog).lower()
     if not prog.saves and not prog.evals:

@@ -1,0 +1,240 @@
+"""`tune(values, on=[tasks], split="val")`: merge arguments chosen on a validation split.
+
+A merge argument written as `tune([...], on=[...])` is a search: `fusionlang run` merges
+once per candidate (every combination when one merge has several tune() arguments),
+scores each result on the tasks' validation split (mean accuracy) and keeps the best,
+before the real plan is compiled and run. The test split is never looked at, so the
+accuracies an `eval` reports stay honest. Merges are tuned in dependency order: a merge
+built from a tuned merge sees its chosen value.
+
+`check` and `compile` need no data: they verify every candidate (each one is lowered at a
+probe tensor) and plan the first candidate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import ir
+from .diagnostics import Diagnostic, FuseErrors
+
+SpanKey = tuple[str, int, int]
+
+
+@dataclass
+class TuneSite:
+    merge: str  # qualified name of the merge whose expression holds the tune()
+    call: ir.CallE
+    param: str  # the argument it fills, for reports ("scale")
+    values: list[float]
+    tasks: list[str]  # qualified task names
+    split: str
+
+    @property
+    def key(self) -> SpanKey:
+        return span_key(self.call.span)
+
+
+@dataclass
+class TuneRecord:
+    merge: str
+    split: str
+    tasks: list[str]
+    params: list[str]
+    candidates: list[dict] = field(default_factory=list)  # {"values": {...}, "accuracy": {...}, "average": x}
+    chosen: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"merge": self.merge, "split": self.split, "tasks": self.tasks, "params": self.params,
+                "candidates": self.candidates, "chosen": self.chosen}
+
+
+def span_key(span) -> SpanKey:
+    return (span.file, span.line, span.col)
+
+
+def is_tune(e: ir.Expr) -> bool:
+    return isinstance(e, ir.CallE) and e.kind == "builtin" and e.target == "tune"
+
+
+def tune_args(call: ir.CallE) -> dict[str, ir.Expr]:
+    return dict(zip(("values", "on", "split"), call.args)) | dict(call.kwargs)
+
+
+def first_value(call: ir.CallE) -> float:
+    return float(tune_args(call)["values"].items[0].value)
+
+
+def _param_names(prog: ir.Program, call: ir.CallE) -> list[str]:
+    from .checker import BUILTINS
+    from .ops import OPS
+
+    if call.kind == "def":
+        return [p.name for p in prog.defs[call.target].params]
+    if call.kind == "op":
+        return [p.name for p in OPS[call.target].params]
+    return [p[0] for p in BUILTINS[call.target].params]
+
+
+def find_sites(prog: ir.Program) -> list[TuneSite]:
+    """Every tune() of the program's merges, in binding order."""
+    sites = []
+    for q, b in prog.bindings.items():
+        if b.kind != "merge":
+            continue
+        for root in (b.value, *(r.value for r in b.rules)):
+            for node in ir.walk_expr(root):
+                if not isinstance(node, ir.CallE):
+                    continue
+                names = _param_names(prog, node)
+                filled = list(zip(names, node.args)) + list(node.kwargs)
+                for name, arg in filled:
+                    if is_tune(arg):
+                        a = tune_args(arg)
+                        on = a["on"].items if isinstance(a["on"], ir.ListE) else (a["on"],)
+                        split = a.get("split")
+                        sites.append(TuneSite(q, arg, name, [float(i.value) for i in a["values"].items],
+                                              [t.name for t in on], split.value if split is not None else "val"))
+    return sites
+
+
+def substitute(prog: ir.Program, chosen: dict[SpanKey, float]) -> ir.Program:
+    """The program with the tune() calls in `chosen` replaced by their values."""
+    if not chosen:
+        return prog
+
+    def repl(e):
+        if is_tune(e) and span_key(e.span) in chosen:
+            return ir.Const(span=e.span, type="number", value=chosen[span_key(e.span)])
+        return None
+
+    bindings = {}
+    for q, b in prog.bindings.items():
+        if b.kind == "merge":
+            b = b.model_copy(update={
+                "value": ir.map_expr(b.value, repl),
+                "rules": tuple(r.model_copy(update={"value": ir.map_expr(r.value, repl)}) for r in b.rules)})
+        bindings[q] = b
+    return prog.model_copy(update={"bindings": bindings})
+
+
+def check_candidates(prog: ir.Program) -> list[Diagnostic]:
+    """Lower every candidate of every tune() at a probe tensor (no model files needed)."""
+    from .lower import Lowerer
+
+    diags: list[Diagnostic] = []
+    by_merge: dict[str, list[TuneSite]] = {}
+    for s in find_sites(prog):
+        by_merge.setdefault(s.merge, []).append(s)
+        if len(by_merge[s.merge]) > 1 and by_merge[s.merge][0].split != s.split:
+            diags.append(Diagnostic("E019", f"the tune() arguments of one merge must choose on the same split "
+                                    f"('{by_merge[s.merge][0].split}' and '{s.split}')", s.call.span,
+                                    "they are searched together, as a grid, on one split"))
+    for sites in by_merge.values():
+        for s in sites:
+            for item, v in zip(tune_args(s.call)["values"].items, s.values):
+                try:
+                    Lowerer(substitute(prog, {s.key: v}), dry=True).dry_check()
+                except FuseErrors as e:
+                    for d in e.diagnostics:
+                        if d.severity == "error":
+                            diags.append(Diagnostic(d.code, f"candidate {s.param}={v:g} of tune(): {d.message}",
+                                                    item.span, d.hint or f"(at {d.span})"))
+    return diags
+
+
+def _depends_on(prog: ir.Program, q: str, pending: set[str], seen: set[str] | None = None) -> bool:
+    """Does merge `q` use (transitively) another merge that still has a tune()?"""
+    seen = seen if seen is not None else set()
+    b = prog.bindings[q]
+    for root in (b.value, *(r.value for r in b.rules)):
+        for node in ir.walk_expr(root):
+            if isinstance(node, ir.Ref) and node.scope == "global" and node.name not in seen:
+                seen.add(node.name)
+                if node.name in pending and node.name != q:
+                    return True
+                if node.name in prog.bindings and _depends_on(prog, node.name, pending, seen):
+                    return True
+    return False
+
+
+def resolve(prog: ir.Program, run_device: str, eval_device: str, console, shard_bytes: int
+            ) -> tuple[ir.Program, list[TuneRecord]]:
+    """Choose every tune() on its validation split; returns the program with the chosen
+    values in place, and a record of every candidate's scores."""
+    sites = find_sites(prog)
+    if not sites:
+        return prog, []
+    diags = check_candidates(prog)
+    if diags:
+        raise FuseErrors(diags)
+    by_merge: dict[str, list[TuneSite]] = {}
+    for s in sites:
+        by_merge.setdefault(s.merge, []).append(s)
+    chosen: dict[SpanKey, float] = {}
+    records = []
+    while by_merge:
+        pending = set(by_merge)
+        q = next((m for m in by_merge if not _depends_on(prog, m, pending)), next(iter(by_merge)))
+        records.append(_tune_merge(substitute(prog, chosen), q, by_merge.pop(q), chosen, run_device, eval_device,
+                                   console, shard_bytes))
+    return substitute(prog, chosen), records
+
+
+def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, run_device: str,
+                eval_device: str, console, shard_bytes: int) -> TuneRecord:
+    from .evaluation import resolve_task
+    from .zoo.evaluate import evaluate
+
+    short = q.split("::")[-1]
+    tasks = list(dict.fromkeys(t for s in sites for t in s.tasks))
+    split = sites[0].split
+    task_args = {t: resolve_task(prog, t) for t in tasks}
+    rec = TuneRecord(short, split, [t.split("::")[-1] for t in tasks], [s.param for s in sites])
+    grid = list(itertools.product(*(s.values for s in sites)))
+    console.print(f"tuning [bold]{short}[/]: {len(grid)} candidate{'s' * (len(grid) != 1)} "
+                  f"on the '{split}' split of {', '.join(rec.tasks)}")
+    best = None
+    tmp = tempfile.mkdtemp(prefix="fusionlang-tune-")
+    try:
+        for i, combo in enumerate(grid):
+            values = {s.key: v for s, v in zip(sites, combo)}
+            out = str(Path(tmp) / f"{short}-{i}")
+            _merge_one(substitute(prog, values), q, out, run_device, shard_bytes)
+            acc = {}
+            for t in tasks:
+                a = task_args[t]
+                res = evaluate(out, a["spec"], split=split, device=eval_device,
+                               batch_size=int(a.get("batch_size") or 128),
+                               limit=int(a["limit"]) if a.get("limit") is not None else None)
+                acc[t.split("::")[-1]] = res["accuracy"]
+            shutil.rmtree(out, ignore_errors=True)
+            avg = sum(acc.values()) / len(acc)
+            shown = {s.param: v for s, v in zip(sites, combo)}
+            rec.candidates.append({"values": shown, "accuracy": acc, "average": avg})
+            console.print("  " + ", ".join(f"{k}={v:g}" for k, v in shown.items())
+                          + f"  ->  {100 * avg:.1f}  (" + ", ".join(f"{k} {100 * x:.1f}" for k, x in acc.items()) + ")")
+            if best is None or avg > best[0]:
+                best = (avg, values, shown)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    chosen.update(best[1])
+    rec.chosen = best[2]
+    console.print(f"  chosen: [bold]{', '.join(f'{k}={v:g}' for k, v in rec.chosen.items())}[/] "
+                  f"(mean {split} accuracy {100 * best[0]:.1f})")
+    return rec
+
+
+def _merge_one(prog: ir.Program, q: str, out: str, device: str, shard_bytes: int) -> None:
+    from .executor import run_plan
+    from .lower import Lowerer
+    from .passes import run_passes
+
+    b = prog.bindings[q]
+    save = ir.SaveIR(name=q, display=q.split("::")[-1], path=out, dtype=None, span=b.span, path_span=b.span)
+    plan = run_passes(Lowerer(prog.model_copy(update={"saves": (save,), "evals": ()})).lower())
+    run_plan(plan, device, shard_bytes)
