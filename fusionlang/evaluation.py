@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import ir
 from .diagnostics import Diagnostic, FuseErrors
-from .sources import SourceError, resolve_hf
+from .sources import SourceError, is_source_call, source_dir
 
 
 @dataclass
@@ -110,22 +110,12 @@ def _default_report(prog: ir.Program) -> str:
 def _source_dir(prog: ir.Program, e: ir.Expr) -> str:
     if isinstance(e, ir.Ref) and e.scope == "global":
         return _source_dir(prog, prog.bindings[e.name].value)
-    if isinstance(e, ir.CallE) and e.kind == "builtin" and e.target in ("local", "hf", "zoo"):
-        args = _call_args(prog, e)
-        if e.target == "zoo":
-            from .lower import zoo_model_dir
-
-            try:
-                return zoo_model_dir(args["zoo"], args.get("model", "base"))
-            except SourceError as err:
-                raise FuseErrors([Diagnostic(err.code, err.message, e.span, err.hint)]) from None
-        if e.target == "local":
-            return os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(e.span.file)), args["path"]))
+    if is_source_call(e):
         try:
-            return str(resolve_hf(args["repo"], args.get("revision")))
+            return source_dir(e.target, _call_args(prog, e), e.span.file)
         except SourceError as err:
             raise FuseErrors([Diagnostic(err.code, err.message, e.span, err.hint)]) from None
-    raise FuseErrors([Diagnostic("E005", "only merges and models read with local()/hf() can be evaluated", e.span,
+    raise FuseErrors([Diagnostic("E005", "only merges and models (local(), hf(), zoo(), package()) can be evaluated", e.span,
                                  "evaluate a merge, or declare the model with `model NAME = local(\"dir\")`")])
 
 

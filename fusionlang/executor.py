@@ -29,7 +29,9 @@ TORCH_DTYPES_ALL = {**TORCH_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16
                     "U8": torch.uint8, "BOOL": torch.bool}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
-                   "preprocessor_config.json", "chat_template.jinja")
+                   "preprocessor_config.json", "chat_template.jinja",
+                   # sentence-transformers: the module list and the pooling/normalize modules
+                   "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 
 
@@ -250,7 +252,7 @@ class Executor:
         if n.op == "load":
             return self._load(n.param("source"), n.param("tensor"), n.param("rows"))
         if n.op == "cast":
-            return args[0].to(TORCH_DTYPES[n.param("dtype")])
+            return args[0].to(TORCH_DTYPES_ALL[n.param("dtype")])
         o = OPS[n.op]
         n_single = sum(1 for p in o.params if p.type == "tensor")
         kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.params}
@@ -407,9 +409,23 @@ class Executor:
             p = Path(src.path) / f
             if p.is_file():
                 shutil.copy2(p, d / f)
+        for m in _sentence_transformer_modules(Path(src.path)):
+            shutil.copytree(Path(src.path) / m, d / m)
         (d / "README.md").write_text(
             f"---\ntags: [fusionlang, merge]\n---\n# {o.name}\n\nMerged with [fusionlang](https://example.invalid/fusionlang) "
             f"from `{os.path.basename(self.plan.spec_file)}`:\n\n```fuse\n{self.plan.spec_text.rstrip()}\n```\n")
+
+
+def _sentence_transformer_modules(model_dir: Path) -> list[str]:
+    """Module directories (pooling, normalize, dense, ...) that a sentence-transformers
+    modules.json lists next to the transformer weights; they hold no merged weights."""
+    try:
+        modules = json.loads((model_dir / "modules.json").read_text())
+        paths = [m.get("path", "") for m in modules if isinstance(m, dict)]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+    return [p for p in paths if p and "/" not in p and ".." not in p and (model_dir / p).is_dir()
+            and not any((model_dir / p).glob("*.safetensors"))]
 
 
 _CREATED_DIRS: list[Path] = []

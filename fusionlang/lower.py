@@ -24,23 +24,17 @@ from .diagnostics import Diagnostic, DiagnosticSink, FuseErrors, Span
 from .ops import OPS
 from .ops.sparsify import tensor_seed
 from .plan.graph import OutputSpec, Plan, SourceSpec, add_with_id
-from .sources import ModelHeader, SourceError, read_model_dir, resolve_hf
+from .sources import (
+    SOURCE_BUILTINS,
+    ModelHeader,
+    SourceError,
+    is_source_call,
+    read_model_dir,
+    source_dir,
+)
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 SAVE_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
-
-
-def zoo_model_dir(zoo: str, model: str) -> str:
-    from .zoo.paths import zoo_dir
-
-    d = zoo_dir(zoo)
-    if not (d / "zoo.json").is_file():
-        raise SourceError("E018", f"the '{zoo}' zoo is not built (looked in {d})",
-                          f"build it once, offline: fusionlang zoo build {zoo}")
-    if not (d / model).is_dir():
-        have = sorted(p.name for p in d.iterdir() if (p / "config.json").is_file())
-        raise SourceError("E006", f"the '{zoo}' zoo has no model '{model}'", f"its models: {', '.join(have)}")
-    return str(d / model)
 
 
 class EvalError(Exception):
@@ -117,25 +111,20 @@ class Lowerer:
         names: dict[Span, str] = {}
         for b in self.prog.bindings.values():
             short = b.qualname.split("::")[-1]
-            if isinstance(b.value, ir.CallE) and b.value.kind == "builtin" and b.value.target in ("local", "hf", "zoo"):
+            if is_source_call(b.value):
                 names[b.value.span] = short
             if isinstance(b.value, ir.ListE):
                 for i, item in enumerate(b.value.items):
-                    if isinstance(item, ir.CallE) and item.kind == "builtin" and item.target in ("local", "hf", "zoo"):
+                    if is_source_call(item):
                         names[item.span] = f"{short}[{i}]"
         return names
 
     def source(self, call: ir.CallE, args: dict) -> str:
-        """Resolve local()/hf() to a source key, reading its headers once."""
+        """Resolve a source call (local, hf, zoo, package) to a source key, reading its headers once."""
         if self.dry:
             return self.names.get(call.span, "model")
         try:
-            if call.target == "local":
-                path = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(call.span.file)), args["path"]))
-            elif call.target == "zoo":
-                path = zoo_model_dir(args["zoo"], args.get("model", "base"))
-            else:
-                path = str(resolve_hf(args["repo"], args.get("revision")))
+            path = source_dir(call.target, args, call.span.file)
             if path in self.keys:
                 return self.keys[path]
             header = read_model_dir(path)
@@ -166,7 +155,7 @@ class Lowerer:
         """The first model source an expression reads: its output has that model's tensors."""
         seen = seen if seen is not None else set()
         if isinstance(e, ir.CallE):
-            if e.kind == "builtin" and e.target in ("local", "hf", "zoo"):
+            if is_source_call(e):
                 return e
             if e.kind == "builtin" and e.target == "slices":
                 return None
@@ -336,9 +325,11 @@ class Lowerer:
         if first_missing:
             self._report_missing(first_missing, dom)
         elif not dom.source_of:
+            # every output tensor was computed (rules may read a tensor only some inputs
+            # have from those); but a tensor the reference lacks would be left out
             ref_names = set(self.headers[dom.reference].tensors)
-            for key in self._sources_read(out):
-                if set(self.headers[key].tensors) != ref_names:
+            for key in sorted(self._sources_read(out)):
+                if set(self.headers[key].tensors) - ref_names:
                     self._report_missing(MissingTensor(key, "", self.sources_used.get(key, save.span)), dom)
         self.plan.outputs[save.display] = out
 
@@ -386,7 +377,11 @@ class Lowerer:
             parts.append(f"only in '{m.source}': {show(only_other)}")
         self._report(Diagnostic("E013", f"models '{dom.reference}' and '{m.source}' have different tensor names",
                                 self.sources_used.get(m.source, m.span),
-                                "; ".join(parts) + ". Inputs must share an architecture; use a rule block to treat such tensors separately"))
+                                "; ".join(parts) + ". Inputs must share an architecture; " + (
+                                    f"the output has the tensors of '{dom.reference}' (the first model read): put a model "
+                                    "with every tensor first" if only_other and not m.tensor else
+                                    "for a tensor only some inputs have, add a rule that reads it from those, e.g. "
+                                    f"\"{m.tensor or only_ref[0]}\" => {dom.reference}")))
 
     def check_rules(self) -> None:
         for b in self.prog.bindings.values():
@@ -577,7 +572,7 @@ class Lowerer:
             return first_value(e)  # `run` substitutes the chosen value before lowering
         args = self.call_args(e, env, ctx)
         if e.kind == "builtin":
-            if e.target in ("local", "hf", "zoo"):
+            if e.target in SOURCE_BUILTINS:
                 return self.load(self.source(e, args), ctx, e.span)
             if e.target == "ramp":
                 a, b = float(args["start"]), float(args["end"])

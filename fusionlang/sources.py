@@ -1,4 +1,5 @@
-"""Model sources: local directories and the local Hugging Face cache.
+"""Model sources: local directories, the local Hugging Face cache, built zoos and
+directories shipped inside installed Python packages.
 
 Reads only safetensors *headers* (a JSON prefix of each file), never weights, and never
 imports torch: `fusionlang check` and `compile` stay fast.
@@ -182,3 +183,56 @@ def resolve_hf(repo: str, revision: str | None = None) -> Path:
             raise SourceError("E017", f"revision '{rev}' of '{repo}' is not in the local cache ({repo_dir})",
                               f"cached snapshots: {', '.join(have) or 'none'}")
     return snap
+
+
+SOURCE_BUILTINS = ("local", "hf", "zoo", "package")
+
+
+def is_source_call(e) -> bool:
+    """Is this IR expression a model source: local(), hf(), zoo() or package()?"""
+    return getattr(e, "kind", None) == "builtin" and getattr(e, "target", None) in SOURCE_BUILTINS
+
+
+def zoo_model_dir(zoo: str, model: str) -> str:
+    from .zoo.paths import zoo_dir
+
+    d = zoo_dir(zoo)
+    if not (d / "zoo.json").is_file():
+        raise SourceError("E018", f"the '{zoo}' zoo is not built (looked in {d})",
+                          f"build it once, offline: fusionlang zoo build {zoo}")
+    if not (d / model).is_dir():
+        have = sorted(p.name for p in d.iterdir() if (p / "config.json").is_file())
+        raise SourceError("E006", f"the '{zoo}' zoo has no model '{model}'", f"its models: {', '.join(have)}")
+    return str(d / model)
+
+
+def package_model_dir(package: str, path: str = "") -> str:
+    """A model directory inside an installed Python package (found, not imported)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(package) if package.isidentifier() or "." in package else None
+    except (ImportError, ValueError):
+        spec = None
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not roots:
+        raise SourceError("E010", f"Python package '{package}' is not installed",
+                          f"install it into this environment, e.g. pip install {package.replace('_', '-')} "
+                          "(package() takes the import name)")
+    d = os.path.join(roots[0], path)
+    if not os.path.isdir(d):
+        inside = sorted(p.name for p in Path(roots[0]).iterdir() if p.is_dir() and not p.name.startswith("__"))
+        raise SourceError("E010", f"package '{package}' has no directory '{path}'",
+                          f"directories in {roots[0]}: {', '.join(inside) or 'none'}")
+    return d
+
+
+def source_dir(target: str, args: dict, spec_file: str) -> str:
+    """The model directory of a source call (SourceError when it cannot be located)."""
+    if target == "local":
+        return os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(spec_file)), args["path"]))
+    if target == "zoo":
+        return zoo_model_dir(args["zoo"], args.get("model", "base"))
+    if target == "package":
+        return package_model_dir(args["package"], args.get("path") or "")
+    return str(resolve_hf(args["repo"], args.get("revision")))
