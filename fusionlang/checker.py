@@ -573,11 +573,16 @@ class Checker:
                             "scale=tune([0.1, 0.3, 0.5], on=[task1, task2]))")
         bound = dict(zip(("values", "on", "split"), args)) | {k: v for k, v, _ in kwargs}
         values, on = bound.get("values"), bound.get("on")
+        # either may name a `let` holding the list
+        if isinstance(values, ir.Ref) and values.scope == "global" and values.name in self.bindings:
+            values = self.bindings[values.name].value
+        if isinstance(on, ir.Ref) and on.type != "task" and on.scope == "global" and on.name in self.bindings:
+            on = self.bindings[on.name].value
         if values is not None and values.type != "any":
             if not (isinstance(values, ir.ListE) and values.items
                     and all(isinstance(i, ir.Const) and i.type in ("number", "int") for i in values.items)):
                 self.sink.error("E019", "tune() needs a literal list of candidate numbers", values.span,
-                                "e.g. tune([0.1, 0.2, 0.3, 0.5, 0.7, 1.0], on=[task1, task2])")
+                                "e.g. tune([0.1, 0.2, 0.3, 0.5, 0.7, 1.0], on=[task1, task2]), or a `let` holding one")
             elif len({i.value for i in values.items}) != len(values.items):
                 self.sink.error("E019", "tune() lists a candidate twice", values.span, "list each candidate once")
             else:

@@ -569,7 +569,7 @@ class Lowerer:
         if e.kind == "builtin" and e.target == "tune":
             from .tuning import first_value
 
-            return first_value(e)  # `run` substitutes the chosen value before lowering
+            return first_value(self.prog, e)  # `run` substitutes the chosen value before lowering
         args = self.call_args(e, env, ctx)
         if e.kind == "builtin":
             if e.target in SOURCE_BUILTINS:

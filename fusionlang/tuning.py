@@ -65,8 +65,19 @@ def tune_args(call: ir.CallE) -> dict[str, ir.Expr]:
     return dict(zip(("values", "on", "split"), call.args)) | dict(call.kwargs)
 
 
-def first_value(call: ir.CallE) -> float:
-    return float(tune_args(call)["values"].items[0].value)
+def _let_value(prog: ir.Program, e: ir.Expr) -> ir.Expr:
+    if isinstance(e, ir.Ref) and e.scope == "global" and prog.bindings[e.name].kind == "let":
+        return prog.bindings[e.name].value
+    return e
+
+
+def value_items(prog: ir.Program, call: ir.CallE) -> tuple[ir.Const, ...]:
+    """The candidate constants of a tune(): its literal list, or the `let` it names."""
+    return _let_value(prog, tune_args(call)["values"]).items
+
+
+def first_value(prog: ir.Program, call: ir.CallE) -> float:
+    return float(value_items(prog, call)[0].value)
 
 
 def _param_names(prog: ir.Program, call: ir.CallE) -> list[str]:
@@ -95,9 +106,10 @@ def find_sites(prog: ir.Program) -> list[TuneSite]:
                 for name, arg in filled:
                     if is_tune(arg):
                         a = tune_args(arg)
-                        on = a["on"].items if isinstance(a["on"], ir.ListE) else (a["on"],)
+                        on = _let_value(prog, a["on"])
+                        on = on.items if isinstance(on, ir.ListE) else (on,)
                         split = a.get("split")
-                        sites.append(TuneSite(q, arg, name, [float(i.value) for i in a["values"].items],
+                        sites.append(TuneSite(q, arg, name, [float(i.value) for i in value_items(prog, arg)],
                                               [t.name for t in on], split.value if split is not None else "val"))
     return sites
 
@@ -136,7 +148,7 @@ def check_candidates(prog: ir.Program) -> list[Diagnostic]:
                                     "they are searched together, as a grid, on one split"))
     for sites in by_merge.values():
         for s in sites:
-            for item, v in zip(tune_args(s.call)["values"].items, s.values):
+            for item, v in zip(value_items(prog, s.call), s.values):
                 try:
                     Lowerer(substitute(prog, {s.key: v}), dry=True).dry_check()
                 except FuseErrors as e:
