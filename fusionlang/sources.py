@@ -83,7 +83,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise SourceError("E011", f"'{path}' has a corrupt safetensors header (not JSON)",
                           "the file is truncated or not a safetensors file") from None
     if not isinstance(header, dict):
-        raise SourceError("E011", f"'{path}' has a corrupt safetensors header", "")
+        raise SourceError("E011", f"'{path}' has a corrupt safetensors header (a JSON {type(header).__name__}, not an object)",
+                          "the file is corrupt or not a safetensors file; re-create or re-download it")
     out: dict[str, TensorInfo] = {}
     data_len = size - 8 - n
     for name, info in header.items():
@@ -91,8 +92,12 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             continue
         try:
             dtype, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
+                raise TypeError("data_offsets")
         except (KeyError, TypeError, ValueError):
-            raise SourceError("E011", f"'{path}': corrupt header entry for tensor '{name}'", "") from None
+            raise SourceError("E011", f"'{path}': corrupt header entry for tensor '{name}'",
+                              "each tensor entry needs dtype, shape and data_offsets; the file is corrupt, "
+                              "re-create or re-download it") from None
         ti = TensorInfo(dtype, shape, str(path))
         if end - start != ti.nbytes or end > data_len:
             raise SourceError("E011", f"'{path}': tensor '{name}' points outside the file (truncated?)",
@@ -127,7 +132,9 @@ def read_model_dir(path: str | os.PathLike) -> ModelHeader:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            raise SourceError("E011", f"'{index}' is not a valid safetensors index", "") from None
+            raise SourceError("E011", f"'{index}' is not a valid safetensors index",
+                              "the index needs a \"weight_map\" object of tensor name -> shard file; "
+                              "re-create or re-download it") from None
         files = sorted({d / f for f in weight_map.values()})
     else:
         files = sorted(d.glob("*.safetensors"))
