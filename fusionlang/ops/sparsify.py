@@ -22,6 +22,11 @@ def keep_count(numel: int, density: float) -> int:
     return 0 if density <= 0 else max(1, int(density * numel))
 
 
+# Elements per sub-chunk for streaming passes: small enough that the temporaries of
+# a pass stay in the CPU cache, big enough that per-call overhead is negligible.
+_SUB = 1 << 17
+
+
 @op(public=False)
 def topk_threshold(x: Tensor, density: float = 0.2) -> Tensor:
     """What a per-tensor top-k keeps, as a small value: [threshold, cut]. Entries with
@@ -34,17 +39,7 @@ def topk_threshold(x: Tensor, density: float = 0.2) -> Tensor:
         return torch.tensor([-1.0, 0.0], dtype=torch.float64)
     if k <= 0:
         return torch.tensor([float("inf"), 0.0], dtype=torch.float64)
-    thr, above = kth_largest_magnitude(x, k)
-    need = k - above
-    a = x.reshape(-1)
-    cut, seen, step = 0, 0, 1 << 20
-    for start in range(0, n, step):  # NOTE: chunked, so many ties never need a big index tensor
-        eq = a[start:start + step].abs() == thr
-        cnt = int(torch.count_nonzero(eq))
-        if seen + cnt >= need:
-            cut = start + int(torch.nonzero(eq).reshape(-1)[need - seen - 1]) + 1
-            break
-        seen += cnt
+    thr, _above, cut = _kth_largest(x.reshape(-1), k, want_cut=True)
     return torch.tensor([float(thr), float(cut)], dtype=torch.float64)
 
 
@@ -52,30 +47,123 @@ def topk_threshold(x: Tensor, density: float = 0.2) -> Tensor:
 def trim_topk(x: Tensor, info: Tensor, offset: int = 0, _inplace: bool = False) -> Tensor:
     """Apply a `topk_threshold` to x, or to a block of its rows starting at flat `offset`."""
     thr, cut = float(info[0]), int(info[1])
-    a = x.abs()
-    mask = a > thr
-    if cut > offset:
-        end = min(cut - offset, x.numel())
-        flat_mask = mask.reshape(-1)
-        flat_mask[:end] |= a.reshape(-1)[:end] == thr
-    return x.mul_(mask) if _inplace else x * mask
+    out = x if _inplace else torch.empty_like(x)
+    src, dst = x.reshape(-1), out.reshape(-1)
+    n = src.numel()
+    buf = torch.empty(min(n, _SUB), dtype=x.dtype, device=x.device)
+    # NOTE: in cache-sized sub-chunks: keep = (|x| > thr) as 1.0/0.0, then x * keep
+    # (the same products, signed zeros included, as multiplying by a boolean mask).
+    for s in range(0, n, _SUB):
+        e = min(n, s + _SUB)
+        a = torch.abs(src[s:e], out=buf[:e - s])
+        ties_end = min(max(cut - offset - s, 0), e - s)  # entries equal to thr before `cut` are kept too
+        if ties_end:
+            a[:ties_end].ge_(thr)
+        if ties_end < e - s:
+            a[ties_end:].gt_(thr)
+        torch.mul(src[s:e], a, out=dst[s:e])
+    return out
 
 
 _STEP = 1 << 22
 
 
 def kth_largest_magnitude(x, k: int) -> tuple[float, int]:
-    """The k-th largest |x| and how many entries are strictly larger, exactly.
+    """The k-th largest |x| and how many entries are strictly larger, exactly."""
+    value, above, _ = _kth_largest(x.reshape(-1), k, want_cut=False)
+    return value, above
 
-    NOTE: no sort and no full-size temporaries: |x| as float32 bits orders like an
-    int32, so one streaming histogram over the high 16 bits finds the bucket holding
-    the answer and a second one over the low 16 bits of that bucket finds the value.
-    Memory stays at one chunk of the tensor.
+
+def _kth_largest(flat, k: int, want_cut: bool) -> tuple[float, int, int]:
+    """(v, above, cut): the k-th largest |flat|, how many entries are strictly larger,
+    and one past the flat index of the (k - above)-th entry equal to v (0 unless
+    want_cut), exactly.
+
+    NOTE: no sort and no full-size temporaries. A strided sample brackets the answer;
+    one streaming pass in cache-sized sub-chunks counts the entries above the bracket
+    and gathers the (few) entries inside it with their positions; the selection then
+    runs on the bracket only, and the tie positions come from it too. When the bracket
+    misses (rare), an exact two-level histogram over the float32 bits of |x| (which
+    order like int32) finds the value.
     """
-    flat = x.reshape(-1)
     n = flat.numel()
-    if n <= 2 * _STEP:
-        return _kth_largest_sampled(flat.abs(), k)
+    if n < (1 << 16):
+        a = flat.abs()
+        value = float(torch.kthvalue(a, n - k + 1).values)
+        above = int(torch.count_nonzero(a > value))
+        cut = 0
+        if want_cut:
+            cut = int(torch.nonzero(a == value).reshape(-1)[k - above - 1]) + 1
+        return value, above, cut
+    stride = 32
+    sample = flat[::stride].abs()
+    m = sample.numel()
+    target = (n - k) / n * m  # the answer's position in the sorted sample
+    margin = 4.0 * (m * (k / n) * (1 - k / n)) ** 0.5 + 8
+    lo_i, hi_i = max(1, int(target - margin)), min(m, int(target + margin) + 1)
+    lo = float(torch.kthvalue(sample, lo_i).values)
+    hi = float(torch.kthvalue(sample, hi_i).values)
+    del sample
+    # One pass: entries above the bracket are counted; those inside it are counted per
+    # sub-chunk and (unless the bracket is a single value, typical of many ties) kept.
+    # NOTE: comparisons write 1.0/0.0 into float buffers and are counted with sum():
+    # much faster than boolean results on CPU, and exact at this sub-chunk size.
+    above, counts, vals = 0, [], []
+    buf = torch.empty(min(n, _SUB), dtype=flat.dtype, device=flat.device)
+    hit = torch.empty_like(buf)
+    hit2 = torch.empty_like(buf) if lo != hi else None
+    for s in range(0, n, _SUB):
+        m = min(n - s, _SUB)
+        a = torch.abs(flat[s:s + m], out=buf[:m])
+        above += int(torch.gt(a, hi, out=hit[:m]).sum())
+        if lo == hi:
+            c = int(torch.eq(a, lo, out=hit[:m]).sum())
+        else:
+            sel = torch.ge(a, lo, out=hit[:m]).mul_(torch.le(a, hi, out=hit2[:m]))
+            c = int(sel.sum())
+            vals.append(a[sel.bool()] if c else None)
+        counts.append(c)
+    total_inside = sum(counts)
+    if above < k <= above + total_inside:
+        r = k - above  # the answer is the r-th largest inside the bracket
+        if lo == hi:
+            value, eq_counts = lo, counts
+        else:
+            inside = torch.cat([v for v in vals if v is not None])
+            value = float(torch.kthvalue(inside, inside.numel() - r + 1).values)
+            above += int(torch.count_nonzero(inside > value))
+            del inside
+            eq_counts = [int(torch.count_nonzero(v == value)) if v is not None else 0 for v in vals]
+        cut = 0
+        if want_cut:  # the sub-chunk holding the (k - above)-th tie, then its position in it
+            need = k - above
+            for j, c in enumerate(eq_counts):
+                if need <= c:
+                    s = j * _SUB
+                    eq = flat[s:s + _SUB].abs() == value
+                    cut = s + int(torch.nonzero(eq).reshape(-1)[need - 1]) + 1
+                    break
+                need -= c
+        return value, above, cut
+    value, above = _kth_largest_hist(flat, k)
+    cut = 0
+    if want_cut:
+        cut, seen, need = 0, 0, k - above
+        for s in range(0, n, 1 << 20):  # NOTE: chunked, so many ties never need a big index tensor
+            eq = flat[s:s + (1 << 20)].abs() == value
+            cnt = int(torch.count_nonzero(eq))
+            if seen + cnt >= need:
+                cut = s + int(torch.nonzero(eq).reshape(-1)[need - seen - 1]) + 1
+                break
+            seen += cnt
+    return value, above, cut
+
+
+def _kth_largest_hist(flat, k: int) -> tuple[float, int]:
+    """Exact k-th largest |flat| from two streaming histograms: 32768 buckets on the high
+    16 bits of the float32 pattern, then 65536 on the low 16 bits of the one bucket
+    that holds the answer."""
+    n = flat.numel()
     hist = torch.zeros(32768, dtype=torch.int64)
     for s in range(0, n, _STEP):
         bits = flat[s:s + _STEP].abs().float().view(torch.int32)
@@ -93,32 +181,6 @@ def kth_largest_magnitude(x, k: int) -> tuple[float, int]:
     above += int(low_at_least[lo + 1]) if lo + 1 < 65536 else 0
     value = torch.tensor([(bucket << 16) | lo], dtype=torch.int32).view(torch.float32)
     return float(value), above
-
-
-def _kth_largest_sampled(a, k: int) -> tuple[float, int]:
-    """Exact k-th largest of a non-negative vector: a strided sample brackets the answer,
-    then a selection runs only on the entries inside the bracket (falls back to a full
-    selection when the bracket misses)."""
-    n = a.numel()
-    if n < (1 << 16):
-        value = torch.kthvalue(a, n - k + 1).values
-        return float(value), int(torch.count_nonzero(a > value))
-    stride = 32
-    sample = a[::stride].contiguous()
-    m = sample.numel()
-    target = (n - k) / n * m  # the answer's position in the sorted sample
-    margin = 4.0 * (m * (k / n) * (1 - k / n)) ** 0.5 + 8
-    lo_i, hi_i = max(1, int(target - margin)), min(m, int(target + margin) + 1)
-    lo = torch.kthvalue(sample, lo_i).values
-    hi = torch.kthvalue(sample, hi_i).values
-    above = int(torch.count_nonzero(a > hi))
-    inside = a[(a >= lo) & (a <= hi)]
-    if above < k <= above + inside.numel():
-        r = k - above  # the answer is the r-th largest inside the bracket
-        value = torch.kthvalue(inside, inside.numel() - r + 1).values
-        return float(value), int(torch.count_nonzero(a > value))
-    value = torch.kthvalue(a, n - k + 1).values
-    return float(value), int(torch.count_nonzero(a > value))
 
 
 def topk_mask(a, k: int):
@@ -213,6 +275,61 @@ def tensor_seed(seed: int, *parts: str) -> int:
 _MASK_CHUNK = 1 << 18
 
 
+class _MaskCache:
+    """Recently drawn DARE mask chunks, bit-packed (32 KiB per chunk), least recently
+    used first out. The L1 rescale needs each mask twice (for the factor, then to apply
+    it, possibly in row blocks of a later group); drawing is the expensive part."""
+
+    def __init__(self, max_bytes: int = 96 << 20):
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self.items: OrderedDict = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key):
+        v = self.items.get(key)
+        if v is not None:
+            self.items.move_to_end(key)
+        return v
+
+    def put(self, key, packed) -> None:
+        self.items[key] = packed
+        self.bytes += packed.nbytes
+        while self.bytes > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
+_MASKS = _MaskCache()
+
+
+def _mask_chunk(j: int, density: float, seed: int):
+    """Chunk j of the keep-mask as a numpy bool array of _MASK_CHUNK entries.
+
+    NOTE: bit-identical to `torch.rand(_MASK_CHUNK, generator=torch.Generator()
+    .manual_seed(tensor_seed(seed, str(j)))) < density`, drawn about twice as fast:
+    torch's CPU generator is MT19937 seeded with the low 32 bits of the seed (numpy's
+    legacy seeding is the same), and a float32 uniform is (u32 & 0xFFFFFF) * 2**-24, so
+    `u < density` is an integer comparison of those 24 bits with ceil(f32(density) * 2**24).
+    """
+    import math
+
+    import numpy as np
+
+    limit = math.ceil(float(np.float32(density)) * (1 << 24))
+    key = (seed, j, limit)
+    packed = _MASKS.get(key)
+    if packed is not None:
+        return np.unpackbits(packed).view(np.bool_)
+    raw = np.random.RandomState(tensor_seed(seed, str(j)) & 0xFFFFFFFF).randint(
+        0, 1 << 32, size=_MASK_CHUNK, dtype=np.uint32)
+    raw &= 0xFFFFFF
+    mask = raw < limit
+    _MASKS.put(key, np.packbits(mask))
+    return mask
+
+
 def keep_mask(offset: int, n: int, density: float, seed: int):
     """DARE's Bernoulli(density) keep-mask for flat positions [offset, offset + n).
 
@@ -221,13 +338,26 @@ def keep_mask(offset: int, n: int, density: float, seed: int):
     whole tensor's mask, so results are bit-identical however the plan is split, run
     or ordered, and on any device.
     """
+    return keep_mask_float(offset, n, density, seed, torch.empty(n, dtype=torch.uint8)).bool()
+
+
+def keep_mask_float(offset: int, n: int, density: float, seed: int, out):
+    """`keep_mask` written as 1/0 into `out` (float or uint8, n entries; CPU).
+
+    NOTE: multiplying by a float 1/0 mask gives the same products as by a boolean mask
+    (signed zeros included) and is several times faster on CPU.
+    """
+    import numpy as np
+
     first, last = offset // _MASK_CHUNK, (offset + n - 1) // _MASK_CHUNK
-    parts = []
+    pos = 0
     for j in range(first, last + 1):
-        g = torch.Generator().manual_seed(tensor_seed(seed, str(j)))
-        parts.append(torch.rand(_MASK_CHUNK, generator=g) < density)
-    start = offset - first * _MASK_CHUNK
-    return torch.cat(parts)[start:start + n] if len(parts) > 1 else parts[0][start:start + n]
+        c = _mask_chunk(j, density, seed)
+        a = max(offset - j * _MASK_CHUNK, 0)
+        b = min(offset + n - j * _MASK_CHUNK, _MASK_CHUNK)
+        out[pos:pos + b - a].copy_(torch.from_numpy(c[a:b].view(np.uint8)))
+        pos += b - a
+    return out[:n]
 
 
 @op(ranges=_UNIT)
@@ -251,10 +381,17 @@ def drop_l1_factor(x: Tensor, density: float = 0.5, seed: int = 0) -> Tensor:
     """sum|x| / sum|x * mask|: the factor that restores the L1 norm after the drop."""
     flat = x.reshape(-1)
     before = after = 0.0
-    for s in range(0, flat.numel(), 1 << 22):
-        chunk = flat[s:s + (1 << 22)].abs()
-        before += float(chunk.sum(dtype=torch.float64))
-        after += float((chunk * keep_mask(s, chunk.numel(), density, seed)).sum(dtype=torch.float64))
+    step = 1 << 22  # NOTE: the float64 partial sums are per 4M-entry chunk (part of the result's bits)
+    buf = torch.empty(min(step, flat.numel()), dtype=x.dtype, device=x.device)
+    mbuf = torch.empty(min(step, flat.numel()), dtype=x.dtype)
+    dbuf = torch.empty(min(step, flat.numel()), dtype=torch.float64, device=x.device)
+    for s in range(0, flat.numel(), step):
+        chunk = torch.abs(flat[s:s + step], out=buf[:min(step, flat.numel() - s)])
+        # NOTE: sum(dtype=float64) casts to float64 and then sums; casting into a reused
+        # buffer gives the same bits without a fresh 32 MB allocation per chunk.
+        before += float(dbuf[:chunk.numel()].copy_(chunk).sum())
+        mask = keep_mask_float(s, chunk.numel(), density, seed, mbuf).to(x.device)
+        after += float(dbuf[:chunk.numel()].copy_(chunk.mul_(mask)).sum())
     return torch.tensor(before / after if after > 0 else 1.0, dtype=torch.float64)
 
 
@@ -264,7 +401,8 @@ def drop_rows(x: Tensor, factor: Tensor, density: float = 0.5, seed: int = 0, of
     """x * mask * factor for x, or for a block of its rows starting at flat `offset`."""
     if density >= 1.0:
         return x
-    mask = keep_mask(offset, x.numel(), density, seed).reshape(x.shape).to(x.device)
+    mask = keep_mask_float(offset, x.numel(), density, seed, torch.empty(x.numel(), dtype=x.dtype))
+    mask = mask.reshape(x.shape).to(x.device)
     out = x.mul_(mask) if _inplace else x * mask
     f = float(factor)
     return out.mul_(f) if f != 1.0 else out
