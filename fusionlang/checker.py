@@ -129,6 +129,8 @@ class Checker:
         self._bind_ast: dict[str, tuple[ast.Stmt, _Module]] = {}
         self._in_progress: set[str] = set()
         self._failed: set[str] = set()
+        self._had_errors: set[str] = set()  # bindings and defs whose checking reported an error
+        self.partial: ir.Program | None = None  # on errors: the program without what had them
         self._loading: list[str] = []
         self._use_spans: list[Span] = []
         self._tune_ok = False  # tune() may appear only in the expression of a merge
@@ -238,6 +240,12 @@ class Checker:
                 if ev:
                     evals.append(ev)
         if self.sink.errors:
+            # NOTE: what checked cleanly can still be value-checked by the lowering (so a
+            # file's errors are all reported at once); what had errors is left out.
+            self.partial = ir.Program(file=file, text=text, module=mod.key,
+                                      bindings={q: b for q, b in self.bindings.items() if q not in self._had_errors},
+                                      defs={q: d for q, d in self.defs.items() if q not in self._had_errors},
+                                      saves=(), evals=())
             return None
         return ir.Program(file=file, text=text, module=mod.key, bindings=self.bindings, defs=self.defs, saves=tuple(saves),
                           evals=tuple(evals))
@@ -293,10 +301,13 @@ class Checker:
         d, mod = self._def_ast[qual]
         self._in_progress.add(qual)
         tune_ok, self._tune_ok = self._tune_ok, False
+        n_errors = len(self.sink.errors)
         try:
             return self._def_body(qual, d, mod)
         finally:
             self._tune_ok = tune_ok
+            if len(self.sink.errors) > n_errors:
+                self._had_errors.add(qual)
 
     def _def_body(self, qual: str, d: ast.Def, mod: _Module) -> ir.DefIR:
         params, scope = [], {}
@@ -377,6 +388,8 @@ class Checker:
         if any(d.code == "E009" for d in self.sink.errors[n_errors:]):
             self._failed.add(qual)  # report a cycle once, not again from each member
             return None
+        if len(self.sink.errors) > n_errors:
+            self._had_errors.add(qual)
         self.bindings[qual] = b
         return b
 
@@ -677,9 +690,16 @@ def _src(a: ir.Expr) -> str:
 
 def check_source(text: str, file: str) -> tuple[ir.Program | None, DiagnosticSink]:
     """Check one spec. Returns the program (None on errors) and all diagnostics."""
+    prog, _partial, sink = check_source_partial(text, file)
+    return prog, sink
+
+
+def check_source_partial(text: str, file: str) -> tuple[ir.Program | None, ir.Program | None, DiagnosticSink]:
+    """Like check_source, plus, on errors, the partial program of the definitions that
+    checked cleanly (None when the file could not be parsed)."""
     c = Checker()
     prog = c.check_program(file, text)
-    return prog, c.sink
+    return prog, c.partial, c.sink
 
 
 def check_file(path: str) -> ir.Program:
@@ -690,9 +710,11 @@ def check_file(path: str) -> ir.Program:
         raise FuseErrors([_file_diag(path, "E008", f"spec file '{path}' does not exist", "check the path")]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise FuseErrors([_file_diag(path, "E008", f"cannot read '{path}': {e}", "")]) from None
-    prog, sink = check_source(text, path)
+    prog, partial, sink = check_source_partial(text, path)
     if prog is None:
-        raise FuseErrors(sink.items)
+        err = FuseErrors(sink.items)
+        err.partial = partial  # what checked cleanly, for `check` to value-check too
+        raise err
     warnings = tuple(d for d in sink.items if d.severity == "warning")
     return prog.model_copy(update={"warnings": warnings}) if warnings else prog
 

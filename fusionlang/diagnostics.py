@@ -55,6 +55,7 @@ class FuseErrors(Exception):
     def __init__(self, diagnostics: list[Diagnostic]):
         super().__init__("; ".join(f"{d.span}: {d.message}" for d in diagnostics))
         self.diagnostics = list(diagnostics)
+        self.partial = None  # checker errors: the program without the definitions that had them
 
 
 @dataclass

@@ -14,6 +14,7 @@ checks argument values through `def`s without reading any headers.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,9 +39,23 @@ SAVE_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
 class EvalError(Exception):
-    def __init__(self, code: str, message: str, span: Span, hint: str = ""):
+    def __init__(self, code: str, message: str, span: Span, hint: str = "", more: tuple[Diagnostic, ...] = ()):
         super().__init__(message)
         self.diag = Diagnostic(code, message, span, hint)
+        self.diags = [self.diag, *more]  # every error found at once (e.g. all bad arguments of a call)
+
+
+@dataclass(frozen=True)
+class _Origin:
+    """Where a `def` parameter's value came from: the argument the user wrote."""
+
+    span: Span
+    func: str  # the function the user called
+    param: str  # its parameter the argument was passed to
+
+
+def _origin_key(name: str) -> str:
+    return "@" + name  # env entries for origins; '@' cannot start a name
 
 
 class MissingTensor(Exception):
@@ -268,7 +283,8 @@ class Lowerer:
             try:
                 self.lower_output(save)
             except EvalError as e:
-                self._report(e.diag)
+                for d in e.diags:
+                    self._report(d)
         if not self.dry and not self.sink.errors:
             # NOTE: only when every output was lowered: an output that stopped early
             # (e.g. a missing model) would make its rules look unmatched.
@@ -277,21 +293,76 @@ class Lowerer:
         self.sink.raise_if_errors()
         return self.plan
 
-    def dry_check(self) -> None:
-        """Evaluate every merge once at a probe tensor (no model files needed)."""
+    def dry_check(self, partial: bool = False) -> None:
+        """Evaluate every merge at a probe tensor (no model files needed), at several
+        positions in the layer stack so that gradients are checked at every layer.
+        `partial`: the program lacks the definitions that had errors; merges that use
+        one are skipped (their errors are already reported)."""
+        probes = self._probes()
         for b in self.prog.bindings.values():
-            if b.kind != "merge":
+            if b.kind != "merge" or self.slices_call(b) is not None:
                 continue
-            ctx = TensorCtx(PROBE, PROBE, 0, 2)
-            try:
-                if self.slices_call(b) is not None:
-                    continue
-                self.eval(b.value, (), ctx)
-                for r in b.rules:
-                    self.eval(r.value, tuple((c, 0) for c in r.captures), ctx)
-            except EvalError as e:
-                self._report(e.diag)
+            if partial and not (self._complete(b.value, set()) and all(self._complete(r.value, set()) for r in b.rules)):
+                continue
+            for ctx in probes:
+                n = len(self.sink.errors)
+                try:
+                    self.eval(b.value, (), ctx)
+                    for r in b.rules:
+                        self.eval(r.value, tuple((c, 0) for c in r.captures), ctx)
+                except EvalError as e:
+                    for d in e.diags:
+                        self._report(d)
+                if len(self.sink.errors) > n:
+                    break  # one position's errors are enough: the others repeat them
         self.sink.raise_if_errors()
+
+    def _probes(self) -> list[TensorCtx]:
+        """Probe positions t = i/m in the layer stack: every breakpoint of a gradient of up
+        to 9 values, and of every longer literal list of the program. A gradient (and
+        ramp) is piecewise linear, so its extremes lie on breakpoints. Ordered from the
+        ends inwards: t=0 (the first layer), t=1 (the last), then 1/2, 1/3, ..."""
+        denoms = set(range(1, 9))
+        for e in self._all_exprs():
+            if isinstance(e, ir.ListE) and 9 < len(e.items) <= 257:
+                denoms.add(len(e.items) - 1)
+        seen: set[tuple[int, int]] = set()
+        out = [TensorCtx(PROBE, PROBE, 0, 2), TensorCtx(PROBE, PROBE, 1, 2)]
+        for m in sorted(denoms):
+            for i in range(1, m):
+                g = math.gcd(i, m)
+                if (i // g, m // g) not in seen and m // g > 1:
+                    seen.add((i // g, m // g))
+                    out.append(TensorCtx(PROBE, PROBE, i // g, m // g + 1))
+        return out
+
+    def _all_exprs(self):
+        roots: list[ir.Expr] = []
+        for b in self.prog.bindings.values():
+            roots += [b.value, *(r.value for r in b.rules)]
+        for d in self.prog.defs.values():
+            roots += [d.body, *(p.default for p in d.params if p.default is not None)]
+        stack = roots
+        while stack:
+            e = stack.pop()
+            yield e
+            stack.extend(_children(e))
+
+    def _complete(self, e: ir.Expr, seen: set[str]) -> bool:
+        """Does `e` use only definitions present in the program (none that had errors)?"""
+        if isinstance(e, ir.Ref) and e.scope == "global":
+            if e.name in seen:
+                return True
+            seen.add(e.name)
+            b = self.prog.bindings.get(e.name)
+            return b is not None and self._complete(b.value, seen) and all(self._complete(r.value, seen) for r in b.rules)
+        if isinstance(e, ir.CallE) and e.kind == "def" and e.target not in seen:
+            seen.add(e.target)
+            d = self.prog.defs.get(e.target)
+            if d is None or not self._complete(d.body, seen) or not all(
+                    self._complete(p.default, seen) for p in d.params if p.default is not None):
+                return False
+        return all(self._complete(c, seen) for c in _children(e))
 
     def lower_output(self, save: ir.SaveIR) -> None:
         b = self.prog.bindings[save.name]
@@ -580,20 +651,70 @@ class Lowerer:
             raise AssertionError(e.target)
         if e.kind == "def":
             d = self.prog.defs[e.target]
+            exprs = self._arg_exprs(e)
             local: list = []
             for p in d.params:
                 if p.name in args:
                     local.append((p.name, args[p.name]))
+                    origin = self._origin(exprs.get(p.name), env, e.target.split("::")[-1], p.name)
+                    if origin is not None:
+                        local.append((_origin_key(p.name), origin))
                 else:
                     local.append((p.name, self.eval(p.default, (), ctx) if p.default is not None else None))
             return self.eval(d.body, tuple(local), ctx)
-        return self.apply_op(e, args, ctx)
+        return self.apply_op(e, args, ctx, env)
 
-    def apply_op(self, e: ir.CallE, args: dict, ctx: TensorCtx):
+    def _arg_exprs(self, e: ir.CallE) -> dict[str, ir.Expr]:
+        if e.kind == "def":
+            names = [p.name for p in self.prog.defs[e.target].params]
+        elif e.kind == "op":
+            names = [p.name for p in OPS[e.target].params]
+        else:
+            return {}
+        return dict(zip(names, e.args)) | dict(e.kwargs)
+
+    def _origin(self, expr: ir.Expr | None, env: tuple, func: str, param: str) -> _Origin | None:
+        """The user's argument a value comes from: an expression in the spec file, or a
+        parameter of an enclosing def call that has one."""
+        if expr is None:
+            return None
+        inherited = self._param_origin(expr, env)
+        if inherited is not None:
+            return inherited
+        if expr.span.file == self.prog.file:
+            return _Origin(expr.span, func, param)
+        return None
+
+    def _param_origin(self, expr: ir.Expr | None, env: tuple) -> _Origin | None:
+        """The origin of a def parameter that `expr` names, if it has one."""
+        if isinstance(expr, ir.Ref) and expr.scope == "local":
+            try:
+                return self._lookup(env, _origin_key(expr.name))
+            except KeyError:
+                return None
+        return None
+
+    def _param_error(self, d: Diagnostic, e: ir.CallE, exprs: dict, env: tuple, pname: str, value, p) -> Diagnostic:
+        """A bad op argument, reported at the user's argument it came from (through defs),
+        naming the function the user called; else at the call."""
+        origin = self._param_origin(exprs.get(pname), env)
+        if origin is None:
+            return Diagnostic(d.code, d.message + self._via(e.span), self.site or e.span, d.hint)
+        via = f" (passed to {e.target} at {os.path.basename(e.span.file)}:{e.span.line})"
+        if p is None:  # not a single value's check (e.g. the weights count)
+            return Diagnostic(d.code, d.message.replace(f"'{e.target}'", f"'{origin.func}'") + via, origin.span, d.hint)
+        sink = DiagnosticSink()
+        check_param_value(sink, origin.param, origin.func, p.choices, p.range, p.type, value, origin.span)
+        o = sink.items[-1] if sink.items else d
+        return Diagnostic(o.code, o.message + via, origin.span, o.hint)
+
+    def apply_op(self, e: ir.CallE, args: dict, ctx: TensorCtx, env: tuple = ()):
         o = OPS[e.target]
         inputs: list[TensorV] = []
         params: dict = {}
         sink = DiagnosticSink()
+        exprs = self._arg_exprs(e)
+        bad: list[Diagnostic] = []
         for p in o.params:
             v = args.get(p.name, None if p.required else p.default)
             if p.type == "tensor":
@@ -617,12 +738,20 @@ class Lowerer:
                         raise EvalError("E005", f"argument '{p.name}' of '{o.name}' must be a list of numbers", e.span, "")
                     v = [float(x) for x in v]
                 if not check_param_value(sink, p.name, o.name, p.choices, p.range, p.type, v, e.span):
-                    d = sink.items[-1]
-                    raise EvalError(d.code, d.message + self._via(e.span), self.site or e.span, d.hint)
+                    bad.append(self._param_error(sink.items[-1], e, exprs, env, p.name, v, p))
+                    continue  # report every bad argument of the call at once
                 params[p.name] = int(v) if p.type == "int" else float(v) if p.type == "number" else v
         if "n" in params and "weights" in params and len(params["weights"]) != params["n"]:
-            raise EvalError("E006", f"{len(params['weights'])} weights for {params['n']} models in '{o.name}'"
-                            + self._via(e.span), self.site or e.span, "give one weight per model")
+            d = Diagnostic("E006", f"{len(params['weights'])} weights for {params['n']} models in '{o.name}'", e.span,
+                           "give one weight per model")
+            bad.append(self._param_error(d, e, exprs, env, "weights", params["weights"], None))
+        if bad and self.dry:
+            # keep going: other calls of the merge may have bad arguments too
+            for d in bad:
+                self._report(d)
+            return TensorV(self.plan.add(o.name, tuple(x.node for x in inputs), {}, group=ctx.group), None, None)
+        if bad:
+            raise EvalError(bad[0].code, bad[0].message, bad[0].span, bad[0].hint, tuple(bad[1:]))
         self._same_shape(inputs, self.site or e.span, ctx, f"'{o.name}'")
         shape = inputs[0].shape if inputs else None
         dtype = inputs[0].dtype if inputs else None
@@ -683,6 +812,24 @@ class Lowerer:
             add_with_id(self.plan, st["bucket"], "select_bucket", tuple(his), {"density": st["density"]}, loc=st["loc"])
             los = [self.plan.add("magnitude_hist_lo", (x, st["bucket"]), {}, group=g, loc=st["loc"]) for x, g in st["xs"].items()]
             add_with_id(self.plan, st["thr"], "select_threshold", tuple(los) + (st["bucket"],), {}, loc=st["loc"])
+
+
+def _children(e: ir.Expr) -> list[ir.Expr]:
+    if isinstance(e, ir.ListE):
+        return list(e.items)
+    if isinstance(e, ir.Comp):
+        return [e.iterable, e.body]
+    if isinstance(e, ir.Bin):
+        return [e.left, e.right]
+    if isinstance(e, ir.Neg):
+        return [e.operand]
+    if isinstance(e, ir.CondE):
+        return [e.test, e.then, e.other]
+    if isinstance(e, ir.IndexE):
+        return [e.value, e.index]
+    if isinstance(e, ir.CallE):
+        return list(e.args) + [v for _, v in e.kwargs]
+    return []
 
 
 def _refs(e) -> set[str]:

@@ -33,6 +33,8 @@ def check(path: str) -> CheckResult:
         prog = check_file(path)
     except FuseErrors as e:
         res.diagnostics = e.diagnostics
+        if e.partial is not None:
+            res.diagnostics += [d for d in _dry_check_partial(e.partial) if d not in res.diagnostics]
         return res
     from .tuning import check_candidates
 
@@ -59,6 +61,19 @@ def check(path: str) -> CheckResult:
     for d in missing:
         res.unverified.append(f"{d.span}: {d.message}")
     return res
+
+
+def _dry_check_partial(partial: ir.Program) -> list[Diagnostic]:
+    """Argument-value errors of the merges that checked cleanly in a file with errors."""
+    try:
+        Lowerer(partial, dry=True).dry_check(partial=True)
+    except FuseErrors as dry:
+        return [d for d in dry.diagnostics if d.severity == "error"]
+    except Exception:  # noqa: BLE001
+        # NOTE: best effort on a program with errors (those are reported already): a
+        # failure here must not hide them behind an internal error
+        return []
+    return []
 
 
 def _check_tasks(prog: ir.Program) -> None:

@@ -586,8 +586,6 @@ def test_invalid_hf_repo_id(tmp_path):
     expect_error(run_cli("check", str(p)), "E010", file=p, at=where(text, "hf("))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: without models, `check` evaluates a gradient only at layer 0, so "
-                   "density=[0.2, 1.4] (out of range at the last layer) passes; with models it is an error")
 def test_gradient_out_of_range_without_models(tmp_path):
     p, _text = spec(tmp_path, 'use merging\nmodel base = local("x")\nmodels ex = [local("y")]\n'
                    'merge m = ties(base, ex, density=[0.2, 1.4])\nsave m to "out/m"\n')

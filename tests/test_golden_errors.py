@@ -36,12 +36,6 @@ KNOWN_BUGS = {
     "syntax_unclosed_paren_origin": "BUG: an unclosed '(' is reported at the next statement with hint "
                                     "\"expected '(', ')', ...\" and never says where the bracket was opened",
     "syntax_two_errors": "BUG: only the first syntax error of a file is reported (no error recovery in parser.parse)",
-    "out_of_range_via_def_column": "BUG: a bad constant passed through a stdlib def is located at the whole call "
-                                   "and blames the primitive ('trim'), not the argument of 'ties' the user wrote",
-    "out_of_range_via_def_all_args": "BUG: through a def, only the first bad argument of a call is reported "
-                                     "(lower.apply_op raises EvalError on the first)",
-    "many_errors_mixed": "BUG: bad values passed through a def are not reported when the file has any other "
-                         "error (pipeline.check returns before Lowerer.dry_check)",
 }
 
 _DIAG = re.compile(r"^(?P<file>[^\s:]+):(?P<line>\d+):(?P<col>\d+): (?P<sev>error|warning)\[(?P<code>\w+)\]: (?P<msg>.*)$")
