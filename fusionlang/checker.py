@@ -18,6 +18,7 @@ from . import ast, ir
 from .diagnostics import DiagnosticSink, FuseErrors, Span
 from .ops import OPS
 from .parser import parse
+from .sources import valid_hf_repo_id
 
 ENTRY = "spec"
 STDLIB_FILES = {"merging"}
@@ -573,6 +574,11 @@ class Checker:
             self._bind_args(e, list(b.params), args, kwargs, None)
             if e.func == "tune":
                 self._check_tune(e, args, kwargs)
+            if e.func == "hf":
+                repo = args[0] if args else next((v for k, v, _ in kwargs if k == "repo"), None)
+                if isinstance(repo, ir.Const) and isinstance(repo.value, str) and not valid_hf_repo_id(repo.value):
+                    self.sink.error("E006", f"'{repo.value}' is not a Hugging Face repository id", s,
+                                    "expected 'org/name' (letters, digits, '-', '_' and '.')")
             return ir.CallE(span=s, type=b.returns, kind="builtin", target=e.func, args=args,
                             kwargs=tuple((k, v) for k, v, _ in kwargs))
         self._unknown(mod, e.func, e.func_span, scope, called=True)

@@ -317,6 +317,26 @@ class Lowerer:
                     break  # one position's errors are enough: the others repeat them
         self.sink.raise_if_errors()
 
+    def check_sources(self) -> list[Diagnostic]:
+        """Locate and read every model source of the program whose arguments are known
+        without evaluating a def (all of them, not only the first that fails, so `check`
+        lists every absent or broken model)."""
+        out: list[Diagnostic] = []
+        seen: set[Span] = set()
+        for b in self.prog.bindings.values():
+            stack = [b.value, *(r.value for r in b.rules)]
+            while stack:
+                e = stack.pop()
+                if is_source_call(e) and e.span not in seen and not _has_local(e):
+                    seen.add(e.span)
+                    try:
+                        self.source(e, self.call_args(e, (), TensorCtx(PROBE, PROBE, 0, 2)))
+                    except EvalError as err:
+                        out += err.diags
+                    continue
+                stack.extend(reversed(_children(e)))
+        return sorted(out, key=lambda d: (d.span.line, d.span.col))
+
     def _probes(self) -> list[TensorCtx]:
         """Probe positions t = i/m in the layer stack: every breakpoint of a gradient of up
         to 9 values, and of every longer literal list of the program. A gradient (and
@@ -830,6 +850,10 @@ def _children(e: ir.Expr) -> list[ir.Expr]:
     if isinstance(e, ir.CallE):
         return list(e.args) + [v for _, v in e.kwargs]
     return []
+
+
+def _has_local(e: ir.Expr) -> bool:
+    return (isinstance(e, ir.Ref) and e.scope == "local") or any(_has_local(c) for c in _children(e))
 
 
 def _refs(e) -> set[str]:

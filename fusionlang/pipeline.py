@@ -52,6 +52,15 @@ def check(path: str) -> CheckResult:
         if not missing:
             res.diagnostics = warnings + tune_errors + [d for d in e.diagnostics if d not in tune_errors]
             return res
+    # Lowering stops at the first source it cannot read: list every absent model, and
+    # report every broken one.
+    for d in low.check_sources():
+        if d.code in MISSING_MODEL_CODES:
+            if all(m.span != d.span for m in missing):
+                missing.append(d)
+        elif d not in others:
+            others.append(d)
+    missing.sort(key=lambda d: (d.span.file, d.span.line, d.span.col))
     # Models are absent: check argument values by evaluating at a probe tensor instead.
     try:
         Lowerer(prog, dry=True).dry_check()

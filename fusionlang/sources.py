@@ -165,10 +165,15 @@ def hf_cache_dir() -> Path:
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def valid_hf_repo_id(repo: str) -> bool:
+    return bool(_REPO_RE.match(repo))
+
+
 def resolve_hf(repo: str, revision: str | None = None) -> Path:
     """Find a snapshot of `repo` in the local HF cache; never touches the network."""
-    if not _REPO_RE.match(repo):
-        raise SourceError("E006", f"'{repo}' is not a Hugging Face repository id", "expected 'org/name'")
+    if not valid_hf_repo_id(repo):
+        raise SourceError("E006", f"'{repo}' is not a Hugging Face repository id",
+                          "expected 'org/name' (letters, digits, '-', '_' and '.')")
     cache = hf_cache_dir()
     repo_dir = cache / ("models--" + repo.replace("/", "--"))
     if not repo_dir.is_dir():

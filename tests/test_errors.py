@@ -429,14 +429,20 @@ def test_check_models_absent_says_what_was_not_verified(tmp_path):
     assert "zoo/base" in err
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with several models absent, `check` lists only the first as unverified "
-                   "(Lowerer.domain stops at the first source that fails to load)")
 def test_check_lists_every_absent_model(tmp_path):
     p, _ = spec(tmp_path, GOOD_ABSENT)
     rc, out, _err = run_cli("check", str(p), "--format", "json")
     assert rc == 0
     unverified = " ".join(json.loads(out)[0]["unverified"])
     assert all(z in unverified for z in ("zoo/base", "zoo/a", "zoo/b")), unverified
+
+
+def test_check_reports_a_broken_model_after_an_absent_one(tmp_path, llama):
+    fam = copy_models(llama, tmp_path / "models")
+    CORRUPTIONS["header_not_a_dict"](fam["e1"] / "model.safetensors")
+    p, text = spec(tmp_path, 'use merging\nmodel base = local("zoo/base")\nmodels ex = [local("$e0"), local("$e1")]\n'
+                   'merge m = ties(base, ex)\nsave m to "out/m"\n', **fam)
+    expect_error(run_cli("check", str(p)), "E011", file=p, at=where(text, 'local("', 2))
 
 
 def test_check_models_present(tmp_path, llama):
@@ -579,11 +585,16 @@ def test_use_spec_file_with_errors(tmp_path):
 
 
 # ---------------------------------------------------------------------- values
-@pytest.mark.xfail(strict=True, reason="BUG: `hf(\"bad id!\")` (not a valid repository id) is filed under "
-                   "'not verified' by `check` (sources.resolve_hf raises E010, the 'model absent' code), exit 0")
 def test_invalid_hf_repo_id(tmp_path):
+    # E006 (a bad value), not E010 (an absent model, which `check` files under 'not verified')
     p, text = spec(tmp_path, 'model base = hf("bad id!")\nmerge m = base * 0.5\nsave m to "out/m"\n')
-    expect_error(run_cli("check", str(p)), "E010", file=p, at=where(text, "hf("))
+    expect_error(run_cli("check", str(p)), "E006", file=p, at=where(text, "hf("), hint="org/name")
+
+
+def test_invalid_hf_repo_id_with_another_model_absent(tmp_path):
+    # checked statically: reported even when lowering stops at an earlier absent model
+    p, text = spec(tmp_path, 'model a = local("absent")\nmodel base = hf("bad id!")\nmerge m = a + base\nsave m to "out/m"\n')
+    expect_error(run_cli("check", str(p)), "E006", file=p, at=where(text, "hf("), hint="org/name")
 
 
 def test_gradient_out_of_range_without_models(tmp_path):
