@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast as pyast
+import re
 from functools import lru_cache
 from importlib import resources
 
@@ -210,11 +211,98 @@ def _syntax_diag(file: str, err: UnexpectedInput) -> Diagnostic:
     return Diagnostic("E001", f"unexpected {text!r}", Span(file, line, col, line, end), hint)
 
 
+_STMT_START = re.compile(r"^(use|model|models|let|def|merge|save|task|eval)\b", re.MULTILINE)
+_OPEN = {"(": ")", "[": "]", "{": "}"}
+MAX_SYNTAX_ERRORS = 20
+
+
+def _error_offset(text: str, err: UnexpectedInput) -> int | None:
+    if isinstance(err, UnexpectedToken) and err.token.type != "$END":
+        return err.token.start_pos
+    if isinstance(err, UnexpectedCharacters):
+        return err.pos_in_stream
+    return None  # the end of the file
+
+
+def _unclosed(text: str, end: int) -> tuple[str, int, int] | None:
+    """The innermost bracket still open at offset `end`: (bracket, line, col)."""
+    stack: list[tuple[str, int, int]] = []
+    line, col, i = 1, 1, 0
+    while i < end:
+        ch = text[i]
+        if ch == "#":
+            while i < end and text[i] != "\n":
+                i += 1
+            continue
+        if ch == '"':
+            i, col = i + 1, col + 1
+            while i < end and text[i] not in '"\n':
+                step = 2 if text[i] == "\\" else 1
+                i, col = i + step, col + step
+        elif ch in _OPEN:
+            stack.append((ch, line, col))
+        elif ch in _OPEN.values() and stack and _OPEN[stack[-1][0]] == ch:
+            stack.pop()
+        if i < end and text[i] == "\n":
+            line, col = line + 1, 1
+        else:
+            col += 1
+        i += 1
+    return stack[-1] if stack else None
+
+
+def _with_origin(diag: Diagnostic, text: str, err: UnexpectedInput) -> Diagnostic:
+    """Name the bracket that an error is about: one never closed, or a stray closing one."""
+    if isinstance(err, UnexpectedCharacters):
+        return diag
+    off = _error_offset(text, err)
+    open_ = _unclosed(text, len(text) if off is None else off)
+    tok = str(err.token) if isinstance(err, UnexpectedToken) else ""
+    if tok in _OPEN.values() and open_ is None:
+        opener = next(k for k, v in _OPEN.items() if v == tok)
+        return Diagnostic(diag.code, diag.message, diag.span, f"this '{tok}' closes no '{opener}': remove it")
+    if tok in _OPEN.values() and _OPEN[open_[0]] != tok:
+        ch, line, col = open_
+        return Diagnostic(diag.code, diag.message, diag.span,
+                          f"the '{ch}' at {line}:{col} is closed with '{_OPEN[ch]}', not '{tok}'")
+    # NOTE: only at the end of the file or at a new statement: inside a statement that
+    # spans lines, an open bracket is normal (the error is then e.g. a missing ',')
+    at_statement = off is None or any(m.start() == off for m in _STMT_START.finditer(text, off, off + 8))
+    if open_ is None or not at_statement:
+        return diag
+    ch, line, col = open_
+    return Diagnostic(diag.code, diag.message, diag.span,
+                      f"the '{ch}' at {line}:{col} is never closed: add '{_OPEN[ch]}' where its contents end")
+
+
+def _blank(text: str, start: int, end: int) -> str:
+    return text[:start] + "".join(c if c == "\n" else " " for c in text[start:end]) + text[end:]
+
+
 def parse(text: str, file: str = "<string>") -> ast.Module:
-    """Parse a .fuse source; raises FuseErrors with a syntax diagnostic."""
+    """Parse a .fuse source; raises FuseErrors with every syntax diagnostic found.
+
+    Error recovery: the statement holding an error is blanked out (newlines kept, so
+    positions stay right) from its first line to the next line that starts a statement,
+    and the rest is parsed again."""
     SOURCES.add(file, text)
-    try:
-        tree: Tree = _parser().parse(text)
-    except UnexpectedInput as err:
-        raise FuseErrors([_syntax_diag(file, err)]) from None
+    diags: list[Diagnostic] = []
+    src = text
+    while True:
+        try:
+            tree: Tree = _parser().parse(src)
+            break
+        except UnexpectedInput as err:
+            diags.append(_with_origin(_syntax_diag(file, err), src, err))
+            off = _error_offset(src, err)
+            if off is None or len(diags) >= MAX_SYNTAX_ERRORS:
+                break
+            starts = [m.start() for m in _STMT_START.finditer(src)]
+            start = max((s for s in starts if s < off), default=0)
+            nxt = min((s for s in starts if s >= off and s > start), default=None)
+            if nxt is None:
+                break
+            src = _blank(src, start, nxt)
+    if diags:
+        raise FuseErrors(diags)
     return _ToAst(file).transform(tree)

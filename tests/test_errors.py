@@ -620,3 +620,20 @@ def test_slices_layer_range_out_of_range(tmp_path, llama):
     p, _text = spec(tmp_path, 'model a = local("$e0")\nmodel b = local("$e1")\n'
                    'merge deep = slices([layers(a, 0, 2), layers(b, 2, 9)])\nsave deep to "out/deep"\n', **llama)
     expect_error(run_cli("run", str(p), "-q"), "E006", file=p, line=3, hint="exclusive", outputs=(tmp_path / "out/deep",))
+
+
+# ---------------------------------------------------------------------- syntax
+def test_missing_comma_in_multiline_call_does_not_blame_the_bracket(tmp_path):
+    p, text = spec(tmp_path, 'use merging\nmodel base = local("x")\nmodels e = [base]\n'
+                   'merge m = ties(\n  base,\n  e\n  density=0.3)\nsave m to "o"\n')
+    d = expect_error(run_cli("check", str(p)), "E001", file=p, at=where(text, "density"))
+    assert "never closed" not in d["hint"]
+
+
+def test_mismatched_bracket_names_the_open_one(tmp_path):
+    p, text = spec(tmp_path, 'model base = local("x")\nmerge m = base\nlet x = [1, 2)\nlet y = (1]\nsave m to "o"\n')
+    rc, out, err = run_cli("check", str(p))
+    assert rc == 1 and "Traceback" not in out + err
+    found = [((d["line"], d["col"]), d["code"], d["hint"]) for d in diags(err)]
+    assert found == [(where(text, ")", 1), "E001", "the '[' at 3:9 is closed with ']', not ')'"),
+                     (where(text, "]"), "E001", "the '(' at 4:9 is closed with ')', not ']'")], err

@@ -32,11 +32,7 @@ SPECS = sorted(GOLDEN.glob("*.fuse"))
 
 # Golden files whose expectations the implementation does not meet yet. Each is a bug
 # (see the reason); the .err file still records today's output, so a change shows up.
-KNOWN_BUGS = {
-    "syntax_unclosed_paren_origin": "BUG: an unclosed '(' is reported at the next statement with hint "
-                                    "\"expected '(', ')', ...\" and never says where the bracket was opened",
-    "syntax_two_errors": "BUG: only the first syntax error of a file is reported (no error recovery in parser.parse)",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 _DIAG = re.compile(r"^(?P<file>[^\s:]+):(?P<line>\d+):(?P<col>\d+): (?P<sev>error|warning)\[(?P<code>\w+)\]: (?P<msg>.*)$")
 _OPT = re.compile(r"\s(col|hint|msg)=")
