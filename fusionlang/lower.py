@@ -293,14 +293,16 @@ class Lowerer:
         self.sink.raise_if_errors()
         return self.plan
 
-    def dry_check(self, partial: bool = False) -> None:
+    def dry_check(self, partial: bool = False, merges: set[str] | None = None, first_probe_only: bool = False) -> None:
         """Evaluate every merge at a probe tensor (no model files needed), at several
         positions in the layer stack so that gradients are checked at every layer.
         `partial`: the program lacks the definitions that had errors; merges that use
-        one are skipped (their errors are already reported)."""
-        probes = self._probes()
-        for b in self.prog.bindings.values():
-            if b.kind != "merge" or self.slices_call(b) is not None:
+        one are skipped (their errors are already reported). `merges` limits the check
+        to those merges; `first_probe_only` evaluates at one position (for a scalar
+        that changed, e.g. a tune() candidate)."""
+        probes = self._probes()[:1] if first_probe_only else self._probes()
+        for q, b in self.prog.bindings.items():
+            if b.kind != "merge" or self.slices_call(b) is not None or (merges is not None and q not in merges):
                 continue
             if partial and not (self._complete(b.value, set()) and all(self._complete(r.value, set()) for r in b.rules)):
                 continue

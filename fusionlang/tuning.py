@@ -98,19 +98,21 @@ def find_sites(prog: ir.Program) -> list[TuneSite]:
         if b.kind != "merge":
             continue
         for root in (b.value, *(r.value for r in b.rules)):
+            params: dict[SpanKey, str] = {}  # the argument each tune() fills, where it is one
             for node in ir.walk_expr(root):
-                if not isinstance(node, ir.CallE):
-                    continue
-                names = _param_names(prog, node)
-                filled = list(zip(names, node.args)) + list(node.kwargs)
-                for name, arg in filled:
-                    if is_tune(arg):
-                        a = tune_args(arg)
-                        on = _let_value(prog, a["on"])
-                        on = on.items if isinstance(on, ir.ListE) else (on,)
-                        split = a.get("split")
-                        sites.append(TuneSite(q, arg, name, [float(i.value) for i in value_items(prog, arg)],
-                                              [t.name for t in on], split.value if split is not None else "val"))
+                if isinstance(node, ir.CallE) and not is_tune(node):
+                    for name, arg in list(zip(_param_names(prog, node), node.args)) + list(node.kwargs):
+                        if is_tune(arg):
+                            params[span_key(arg.span)] = name
+            for node in ir.walk_expr(root):
+                if is_tune(node):
+                    a = tune_args(node)
+                    on = _let_value(prog, a["on"])
+                    on = on.items if isinstance(on, ir.ListE) else (on,)
+                    split = a.get("split")
+                    sites.append(TuneSite(q, node, params.get(span_key(node.span), "value"),
+                                          [float(i.value) for i in value_items(prog, node)],
+                                          [t.name for t in on], split.value if split is not None else "val"))
     return sites
 
 
@@ -150,7 +152,7 @@ def check_candidates(prog: ir.Program) -> list[Diagnostic]:
         for s in sites:
             for item, v in zip(value_items(prog, s.call), s.values):
                 try:
-                    Lowerer(substitute(prog, {s.key: v}), dry=True).dry_check()
+                    Lowerer(substitute(prog, {s.key: v}), dry=True).dry_check(merges={s.merge}, first_probe_only=True)
                 except FuseErrors as e:
                     for d in e.diagnostics:
                         if d.severity == "error":
