@@ -158,8 +158,9 @@ def run(setup: EvalSetup, device: str, console) -> list[dict]:
             report = {"tasks": tasks, "device": device, "rows": table,
                       "definitions": {"normalized_accuracy": "accuracy / fine-tuned accuracy on the task",
                                       "forgetting": "mean over tasks of max(0, pretrained - model accuracy)"}}
-            if setup.tuning:
-                report["tuning"] = [r.to_json() for r in setup.tuning]
+            tuned = [r.to_json() for r in setup.tuning if r.merge in rows]
+            if tuned:
+                report["tuning"] = tuned  # how this report's merges got their tune() values
             _print(console, report)
             _write(report_dir, report)
             console.print(f"report: {report_dir}/report.json, report.png")
