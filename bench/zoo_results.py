@@ -32,6 +32,8 @@ def table(report: dict) -> str:
 def tuning(report: dict) -> str:
     lines = []
     for rec in report.get("tuning", []):
+        if rec["merge"] not in report["rows"]:
+            continue
         cands = ", ".join(f"{c['values'][rec['params'][0]]:g}: {100 * c['average']:.1f}" for c in rec["candidates"])
         chosen = ", ".join(f"{k}={v:g}" for k, v in rec["chosen"].items())
         lines.append(f"- `{rec['merge']}`: **{chosen}** (mean {rec['split']} accuracy per candidate: {cands})")
