@@ -223,6 +223,15 @@ class Executor:
 
     # -- inputs
     def _load(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = self._load_view(source, tensor, rows)
+        # NOTE: the conversion (or copy, for fp32) makes a private buffer that ops may
+        # reuse in place; the mapped view itself is never written.
+        if t.dtype != torch.float32 and t.is_floating_point():
+            return t.to(self.device).float() if self.device.type != "cpu" else t.float()
+        return t.to(self.device, copy=True)
+
+    def _load_view(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The stored tensor (or a block of its rows) as a read-only view of the mapped file."""
         src = self.plan.sources[source]
         _, _, file = src.tensors[tensor]
         h = self._files.get(file)
@@ -240,11 +249,7 @@ class Executor:
         if rows is not None:
             t = t[rows[0]:rows[1]]
         self.stats.bytes_read += t.numel() * t.element_size()
-        # NOTE: the conversion (or copy, for fp32) makes a private buffer that ops may
-        # reuse in place; the mapped view itself is never written.
-        if t.dtype != torch.float32 and t.is_floating_point():
-            return t.to(self.device).float() if self.device.type != "cpu" else t.float()
-        return t.to(self.device, copy=True)
+        return t
 
     # -- ops
     def _apply(self, nid: str, args: list[torch.Tensor], donate: bool) -> torch.Tensor:
@@ -327,6 +332,15 @@ class Executor:
                     nodes = sorted(need, key=pos.__getitem__)
                     rc = self._refcounts(nodes, need)
                     keep = set(by_group[g])
+                    tiled = self._tileable(nodes, by_group[g], roots, ph, p, shared, reduce_values)
+                    if tiled:
+                        for nid, value in self._run_tiled(nodes, by_group[g], rc, tiled, shared, reduce_values):
+                            for oname, t, first_row in roots[nid]:
+                                self.stats.bytes_written += writers[oname].write(t, value, first_row)
+                                done += 1
+                                if self.progress:
+                                    self.progress(done, total)
+                        continue
                     vals: dict[str, torch.Tensor] = {}
                     for nid in nodes:
                         n = plan.nodes[nid]
@@ -381,6 +395,119 @@ class Executor:
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
 
+    # -- tiled execution of pointwise groups
+    def _tileable(self, nodes: list[str], targets: list[str], roots: dict, ph: dict, p: int,
+                  shared: dict, reduce_values: dict) -> int:
+        """The element count of a group that can run in cache-sized tiles, else 0.
+
+        A group qualifies when every node is pointwise (the value at flat position i
+        depends only on the inputs at position i, and on small per-tensor values from
+        outside the group), all its tensors have the same element count, and it
+        computes only output tensors of this phase, all casts.
+        """
+        if self.device.type != "cpu":
+            return 0
+        plan = self.plan
+        numel = 0
+        for nid in nodes:
+            n = plan.nodes[nid]
+            if n.op not in TILE_OPS:
+                return 0
+            if n.op == "const":
+                continue
+            if n.shape is None:
+                return 0
+            k = _numel(n.shape)
+            if numel and k != numel:
+                return 0
+            numel = k
+            for i in n.inputs:
+                if i in shared or i in reduce_values:
+                    v = shared[i] if i in shared else reduce_values[i]
+                    if v.numel() > 16:
+                        return 0
+        if numel <= _TILE:
+            return 0
+        if any(plan.nodes[i].op == "cast" for i in rc_inputs(plan, nodes)):
+            return 0  # a cast consumed inside the group (tiles write casts straight to the output)
+        for t in targets:
+            if t not in roots or ph[t] != p or plan.nodes[t].op != "cast":
+                return 0
+        return numel
+
+    def _run_tiled(self, nodes: list[str], targets: list[str], rc: dict[str, int], numel: int,
+                   shared: dict, reduce_values: dict):
+        """Run a pointwise group tile by tile: every node on flat positions [s, s + _TILE),
+        then the next tile, so the intermediate values of a tile stay in the CPU cache
+        instead of streaming whole row blocks through memory once per op. Yields
+        (root node, whole output value) at the end.
+
+        NOTE: pointwise ops give the same bits on a tile as on the whole tensor; ops that
+        draw or select by flat position (DARE masks, top-k tie cuts) get the tile's
+        offset, as row blocks do.
+        """
+        plan = self.plan
+        whole: dict[str, torch.Tensor] = {}
+        outs: dict[str, torch.Tensor] = {}
+        prog = []
+        for nid in nodes:
+            n = plan.nodes[nid]
+            if n.op == "const":
+                whole[nid] = self._apply(nid, [], False)
+                continue
+            if n.op == "load":
+                view = self._load_view(n.param("source"), n.param("tensor"), n.param("rows")).reshape(-1)
+                convert = view.dtype != torch.float32 and view.is_floating_point()
+                prog.append((nid, _LOAD, view, convert, None, None, 0))
+                continue
+            if n.op == "cast":
+                dtype = TORCH_DTYPES[n.param("dtype")]
+                outs[nid] = torch.empty(numel, dtype=dtype)
+                prog.append((nid, _CAST, outs[nid], n.inputs[0], None, None, 0))
+                continue
+            o = OPS[n.op]
+            kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.params}
+            offset0 = kwargs.pop("offset", 0) if n.op in OFFSET_OPS else None
+            listy = any(q.type == "tensors" for q in o.params)
+            first = n.inputs[0] if n.inputs else None
+            can_donate = o.inplace and first is not None and first not in whole and n.inputs.count(first) == 1 \
+                and not listy
+            prog.append((nid, _OP, o.fn, n.inputs, kwargs, (offset0, listy, can_donate), 0))
+        outside = {**reduce_values, **shared, **whole}
+        keep = set(targets)
+        for s in range(0, numel, _TILE):
+            e = min(numel, s + _TILE)
+            vals: dict[str, torch.Tensor] = {}
+            left = dict(rc)
+            for nid, kind, a, b, kwargs, extra, _ in prog:
+                if kind is _LOAD:
+                    v = a[s:e]
+                    vals[nid] = v.float() if b else v.clone()
+                    continue
+                if kind is _CAST:
+                    a[s:e].copy_(vals[b])
+                    ins = (b,)
+                else:
+                    ins = b
+                    offset0, listy, can_donate = extra
+                    args = [vals[i] if i in vals else outside[i] for i in ins]
+                    kw = kwargs
+                    if offset0 is not None or can_donate:
+                        kw = dict(kwargs)
+                        if offset0 is not None:
+                            kw["offset"] = offset0 + s
+                        if can_donate:
+                            kw["_inplace"] = left.get(ins[0], 0) == 1 and ins[0] not in keep
+                    vals[nid] = a(args, **kw) if listy else a(*args, **kw)
+                for i in ins:
+                    c = left.get(i)
+                    if c is not None:
+                        left[i] = c - 1
+                        if c == 1:
+                            vals.pop(i, None)
+        for nid in targets:
+            yield nid, outs[nid].view(plan.nodes[nid].shape)
+
     def _closure(self, targets: list[str], reduce_values: dict) -> set[str]:
         need: set[str] = set()
         stack = list(targets)
@@ -429,6 +556,19 @@ def _sentence_transformer_modules(model_dir: Path) -> list[str]:
 
 
 _CREATED_DIRS: list[Path] = []
+
+# Tiled execution: elements per tile (fp32: 256 KiB per value, a few live at once fit
+# in a core's L2 cache), the pointwise ops it runs, and those that take a flat offset.
+_TILE = 1 << 16
+TILE_OPS = {"load", "cast", "const", "sub", "add", "mul", "scale", "axpy", "lerp", "sum", "mean", "weighted",
+            "trim_topk", "trim_at", "drop_rows", "disjoint_merge"}
+OFFSET_OPS = {"trim_topk", "drop_rows"}
+_LOAD, _CAST, _OP = object(), object(), object()
+
+
+def rc_inputs(plan: Plan, nodes: list[str]) -> set[str]:
+    """Every node some node of `nodes` takes as input."""
+    return {i for nid in nodes for i in plan.nodes[nid].inputs}
 
 
 def _order_groups(groups: list[str], deps: dict[str, set[str]]) -> list[str]:

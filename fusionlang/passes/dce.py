@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import networkx as nx
-
 from ..plan.graph import Plan
 
 
 def dce(plan: Plan) -> Plan:
     """Drop nodes that no output depends on."""
-    live: set[str] = set()
-    for r in plan.roots():
-        live.add(r)
-        live |= nx.ancestors(plan.graph, r)
+    live = plan.ancestors(sorted(plan.roots()))
     out = plan.copy()
     out.replace_nodes({k: v for k, v in plan.nodes.items() if k in live})
     for o in out.outputs.values():

@@ -15,9 +15,6 @@ def rebuild(plan: Plan, rule: Rule | None = None) -> Plan:
     """Re-add every node through hash-consing (so duplicates merge), applying `rule`."""
     out = plan.copy()
     out.nodes, out.hashcons = {}, True
-    import networkx as nx
-
-    out.graph = nx.DiGraph()
     mapping: dict[str, str] = {}
     for nid in plan.topo_order():
         n = plan.nodes[nid]

@@ -1,18 +1,22 @@
-"""The merge plan: a networkx DiGraph of node ids, payloads in a dict beside it.
+"""The merge plan: a DAG of node ids, payloads in a dict beside it.
 
 Nodes are immutable and hash-consed on (op, inputs, params): building the same
 sub-expression twice returns the same id, so merges that share task vectors share
 their nodes and each input tensor is read once.
+
+NOTE: the edges are the nodes' `inputs`; `Plan.graph` builds the networkx DiGraph on
+demand (for analyses and debugging). The passes work on the dict directly: building
+and copying networkx graphs dominated compile time on big plans (thousands of nodes
+per merge of many experts), and importing networkx alone costs a tenth of a second.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 from dataclasses import dataclass, field, replace
 from typing import Any
-
-import networkx as nx
 
 Param = tuple[str, Any]
 
@@ -72,9 +76,12 @@ def _canon(v: Any) -> Any:
     return v
 
 
+# Same text as json.dumps(..., default=str), without building an encoder per call.
+_ENCODER = json.JSONEncoder(default=str, check_circular=False)
+
+
 class Plan:
     def __init__(self) -> None:
-        self.graph = nx.DiGraph()
         self.nodes: dict[str, PlanNode] = {}
         self.sources: dict[str, SourceSpec] = {}
         self.outputs: dict[str, OutputSpec] = {}
@@ -88,7 +95,7 @@ class Plan:
     # -- construction
     @staticmethod
     def node_id(op: str, inputs: tuple[str, ...], params: tuple[Param, ...], group: str) -> str:
-        key = json.dumps([op, list(inputs), [[k, v] for k, v in params], group], sort_keys=False, default=str)
+        key = _ENCODER.encode([op, list(inputs), [[k, v] for k, v in params], group])
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 
     def add(self, op: str, inputs: tuple[str, ...] = (), params: dict | tuple = (), *, group: str,
@@ -100,25 +107,27 @@ class Plan:
             nid = f"{nid}-{len(self.nodes)}"
         if nid not in self.nodes:
             self.nodes[nid] = PlanNode(op, tuple(inputs), items, group, loc, shape)
-            self.graph.add_node(nid)
-            for i in inputs:
-                self.graph.add_edge(i, nid)
         return nid
 
     def replace_nodes(self, nodes: dict[str, PlanNode]) -> None:
-        """Rebuild the graph from a new node dict (passes build new dicts)."""
+        """Take a new node dict (passes build new dicts)."""
         self.nodes = nodes
+
+    @property
+    def graph(self):
+        """The plan as a networkx DiGraph (edges input -> consumer), built on demand."""
+        import networkx as nx
+
         g = nx.DiGraph()
-        g.add_nodes_from(nodes)
-        for nid, n in nodes.items():
+        g.add_nodes_from(self.nodes)
+        for nid, n in self.nodes.items():
             for i in n.inputs:
                 g.add_edge(i, nid)
-        self.graph = g
+        return g
 
     def copy(self) -> Plan:
         p = Plan()
         p.nodes = dict(self.nodes)
-        p.graph = self.graph.copy()
         p.sources = self.sources
         p.outputs = {k: replace(v, tensors=dict(v.tensors), blocks=dict(v.blocks)) for k, v in self.outputs.items()}
         p.spec_text, p.spec_file, p.history = self.spec_text, self.spec_file, list(self.history)
@@ -131,8 +140,43 @@ class Plan:
         return {nid for o in self.outputs.values() for t in o.tensors for _, nid in o.parts(t)}
 
     def topo_order(self) -> list[str]:
-        """Deterministic topological order (lexicographic on (group, op, id) among ready nodes)."""
-        return list(nx.lexicographical_topological_sort(self.graph, key=lambda n: (self.nodes[n].group, n)))
+        """Deterministic topological order: among ready nodes, the smallest (group, id)
+        first (networkx's lexicographical_topological_sort with that key)."""
+        nodes = self.nodes
+        indegree: dict[str, int] = {}
+        consumers: dict[str, list[str]] = {}
+        for nid, n in nodes.items():
+            preds = set(n.inputs)
+            indegree[nid] = len(preds)
+            for i in preds:
+                consumers.setdefault(i, []).append(nid)
+        ready = [(n.group, nid) for nid, n in nodes.items() if indegree[nid] == 0]
+        heapq.heapify(ready)
+        order: list[str] = []
+        while ready:
+            _, nid = heapq.heappop(ready)
+            order.append(nid)
+            for c in consumers.get(nid, ()):
+                indegree[c] -= 1
+                if indegree[c] == 0:
+                    heapq.heappush(ready, (nodes[c].group, c))
+        if len(order) != len(nodes):
+            raise ValueError("the plan has a cycle or an input that is not a node")
+        return order
+
+    def ancestors(self, roots) -> set[str]:
+        """Every node the given nodes depend on, and the nodes themselves."""
+        live: set[str] = set()
+        stack = list(roots)
+        while stack:
+            nid = stack.pop()
+            if nid in live:
+                continue
+            live.add(nid)
+            n = self.nodes.get(nid)
+            if n is not None:
+                stack.extend(n.inputs)
+        return live
 
     def count_ops(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -172,7 +216,4 @@ def add_with_id(plan: Plan, nid: str, op: str, inputs: tuple[str, ...], params: 
     """Add a node under a chosen id (for reduce nodes referenced before they exist)."""
     items = tuple((k, _canon(v)) for k, v in sorted(params.items()))
     plan.nodes[nid] = PlanNode(op, tuple(inputs), items, group, loc)
-    plan.graph.add_node(nid)
-    for i in inputs:
-        plan.graph.add_edge(i, nid)
     return nid
