@@ -405,7 +405,8 @@ class Executor:
         outside the group), all its tensors have the same element count, and it
         computes only output tensors of this phase, all casts.
         """
-        if self.device.type != "cpu":
+        # NOTE: FUSIONLANG_NO_TILE=1 turns tiling off (A/B timing, debugging); results are the same.
+        if self.device.type != "cpu" or os.environ.get("FUSIONLANG_NO_TILE"):
             return 0
         plan = self.plan
         numel = 0
