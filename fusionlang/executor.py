@@ -178,7 +178,7 @@ class ShardWriter:
         while len(view):
             written = os.pwrite(self.fds[si], view, off)
             view, off = view[written:], off + written
-        return n
+        return data.nbytes
 
     def close(self) -> None:
         # NOTE: no fsync: atomicity against interruption comes from the rename of the

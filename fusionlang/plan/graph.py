@@ -195,6 +195,9 @@ class Plan:
                 size = DTYPE_SIZES.get(dtype, 4)
                 for d in shape:
                     size *= d
+                rows = n.param("rows")
+                if rows is not None and shape:  # a block of rows (split pass)
+                    size = size // shape[0] * (rows[1] - rows[0])
                 total += size
         return total
 
