@@ -142,3 +142,70 @@ save d2 to "{out}/d2"
     for n in ("ta", "t", "d", "d2"):
         for k, v in outs["whole"][n].items():
             assert torch.equal(v, outs["split"][n][k]), (n, k)
+
+
+def test_tiled_execution_gives_identical_results(llama, tmp_path, monkeypatch):
+    """Pointwise groups run in cache-sized tiles on the CPU: bit-identical to whole tensors.
+    The tile is shrunk so that the tiny test tensors are cut into many tiles. TIES and DARE
+    groups tile once their statistics are separate groups (row-split plans)."""
+    from fusionlang import executor
+    from fusionlang.passes import cse, dce, fold, schedule
+    from fusionlang.passes.split import split
+
+    fam = {k: str(v) for k, v in llama.items()}
+    text = '''use merging
+model base = local("{base}")
+models experts = [local("{e0}"), local("{e1}"), local("{e2}")]
+merge ta = task_arithmetic(base, experts, scale=0.3)
+merge soup = linear(experts, weights=[1, 2, 3])
+merge t = ties(base, experts, density=0.4)
+merge d = dare(base, experts, density=0.5, consensus=true, rescale="l1", seed=3)
+save ta to "{out}/ta" as bf16
+save soup to "{out}/soup"
+save t to "{out}/t"
+save d to "{out}/d" as fp16
+'''
+    names = ("ta", "soup", "t", "d")
+    tiled_groups = []
+    real = executor.Executor._run_tiled
+
+    def spy(self, nodes, targets, *a):
+        tiled_groups.append({self.plan.nodes[n].op for n in nodes})
+        return real(self, nodes, targets, *a)
+
+    monkeypatch.setattr(executor.Executor, "_run_tiled", spy)
+    monkeypatch.setattr(executor, "_TILE", 100)
+    outs = {}
+    for label in ("whole", "tiled", "whole-split", "tiled-split"):
+        if label.startswith("whole"):
+            monkeypatch.setenv("FUSIONLANG_NO_TILE", "1")
+        else:
+            monkeypatch.delenv("FUSIONLANG_NO_TILE", raising=False)
+        spec = write_spec(tmp_path, text.format(**fam, out=label), f"{label}.fuse")
+        plan = dce(cse(fold(Lowerer(check_file(str(spec))).lower())))
+        if label.endswith("split"):
+            plan = split(plan, block_elements=1000)
+        run_plan(schedule(plan), "cpu")
+        outs[label] = {n: load_state(tmp_path / label / n) for n in names}
+    assert any("axpy" in ops or "add" in ops for ops in tiled_groups)  # task arithmetic tiled
+    assert any("disjoint_merge" in ops for ops in tiled_groups)  # so was a TIES merge step
+    assert any("drop_rows" in ops for ops in tiled_groups)  # and DARE's
+    for a, b in (("whole", "tiled"), ("whole", "whole-split"), ("whole", "tiled-split")):
+        for n in names:
+            assert outs[a][n].keys() == outs[b][n].keys()
+            for k, v in outs[a][n].items():
+                assert v.dtype == outs[b][n][k].dtype and torch.equal(v, outs[b][n][k]), (a, b, n, k)
+
+
+def test_dare_masks_are_torch_rand_draws():
+    """DARE's keep-masks are drawn with numpy's MT19937, which must give exactly the bits of
+    `torch.rand(generator=manual_seed(s)) < density` (the documented, reproducible draw)."""
+    from fusionlang.ops import sparsify
+
+    n = sparsify._MASK_CHUNK
+    for seed, j, density in ((0, 0, 0.5), (7, 3, 0.1), (123456789, 11, 1 / 3), (2**40 + 5, 1, 0.9)):
+        mask = torch.from_numpy(sparsify._mask_chunk(j, density, seed).copy())
+        g = torch.Generator().manual_seed(sparsify.tensor_seed(seed, str(j)))
+        want = torch.rand(n, generator=g) < density
+        assert torch.equal(mask, want), (seed, j, density)
+        assert abs(mask.float().mean().item() - density) < 0.01
