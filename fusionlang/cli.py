@@ -230,11 +230,17 @@ def _verify_plan_inputs(plan, path: str) -> None:
         except SourceError as e:
             diags.append(Diagnostic(e.code, f"source '{k}': {e.message}", Span(path, 1, 1), e.hint))
             continue
-        for t, (dtype, shape, _) in s.tensors.items():
+        for t, (dtype, shape, file) in s.tensors.items():
             info = h.tensors.get(t)
             if info is None or info.dtype != dtype or info.shape != tuple(shape):
                 diags.append(Diagnostic("E014", f"source '{k}' changed since the plan was compiled (tensor '{t}')",
                                         Span(path, 1, 1), "re-run `fusionlang compile`"))
+                break
+            if file and os.path.abspath(os.path.join(s.path, file)) != os.path.abspath(info.file):
+                diags.append(Diagnostic(
+                    "E011", f"source '{k}' was re-sharded since the plan was compiled: tensor '{t}' is now in "
+                    f"'{os.path.basename(info.file)}', the plan reads '{os.path.basename(file)}'",
+                    Span(path, 1, 1), "re-run `fusionlang compile SPEC --emit json -o PLAN`"))
                 break
     if diags:
         raise FuseErrors(diags)
