@@ -338,10 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             if e.hint:
                 console.print(f"  = hint: {e.hint}", soft_wrap=True)
             return 1
-        if isinstance(e, RunError):
-            console.print(f"[red]error[/]: {e.message}")
-            if e.hint:
-                console.print(f"  = hint: {e.hint}")
+        if isinstance(e, RunError):  # located at the spec or plan that was run (or the command line)
+            where = getattr(args, "spec", None) if e.code != "E006" else None
+            _print_diags([Diagnostic(e.code, e.message, Span(where or "<command line>", 1, 1), e.hint)])
             return 1
         if isinstance(e, OSError) and e.filename:
             console.print(f"[red]error[/]: {e.strerror}: {e.filename}")

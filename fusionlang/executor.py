@@ -104,9 +104,9 @@ class _MappedFile:
 class RunError(Exception):
     """A user-facing failure while running (unreadable input, unwritable output...)."""
 
-    def __init__(self, message: str, hint: str = ""):
+    def __init__(self, message: str, hint: str = "", code: str = "E011"):
         super().__init__(message)
-        self.message, self.hint = message, hint
+        self.message, self.hint, self.code = message, hint, code
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -118,9 +118,9 @@ def pick_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("--device cuda was requested but CUDA is not available", "use --device auto or cpu")
+        raise RunError("--device cuda was requested but CUDA is not available", "use --device auto or cpu", "E006")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RunError("--device mps was requested but MPS is not available", "use --device auto or cpu")
+        raise RunError("--device mps was requested but MPS is not available", "use --device auto or cpu", "E006")
     return torch.device(name)
 
 
@@ -601,7 +601,8 @@ def _make_tmp(path: str) -> Path:
             shutil.rmtree(tmp)
         tmp.mkdir()
     except OSError as e:
-        raise RunError(f"cannot write to '{path}': {e.strerror}", "choose an output directory you can write to") from None
+        raise RunError(f"cannot write to '{path}': {e.strerror}", "choose an output directory you can write to",
+                       "E016") from None
     return tmp
 
 

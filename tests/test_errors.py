@@ -636,3 +636,14 @@ def test_mismatched_bracket_names_the_open_one(tmp_path):
     found = [((d["line"], d["col"]), d["code"], d["hint"]) for d in diags(err)]
     assert found == [(where(text, ")", 1), "E001", "the '[' at 3:9 is closed with ']', not ')'"),
                      (where(text, "]"), "E001", "the '(' at 4:9 is closed with ')', not ']'")], err
+
+
+def test_unavailable_device_is_a_located_error(tmp_path, compiled):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _fam, plan = compiled
+    d = expect_error(run_cli("run", str(plan), "-q", "--device", "cuda"), "E006", file="<command line>",
+                     hint="--device auto", outputs=(tmp_path / "out/m",))
+    assert "CUDA is not available" in d["msg"]
