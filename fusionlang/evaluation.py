@@ -119,19 +119,24 @@ def _source_dir(prog: ir.Program, e: ir.Expr) -> str:
                                  "evaluate a merge, or declare the model with `model NAME = local(\"dir\")`")])
 
 
-def run(setup: EvalSetup, device: str, console) -> list[dict]:
-    """Evaluate, print the tables, write report.json and report.png for each `eval`."""
+def score_task(model_dir: str, task: dict, device: str, split: str | None = None) -> dict:
+    """evaluate() a model directory on a task (resolve_task's arguments), on the task's
+    own split unless `split` is given."""
     from .zoo.evaluate import evaluate
 
+    return evaluate(model_dir, task["spec"], split=split or task.get("split", "test"), device=device,
+                    batch_size=int(task.get("batch_size") or 128),
+                    limit=int(task["limit"]) if task.get("limit") is not None else None)
+
+
+def run(setup: EvalSetup, device: str, console) -> list[dict]:
+    """Evaluate, print the tables, write report.json and report.png for each `eval`."""
     cache: dict[tuple[str, str], dict] = {}
 
     def score(model_dir: str, task: str) -> dict:
         key = (model_dir, task)
         if key not in cache:
-            t = setup.tasks[task]
-            cache[key] = evaluate(model_dir, t["spec"], split=t.get("split", "test"), device=device,
-                                  batch_size=int(t.get("batch_size") or 128),
-                                  limit=int(t["limit"]) if t.get("limit") is not None else None)
+            cache[key] = score_task(model_dir, setup.tasks[task], device)
         return cache[key]
 
     reports = []

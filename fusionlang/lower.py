@@ -38,6 +38,17 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 SAVE_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
+def param_names(prog: ir.Program, call: ir.CallE) -> list[str]:
+    """The parameter names of a call's target (a def, an op or a builtin), in order."""
+    if call.kind == "def":
+        return [p.name for p in prog.defs[call.target].params]
+    if call.kind == "op":
+        return [p.name for p in OPS[call.target].params]
+    from .checker import BUILTINS
+
+    return [p[0] for p in BUILTINS[call.target].params]
+
+
 class EvalError(Exception):
     def __init__(self, code: str, message: str, span: Span, hint: str = "", more: tuple[Diagnostic, ...] = ()):
         super().__init__(message)
@@ -636,15 +647,7 @@ class Lowerer:
                         "models can be added to models and scaled by numbers")
 
     def call_args(self, e: ir.CallE, env: tuple, ctx: TensorCtx) -> dict:
-        if e.kind == "def":
-            names = [p.name for p in self.prog.defs[e.target].params]
-        elif e.kind == "op":
-            names = [p.name for p in OPS[e.target].params]
-        else:
-            from .checker import BUILTINS
-
-            names = [p[0] for p in BUILTINS[e.target].params]
-        out = {n: self.eval(a, env, ctx) for n, a in zip(names, e.args)}
+        out = {n: self.eval(a, env, ctx) for n, a in zip(param_names(self.prog, e), e.args)}
         for k, v in e.kwargs:
             out[k] = self.eval(v, env, ctx)
         return out

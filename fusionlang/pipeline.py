@@ -38,19 +38,22 @@ def check(path: str) -> CheckResult:
         return res
     from .tuning import check_candidates
 
-    warnings = list(prog.warnings)
-    tune_errors = check_candidates(prog)
+    first = list(prog.warnings) + check_candidates(prog)  # reported before what lowering finds
+
+    def with_first(diags: list[Diagnostic]) -> list[Diagnostic]:
+        return first + [d for d in diags if d not in first]
+
     low = Lowerer(prog)
     try:
         _check_tasks(prog)
         low.lower()
-        res.diagnostics = warnings + tune_errors + [d for d in low.sink.items]
+        res.diagnostics = with_first(low.sink.items)
         return res
     except FuseErrors as e:
         missing = [d for d in e.diagnostics if d.code in MISSING_MODEL_CODES]
         others = [d for d in e.diagnostics if d.code not in MISSING_MODEL_CODES]
         if not missing:
-            res.diagnostics = warnings + tune_errors + [d for d in e.diagnostics if d not in tune_errors]
+            res.diagnostics = with_first(e.diagnostics)
             return res
     # Lowering stops at the first source it cannot read: list every absent model, and
     # report every broken one.
@@ -66,7 +69,7 @@ def check(path: str) -> CheckResult:
         Lowerer(prog, dry=True).dry_check()
     except FuseErrors as e:
         others += [d for d in e.diagnostics if d not in others]
-    res.diagnostics = warnings + tune_errors + [d for d in others if d not in tune_errors]
+    res.diagnostics = with_first(others)
     for d in missing:
         res.unverified.append(f"{d.span}: {d.message}")
     return res

@@ -80,19 +80,10 @@ def first_value(prog: ir.Program, call: ir.CallE) -> float:
     return float(value_items(prog, call)[0].value)
 
 
-def _param_names(prog: ir.Program, call: ir.CallE) -> list[str]:
-    from .checker import BUILTINS
-    from .ops import OPS
-
-    if call.kind == "def":
-        return [p.name for p in prog.defs[call.target].params]
-    if call.kind == "op":
-        return [p.name for p in OPS[call.target].params]
-    return [p[0] for p in BUILTINS[call.target].params]
-
-
 def find_sites(prog: ir.Program) -> list[TuneSite]:
     """Every tune() of the program's merges, in binding order."""
+    from .lower import param_names
+
     sites = []
     for q, b in prog.bindings.items():
         if b.kind != "merge":
@@ -101,7 +92,7 @@ def find_sites(prog: ir.Program) -> list[TuneSite]:
             params: dict[SpanKey, str] = {}  # the argument each tune() fills, where it is one
             for node in ir.walk_expr(root):
                 if isinstance(node, ir.CallE) and not is_tune(node):
-                    for name, arg in list(zip(_param_names(prog, node), node.args)) + list(node.kwargs):
+                    for name, arg in list(zip(param_names(prog, node), node.args)) + list(node.kwargs):
                         if is_tune(arg):
                             params[span_key(arg.span)] = name
             for node in ir.walk_expr(root):
@@ -141,13 +132,13 @@ def check_candidates(prog: ir.Program) -> list[Diagnostic]:
     from .lower import Lowerer
 
     diags: list[Diagnostic] = []
-    by_merge: dict[str, list[TuneSite]] = {}
-    for s in find_sites(prog):
-        by_merge.setdefault(s.merge, []).append(s)
-        if len(by_merge[s.merge]) > 1 and by_merge[s.merge][0].split != s.split:
-            diags.append(Diagnostic("E019", f"the tune() arguments of one merge must choose on the same split "
-                                    f"('{by_merge[s.merge][0].split}' and '{s.split}')", s.call.span,
-                                    "they are searched together, as a grid, on one split"))
+    by_merge = _by_merge(find_sites(prog))
+    for sites in by_merge.values():
+        for s in sites[1:]:
+            if s.split != sites[0].split:
+                diags.append(Diagnostic("E019", f"the tune() arguments of one merge must choose on the same split "
+                                        f"('{sites[0].split}' and '{s.split}')", s.call.span,
+                                        "they are searched together, as a grid, on one split"))
     for sites in by_merge.values():
         for s in sites:
             for item, v in zip(value_items(prog, s.call), s.values):
@@ -161,6 +152,13 @@ def check_candidates(prog: ir.Program) -> list[Diagnostic]:
     return diags
 
 
+def _by_merge(sites: list[TuneSite]) -> dict[str, list[TuneSite]]:
+    out: dict[str, list[TuneSite]] = {}
+    for s in sites:
+        out.setdefault(s.merge, []).append(s)
+    return out
+
+
 def _depends_on(prog: ir.Program, q: str, pending: set[str], seen: set[str] | None = None) -> bool:
     """Does merge `q` use (transitively) another merge that still has a tune()?"""
     seen = seen if seen is not None else set()
@@ -171,7 +169,7 @@ def _depends_on(prog: ir.Program, q: str, pending: set[str], seen: set[str] | No
                 seen.add(node.name)
                 if node.name in pending and node.name != q:
                     return True
-                if node.name in prog.bindings and _depends_on(prog, node.name, pending, seen):
+                if _depends_on(prog, node.name, pending, seen):
                     return True
     return False
 
@@ -179,16 +177,9 @@ def _depends_on(prog: ir.Program, q: str, pending: set[str], seen: set[str] | No
 def resolve(prog: ir.Program, run_device: str, eval_device: str, console, shard_bytes: int
             ) -> tuple[ir.Program, list[TuneRecord]]:
     """Choose every tune() on its validation split; returns the program with the chosen
-    values in place, and a record of every candidate's scores."""
-    sites = find_sites(prog)
-    if not sites:
-        return prog, []
-    diags = check_candidates(prog)
-    if diags:
-        raise FuseErrors(diags)
-    by_merge: dict[str, list[TuneSite]] = {}
-    for s in sites:
-        by_merge.setdefault(s.merge, []).append(s)
+    values in place, and a record of every candidate's scores. The candidates are
+    checked already (pipeline.compile_spec runs check_candidates first)."""
+    by_merge = _by_merge(find_sites(prog))
     chosen: dict[SpanKey, float] = {}
     records = []
     while by_merge:
@@ -201,8 +192,7 @@ def resolve(prog: ir.Program, run_device: str, eval_device: str, console, shard_
 
 def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, run_device: str,
                 eval_device: str, console, shard_bytes: int) -> TuneRecord:
-    from .evaluation import resolve_task
-    from .zoo.evaluate import evaluate
+    from .evaluation import resolve_task, score_task
 
     short = q.split("::")[-1]
     tasks = list(dict.fromkeys(t for s in sites for t in s.tasks))
@@ -221,11 +211,7 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
             _merge_one(substitute(prog, values), q, out, run_device, shard_bytes)
             acc = {}
             for t in tasks:
-                a = task_args[t]
-                res = evaluate(out, a["spec"], split=split, device=eval_device,
-                               batch_size=int(a.get("batch_size") or 128),
-                               limit=int(a["limit"]) if a.get("limit") is not None else None)
-                acc[t.split("::")[-1]] = res["accuracy"]
+                acc[t.split("::")[-1]] = score_task(out, task_args[t], eval_device, split)["accuracy"]
             shutil.rmtree(out, ignore_errors=True)
             avg = sum(acc.values()) / len(acc)
             shown = {s.param: v for s, v in zip(sites, combo)}
