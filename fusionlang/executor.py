@@ -24,9 +24,11 @@ from .ops import OPS
 from .plan.graph import OutputSpec, Plan
 from .sources import DTYPE_SIZES
 
-TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-TORCH_DTYPES_ALL = {**TORCH_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                    "U8": torch.uint8, "BOOL": torch.bool}
+# safetensors dtype name -> torch dtype: what is loaded, and what a cast writes (integer
+# and bool buffers, e.g. position_ids, pass through merges unchanged)
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                "U8": torch.uint8, "BOOL": torch.bool}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json",
                    "preprocessor_config.json", "chat_template.jinja",
@@ -89,7 +91,7 @@ class _MappedFile:
 
     def tensor(self, name: str) -> torch.Tensor:
         info = self.header[name]
-        dtype = TORCH_DTYPES_ALL[info["dtype"]]
+        dtype = TORCH_DTYPES[info["dtype"]]
         a, b = info["data_offsets"]
         if a == b:
             return torch.empty(info["shape"], dtype=dtype)
@@ -225,8 +227,9 @@ class Executor:
     def _load(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         t = self._load_view(source, tensor, rows)
         # NOTE: the conversion (or copy, for fp32) makes a private buffer that ops may
-        # reuse in place; the mapped view itself is never written.
-        if t.dtype != torch.float32 and t.is_floating_point():
+        # reuse in place; the mapped view itself is never written. Integer and bool
+        # buffers are computed in float32 too (exact below 2**24) and cast back on output.
+        if t.dtype != torch.float32:
             return t.to(self.device).float() if self.device.type != "cpu" else t.float()
         return t.to(self.device, copy=True)
 
@@ -257,7 +260,7 @@ class Executor:
         if n.op == "load":
             return self._load(n.param("source"), n.param("tensor"), n.param("rows"))
         if n.op == "cast":
-            return args[0].to(TORCH_DTYPES_ALL[n.param("dtype")])
+            return args[0].to(TORCH_DTYPES[n.param("dtype")])
         o = OPS[n.op]
         n_single = sum(1 for p in o.params if p.type == "tensor")
         kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.params}
@@ -458,7 +461,7 @@ class Executor:
                 continue
             if n.op == "load":
                 view = self._load_view(n.param("source"), n.param("tensor"), n.param("rows")).reshape(-1)
-                convert = view.dtype != torch.float32 and view.is_floating_point()
+                convert = view.dtype != torch.float32  # as _load: every input is computed in float32
                 prog.append((nid, _LOAD, view, convert, None, None, 0))
                 continue
             if n.op == "cast":

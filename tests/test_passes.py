@@ -209,3 +209,32 @@ def test_dare_masks_are_torch_rand_draws():
         want = torch.rand(n, generator=g) < density
         assert torch.equal(mask, want), (seed, j, density)
         assert abs(mask.float().mean().item() - density) < 0.01
+
+
+def test_tiled_integer_buffer_passes_through(llama, tmp_path, monkeypatch):
+    """An int64 buffer (e.g. position_ids) bigger than a tile goes through a tiled merge
+    unchanged, as it does untiled."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fusionlang import executor
+
+    fam = {}
+    for k in ("base", "e0", "e1", "e2"):
+        d = shutil.copytree(llama[k], tmp_path / "models" / k)
+        sd = load_file(d / "model.safetensors")
+        sd["extra.position_ids"] = torch.arange(300, dtype=torch.int64).reshape(1, 300)
+        save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+        fam[k] = str(d)
+    monkeypatch.setattr(executor, "_TILE", 100)
+    spec = write_spec(tmp_path, '''use merging
+model base = local("{base}")
+models experts = [local("{e0}"), local("{e1}"), local("{e2}")]
+merge ta = task_arithmetic(base, experts, scale=0.3)
+save ta to "out/ta"
+'''.format(**fam))
+    rc, _, err = run_cli("run", str(spec), "-q", "--device", "cpu")
+    assert rc == 0, err
+    got = load_state(tmp_path / "out/ta")["extra.position_ids"]
+    assert got.dtype == torch.int64 and torch.equal(got, torch.arange(300).reshape(1, 300))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .registry import Tensor, op, torch
+from .registry import SUB_CHUNK, Tensor, op, torch
 
-# Elements per sub-chunk: the temporaries of one sub-chunk stay in the CPU cache.
-_SUB = 1 << 17
+_SUB = SUB_CHUNK
 
 
 @op()

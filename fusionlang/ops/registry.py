@@ -108,3 +108,8 @@ class _LazyTorch:
 
 
 torch: Any = _LazyTorch()
+
+
+# Elements per sub-chunk of the streaming primitives: small enough that the temporaries
+# of a pass stay in the CPU cache, big enough that per-call overhead is negligible.
+SUB_CHUNK = 1 << 17

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-from .registry import Tensor, op, torch
+from .registry import SUB_CHUNK, Tensor, op, torch
 
 _UNIT = {"density": (0.0, 1.0)}
 
@@ -22,9 +22,7 @@ def keep_count(numel: int, density: float) -> int:
     return 0 if density <= 0 else max(1, int(density * numel))
 
 
-# Elements per sub-chunk for streaming passes: small enough that the temporaries of
-# a pass stay in the CPU cache, big enough that per-call overhead is negligible.
-_SUB = 1 << 17
+_SUB = SUB_CHUNK
 
 
 @op(public=False)
@@ -81,8 +79,8 @@ def _kth_largest(flat, k: int, want_cut: bool) -> tuple[float, int, int]:
 
     NOTE: no sort and no full-size temporaries. A strided sample brackets the answer;
     one streaming pass in cache-sized sub-chunks counts the entries above the bracket
-    and gathers the (few) entries inside it with their positions; the selection then
-    runs on the bracket only, and the tie positions come from it too. When the bracket
+    and gathers the (few) values inside it; the selection then runs on the bracket only,
+    and the tie positions come from a re-scan for the threshold value. When the bracket
     misses (rare), an exact two-level histogram over the float32 bits of |x| (which
     order like int32) finds the value.
     """
@@ -332,19 +330,14 @@ def _mask_chunk(j: int, density: float, seed: int):
     return mask
 
 
-def keep_mask(offset: int, n: int, density: float, seed: int):
-    """DARE's Bernoulli(density) keep-mask for flat positions [offset, offset + n).
+def keep_mask_float(offset: int, n: int, density: float, seed: int, out):
+    """DARE's Bernoulli(density) keep-mask for flat positions [offset, offset + n), written
+    as 1/0 into `out` (float or uint8, n entries; CPU).
 
     NOTE: drawn in fixed chunks of the flattened tensor, each from its own generator
-    seeded by (seed, chunk), on the CPU: the mask of a row block equals that slice of the
-    whole tensor's mask, so results are bit-identical however the plan is split, run
-    or ordered, and on any device.
-    """
-    return keep_mask_float(offset, n, density, seed, torch.empty(n, dtype=torch.uint8)).bool()
-
-
-def keep_mask_float(offset: int, n: int, density: float, seed: int, out):
-    """`keep_mask` written as 1/0 into `out` (float or uint8, n entries; CPU).
+    seeded by (seed, chunk), on the CPU: the mask of a row block or tile equals that
+    slice of the whole tensor's mask, so results are bit-identical however the plan is
+    split, tiled, run or ordered, and on any device.
 
     NOTE: multiplying by a float 1/0 mask gives the same products as by a boolean mask
     (signed zeros included) and is several times faster on CPU.
