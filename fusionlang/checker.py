@@ -18,7 +18,6 @@ from . import ast, ir
 from .diagnostics import DiagnosticSink, FuseErrors, Span
 from .ops import OPS
 from .parser import parse
-from .sources import valid_hf_repo_id
 
 ENTRY = "spec"
 STDLIB_FILES = {"merging"}
@@ -574,11 +573,6 @@ class Checker:
             self._bind_args(e, list(b.params), args, kwargs, None)
             if e.func == "tune":
                 self._check_tune(e, args, kwargs)
-            if e.func == "hf":
-                repo = args[0] if args else next((v for k, v, _ in kwargs if k == "repo"), None)
-                if isinstance(repo, ir.Const) and isinstance(repo.value, str) and not valid_hf_repo_id(repo.value):
-                    self.sink.error("E006", f"'{repo.value}' is not a Hugging Face repository id", s,
-                                    "expected 'org/name' (letters, digits, '-', '_' and '.')")
             return ir.CallE(span=s, type=b.returns, kind="builtin", target=e.func, args=args,
                             kwargs=tuple((k, v) for k, v, _ in kwargs))
         self._unknown(mod, e.func, e.func_span, scope, called=True)
@@ -590,7 +584,7 @@ class Checker:
             self.sink.error("E019", "tune() can only choose an argument of a merge", e.span,
                             "write it in the merge itself, e.g. merge ta = task_arithmetic(base, experts, "
                             "scale=tune([0.1, 0.3, 0.5], on=[task1, task2]))")
-        bound = dict(zip(("values", "on", "split"), args)) | {k: v for k, v, _ in kwargs}
+        bound = dict(zip((p[0] for p in BUILTINS["tune"].params), args)) | {k: v for k, v, _ in kwargs}
         values, on = bound.get("values"), bound.get("on")
         # either may name a `let` holding the list
         if isinstance(values, ir.Ref) and values.scope == "global" and values.name in self.bindings:
@@ -694,15 +688,10 @@ def _src(a: ir.Expr) -> str:
     return a.name.split("::")[-1] if isinstance(a, ir.Ref) else "..."
 
 
-def check_source(text: str, file: str) -> tuple[ir.Program | None, DiagnosticSink]:
-    """Check one spec. Returns the program (None on errors) and all diagnostics."""
-    prog, _partial, sink = check_source_partial(text, file)
-    return prog, sink
-
-
 def check_source_partial(text: str, file: str) -> tuple[ir.Program | None, ir.Program | None, DiagnosticSink]:
-    """Like check_source, plus, on errors, the partial program of the definitions that
-    checked cleanly (None when the file could not be parsed)."""
+    """Check one spec: the program (None on errors), on errors the partial program of the
+    definitions that checked cleanly (None when the file could not be parsed), and all
+    diagnostics."""
     c = Checker()
     prog = c.check_program(file, text)
     return prog, c.partial, c.sink

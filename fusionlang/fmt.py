@@ -8,8 +8,8 @@ from importlib import resources
 from lark import Lark
 
 from . import ast
-from .diagnostics import SOURCES, FuseErrors
-from .parser import _syntax_diag, _ToAst
+from .diagnostics import SOURCES
+from .parser import _ToAst, parse
 
 WIDTH = 100
 _PREC = {"cond": 0, "==": 1, "!=": 1, "+": 2, "-": 2, "*": 3, "/": 3, "neg": 4, "postfix": 5, "atom": 6}
@@ -223,8 +223,9 @@ def format_source(text: str, file: str = "<string>") -> str:
     _fmt_comments.clear()
     try:
         tree = _fmt_parser().parse(text)
-    except UnexpectedInput as err:
-        raise FuseErrors([_syntax_diag(file, err)]) from None
+    except UnexpectedInput:
+        parse(text, file)  # raises FuseErrors with every syntax error, as `check` reports them
+        raise AssertionError("the formatting grammar rejected what the parser accepts") from None
     mod = _ToAst(file).transform(tree)
     comments = [(c.line, str(c).rstrip()) for c in _fmt_comments]
     lines = text.splitlines()

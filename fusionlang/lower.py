@@ -311,7 +311,7 @@ class Lowerer:
         one are skipped (their errors are already reported). `merges` limits the check
         to those merges; `first_probe_only` evaluates at one position (for a scalar
         that changed, e.g. a tune() candidate)."""
-        probes = self._probes()[:1] if first_probe_only else self._probes()
+        probes = [TensorCtx(PROBE, PROBE, 0, 2)] if first_probe_only else self._probes()
         for q, b in self.prog.bindings.items():
             if b.kind != "merge" or self.slices_call(b) is not None or (merges is not None and q not in merges):
                 continue

@@ -216,7 +216,7 @@ _OPEN = {"(": ")", "[": "]", "{": "}"}
 MAX_SYNTAX_ERRORS = 20
 
 
-def _error_offset(text: str, err: UnexpectedInput) -> int | None:
+def _error_offset(err: UnexpectedInput) -> int | None:
     if isinstance(err, UnexpectedToken) and err.token.type != "$END":
         return err.token.start_pos
     if isinstance(err, UnexpectedCharacters):
@@ -255,7 +255,7 @@ def _with_origin(diag: Diagnostic, text: str, err: UnexpectedInput) -> Diagnosti
     """Name the bracket that an error is about: one never closed, or a stray closing one."""
     if isinstance(err, UnexpectedCharacters):
         return diag
-    off = _error_offset(text, err)
+    off = _error_offset(err)
     open_ = _unclosed(text, len(text) if off is None else off)
     tok = str(err.token) if isinstance(err, UnexpectedToken) else ""
     if tok in _OPEN.values() and open_ is None:
@@ -267,7 +267,7 @@ def _with_origin(diag: Diagnostic, text: str, err: UnexpectedInput) -> Diagnosti
                           f"the '{ch}' at {line}:{col} is closed with '{_OPEN[ch]}', not '{tok}'")
     # NOTE: only at the end of the file or at a new statement: inside a statement that
     # spans lines, an open bracket is normal (the error is then e.g. a missing ',')
-    at_statement = off is None or any(m.start() == off for m in _STMT_START.finditer(text, off, off + 8))
+    at_statement = off is None or _STMT_START.match(text, off) is not None
     if open_ is None or not at_statement:
         return diag
     ch, line, col = open_
@@ -294,7 +294,7 @@ def parse(text: str, file: str = "<string>") -> ast.Module:
             break
         except UnexpectedInput as err:
             diags.append(_with_origin(_syntax_diag(file, err), src, err))
-            off = _error_offset(src, err)
+            off = _error_offset(err)
             if off is None or len(diags) >= MAX_SYNTAX_ERRORS:
                 break
             starts = [m.start() for m in _STMT_START.finditer(src)]

@@ -36,12 +36,14 @@ def check(path: str) -> CheckResult:
         if e.partial is not None:
             res.diagnostics += [d for d in _dry_check_partial(e.partial) if d not in res.diagnostics]
         return res
-    from .tuning import check_candidates
+    from .tuning import check_candidates, find_sites
 
     first = list(prog.warnings) + check_candidates(prog)  # reported before what lowering finds
+    # lowering sees each tune() as its first candidate: check_candidates reports that one already
+    tune_spans = {s.call.span for s in find_sites(prog)}
 
     def with_first(diags: list[Diagnostic]) -> list[Diagnostic]:
-        return first + [d for d in diags if d not in first]
+        return first + [d for d in diags if d not in first and d.span not in tune_spans]
 
     low = Lowerer(prog)
     try:
