@@ -183,16 +183,24 @@ def _map_value(v, f):
     return v
 
 
+def children(e: Expr) -> list[Expr]:
+    """The direct sub-expressions of a node (call arguments, keyword values included)."""
+    out: list[Expr] = []
+    for name in type(e).model_fields:
+        _collect(getattr(e, name), out)
+    return out
+
+
+def _collect(v, out: list) -> None:
+    if isinstance(v, IR):
+        out.append(v)
+    elif isinstance(v, tuple):
+        for x in v:
+            _collect(x, out)
+
+
 def walk_expr(e: Expr):
     """Every node of an expression tree, parents first."""
     yield e
-    for name in type(e).model_fields:
-        yield from _walk_value(getattr(e, name))
-
-
-def _walk_value(v):
-    if isinstance(v, IR):
-        yield from walk_expr(v)
-    elif isinstance(v, tuple):
-        for x in v:
-            yield from _walk_value(x)
+    for c in children(e):
+        yield from walk_expr(c)

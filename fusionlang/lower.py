@@ -347,7 +347,7 @@ class Lowerer:
                     except EvalError as err:
                         out += err.diags
                     continue
-                stack.extend(reversed(_children(e)))
+                stack.extend(reversed(ir.children(e)))
         return sorted(out, key=lambda d: (d.span.line, d.span.col))
 
     def _probes(self) -> list[TensorCtx]:
@@ -375,11 +375,8 @@ class Lowerer:
             roots += [b.value, *(r.value for r in b.rules)]
         for d in self.prog.defs.values():
             roots += [d.body, *(p.default for p in d.params if p.default is not None)]
-        stack = roots
-        while stack:
-            e = stack.pop()
-            yield e
-            stack.extend(_children(e))
+        for root in roots:
+            yield from ir.walk_expr(root)
 
     def _complete(self, e: ir.Expr, seen: set[str]) -> bool:
         """Does `e` use only definitions present in the program (none that had errors)?"""
@@ -395,7 +392,7 @@ class Lowerer:
             if d is None or not self._complete(d.body, seen) or not all(
                     self._complete(p.default, seen) for p in d.params if p.default is not None):
                 return False
-        return all(self._complete(c, seen) for c in _children(e))
+        return all(self._complete(c, seen) for c in ir.children(e))
 
     def lower_output(self, save: ir.SaveIR) -> None:
         b = self.prog.bindings[save.name]
@@ -839,26 +836,8 @@ class Lowerer:
             add_with_id(self.plan, st["thr"], "select_threshold", tuple(los) + (st["bucket"],), {}, loc=st["loc"])
 
 
-def _children(e: ir.Expr) -> list[ir.Expr]:
-    if isinstance(e, ir.ListE):
-        return list(e.items)
-    if isinstance(e, ir.Comp):
-        return [e.iterable, e.body]
-    if isinstance(e, ir.Bin):
-        return [e.left, e.right]
-    if isinstance(e, ir.Neg):
-        return [e.operand]
-    if isinstance(e, ir.CondE):
-        return [e.test, e.then, e.other]
-    if isinstance(e, ir.IndexE):
-        return [e.value, e.index]
-    if isinstance(e, ir.CallE):
-        return list(e.args) + [v for _, v in e.kwargs]
-    return []
-
-
 def _has_local(e: ir.Expr) -> bool:
-    return (isinstance(e, ir.Ref) and e.scope == "local") or any(_has_local(c) for c in _children(e))
+    return any(isinstance(n, ir.Ref) and n.scope == "local" for n in ir.walk_expr(e))
 
 
 def _refs(e) -> set[str]:
