@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .ops import OPS
+from .ops import OPS, sparsify
+from .passes.schedule import SMALL_RESULT_OPS
 from .plan.graph import OutputSpec, Plan
 from .sources import DTYPE_SIZES
 
@@ -126,12 +127,57 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+class WriteQueue:
+    """Output bytes are written on one background thread, so that the kernel's copy of one
+    tensor into the page cache overlaps the computation of the next (pwrite releases the
+    GIL; all computation stays on the calling thread). At most `max_pending` bytes wait;
+    a failed write is raised (as a RunError) at the next call."""
+
+    def __init__(self, max_pending: int = 128 << 20):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="fusionlang-write")
+        self.pending: deque = deque()  # (future, bytes, path)
+        self.bytes = 0
+        self.max_pending = max_pending
+
+    def submit(self, fn: Callable[[], None], nbytes: int, path: Path) -> None:
+        while self.pending and self.bytes + nbytes > self.max_pending:
+            self._wait_oldest()
+        self.pending.append((self.pool.submit(fn), nbytes, path))
+        self.bytes += nbytes
+
+
+    def _wait_oldest(self) -> None:
+        future, nbytes, path = self.pending.popleft()
+        self.bytes -= nbytes
+        try:
+            future.result()
+        except OSError as e:
+            raise RunError(f"cannot write '{path}': {e.strerror or e}",
+                           "free disk space or choose another output directory", "E016") from None
+
+    def drain(self) -> None:
+        while self.pending:
+            self._wait_oldest()
+
+    def close(self) -> None:
+        """Stop: pending writes are cancelled or finished, errors ignored (the caller is
+        already failing or has drained)."""
+        for future, _, _ in self.pending:
+            future.cancel()
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
+
+
 class ShardWriter:
     """Lays out an output's shards up front (shapes are known from headers), then writes
     each tensor's bytes at its offset as soon as it is computed: memory stays at one group."""
 
-    def __init__(self, out: OutputSpec, directory: Path, shard_bytes: int):
+    def __init__(self, out: OutputSpec, directory: Path, shard_bytes: int, queue: WriteQueue):
         self.dir = directory
+        self.queue = queue
         self.where: dict[str, tuple[int, int, int]] = {}  # tensor -> (shard, offset, nbytes)
         shards: list[list[str]] = [[]]
         size = 0
@@ -176,13 +222,18 @@ class ShardWriter:
         if first_row:
             off += first_row * (data.nbytes // value.shape[0])
         assert data.nbytes <= n, f"{tensor}: {data.nbytes} bytes, header says {n}"
-        view = memoryview(data)
-        while len(view):
-            written = os.pwrite(self.fds[si], view, off)
-            view, off = view[written:], off + written
+        fd = self.fds[si]
+
+        def write_all(view=memoryview(data), off=off) -> None:  # `data` keeps the tensor alive until written
+            while len(view):
+                written = os.pwrite(fd, view, off)
+                view, off = view[written:], off + written
+
+        self.queue.submit(write_all, data.nbytes, self.dir / self.names[si])
         return data.nbytes
 
     def close(self) -> None:
+        """Close the shard files (after the queue is drained or stopped)."""
         # NOTE: no fsync: atomicity against interruption comes from the rename of the
         # finished directory; durability across power loss is the filesystem's job.
         for fd in self.fds:
@@ -305,10 +356,11 @@ class Executor:
         reduce_values: dict[str, torch.Tensor] = {}
         tmp_dirs: dict[str, Path] = {}
         writers: dict[str, ShardWriter] = {}
+        queue = WriteQueue()
         try:
             for o in plan.outputs.values():
                 tmp_dirs[o.name] = _make_tmp(o.path)
-                writers[o.name] = ShardWriter(o, tmp_dirs[o.name], self.shard_bytes)
+                writers[o.name] = ShardWriter(o, tmp_dirs[o.name], self.shard_bytes, queue)
             total = sum(len(v) for v in roots.values())
             done = 0
             # Values one group computes for others (a per-tensor statistic shared by the row
@@ -337,8 +389,12 @@ class Executor:
                     keep = set(by_group[g])
                     tiled = self._tileable(nodes, by_group[g], roots, ph, p, shared, reduce_values)
                     if tiled:
-                        for nid, value in self._run_tiled(nodes, by_group[g], rc, tiled, shared, reduce_values):
-                            for oname, t, first_row in roots[nid]:
+                        for nid, value in self._run_tiled(nodes, by_group[g], tiled, shared, reduce_values):
+                            if nid in exports:
+                                shared[nid] = value
+                            elif nid not in roots:
+                                stat_inputs[nid] = value
+                            for oname, t, first_row in roots.get(nid, ()):
                                 self.stats.bytes_written += writers[oname].write(t, value, first_row)
                                 done += 1
                                 if self.progress:
@@ -375,6 +431,8 @@ class Executor:
                     if ph[r] == p:
                         args = [stat_inputs[i] if i in stat_inputs else reduce_values[i] for i in plan.nodes[r].inputs]
                         reduce_values[r] = self._apply(r, args, False)
+            queue.drain()
+            queue.close()
             for o in plan.outputs.values():
                 writers[o.name].close()
                 self._finish(o, tmp_dirs[o.name])
@@ -383,6 +441,7 @@ class Executor:
                 self.stats.outputs[o.name] = o.path
             self.stats.tensors_written = sum(len(o.tensors) for o in plan.outputs.values())
         except BaseException:
+            queue.close()
             for w in writers.values():
                 for fd in w.fds:
                     os.close(fd)
@@ -403,22 +462,29 @@ class Executor:
                   shared: dict, reduce_values: dict) -> int:
         """The element count of a group that can run in cache-sized tiles, else 0.
 
-        A group qualifies when every node is pointwise (the value at flat position i
-        depends only on the inputs at position i, and on small per-tensor values from
-        outside the group), all its tensors have the same element count, and it
-        computes only output tensors of this phase, all casts.
+        A group qualifies when all its tensors have the same element count and every
+        node is pointwise (the value at flat position i depends only on the inputs at
+        position i, and on small per-tensor values from outside the group), a tile
+        statistic (a per-tensor value summed tile by tile, e.g. DARE's L1 factor) or
+        another per-tensor statistic with a small result (a top-k threshold: its input
+        is gathered whole from the tiles). It must compute only output tensors of this
+        phase (all casts) and statistics.
         """
         # NOTE: FUSIONLANG_NO_TILE=1 turns tiling off (A/B timing, debugging); results are the same.
         if self.device.type != "cpu" or os.environ.get("FUSIONLANG_NO_TILE"):
             return 0
         plan = self.plan
         numel = 0
+        has_stats = False
         for nid in nodes:
             n = plan.nodes[nid]
-            if n.op not in TILE_OPS:
-                return 0
             if n.op == "const":
                 continue
+            if n.op not in TILE_OPS:
+                if _barrier_kind(n.op) is None:
+                    return 0
+                has_stats = True
+                continue  # a small value, computed from tensors of the group (checked as its nodes)
             if n.shape is None:
                 return 0
             k = _numel(n.shape)
@@ -430,67 +496,108 @@ class Executor:
                     v = shared[i] if i in shared else reduce_values[i]
                     if v.numel() > 16:
                         return 0
-        if numel <= _TILE:
+        if numel <= _TILE or (has_stats and _TILE % sparsify.STAT_CHUNK):
             return 0
         if any(plan.nodes[i].op == "cast" for i in rc_inputs(plan, nodes)):
             return 0  # a cast consumed inside the group (tiles write casts straight to the output)
         for t in targets:
+            if _barrier_kind(plan.nodes[t].op) is not None:
+                continue
             if t not in roots or ph[t] != p or plan.nodes[t].op != "cast":
                 return 0
         return numel
 
-    def _run_tiled(self, nodes: list[str], targets: list[str], rc: dict[str, int], numel: int,
-                   shared: dict, reduce_values: dict):
-        """Run a pointwise group tile by tile: every node on flat positions [s, s + _TILE),
+    def _run_tiled(self, nodes: list[str], targets: list[str], numel: int, shared: dict, reduce_values: dict):
+        """Run a tileable group tile by tile: every node on flat positions [s, s + _TILE),
         then the next tile, so the intermediate values of a tile stay in the CPU cache
-        instead of streaming whole row blocks through memory once per op. Yields
-        (root node, whole output value) at the end.
+        instead of streaming whole tensors through memory once per op. Yields
+        (target node, whole value) at the end.
+
+        A group with per-tensor statistics runs in stages: stage 0 computes the
+        statistics (tile statistics are summed over the tiles; the input of any other
+        is gathered into one whole buffer), stage 1 recomputes the tile values it needs
+        (cheap: the inputs are cached) and uses them, and so on.
 
         NOTE: pointwise ops give the same bits on a tile as on the whole tensor; ops that
         draw or select by flat position (DARE masks, top-k tie cuts) get the tile's
-        offset, as row blocks do.
+        offset, as row blocks do, and tile statistics sum the same fixed chunks.
         """
         plan = self.plan
-        whole: dict[str, torch.Tensor] = {}
+        barriers = {nid for nid in nodes if _barrier_kind(plan.nodes[nid].op) is not None}
+        stage: dict[str, int] = {}
+        for nid in nodes:  # nodes are in plan order: inputs first
+            stage[nid] = max((stage[i] + (i in barriers) for i in plan.nodes[nid].inputs if i in stage), default=0)
+        outside = {**reduce_values, **shared}
         outs: dict[str, torch.Tensor] = {}
+        for k in range(max(stage.values(), default=0) + 1):
+            wanted = [t for t in nodes if stage[t] == k and (t in barriers or t in targets)]
+            need: set[str] = set()
+            stack = list(wanted)
+            while stack:
+                nid = stack.pop()
+                if nid not in need and nid not in outside:
+                    need.add(nid)
+                    stack.extend(plan.nodes[nid].inputs)
+            self._tile_stage([nid for nid in nodes if nid in need], numel, outside, outs)
+        for nid in targets:
+            yield nid, (outs[nid].view(plan.nodes[nid].shape) if nid in outs else outside[nid])
+
+    def _tile_stage(self, nodes: list[str], numel: int, outside: dict, outs: dict) -> None:
+        """One pass over the tiles of `nodes`: casts are written into `outs` (whole
+        buffers); statistics are computed into `outside`."""
+        plan = self.plan
+        rc = self._refcounts(nodes, set(nodes))
         prog = []
+        partials: dict[str, list] = {}
+        gathered: dict[str, torch.Tensor] = {}  # whole inputs of non-tile statistics
         for nid in nodes:
             n = plan.nodes[nid]
+            if _barrier_kind(n.op) == "whole":
+                for i in n.inputs:
+                    if i in rc and i not in gathered:
+                        gathered[i] = torch.empty(numel, dtype=torch.float32)
+                        rc[i] += 1
+        for nid in nodes:
+            n = plan.nodes[nid]
+            kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.params}
+            kind = _barrier_kind(n.op)
             if n.op == "const":
-                whole[nid] = self._apply(nid, [], False)
-                continue
-            if n.op == "load":
+                outside[nid] = self._apply(nid, [], False)
+            elif n.op == "load":
                 view = self._load_view(n.param("source"), n.param("tensor"), n.param("rows")).reshape(-1)
                 convert = view.dtype != torch.float32  # as _load: every input is computed in float32
-                prog.append((nid, _LOAD, view, convert, None, None, 0))
-                continue
-            if n.op == "cast":
-                dtype = TORCH_DTYPES[n.param("dtype")]
-                outs[nid] = torch.empty(numel, dtype=dtype)
-                prog.append((nid, _CAST, outs[nid], n.inputs[0], None, None, 0))
-                continue
-            o = OPS[n.op]
-            kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.params}
-            offset0 = kwargs.pop("offset", 0) if n.op in OFFSET_OPS else None
-            listy = any(q.type == "tensors" for q in o.params)
-            first = n.inputs[0] if n.inputs else None
-            can_donate = o.inplace and first is not None and first not in whole and n.inputs.count(first) == 1 \
-                and not listy
-            prog.append((nid, _OP, o.fn, n.inputs, kwargs, (offset0, listy, can_donate), 0))
-        outside = {**reduce_values, **shared, **whole}
-        keep = set(targets)
-        for s in range(0, numel, _TILE):
-            e = min(numel, s + _TILE)
+                prog.append((nid, _LOAD, view.split(_TILE), convert, None, None))
+            elif n.op == "cast":
+                outs[nid] = torch.empty(numel, dtype=TORCH_DTYPES[n.param("dtype")])
+                prog.append((nid, _CAST, outs[nid].split(_TILE), n.inputs[0], None, None))
+            elif kind == "tile":
+                partials[nid] = []
+                prog.append((nid, _STAT, OPS[n.op].tile_stat[0], n.inputs, kwargs, partials[nid]))
+            elif kind is None:
+                o = OPS[n.op]
+                offset0 = kwargs.pop("offset", 0) if n.op in OFFSET_OPS else None
+                listy = any(q.type == "tensors" for q in o.params)
+                first = n.inputs[0] if n.inputs else None
+                can_donate = o.inplace and first is not None and first not in outside \
+                    and n.inputs.count(first) == 1 and not listy
+                prog.append((nid, _OP, o.fn, n.inputs, kwargs, (offset0, listy, can_donate)))
+            if nid in gathered:
+                prog.append((nid, _CAST, gathered[nid].split(_TILE), nid, None, None))
+        # NOTE: loads and casts are pre-split into tile views (one C call instead of a
+        # slice per tile and op: the per-op Python overhead is what tiles pay for).
+        for j, s in enumerate(range(0, numel, _TILE)):
             vals: dict[str, torch.Tensor] = {}
             left = dict(rc)
-            for nid, kind, a, b, kwargs, extra, _ in prog:
+            for nid, kind, a, b, kwargs, extra in prog:
                 if kind is _LOAD:
-                    v = a[s:e]
-                    vals[nid] = v.float() if b else v.clone()
+                    vals[nid] = a[j].float() if b else a[j].clone()
                     continue
                 if kind is _CAST:
-                    a[s:e].copy_(vals[b])
+                    a[j].copy_(vals[b])
                     ins = (b,)
+                elif kind is _STAT:
+                    ins = b
+                    extra.append(a(*[vals[i] if i in vals else outside[i] for i in ins], offset=s, **kwargs))
                 else:
                     ins = b
                     offset0, listy, can_donate = extra
@@ -501,7 +608,7 @@ class Executor:
                         if offset0 is not None:
                             kw["offset"] = offset0 + s
                         if can_donate:
-                            kw["_inplace"] = left.get(ins[0], 0) == 1 and ins[0] not in keep
+                            kw["_inplace"] = left.get(ins[0], 0) == 1
                     vals[nid] = a(args, **kw) if listy else a(*args, **kw)
                 for i in ins:
                     c = left.get(i)
@@ -509,8 +616,15 @@ class Executor:
                         left[i] = c - 1
                         if c == 1:
                             vals.pop(i, None)
-        for nid in targets:
-            yield nid, outs[nid].view(plan.nodes[nid].shape)
+        for nid in nodes:
+            n = plan.nodes[nid]
+            kind = _barrier_kind(n.op)
+            kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.params}
+            if kind == "tile":
+                outside[nid] = OPS[n.op].tile_stat[1](partials[nid], **kwargs)
+            elif kind == "whole":
+                args = [gathered[i].view(plan.nodes[i].shape) if i in gathered else outside[i] for i in n.inputs]
+                outside[nid] = OPS[n.op].fn(*args, **kwargs)
 
     def _closure(self, targets: list[str], reduce_values: dict) -> set[str]:
         need: set[str] = set()
@@ -567,7 +681,18 @@ _TILE = 1 << 16
 TILE_OPS = {"load", "cast", "const", "sub", "add", "mul", "scale", "axpy", "lerp", "sum", "mean", "weighted",
             "trim_topk", "trim_at", "drop_rows", "disjoint_merge"}
 OFFSET_OPS = {"trim_topk", "drop_rows"}
-_LOAD, _CAST, _OP = object(), object(), object()
+_LOAD, _CAST, _OP, _STAT = object(), object(), object(), object()
+
+
+def _barrier_kind(op: str) -> str | None:
+    """How a tiled group computes a per-tensor statistic: "tile" (summed tile by tile),
+    "whole" (from its input gathered whole; small result), or None (not a statistic)."""
+    o = OPS.get(op)
+    if o is not None and o.tile_stat is not None:
+        return "tile"
+    if op in SMALL_RESULT_OPS and op != "const":
+        return "whole"
+    return None
 
 
 def rc_inputs(plan: Plan, nodes: list[str]) -> set[str]:

@@ -149,6 +149,7 @@ def test_tiled_execution_gives_identical_results(llama, tmp_path, monkeypatch):
     The tile is shrunk so that the tiny test tensors are cut into many tiles. TIES and DARE
     groups tile once their statistics are separate groups (row-split plans)."""
     from fusionlang import executor
+    from fusionlang.ops import sparsify
     from fusionlang.passes import cse, dce, fold, schedule
     from fusionlang.passes.split import split
 
@@ -175,6 +176,7 @@ save d to "{out}/d" as fp16
 
     monkeypatch.setattr(executor.Executor, "_run_tiled", spy)
     monkeypatch.setattr(executor, "_TILE", 100)
+    monkeypatch.setattr(sparsify, "STAT_CHUNK", 50)
     outs = {}
     for label in ("whole", "tiled", "whole-split", "tiled-split"):
         if label.startswith("whole"):
@@ -190,6 +192,7 @@ save d to "{out}/d" as fp16
     assert any("axpy" in ops or "add" in ops for ops in tiled_groups)  # task arithmetic tiled
     assert any("disjoint_merge" in ops for ops in tiled_groups)  # so was a TIES merge step
     assert any("drop_rows" in ops for ops in tiled_groups)  # and DARE's
+    assert any("drop_l1_factor" in ops for ops in tiled_groups)  # and its L1 statistic
     for a, b in (("whole", "tiled"), ("whole", "whole-split"), ("whole", "tiled-split")):
         for n in names:
             assert outs[a][n].keys() == outs[b][n].keys()
@@ -197,18 +200,43 @@ save d to "{out}/d" as fp16
                 assert v.dtype == outs[b][n][k].dtype and torch.equal(v, outs[b][n][k]), (a, b, n, k)
 
 
-def test_dare_masks_are_torch_rand_draws():
-    """DARE's keep-masks are drawn with numpy's MT19937, which must give exactly the bits of
-    `torch.rand(generator=manual_seed(s)) < density` (the documented, reproducible draw)."""
+def test_dare_masks_are_the_documented_draw():
+    """DARE's keep-mask for chunk j is the documented draw: the 16-bit little-endian words
+    of SFC64(tensor_seed(seed, j))'s raw outputs, kept iff below round(density * 65536).
+    Any slice of a tensor's mask equals the mask drawn for that slice alone."""
+    import numpy as np
+
     from fusionlang.ops import sparsify
 
     n = sparsify._MASK_CHUNK
     for seed, j, density in ((0, 0, 0.5), (7, 3, 0.1), (123456789, 11, 1 / 3), (2**40 + 5, 1, 0.9)):
-        mask = torch.from_numpy(sparsify._mask_chunk(j, density, seed).copy())
-        g = torch.Generator().manual_seed(sparsify.tensor_seed(seed, str(j)))
-        want = torch.rand(n, generator=g) < density
-        assert torch.equal(mask, want), (seed, j, density)
-        assert abs(mask.float().mean().item() - density) < 0.01
+        mask = sparsify._mask_chunk(j, density, seed).copy()
+        raw = np.random.SFC64(sparsify.tensor_seed(seed, str(j))).random_raw(n // 4)
+        words = np.frombuffer(raw.astype("<u8").tobytes(), dtype="<u2")
+        assert np.array_equal(mask, words < round(density * 65536)), (seed, j, density)
+        sd = (density * (1 - density) / n) ** 0.5
+        assert abs(mask.mean() - density) < 5 * sd
+    whole = sparsify.keep_mask_float(0, 3 * n, 0.3, 5, torch.empty(3 * n))
+    for a, b in ((0, 10), (n - 7, n + 9), (n + 1, 3 * n)):
+        part = sparsify.keep_mask_float(a, b - a, 0.3, 5, torch.empty(b - a))
+        assert torch.equal(part, whole[a:b]), (a, b)
+
+
+def test_l1_factor_is_the_same_whole_or_tiled():
+    """The L1 rescale factor summed tile by tile (any tile start at a multiple of
+    STAT_CHUNK) has exactly the bits of the whole-tensor value, and equals the factor
+    computed in float64 from the mask to float precision."""
+    from fusionlang.ops import sparsify
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5 * sparsify.STAT_CHUNK + 123, generator=g)
+    whole = sparsify.drop_l1_factor(x, 0.4, 9)
+    tile = 2 * sparsify.STAT_CHUNK
+    parts = [sparsify._l1_partials(x[s:s + tile], s, 0.4, 9) for s in range(0, x.numel(), tile)]
+    assert sparsify._l1_finish(parts, 0.4, 9).item() == whole.item()
+    mask = sparsify.keep_mask_float(0, x.numel(), 0.4, 9, torch.empty(x.numel()))
+    ref = x.double().abs().sum() / (x.double() * mask.double()).abs().sum()
+    assert abs(whole.item() - ref.item()) < 1e-6 * ref.item()
 
 
 def test_tiled_integer_buffer_passes_through(llama, tmp_path, monkeypatch):

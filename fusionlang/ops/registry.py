@@ -43,6 +43,9 @@ class OpDef:
     inplace: bool = False  # may write its result into its first input when that is dead
     doc: str = ""
     ranges: dict = field(default_factory=dict)
+    # A per-tensor statistic computable tile by tile: (partial(x_tile, offset, **params),
+    # finish([partials], **params)), giving the same value as `fn` on the whole tensor.
+    tile_stat: tuple[Callable, Callable] | None = None
 
     @property
     def tensor_params(self) -> list[ParamSpec]:
@@ -79,7 +82,8 @@ def _type_of(ann: Any) -> tuple[str, tuple[str, ...], bool]:
 
 
 def op(name: str | None = None, *, kind: str = "map", public: bool = True, inplace: bool = False,
-       ranges: dict[str, tuple[float | None, float | None]] | None = None):
+       ranges: dict[str, tuple[float | None, float | None]] | None = None,
+       tile_stat: tuple[Callable, Callable] | None = None):
     """Register `fn` as a primitive; its signature is the op's schema."""
 
     def deco(fn: Callable) -> Callable:
@@ -92,7 +96,7 @@ def op(name: str | None = None, *, kind: str = "map", public: bool = True, inpla
             params.append(ParamSpec(p.name, typ, p.default, choices, optional, (ranges or {}).get(p.name)))
         opname = name or fn.__name__.rstrip("_")
         OPS[opname] = OpDef(opname, fn, tuple(params), kind, public, inplace,
-                            inspect.getdoc(fn) or "", dict(ranges or {}))
+                            inspect.getdoc(fn) or "", dict(ranges or {}), tile_stat)
         return fn
 
     return deco
@@ -104,7 +108,9 @@ class _LazyTorch:
     def __getattr__(self, item: str) -> Any:
         import torch as _torch
 
-        return getattr(_torch, item)
+        value = getattr(_torch, item)
+        setattr(self, item, value)  # later lookups skip __getattr__ (ops call torch.* per tile)
+        return value
 
 
 torch: Any = _LazyTorch()

@@ -304,53 +304,61 @@ class _MaskCache:
 _MASKS = _MaskCache()
 
 
-def _mask_chunk(j: int, density: float, seed: int):
-    """Chunk j of the keep-mask as a numpy bool array of _MASK_CHUNK entries.
+def _mask_chunk(j: int, density: float, seed: int, a: int = 0, b: int = _MASK_CHUNK):
+    """Entries [a, b) of chunk j of the keep-mask, as a numpy bool array.
 
-    NOTE: bit-identical to `torch.rand(_MASK_CHUNK, generator=torch.Generator()
-    .manual_seed(tensor_seed(seed, str(j)))) < density`, drawn about twice as fast:
-    torch's CPU generator is MT19937 seeded with the low 32 bits of the seed (numpy's
-    legacy seeding is the same), and a float32 uniform is (u32 & 0xFFFFFF) * 2**-24, so
-    `u < density` is an integer comparison of those 24 bits with ceil(f32(density) * 2**24).
+    NOTE: the draw is specified, not an accident of a library: 16-bit words from numpy's
+    SFC64 generator seeded with tensor_seed(seed, str(j)) (the raw 64-bit outputs split
+    into four little-endian words), and an entry is kept iff its word < round(density *
+    65536). So the keep probability is density to within 2**-17, and drawing costs about
+    1 ns per entry (MT19937 float draws cost 4-5 ns, more than a TIES merge).
     """
-    import math
-
     import numpy as np
 
-    limit = math.ceil(float(np.float32(density)) * (1 << 24))
+    limit = keep_limit(density)
     key = (seed, j, limit)
     packed = _MASKS.get(key)
-    if packed is not None:
-        return np.unpackbits(packed).view(np.bool_)
-    raw = np.random.RandomState(tensor_seed(seed, str(j)) & 0xFFFFFFFF).randint(
-        0, 1 << 32, size=_MASK_CHUNK, dtype=np.uint32)
-    raw &= 0xFFFFFF
-    mask = raw < limit
-    _MASKS.put(key, np.packbits(mask))
-    return mask
+    if packed is None:
+        words = np.random.Generator(np.random.SFC64(tensor_seed(seed, str(j)))).bit_generator.random_raw(
+            _MASK_CHUNK // 4).view("<u2")
+        mask = words < limit
+        _MASKS.put(key, np.packbits(mask))
+        return mask[a:b]
+    # only the bytes that hold [a, b): a tile uses a slice of a chunk
+    bits = np.unpackbits(packed[a // 8:(b + 7) // 8]).view(np.bool_)
+    return bits[a % 8:a % 8 + b - a]
 
 
-def keep_mask_float(offset: int, n: int, density: float, seed: int, out):
+def keep_limit(density: float) -> int:
+    """A mask word (0..65535) keeps its entry iff it is below this."""
+    return min(1 << 16, max(0, round(density * (1 << 16))))
+
+
+def keep_mask_float(offset: int, n: int, density: float, seed: int, out, value: float = 1.0):
     """DARE's Bernoulli(density) keep-mask for flat positions [offset, offset + n), written
-    as 1/0 into `out` (float or uint8, n entries; CPU).
+    as value/0 into `out` (float, n entries; CPU).
 
     NOTE: drawn in fixed chunks of the flattened tensor, each from its own generator
     seeded by (seed, chunk), on the CPU: the mask of a row block or tile equals that
     slice of the whole tensor's mask, so results are bit-identical however the plan is
     split, tiled, run or ordered, and on any device.
 
-    NOTE: multiplying by a float 1/0 mask gives the same products as by a boolean mask
-    (signed zeros included) and is several times faster on CPU.
+    NOTE: multiplying by a float value/0 mask gives the same products as multiplying by
+    a boolean mask and then by the value (signed zeros included: value > 0) and is
+    several times faster on CPU.
     """
     import numpy as np
 
     first, last = offset // _MASK_CHUNK, (offset + n - 1) // _MASK_CHUNK
     pos = 0
     for j in range(first, last + 1):
-        c = _mask_chunk(j, density, seed)
         a = max(offset - j * _MASK_CHUNK, 0)
         b = min(offset + n - j * _MASK_CHUNK, _MASK_CHUNK)
-        out[pos:pos + b - a].copy_(torch.from_numpy(c[a:b].view(np.uint8)))
+        bits = torch.from_numpy(_mask_chunk(j, density, seed, a, b).view(np.uint8))
+        if value == 1.0:
+            out[pos:pos + b - a].copy_(bits)
+        else:
+            torch.mul(bits, value, out=out[pos:pos + b - a])
         pos += b - a
     return out[:n]
 
@@ -371,23 +379,55 @@ def drop(x: Tensor, density: float = 0.5, rescale: Literal["inverse", "l1", "non
     return drop_rows(x, torch.tensor(factor, dtype=torch.float64), density, seed)
 
 
-@op(public=False)
-def drop_l1_factor(x: Tensor, density: float = 0.5, seed: int = 0) -> Tensor:
-    """sum|x| / sum|x * mask|: the factor that restores the L1 norm after the drop."""
+# Elements per partial sum of the L1 statistic: each chunk of the flattened tensor is summed
+# in float32 on its own, and the chunk sums are added exactly (math.fsum). Tiles start at
+# multiples of it, so a tiled run sums the very same chunks as a whole-tensor one.
+# (Below torch's parallel grain size: a chunk's sum does not depend on the thread count.)
+STAT_CHUNK = 1 << 14
+
+
+def _l1_partials(x: Tensor, offset: int = 0, density: float = 0.5, seed: int = 0) -> Tensor:
+    """Per-chunk float32 sums of |x| and of |x * mask| for x at flat `offset` (a
+    multiple of STAT_CHUNK): a (2, chunks) tensor."""
     flat = x.reshape(-1)
-    before = after = 0.0
-    step = 1 << 22  # NOTE: the float64 partial sums are per 4M-entry chunk (part of the result's bits)
-    buf = torch.empty(min(step, flat.numel()), dtype=x.dtype, device=x.device)
-    mbuf = torch.empty(min(step, flat.numel()), dtype=x.dtype)
-    dbuf = torch.empty(min(step, flat.numel()), dtype=torch.float64, device=x.device)
-    for s in range(0, flat.numel(), step):
-        chunk = torch.abs(flat[s:s + step], out=buf[:min(step, flat.numel() - s)])
-        # NOTE: sum(dtype=float64) casts to float64 and then sums; casting into a reused
-        # buffer gives the same bits without a fresh 32 MB allocation per chunk.
-        before += float(dbuf[:chunk.numel()].copy_(chunk).sum())
-        mask = keep_mask_float(s, chunk.numel(), density, seed, mbuf).to(x.device)
-        after += float(dbuf[:chunk.numel()].copy_(chunk.mul_(mask)).sum())
+    n = flat.numel()
+    step = max(STAT_CHUNK, SUB_CHUNK // STAT_CHUNK * STAT_CHUNK)
+    sums = torch.empty(2, -(-n // STAT_CHUNK), dtype=x.dtype, device=x.device)
+    buf = torch.empty(min(step, n), dtype=x.dtype, device=x.device)
+    mbuf = torch.empty(min(step, n), dtype=x.dtype)
+    for s in range(0, n, step):
+        m = min(step, n - s)
+        a = torch.abs(flat[s:s + m], out=buf[:m])
+        _chunk_sums(a, sums[0], s // STAT_CHUNK)
+        a.mul_(keep_mask_float(offset + s, m, density, seed, mbuf).to(x.device))
+        _chunk_sums(a, sums[1], s // STAT_CHUNK)
+    return sums
+
+
+def _chunk_sums(a, out, first: int) -> None:
+    """out[first + c] = float32 sum of chunk c of a (the last chunk may be short)."""
+    whole = a.numel() // STAT_CHUNK
+    if whole:
+        torch.sum(a[:whole * STAT_CHUNK].view(whole, STAT_CHUNK), 1, out=out[first:first + whole])
+    if whole * STAT_CHUNK < a.numel():
+        torch.sum(a[whole * STAT_CHUNK:], 0, out=out[first + whole])
+
+
+def _l1_finish(partials: list, density: float = 0.5, seed: int = 0) -> Tensor:
+    import math
+
+    both = torch.cat(list(partials), dim=1).double().cpu()
+    before, after = math.fsum(both[0].tolist()), math.fsum(both[1].tolist())
     return torch.tensor(before / after if after > 0 else 1.0, dtype=torch.float64)
+
+
+@op(public=False, tile_stat=(_l1_partials, _l1_finish))
+def drop_l1_factor(x: Tensor, density: float = 0.5, seed: int = 0) -> Tensor:
+    """sum|x| / sum|x * mask|: the factor that restores the L1 norm after the drop.
+
+    A tile statistic: the executor can compute it tile by tile (`_l1_partials` per
+    tile, `_l1_finish` at the end) with the same bits as on the whole tensor."""
+    return _l1_finish([_l1_partials(x, 0, density, seed)], density, seed)
 
 
 @op(public=False, inplace=True)
@@ -396,11 +436,12 @@ def drop_rows(x: Tensor, factor: Tensor, density: float = 0.5, seed: int = 0, of
     """x * mask * factor for x, or for a block of its rows starting at flat `offset`."""
     if density >= 1.0:
         return x
-    mask = keep_mask_float(offset, x.numel(), density, seed, torch.empty(x.numel(), dtype=x.dtype))
-    mask = mask.reshape(x.shape).to(x.device)
-    out = x.mul_(mask) if _inplace else x * mask
+    # NOTE: the factor is folded into the mask (factor/0): x * (mask * f) has the bits
+    # of (x * mask) * f in float32, and costs one pass less.
     f = float(factor)
-    return out.mul_(f) if f != 1.0 else out
+    mask = keep_mask_float(offset, x.numel(), density, seed, torch.empty(x.numel(), dtype=x.dtype), f)
+    mask = mask.reshape(x.shape).to(x.device)
+    return x.mul_(mask) if _inplace else x * mask
 
 
 @op(ranges={"density": (0.0, 1.0), "gamma": (0.0, 1.0)})
