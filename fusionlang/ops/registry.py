@@ -43,8 +43,9 @@ class OpDef:
     inplace: bool = False  # may write its result into its first input when that is dead
     doc: str = ""
     ranges: dict = field(default_factory=dict)
-    # A per-tensor statistic computable tile by tile: (partial(x_tile, offset, **params),
-    # finish([partials], **params)), giving the same value as `fn` on the whole tensor.
+    # A per-tensor statistic computable tile by tile: (partial(x_tile, offset, **params)
+    # -> small Python value, finish([partials], **params) -> tensor), giving the same
+    # value as `fn` on the whole tensor.
     tile_stat: tuple[Callable, Callable] | None = None
 
     @property

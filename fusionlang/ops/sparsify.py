@@ -278,27 +278,40 @@ _MASK_CHUNK = 1 << 18
 class _MaskCache:
     """Recently drawn DARE mask chunks, bit-packed (32 KiB per chunk), least recently
     used first out. The L1 rescale needs each mask twice (for the factor, then to apply
-    it, possibly in row blocks of a later group); drawing is the expensive part."""
+    it, possibly in row blocks of a later group); drawing is the expensive part.
+
+    NOTE: the packed chunks live in slots of one preallocated array (outside the malloc
+    heap): thousands of small long-lived arrays scattered between the per-tile buffers
+    fragmented the heap, and anonymous memory grew by ~1 MB per chunk drawn.
+    """
 
     def __init__(self, max_bytes: int = 96 << 20):
         from collections import OrderedDict
 
-        self.max_bytes = max_bytes
-        self.items: OrderedDict = OrderedDict()
-        self.bytes = 0
+        self.slots = max(1, max_bytes // (_MASK_CHUNK // 8))
+        self.items: OrderedDict = OrderedDict()  # key -> slot
+        self.store = None
+        self.free: list[int] = []
 
     def get(self, key):
-        v = self.items.get(key)
-        if v is not None:
-            self.items.move_to_end(key)
-        return v
+        slot = self.items.get(key)
+        if slot is None:
+            return None
+        self.items.move_to_end(key)
+        return self.store[slot]
 
-    def put(self, key, packed) -> None:
-        self.items[key] = packed
-        self.bytes += packed.nbytes
-        while self.bytes > self.max_bytes:
-            _, old = self.items.popitem(last=False)
-            self.bytes -= old.nbytes
+    def put(self, key, mask) -> None:
+        import numpy as np
+
+        if self.store is None:
+            self.store = np.empty((self.slots, _MASK_CHUNK // 8), dtype=np.uint8)
+            self.free = list(range(self.slots - 1, -1, -1))
+        if not self.free:
+            _, slot = self.items.popitem(last=False)
+            self.free.append(slot)
+        slot = self.free.pop()
+        self.store[slot] = np.packbits(mask)
+        self.items[key] = slot
 
 
 _MASKS = _MaskCache()
@@ -322,7 +335,7 @@ def _mask_chunk(j: int, density: float, seed: int, a: int = 0, b: int = _MASK_CH
         words = np.random.Generator(np.random.SFC64(tensor_seed(seed, str(j)))).bit_generator.random_raw(
             _MASK_CHUNK // 4).view("<u2")
         mask = words < limit
-        _MASKS.put(key, np.packbits(mask))
+        _MASKS.put(key, mask)
         return mask[a:b]
     # only the bytes that hold [a, b): a tile uses a slice of a chunk
     bits = np.unpackbits(packed[a // 8:(b + 7) // 8]).view(np.bool_)
@@ -386,9 +399,13 @@ def drop(x: Tensor, density: float = 0.5, rescale: Literal["inverse", "l1", "non
 STAT_CHUNK = 1 << 14
 
 
-def _l1_partials(x: Tensor, offset: int = 0, density: float = 0.5, seed: int = 0) -> Tensor:
+def _l1_partials(x: Tensor, offset: int = 0, density: float = 0.5, seed: int = 0) -> list[list[float]]:
     """Per-chunk float32 sums of |x| and of |x * mask| for x at flat `offset` (a
-    multiple of STAT_CHUNK): a (2, chunks) tensor."""
+    multiple of STAT_CHUNK), as two lists of Python floats.
+
+    NOTE: Python floats, not small tensors: a tensor per tile kept until the end of the
+    tensor pinned the malloc heap between the tiles' buffers, and anonymous memory grew
+    by gigabytes on an embedding (pymalloc keeps small objects in its own arenas)."""
     flat = x.reshape(-1)
     n = flat.numel()
     step = max(STAT_CHUNK, SUB_CHUNK // STAT_CHUNK * STAT_CHUNK)
@@ -401,7 +418,7 @@ def _l1_partials(x: Tensor, offset: int = 0, density: float = 0.5, seed: int = 0
         _chunk_sums(a, sums[0], s // STAT_CHUNK)
         a.mul_(keep_mask_float(offset + s, m, density, seed, mbuf).to(x.device))
         _chunk_sums(a, sums[1], s // STAT_CHUNK)
-    return sums
+    return sums.tolist()
 
 
 def _chunk_sums(a, out, first: int) -> None:
@@ -416,8 +433,8 @@ def _chunk_sums(a, out, first: int) -> None:
 def _l1_finish(partials: list, density: float = 0.5, seed: int = 0) -> Tensor:
     import math
 
-    both = torch.cat(list(partials), dim=1).double().cpu()
-    before, after = math.fsum(both[0].tolist()), math.fsum(both[1].tolist())
+    before = math.fsum(v for p in partials for v in p[0])
+    after = math.fsum(v for p in partials for v in p[1])
     return torch.tensor(before / after if after > 0 else 1.0, dtype=torch.float64)
 
 
