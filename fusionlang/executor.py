@@ -339,6 +339,19 @@ class Executor:
 
     def run(self) -> RunStats:
         """Execute the plan; writes every output atomically. Raises RunError."""
+        import gc
+
+        # NOTE: the tile loop allocates many short-lived containers and makes no reference
+        # cycles worth collecting; the cyclic collector cost ~3% of a DARE run.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run()
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _run(self) -> RunStats:
         t0 = time.perf_counter()
         _CREATED_DIRS.clear()
         _keep_freed_memory()
