@@ -152,8 +152,13 @@ class WriteQueue:
     def _wait_oldest(self) -> None:
         future, nbytes, path = self.pending.popleft()
         self.bytes -= nbytes
+        self.run_now(future.result, path)
+
+    @staticmethod
+    def run_now(fn: Callable[[], None], path: Path) -> None:
+        """Write on the calling thread (or wait for a queued write); errors are E016."""
         try:
-            future.result()
+            fn()
         except OSError as e:
             raise RunError(f"cannot write '{path}': {e.strerror or e}",
                            "free disk space or choose another output directory", "E016") from None
@@ -215,8 +220,10 @@ class ShardWriter:
             (self.dir / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2))
 
-    def write(self, tensor: str, value: torch.Tensor, first_row: int = 0) -> int:
-        """Write a whole tensor, or a block of its rows starting at `first_row`."""
+    def write(self, tensor: str, value: torch.Tensor, first_row: int = 0, owned: bool = False) -> int:
+        """Write a whole tensor, or a block of its rows starting at `first_row`. Only a
+        value the caller hands over (`owned`: nothing will write into its memory again)
+        is written in the background; any other is written before this returns."""
         si, off, n = self.where[tensor]
         data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         if first_row:
@@ -229,7 +236,12 @@ class ShardWriter:
                 written = os.pwrite(fd, view, off)
                 view, off = view[written:], off + written
 
-        self.queue.submit(write_all, data.nbytes, self.dir / self.names[si])
+        if owned:
+            self.queue.submit(write_all, data.nbytes, self.dir / self.names[si])
+        else:
+            # NOTE: e.g. a cast to the dtype a value already has returns that value, and a
+            # later op may update it in place: it must be written now.
+            self.queue.run_now(write_all, self.dir / self.names[si])
         return data.nbytes
 
     def close(self) -> None:
@@ -408,7 +420,8 @@ class Executor:
                             elif nid not in roots:
                                 stat_inputs[nid] = value
                             for oname, t, first_row in roots.get(nid, ()):
-                                self.stats.bytes_written += writers[oname].write(t, value, first_row)
+                                # a tile output buffer: nothing writes into it after its stage
+                                self.stats.bytes_written += writers[oname].write(t, value, first_row, owned=True)
                                 done += 1
                                 if self.progress:
                                     self.progress(done, total)
