@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from .ops import OPS, sparsify
-from .passes.schedule import SMALL_RESULT_OPS
 from .plan.graph import OutputSpec, Plan
 from .sources import DTYPE_SIZES
 
@@ -326,7 +325,7 @@ class Executor:
             return args[0].to(TORCH_DTYPES[n.param("dtype")])
         o = OPS[n.op]
         n_single = sum(1 for p in o.params if p.type == "tensor")
-        kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.params}
+        kwargs = _op_kwargs(n)
         # Inputs are stored flat, in parameter order; a list parameter takes the rest.
         call_args: list = []
         rest = list(args)
@@ -490,11 +489,14 @@ class Executor:
 
         A group qualifies when all its tensors have the same element count and every
         node is pointwise (the value at flat position i depends only on the inputs at
-        position i, and on small per-tensor values from outside the group), a tile
-        statistic (a per-tensor value summed tile by tile, e.g. DARE's L1 factor) or
-        another per-tensor statistic with a small result (a top-k threshold: its input
-        is gathered whole from the tiles). It must compute only output tensors of this
-        phase (all casts) and statistics.
+        position i, and on small per-tensor values from outside the group) or a tile
+        statistic (a per-tensor value summed tile by tile, e.g. DARE's L1 factor). It
+        must compute only output tensors of this phase (all casts) and statistics.
+
+        NOTE: other per-tensor statistics (a top-k threshold) need their input whole;
+        such groups run untiled, where each task vector is freed after its statistic.
+        (Gathering them from tiles held every model's task vector at once: TIES with 4
+        experts went from 0.6 to 1.0 GB anonymous.)
         """
         # NOTE: FUSIONLANG_NO_TILE=1 turns tiling off (A/B timing, debugging); results are the same.
         if self.device.type != "cpu" or os.environ.get("FUSIONLANG_NO_TILE"):
@@ -507,7 +509,7 @@ class Executor:
             if n.op == "const":
                 continue
             if n.op not in TILE_OPS:
-                if _barrier_kind(n.op) is None:
+                if not _is_tile_stat(n.op):
                     return 0
                 has_stats = True
                 continue  # a small value, computed from tensors of the group (checked as its nodes)
@@ -527,7 +529,7 @@ class Executor:
         if any(plan.nodes[i].op == "cast" for i in rc_inputs(plan, nodes)):
             return 0  # a cast consumed inside the group (tiles write casts straight to the output)
         for t in targets:
-            if _barrier_kind(plan.nodes[t].op) is not None:
+            if _is_tile_stat(plan.nodes[t].op):
                 continue
             if t not in roots or ph[t] != p or plan.nodes[t].op != "cast":
                 return 0
@@ -539,17 +541,16 @@ class Executor:
         instead of streaming whole tensors through memory once per op. Yields
         (target node, whole value) at the end.
 
-        A group with per-tensor statistics runs in stages: stage 0 computes the
-        statistics (tile statistics are summed over the tiles; the input of any other
-        is gathered into one whole buffer), stage 1 recomputes the tile values it needs
-        (cheap: the inputs are cached) and uses them, and so on.
+        A group with tile statistics runs in stages: stage 0 sums the statistics over
+        the tiles, stage 1 recomputes the tile values it needs (cheap: the inputs are
+        cached) and uses them, and so on.
 
         NOTE: pointwise ops give the same bits on a tile as on the whole tensor; ops that
         draw or select by flat position (DARE masks, top-k tie cuts) get the tile's
         offset, as row blocks do, and tile statistics sum the same fixed chunks.
         """
         plan = self.plan
-        barriers = {nid for nid in nodes if _barrier_kind(plan.nodes[nid].op) is not None}
+        barriers = {nid for nid in nodes if _is_tile_stat(plan.nodes[nid].op)}
         stage: dict[str, int] = {}
         for nid in nodes:  # nodes are in plan order: inputs first
             stage[nid] = max((stage[i] + (i in barriers) for i in plan.nodes[nid].inputs if i in stage), default=0)
@@ -570,23 +571,14 @@ class Executor:
 
     def _tile_stage(self, nodes: list[str], numel: int, outside: dict, outs: dict) -> None:
         """One pass over the tiles of `nodes`: casts are written into `outs` (whole
-        buffers); statistics are computed into `outside`."""
+        buffers); tile statistics are computed into `outside`."""
         plan = self.plan
         rc = self._refcounts(nodes, set(nodes))
         prog = []
         partials: dict[str, list] = {}
-        gathered: dict[str, torch.Tensor] = {}  # whole inputs of non-tile statistics
         for nid in nodes:
             n = plan.nodes[nid]
-            if _barrier_kind(n.op) == "whole":
-                for i in n.inputs:
-                    if i in rc and i not in gathered:
-                        gathered[i] = torch.empty(numel, dtype=torch.float32)
-                        rc[i] += 1
-        for nid in nodes:
-            n = plan.nodes[nid]
-            kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.params}
-            kind = _barrier_kind(n.op)
+            kwargs = _op_kwargs(n)
             if n.op == "const":
                 outside[nid] = self._apply(nid, [], False)
             elif n.op == "load":
@@ -596,10 +588,10 @@ class Executor:
             elif n.op == "cast":
                 outs[nid] = torch.empty(numel, dtype=TORCH_DTYPES[n.param("dtype")])
                 prog.append((nid, _CAST, outs[nid].split(_TILE), n.inputs[0], None, None))
-            elif kind == "tile":
+            elif _is_tile_stat(n.op):
                 partials[nid] = []
                 prog.append((nid, _STAT, OPS[n.op].tile_stat[0], n.inputs, kwargs, partials[nid]))
-            elif kind is None:
+            else:
                 o = OPS[n.op]
                 offset0 = kwargs.pop("offset", 0) if n.op in OFFSET_OPS else None
                 listy = any(q.type == "tensors" for q in o.params)
@@ -607,8 +599,6 @@ class Executor:
                 can_donate = o.inplace and first is not None and first not in outside \
                     and n.inputs.count(first) == 1 and not listy
                 prog.append((nid, _OP, o.fn, n.inputs, kwargs, (offset0, listy, can_donate)))
-            if nid in gathered:
-                prog.append((nid, _CAST, gathered[nid].split(_TILE), nid, None, None))
         # NOTE: loads and casts are pre-split into tile views (one C call instead of a
         # slice per tile and op: the per-op Python overhead is what tiles pay for).
         for j, s in enumerate(range(0, numel, _TILE)):
@@ -642,15 +632,8 @@ class Executor:
                         left[i] = c - 1
                         if c == 1:
                             vals.pop(i, None)
-        for nid in nodes:
-            n = plan.nodes[nid]
-            kind = _barrier_kind(n.op)
-            kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.params}
-            if kind == "tile":
-                outside[nid] = OPS[n.op].tile_stat[1](partials[nid], **kwargs)
-            elif kind == "whole":
-                args = [gathered[i].view(plan.nodes[i].shape) if i in gathered else outside[i] for i in n.inputs]
-                outside[nid] = OPS[n.op].fn(*args, **kwargs)
+        for nid, parts in partials.items():
+            outside[nid] = OPS[plan.nodes[nid].op].tile_stat[1](parts, **_op_kwargs(plan.nodes[nid]))
 
     def _closure(self, targets: list[str], reduce_values: dict) -> set[str]:
         need: set[str] = set()
@@ -710,15 +693,14 @@ OFFSET_OPS = {"trim_topk", "drop_rows"}
 _LOAD, _CAST, _OP, _STAT = object(), object(), object(), object()
 
 
-def _barrier_kind(op: str) -> str | None:
-    """How a tiled group computes a per-tensor statistic: "tile" (summed tile by tile),
-    "whole" (from its input gathered whole; small result), or None (not a statistic)."""
-    o = OPS.get(op)
-    if o is not None and o.tile_stat is not None:
-        return "tile"
-    if op in SMALL_RESULT_OPS and op != "const":
-        return "whole"
-    return None
+def _op_kwargs(n) -> dict:
+    """A plan node's parameters as keyword arguments of its op (lists are stored as tuples)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.params}
+
+
+def _is_tile_stat(op: str) -> bool:
+    """A per-tensor statistic the tiled executor sums tile by tile (e.g. DARE's L1 factor)."""
+    return OPS.get(op) is not None and OPS[op].tile_stat is not None
 
 
 def rc_inputs(plan: Plan, nodes: list[str]) -> set[str]:

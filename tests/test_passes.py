@@ -146,8 +146,9 @@ save d2 to "{out}/d2"
 
 def test_tiled_execution_gives_identical_results(llama, tmp_path, monkeypatch):
     """Pointwise groups run in cache-sized tiles on the CPU: bit-identical to whole tensors.
-    The tile is shrunk so that the tiny test tensors are cut into many tiles. TIES and DARE
-    groups tile once their statistics are separate groups (row-split plans)."""
+    The tile is shrunk so that the tiny test tensors are cut into many tiles. TIES groups
+    tile once their top-k statistics are separate groups (row-split plans); DARE's L1
+    statistic is summed tile by tile, so a DARE merge tiles either way."""
     from fusionlang import executor
     from fusionlang.ops import sparsify
     from fusionlang.passes import cse, dce, fold, schedule
@@ -166,7 +167,13 @@ save soup to "{out}/soup"
 save t to "{out}/t"
 save d to "{out}/d" as fp16
 '''
-    names = ("ta", "soup", "t", "d")
+    dare_only = '''use merging
+model base = local("{base}")
+models experts = [local("{e0}"), local("{e1}"), local("{e2}")]
+merge d = dare(base, experts, density=0.3, consensus=true, rescale="l1", seed=5)
+save d to "{out}/d" as bf16
+'''
+    specs = {"mixed": (text, ("ta", "soup", "t", "d")), "dare": (dare_only, ("d",))}
     tiled_groups = []
     real = executor.Executor._run_tiled
 
@@ -177,27 +184,29 @@ save d to "{out}/d" as fp16
     monkeypatch.setattr(executor.Executor, "_run_tiled", spy)
     monkeypatch.setattr(executor, "_TILE", 100)
     monkeypatch.setattr(sparsify, "STAT_CHUNK", 50)
-    outs = {}
-    for label in ("whole", "tiled", "whole-split", "tiled-split"):
-        if label.startswith("whole"):
-            monkeypatch.setenv("FUSIONLANG_NO_TILE", "1")
-        else:
-            monkeypatch.delenv("FUSIONLANG_NO_TILE", raising=False)
-        spec = write_spec(tmp_path, text.format(**fam, out=label), f"{label}.fuse")
-        plan = dce(cse(fold(Lowerer(check_file(str(spec))).lower())))
-        if label.endswith("split"):
-            plan = split(plan, block_elements=1000)
-        run_plan(schedule(plan), "cpu")
-        outs[label] = {n: load_state(tmp_path / label / n) for n in names}
+    for spec_name, (spec_text, names) in specs.items():
+        outs = {}
+        for label in ("whole", "tiled", "whole-split", "tiled-split"):
+            if label.startswith("whole"):
+                monkeypatch.setenv("FUSIONLANG_NO_TILE", "1")
+            else:
+                monkeypatch.delenv("FUSIONLANG_NO_TILE", raising=False)
+            out = f"{spec_name}-{label}"
+            spec = write_spec(tmp_path, spec_text.format(**fam, out=out), f"{out}.fuse")
+            plan = dce(cse(fold(Lowerer(check_file(str(spec))).lower())))
+            if label.endswith("split"):
+                plan = split(plan, block_elements=1000)
+            run_plan(schedule(plan), "cpu")
+            outs[label] = {n: load_state(tmp_path / out / n) for n in names}
+        for a, b in (("whole", "tiled"), ("whole", "whole-split"), ("whole", "tiled-split")):
+            for n in names:
+                assert outs[a][n].keys() == outs[b][n].keys()
+                for k, v in outs[a][n].items():
+                    assert v.dtype == outs[b][n][k].dtype and torch.equal(v, outs[b][n][k]), (spec_name, a, b, n, k)
     assert any("axpy" in ops or "add" in ops for ops in tiled_groups)  # task arithmetic tiled
     assert any("disjoint_merge" in ops for ops in tiled_groups)  # so was a TIES merge step
     assert any("drop_rows" in ops for ops in tiled_groups)  # and DARE's
-    assert any("drop_l1_factor" in ops for ops in tiled_groups)  # and its L1 statistic
-    for a, b in (("whole", "tiled"), ("whole", "whole-split"), ("whole", "tiled-split")):
-        for n in names:
-            assert outs[a][n].keys() == outs[b][n].keys()
-            for k, v in outs[a][n].items():
-                assert v.dtype == outs[b][n][k].dtype and torch.equal(v, outs[b][n][k]), (a, b, n, k)
+    assert any({"drop_l1_factor", "drop_rows"} <= ops for ops in tiled_groups)  # statistic and merge in one group
 
 
 def test_dare_masks_are_the_documented_draw():

@@ -89,10 +89,7 @@ def _kth_largest(flat, k: int, want_cut: bool) -> tuple[float, int, int]:
         a = flat.abs()
         value = float(torch.kthvalue(a, n - k + 1).values)
         above = int(torch.count_nonzero(a > value))
-        cut = 0
-        if want_cut:
-            cut = int(torch.nonzero(a == value).reshape(-1)[k - above - 1]) + 1
-        return value, above, cut
+        return value, above, (_tie_cut(flat, value, k - above, n) if want_cut else 0)
     # NOTE: a sparser sample for big tensors: the bracket stays a small fraction of the
     # tensor, and the sample read and its selections get cheaper.
     stride = 128 if n >= (1 << 22) else 32
@@ -134,29 +131,27 @@ def _kth_largest(flat, k: int, want_cut: bool) -> tuple[float, int, int]:
             above += int(torch.count_nonzero(inside > value))
             del inside
             eq_counts = [int(torch.count_nonzero(v == value)) if v is not None else 0 for v in vals]
-        cut = 0
-        if want_cut:  # the sub-chunk holding the (k - above)-th tie, then its position in it
-            need = k - above
-            for j, c in enumerate(eq_counts):
-                if need <= c:
-                    s = j * _SUB
-                    eq = flat[s:s + _SUB].abs() == value
-                    cut = s + int(torch.nonzero(eq).reshape(-1)[need - 1]) + 1
-                    break
-                need -= c
-        return value, above, cut
+        return value, above, (_tie_cut(flat, value, k - above, _SUB, eq_counts) if want_cut else 0)
     value, above = _kth_largest_hist(flat, k)
-    cut = 0
-    if want_cut:
-        cut, seen, need = 0, 0, k - above
-        for s in range(0, n, 1 << 20):  # NOTE: chunked, so many ties never need a big index tensor
-            eq = flat[s:s + (1 << 20)].abs() == value
-            cnt = int(torch.count_nonzero(eq))
-            if seen + cnt >= need:
-                cut = s + int(torch.nonzero(eq).reshape(-1)[need - seen - 1]) + 1
-                break
-            seen += cnt
-    return value, above, cut
+    return value, above, (_tie_cut(flat, value, k - above, 1 << 20) if want_cut else 0)
+
+
+def _tie_cut(flat, value: float, need: int, step: int, counts: list[int] | None = None) -> int:
+    """One past the flat index of the `need`-th entry (in flat order) with |x| == value.
+
+    Scans in chunks of `step` (so many ties never need a big index tensor); chunks whose
+    tie counts are known (`counts`, from the bracket pass) are skipped without a scan."""
+    for j, s in enumerate(range(0, flat.numel(), step)):
+        if counts is not None and need > counts[j]:
+            need -= counts[j]
+            continue
+        eq = flat[s:s + step].abs() == value
+        c = int(torch.count_nonzero(eq))
+        if need > c:
+            need -= c
+            continue
+        return s + int(torch.nonzero(eq).reshape(-1)[need - 1]) + 1
+    raise AssertionError("fewer ties than counted")
 
 
 def _kth_largest_hist(flat, k: int) -> tuple[float, int]:
