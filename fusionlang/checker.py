@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -135,7 +136,18 @@ class Checker:
         self._use_spans: list[Span] = []
         self._tune_ok = False  # tune() may appear only in the expression of a merge
 
+    @contextmanager
+    def _tune_allowed(self, allowed: bool):
+        """Check an expression where tune() is (a merge, its rules) or is not (a def,
+        a let) allowed; the previous setting comes back afterwards."""
+        saved, self._tune_ok = self._tune_ok, allowed
+        try:
+            yield
+        finally:
+            self._tune_ok = saved
+
     # ------------------------------------------------------------------ modules
+
     def load(self, key: str, file: str, text: str, use_span: Span | None = None) -> _Module | None:
         if key in self.modules:
             return self.modules[key]
@@ -300,12 +312,11 @@ class Checker:
             return None  # recursion is reported by the caller
         d, mod = self._def_ast[qual]
         self._in_progress.add(qual)
-        tune_ok, self._tune_ok = self._tune_ok, False
         n_errors = len(self.sink.errors)
         try:
-            return self._def_body(qual, d, mod)
+            with self._tune_allowed(False):
+                return self._def_body(qual, d, mod)
         finally:
-            self._tune_ok = tune_ok
             if len(self.sink.errors) > n_errors:
                 self._had_errors.add(qual)
 
@@ -343,11 +354,8 @@ class Checker:
             return None
         self._in_progress.add(qual)
         n_errors = len(self.sink.errors)
-        tune_ok, self._tune_ok = self._tune_ok, isinstance(stmt, ast.Merge)
-        try:
+        with self._tune_allowed(isinstance(stmt, ast.Merge)):
             value = self.expr(stmt.value, mod, {})
-        finally:
-            self._tune_ok = tune_ok
         rules: list[ir.RuleIR] = []
         if isinstance(stmt, ast.ModelDecl):
             kind = "models" if stmt.plural else "model"
@@ -371,11 +379,8 @@ class Checker:
                     self.sink.error("E012", f"pattern '{r.pattern}' appears twice; the second never matches", r.pattern_span,
                                     f"first at {pats[r.pattern]}")
                 pats[r.pattern] = r.pattern_span
-                tune_ok, self._tune_ok = self._tune_ok, True
-                try:
+                with self._tune_allowed(True):
                     rv = self.expr(r.value, mod, {c: "int" for c in caps})
-                finally:
-                    self._tune_ok = tune_ok
                 if not type_accepts("model", rv.type):
                     self.sink.error("E005", f"rule value must be a model, not {rv.type}", r.value.span, "")
                 rules.append(ir.RuleIR(pattern=r.pattern, regex=regex, captures=caps, value=rv, span=r.span,
