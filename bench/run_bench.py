@@ -397,26 +397,22 @@ def main(argv: list[str] | None = None) -> int:
                             [out])["rc"] == 0:
                     outs[("mergekit", method)] = out
 
-        if fl_cmd and not a.skip_multi and len(methods) > 1:
-            merges = [(f"m{i}", m, run_dir / f"out-fl3-{m}-{n}") for i, m in enumerate(methods)]
-            spec = run_dir / f"multi-{n}.fuse"
+        def run_multi(name: str, merge_methods: list[str], n: int, base: Path, experts: list[Path]) -> None:
+            """Several merges in one fusionlang spec (outputs removed afterwards)."""
+            merges = [(f"m{i}", m, run_dir / f"out-fl3-{name}{i}-{n}") for i, m in enumerate(merge_methods)]
+            spec = run_dir / f"{name}-{n}.fuse"
             spec.write_text(fusionlang_spec(base, experts, merges))
-            run_case("fusionlang", "+".join(methods), n, fl_cmd + ["run", str(spec)],
+            run_case("fusionlang", "+".join(merge_methods), n, fl_cmd + ["run", str(spec)],
                      [o for _, _, o in merges], multi=True)
             if not a.keep_outputs:
                 for _, _, o in merges:
                     shutil.rmtree(o, ignore_errors=True)
+
+        if fl_cmd and not a.skip_multi and len(methods) > 1:
+            run_multi("multi", methods, n, base, experts)
         if fl_cmd and not a.skip_multi and "task_arithmetic" in methods:
             # a sweep: the same method at three settings (what tune() and scale searches do)
-            sweep = [f"task_arithmetic@{x}" for x in (0.2, TA_SCALE, 0.5)]
-            merges = [(f"m{i}", m, run_dir / f"out-fl3-sweep{i}-{n}") for i, m in enumerate(sweep)]
-            spec = run_dir / f"sweep-{n}.fuse"
-            spec.write_text(fusionlang_spec(base, experts, merges))
-            run_case("fusionlang", "+".join(sweep), n, fl_cmd + ["run", str(spec)],
-                     [o for _, _, o in merges], multi=True)
-            if not a.keep_outputs:
-                for _, _, o in merges:
-                    shutil.rmtree(o, ignore_errors=True)
+            run_multi("sweep", [f"task_arithmetic@{x}" for x in (0.2, TA_SCALE, 0.5)], n, base, experts)
 
         if not a.no_verify:
             pairs = [(("fusionlang", "task_arithmetic"), ("floor", "task_arithmetic")),

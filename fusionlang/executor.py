@@ -10,6 +10,7 @@ looks complete.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -147,7 +148,6 @@ class WriteQueue:
         self.pending.append((self.pool.submit(fn), nbytes, path))
         self.bytes += nbytes
 
-
     def _wait_oldest(self) -> None:
         future, nbytes, path = self.pending.popleft()
         self.bytes -= nbytes
@@ -228,13 +228,8 @@ class ShardWriter:
         if first_row:
             off += first_row * (data.nbytes // value.shape[0])
         assert data.nbytes <= n, f"{tensor}: {data.nbytes} bytes, header says {n}"
-        fd = self.fds[si]
-
-        def write_all(view=memoryview(data), off=off) -> None:  # `data` keeps the tensor alive until written
-            while len(view):
-                written = os.pwrite(fd, view, off)
-                view, off = view[written:], off + written
-
+        # NOTE: `data` (a view of the tensor) keeps the tensor alive until it is written
+        write_all = functools.partial(_pwrite_all, self.fds[si], data, off)
         if owned:
             self.queue.submit(write_all, data.nbytes, self.dir / self.names[si])
         else:
@@ -250,6 +245,13 @@ class ShardWriter:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+def _pwrite_all(fd: int, data, off: int) -> None:
+    view = memoryview(data)
+    while len(view):
+        written = os.pwrite(fd, view, off)
+        view, off = view[written:], off + written
 
 
 def _numel(shape) -> int:
@@ -353,7 +355,7 @@ class Executor:
         import gc
 
         # NOTE: the tile loop allocates many short-lived containers and makes no reference
-        # cycles worth collecting; the cyclic collector cost ~3% of a DARE run.
+        # cycles worth collecting; the cyclic collector took ~3% of a DARE run's py-spy samples.
         was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -558,13 +560,7 @@ class Executor:
         outs: dict[str, torch.Tensor] = {}
         for k in range(max(stage.values(), default=0) + 1):
             wanted = [t for t in nodes if stage[t] == k and (t in barriers or t in targets)]
-            need: set[str] = set()
-            stack = list(wanted)
-            while stack:
-                nid = stack.pop()
-                if nid not in need and nid not in outside:
-                    need.add(nid)
-                    stack.extend(plan.nodes[nid].inputs)
+            need = self._closure(wanted, outside)  # finished statistics are inputs now
             self._tile_stage([nid for nid in nodes if nid in need], numel, outside, outs)
         for nid in targets:
             yield nid, (outs[nid].view(plan.nodes[nid].shape) if nid in outs else outside[nid])
@@ -578,7 +574,6 @@ class Executor:
         partials: dict[str, list] = {}
         for nid in nodes:
             n = plan.nodes[nid]
-            kwargs = _op_kwargs(n)
             if n.op == "const":
                 outside[nid] = self._apply(nid, [], False)
             elif n.op == "load":
@@ -590,9 +585,10 @@ class Executor:
                 prog.append((nid, _CAST, outs[nid].split(_TILE), n.inputs[0], None, None))
             elif _is_tile_stat(n.op):
                 partials[nid] = []
-                prog.append((nid, _STAT, OPS[n.op].tile_stat[0], n.inputs, kwargs, partials[nid]))
+                prog.append((nid, _STAT, OPS[n.op].tile_stat[0], n.inputs, _op_kwargs(n), partials[nid]))
             else:
                 o = OPS[n.op]
+                kwargs = _op_kwargs(n)
                 offset0 = kwargs.pop("offset", 0) if n.op in OFFSET_OPS else None
                 listy = any(q.type == "tensors" for q in o.params)
                 first = n.inputs[0] if n.inputs else None
@@ -635,12 +631,13 @@ class Executor:
         for nid, parts in partials.items():
             outside[nid] = OPS[plan.nodes[nid].op].tile_stat[1](parts, **_op_kwargs(plan.nodes[nid]))
 
-    def _closure(self, targets: list[str], reduce_values: dict) -> set[str]:
+    def _closure(self, targets: list[str], known: dict) -> set[str]:
+        """The nodes `targets` need, stopping at values already `known`."""
         need: set[str] = set()
         stack = list(targets)
         while stack:
             nid = stack.pop()
-            if nid in need or nid in reduce_values:
+            if nid in need or nid in known:
                 continue
             need.add(nid)
             stack.extend(self.plan.nodes[nid].inputs)

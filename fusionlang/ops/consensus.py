@@ -6,8 +6,6 @@ from typing import Literal
 
 from .registry import SUB_CHUNK, Tensor, op, torch
 
-_SUB = SUB_CHUNK
-
 
 @op()
 def disjoint_merge(xs: list[Tensor], merge: Literal["mean", "sum", "max"] = "mean", weights: list[float] | None = None) -> Tensor:
@@ -24,13 +22,13 @@ def disjoint_merge(xs: list[Tensor], merge: Literal["mean", "sum", "max"] = "mea
     flat = [x.reshape(-1) for x in xs]
     dst = out.reshape(-1)
     n = dst.numel()
-    sub = min(n, _SUB)
+    sub = min(n, SUB_CHUNK)
     elected_buf = torch.empty(sub, dtype=out.dtype, device=out.device)
     xe_buf = torch.empty(sub, dtype=out.dtype, device=out.device)
     den_buf = torch.empty(sub, dtype=out.dtype, device=out.device) if merge == "mean" else None
     pos_buf = torch.empty(sub, dtype=out.dtype, device=out.device) if merge == "mean" else None
-    for s in range(0, n, _SUB):
-        e = min(n, s + _SUB)
+    for s in range(0, n, SUB_CHUNK):
+        e = min(n, s + SUB_CHUNK)
         m = e - s
         parts = [f[s:e] for f in flat]
         elected = elected_buf[:m]

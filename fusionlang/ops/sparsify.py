@@ -22,9 +22,6 @@ def keep_count(numel: int, density: float) -> int:
     return 0 if density <= 0 else max(1, int(density * numel))
 
 
-_SUB = SUB_CHUNK
-
-
 @op(public=False)
 def topk_threshold(x: Tensor, density: float = 0.2) -> Tensor:
     """What a per-tensor top-k keeps, as a small value: [threshold, cut]. Entries with
@@ -48,11 +45,11 @@ def trim_topk(x: Tensor, info: Tensor, offset: int = 0, _inplace: bool = False) 
     out = x if _inplace else torch.empty_like(x)
     src, dst = x.reshape(-1), out.reshape(-1)
     n = src.numel()
-    buf = torch.empty(min(n, _SUB), dtype=x.dtype, device=x.device)
+    buf = torch.empty(min(n, SUB_CHUNK), dtype=x.dtype, device=x.device)
     # NOTE: in cache-sized sub-chunks: keep = (|x| > thr) as 1.0/0.0, then x * keep
     # (the same products, signed zeros included, as multiplying by a boolean mask).
-    for s in range(0, n, _SUB):
-        e = min(n, s + _SUB)
+    for s in range(0, n, SUB_CHUNK):
+        e = min(n, s + SUB_CHUNK)
         a = torch.abs(src[s:e], out=buf[:e - s])
         ties_end = min(max(cut - offset - s, 0), e - s)  # entries equal to thr before `cut` are kept too
         if ties_end:
@@ -106,11 +103,11 @@ def _kth_largest(flat, k: int, want_cut: bool) -> tuple[float, int, int]:
     # NOTE: comparisons write 1.0/0.0 into float buffers and are counted with sum():
     # much faster than boolean results on CPU, and exact at this sub-chunk size.
     above, counts, vals = 0, [], []
-    buf = torch.empty(min(n, _SUB), dtype=flat.dtype, device=flat.device)
+    buf = torch.empty(min(n, SUB_CHUNK), dtype=flat.dtype, device=flat.device)
     hit = torch.empty_like(buf)
     hit2 = torch.empty_like(buf) if lo != hi else None
-    for s in range(0, n, _SUB):
-        m = min(n - s, _SUB)
+    for s in range(0, n, SUB_CHUNK):
+        m = min(n - s, SUB_CHUNK)
         a = torch.abs(flat[s:s + m], out=buf[:m])
         above += int(torch.gt(a, hi, out=hit[:m]).sum())
         if lo == hi:
@@ -131,7 +128,7 @@ def _kth_largest(flat, k: int, want_cut: bool) -> tuple[float, int, int]:
             above += int(torch.count_nonzero(inside > value))
             del inside
             eq_counts = [int(torch.count_nonzero(v == value)) if v is not None else 0 for v in vals]
-        return value, above, (_tie_cut(flat, value, k - above, _SUB, eq_counts) if want_cut else 0)
+        return value, above, (_tie_cut(flat, value, k - above, SUB_CHUNK, eq_counts) if want_cut else 0)
     value, above = _kth_largest_hist(flat, k)
     return value, above, (_tie_cut(flat, value, k - above, 1 << 20) if want_cut else 0)
 
@@ -319,7 +316,7 @@ def _mask_chunk(j: int, density: float, seed: int, a: int = 0, b: int = _MASK_CH
     SFC64 generator seeded with tensor_seed(seed, str(j)) (the raw 64-bit outputs split
     into four little-endian words), and an entry is kept iff its word < round(density *
     65536). So the keep probability is density to within 2**-17, and drawing costs about
-    1 ns per entry (MT19937 float draws cost 4-5 ns, more than a TIES merge).
+    1 ns per entry (MT19937 float draws cost 4-5 ns).
     """
     import numpy as np
 
