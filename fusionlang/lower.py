@@ -23,6 +23,7 @@ from . import arch, ir
 from .checker import check_param_value
 from .diagnostics import Diagnostic, DiagnosticSink, FuseErrors, Span
 from .ops import OPS
+from .ops.arith import weights_sum_is_zero
 from .ops.sparsify import tensor_seed
 from .plan.graph import OutputSpec, Plan, SourceSpec, add_with_id
 from .sources import (
@@ -766,6 +767,10 @@ class Lowerer:
         if "n" in params and "weights" in params and len(params["weights"]) != params["n"]:
             d = Diagnostic("E006", f"{len(params['weights'])} weights for {params['n']} models in '{o.name}'", e.span,
                            "give one weight per model")
+            bad.append(self._param_error(d, e, exprs, env, "weights", params["weights"], None))
+        elif "weights" in params and params.get("normalize") and weights_sum_is_zero(params["weights"]):
+            d = Diagnostic("E006", f"the weights of '{o.name}' sum to 0, so normalize=true cannot divide by their sum",
+                           e.span, "pass normalize=false to add the weighted models without dividing, or change the weights")
             bad.append(self._param_error(d, e, exprs, env, "weights", params["weights"], None))
         if bad and self.dry:
             # keep going: other calls of the merge may have bad arguments too

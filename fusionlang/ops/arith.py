@@ -56,15 +56,23 @@ def mean(xs: list[Tensor], _inplace: bool = False) -> Tensor:
     return sum_(xs, _inplace=_inplace).div_(len(xs))
 
 
+def weights_sum_is_zero(weights: list[float]) -> bool:
+    """True when `weights` sum to zero up to float rounding, so normalizing by their sum
+    is undefined. Lowering reports it as E006 at the user's `weights=`; the op and the
+    fold pass use the same test, so a plan never divides by a rounding residue."""
+    return abs(sum(weights)) <= 1e-8 * max(1.0, max((abs(w) for w in weights), default=0.0))
+
+
 @op(inplace=True)
 def weighted(xs: list[Tensor], weights: list[float], normalize: bool = True, _inplace: bool = False) -> Tensor:
     """sum_i w_i x_i, divided by sum_i w_i when normalize (MergeKit `linear`)."""
     acc = xs[0].mul_(weights[0]) if _inplace else xs[0] * weights[0]
     for x, w in zip(xs[1:], weights[1:]):
         acc.add_(x, alpha=w)
-    total = sum(weights)
-    if normalize and abs(total) > 1e-8:
-        acc.div_(total)
+    if normalize:
+        if weights_sum_is_zero(weights):
+            raise ValueError(f"weights {weights} sum to zero: cannot normalize")
+        acc.div_(sum(weights))
     return acc
 
 

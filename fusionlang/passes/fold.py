@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..ops.arith import weights_sum_is_zero
 from ..plan.graph import Plan, PlanNode
 from .rebuild import rebuild
 
@@ -39,11 +40,18 @@ def _chain(plan: Plan, n: PlanNode):
     xs = list(n.inputs)
     if n.op == "weighted":
         ws = list(n.param("weights"))
+        total = sum(ws)
+        normalize = n.param("normalize", True)
+        if normalize and weights_sum_is_zero(ws):
+            return None  # lowering reports this (E006); left to the op, which refuses it
+        if len(xs) == 1:
+            # one model: w x, or w x / w = x when normalized (never the chain below, whose
+            # last axpy would add the first input a second time)
+            return ("scale", (xs[0],), (("k", ws[0] / total if normalize else ws[0]),))
         acc = plan.add("scale", (xs[0],), {"k": ws[0]}, group=n.group, loc=n.loc, shape=n.shape)
         for x, w in zip(xs[1:-1], ws[1:-1]):
             acc = plan.add("axpy", (acc, x), {"k": w}, group=n.group, loc=n.loc, shape=n.shape)
-        total = sum(ws)
-        if n.param("normalize", True) and abs(total) > 1e-8:
+        if normalize:
             acc = plan.add("axpy", (acc, xs[-1]), {"k": ws[-1]}, group=n.group, loc=n.loc, shape=n.shape)
             return ("scale", (acc,), (("k", 1.0 / total),))
         return ("axpy", (acc, xs[-1]), (("k", ws[-1]),))
