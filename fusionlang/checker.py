@@ -18,7 +18,7 @@ from pathlib import Path
 from . import ast, ir
 from .diagnostics import DiagnosticSink, FuseErrors, Span
 from .ops import OPS
-from .parser import parse
+from .parser import parse, read_source
 
 ENTRY = "spec"
 STDLIB_FILES = {"merging"}
@@ -168,6 +168,8 @@ class Checker:
         return mod
 
     def _use(self, mod: _Module, stmt: ast.Use) -> None:
+        if stmt.is_path and not check_path_string(self.sink, stmt.module, stmt.span):
+            return
         if stmt.is_path:
             path = (Path(mod.file).parent / stmt.module).resolve()
             key = str(path)
@@ -191,12 +193,13 @@ class Checker:
             span = self._use_spans[start] if start < len(self._use_spans) else stmt.span
             self.sink.error("E007", f"cyclic use: {chain}", span, "break the cycle by moving shared definitions into a third file")
             return
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            self.sink.error("E008", f"cannot read '{path}': {e}", stmt.span, "")
-            return
         file = str(path) if key.startswith("std:") else os.path.relpath(path)
+        try:
+            text = read_source(file)
+        except FuseErrors as e:
+            for d in e.diagnostics:  # a file that is not UTF-8: located in that file
+                self.sink.error(d.code, d.message, d.span if d.code == "E001" else stmt.span, d.hint)
+            return
         self._use_spans.append(stmt.span)
         used = self.load(key, file, text, stmt.span)
         self._use_spans.pop()
@@ -277,6 +280,8 @@ class Checker:
         if not stmt.path.strip():
             self.sink.error("E016", "empty output path", stmt.path_span, "give a directory to write the model to")
             return None
+        if not check_path_string(self.sink, stmt.path, stmt.path_span):
+            return None
         path = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(mod.file)), stmt.path))
         if path in seen:
             self.sink.error("E016", f"two saves write to '{stmt.path}'", stmt.path_span, f"the other save is at {seen[path]}")
@@ -301,7 +306,9 @@ class Checker:
                 else:
                     out.append(sym.qualname)
         report = None
-        if stmt.report is not None:
+        if stmt.report is not None and not check_path_string(self.sink, stmt.report, stmt.report_span or stmt.span):
+            ok = False
+        elif stmt.report is not None:
             report = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(mod.file)), stmt.report))
         return ir.EvalIR(models=tuple(models), tasks=tuple(tasks), report=report, span=stmt.span) if ok else None
 
@@ -576,6 +583,10 @@ class Checker:
         if e.func in BUILTINS:
             b = BUILTINS[e.func]
             self._bind_args(e, list(b.params), args, kwargs, None)
+            if e.func in _PATH_BUILTINS:  # their strings become file names
+                for a in args + tuple(v for _, v, _ in kwargs):
+                    if isinstance(a, ir.Const) and isinstance(a.value, str):
+                        check_path_string(self.sink, a.value, a.span)
             if e.func == "tune":
                 self._check_tune(e, args, kwargs)
             return ir.CallE(span=s, type=b.returns, kind="builtin", target=e.func, args=args,
@@ -682,6 +693,27 @@ def check_param_value(sink: DiagnosticSink, name, func, choices, rng, typ, value
     return True
 
 
+_PATH_BUILTINS = {"local", "hf", "zoo", "package", "classify"}
+NAME_MAX, PATH_MAX = 255, 4096  # bytes of one path component / a whole path (Linux)
+
+
+def check_path_string(sink: DiagnosticSink, value: str, span: Span) -> bool:
+    """A string that becomes a file or directory name: no NUL character, no component
+    longer than NAME_MAX bytes, at most PATH_MAX bytes in all (E006 otherwise)."""
+    if "\0" in value:
+        sink.error("E006", "a path cannot contain a NUL character (\\u0000)", span,
+                   "remove the NUL escape from the path")
+        return False
+    size = len(value.encode("utf-8", "surrogatepass"))
+    longest = max((len(p.encode("utf-8", "surrogatepass")) for p in re.split(r"[/\\]", value)), default=0)
+    if size > PATH_MAX or longest > NAME_MAX:
+        what = f"{size} bytes (limit {PATH_MAX})" if size > PATH_MAX else \
+            f"a name of {longest} bytes (limit {NAME_MAX} per directory or file name)"
+        sink.error("E006", f"path too long: {what}", span, "use a shorter path")
+        return False
+    return True
+
+
 def _tname(t: str) -> str:
     return {"model": "a model", "models": "a list of models", "number": "a number", "int": "an integer",
             "string": "a string", "bool": "a bool", "numbers": "a list of numbers", "list": "a list",
@@ -704,12 +736,7 @@ def check_source_partial(text: str, file: str) -> tuple[ir.Program | None, ir.Pr
 
 def check_file(path: str) -> ir.Program:
     """Read and check a spec; raises FuseErrors (errors and warnings) on any error."""
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise FuseErrors([_file_diag(path, "E008", f"spec file '{path}' does not exist", "check the path")]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise FuseErrors([_file_diag(path, "E008", f"cannot read '{path}': {e}", "")]) from None
+    text = read_source(path)
     prog, partial, sink = check_source_partial(text, path)
     if prog is None:
         err = FuseErrors(sink.items)
@@ -717,9 +744,3 @@ def check_file(path: str) -> ir.Program:
         raise err
     warnings = tuple(d for d in sink.items if d.severity == "warning")
     return prog.model_copy(update={"warnings": warnings}) if warnings else prog
-
-
-def _file_diag(path, code, msg, hint):
-    from .diagnostics import Diagnostic
-
-    return Diagnostic(code, msg, Span(path, 1, 1), hint)

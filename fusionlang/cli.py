@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
@@ -129,6 +130,7 @@ def cmd_compile(args) -> int:
     from .plan import emit
 
     prog, lowered, plan = _compile(args)
+    _remove_eval_tmpdir(plan)  # compile writes nothing but the emitted plan
     if args.emit:
         text = {"text": emit.to_text, "json": emit.to_json, "dot": emit.to_dot}[args.emit](plan)
         if args.output:
@@ -151,13 +153,31 @@ def _write_text(path: str, text: str) -> None:
                                      "choose a writable path")]) from None
 
 
+def _remove_eval_tmpdir(plan) -> None:
+    """Remove the temporary directory `evaluation.prepare` made for unsaved evaluated merges."""
+    import shutil
+
+    setup = getattr(plan, "eval_setup", None)
+    if setup is not None and setup.tmpdir:
+        shutil.rmtree(setup.tmpdir, ignore_errors=True)
+
+
 def cmd_run(args) -> int:
+    plan_box: list = []
+    try:
+        return _cmd_run(args, plan_box)
+    finally:
+        if plan_box:  # evaluations remove it when they run; a failed or interrupted run must too
+            _remove_eval_tmpdir(plan_box[0])
+
+
+def _cmd_run(args, plan_box: list) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .executor import run_plan
 
-    if args.shard_size <= 0:
-        raise FuseErrors([Diagnostic("E006", f"--shard-size must be positive, not {args.shard_size:g}",
+    if not math.isfinite(args.shard_size) or args.shard_size <= 0 or args.shard_size * 1024**3 < 1:
+        raise FuseErrors([Diagnostic("E006", f"--shard-size must be a positive, finite number of GB, not {args.shard_size:g}",
                                      Span("<command line>", 1, 1), "a size in GB, e.g. --shard-size 2")])
     if args.spec.endswith(".json"):
         from .plan import emit
@@ -178,6 +198,7 @@ def cmd_run(args) -> int:
             return resolve(p, args.device, pick_device(args.device).type, console, int(args.shard_size * 1024**3))
 
         prog, _lowered, plan = _compile(args, tuner)
+        plan_box.append(plan)
         name = prog.file
     import time
 
@@ -188,11 +209,21 @@ def cmd_run(args) -> int:
                   disable=args.quiet or not console.is_terminal) as progress:
         task = progress.add_task(f"merging {name}", total=sum(len(o.tensors) for o in plan.outputs.values()), rate="")
 
+        plain = not args.quiet and not console.is_terminal
+        shown_step = [0]
+
         def tick(done, total):
+            # NOTE: `total` counts the pieces written (a tensor split in row blocks is
+            # several), so the bar's total is set from it: the count never passes it
             el = max(time.perf_counter() - start, 1e-9)
             frac = done / max(total, 1)
-            progress.update(task, completed=done,
-                            rate=f"{done / el:.1f} tensors/s, {_human(total_bytes * frac / el)}/s")
+            rate = f"{done / el:.1f} tensors/s, {_human(total_bytes * frac / el)}/s"
+            progress.update(task, completed=done, total=total, rate=rate)
+            step = int(frac * 10)  # not a terminal (a log, CI): a plain line every 10%
+            if plain and step > shown_step[0]:
+                shown_step[0] = step
+                console.print(f"merging {name}: {done}/{total} written ({step * 10}%), {rate}, {el:.1f}s",
+                              soft_wrap=True, markup=False, highlight=False)
 
         stats = run_plan(plan, args.device, int(args.shard_size * 1024**3), tick) if plan.outputs else None
     setup = getattr(plan, "eval_setup", None)
@@ -248,14 +279,11 @@ def _verify_plan_inputs(plan, path: str) -> None:
 
 def cmd_fmt(args) -> int:
     from .fmt import format_source
+    from .parser import read_source
 
     rc = 0
     for f in args.files:
-        try:
-            with open(f) as fh:
-                text = fh.read()
-        except OSError as e:
-            raise FuseErrors([Diagnostic("E008", f"cannot read '{f}': {e.strerror}", Span(f, 1, 1), "")]) from None
+        text = read_source(f)  # E008 if unreadable, E001 at a byte that is not UTF-8
         new = format_source(text, f)
         if args.check:
             if new != text:
@@ -319,16 +347,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `docker stop`, CI cancellation), raised in the main thread so
+    that a run cleans up exactly as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (0 ok, 1 user error or interrupted, 2
+    internal error, 143 terminated by SIGTERM). SIGTERM is handled like SIGINT while
+    the command runs: temporary outputs are removed and nothing partial is left."""
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
     try:
         return args.fn(args)
     except FuseErrors as e:
         _print_diags(e.diagnostics)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         console.print("[red]interrupted[/]: no output was left behind")
-        return 1
+        return 143 if isinstance(e, Terminated) else 1
     except Exception as e:  # noqa: BLE001
         from .executor import RunError
         from .zoo.errors import ZooError
@@ -338,9 +392,10 @@ def main(argv: list[str] | None = None) -> int:
             if e.hint:
                 console.print(f"  = hint: {e.hint}", soft_wrap=True)
             return 1
-        if isinstance(e, RunError):  # located at the spec or plan that was run (or the command line)
+        if isinstance(e, RunError):  # located at its save or source call, else the spec or plan that was run
             where = getattr(args, "spec", None) if e.code != "E006" else None
-            _print_diags([Diagnostic(e.code, e.message, Span(where or "<command line>", 1, 1), e.hint)])
+            span = Span(*e.at) if e.at else Span(where or "<command line>", 1, 1)
+            _print_diags([Diagnostic(e.code, e.message, span, e.hint)])
             return 1
         if isinstance(e, OSError) and e.filename:
             console.print(f"[red]error[/]: {e.strerror}: {e.filename}")

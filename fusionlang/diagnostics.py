@@ -92,12 +92,14 @@ class SourceCache:
         text = self._texts.get(file)
         if text is None:
             try:
-                text = Path(file).read_text()
-            except (OSError, UnicodeDecodeError):
+                text = Path(file).read_bytes().decode("utf-8", "replace")
+            except (OSError, ValueError):
                 return None
             self._texts[file] = text
-        lines = text.splitlines()
-        return lines[line - 1] if 0 < line <= len(lines) else None
+        # NOTE: split at "\n" only, as the parser counts lines (splitlines() would also
+        # break at \u2028, \x85, ... inside a string and shift every later line)
+        lines = text.split("\n")
+        return lines[line - 1].rstrip("\r") if 0 < line <= len(lines) else None
 
 
 SOURCES = SourceCache()
@@ -112,14 +114,31 @@ def render(diag: Diagnostic, color: bool = False) -> str:
     src = SOURCES.line(diag.span.file, diag.span.line)
     if src is not None:
         gutter = f"{diag.span.line:>4} | "
-        out.append(f"{blue}{gutter}{reset}{src}")
         width = 1
         if diag.span.end_line == diag.span.line and diag.span.end_col > diag.span.col:
             width = diag.span.end_col - diag.span.col
-        out.append(f"{blue}{' ' * (len(gutter) - 2)}| {reset}{' ' * (diag.span.col - 1)}{red}{'^' * width}{reset}")
+        src, col, width = _clip(src.replace("\t", " "), diag.span.col, width)
+        out.append(f"{blue}{gutter}{reset}{src}")
+        out.append(f"{blue}{' ' * (len(gutter) - 2)}| {reset}{' ' * (col - 1)}{red}{'^' * width}{reset}")
     if diag.hint:
         out.append(f"{blue}  = hint:{reset} {diag.hint}")
     return "\n".join(out)
+
+
+MAX_SHOWN = 120  # characters of a source line shown under a diagnostic
+
+
+def _clip(src: str, col: int, width: int) -> tuple[str, int, int]:
+    """A long source line cut to a window around the column (with "..." where cut); the
+    column and caret width within what is shown."""
+    width = max(1, min(width, MAX_SHOWN // 2))
+    if len(src) <= MAX_SHOWN:
+        return src, col, width
+    start = max(0, min(col - 1 - MAX_SHOWN // 3, len(src) - MAX_SHOWN))
+    shown = src[start:start + MAX_SHOWN]
+    lead = "..." if start > 0 else ""
+    tail = "..." if start + MAX_SHOWN < len(src) else ""
+    return lead + shown + tail, col - start + len(lead), width
 
 
 def render_all(diags: list[Diagnostic], color: bool = False) -> str:

@@ -9,7 +9,7 @@ from lark import Lark
 
 from . import ast
 from .diagnostics import SOURCES
-from .parser import _ToAst, parse
+from .parser import parse, to_ast
 
 WIDTH = 100
 _PREC = {"cond": 0, "==": 1, "!=": 1, "+": 2, "-": 2, "*": 3, "/": 3, "neg": 4, "postfix": 5, "atom": 6}
@@ -226,7 +226,7 @@ def format_source(text: str, file: str = "<string>") -> str:
     except UnexpectedInput:
         parse(text, file)  # raises FuseErrors with every syntax error, as `check` reports them
         raise AssertionError("the formatting grammar rejected what the parser accepts") from None
-    mod = _ToAst(file).transform(tree)
+    mod = to_ast(tree, file)
     comments = [(c.line, str(c).rstrip()) for c in _fmt_comments]
     lines = text.splitlines()
     blank_before = {i + 1 for i in range(1, len(lines)) if not lines[i - 1].strip()}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ast as pyast
 import re
+import warnings
 from functools import lru_cache
 from importlib import resources
 
-from lark import Lark, Token, Transformer, Tree, v_args
+from lark import Lark, Token, Tree, v_args
+from lark.visitors import Transformer_NonRecursive
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ast
@@ -32,19 +34,64 @@ def _tok_span(file: str, tok: Token) -> Span:
     return Span(file, tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)
 
 
-def _unquote(tok: Token) -> str:
+ESCAPES_HINT = (r'accepted escapes: \\ \" \n \t \r \xHH \uHHHH \UHHHHHHHH \N{NAME} '
+                r"(and \a \b \f \v \ooo); write a backslash itself as \\")
+_ESCAPE = re.compile(r"\\(N\{[^}]*\}?|x[0-9A-Fa-f]{0,2}|u[0-9A-Fa-f]{0,4}|U[0-9A-Fa-f]{0,8}|[0-7]{1,3}|.)")
+
+
+def _literal(text: str) -> str:
     # NOTE: the STRING terminal is a subset of Python string syntax, so literal_eval
-    # decodes escapes exactly; it never executes code.
-    return pyast.literal_eval(str(tok))
+    # decodes escapes exactly; it never executes code. Unknown escapes (Python keeps
+    # them with a warning) are errors here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return pyast.literal_eval(text)
+
+
+def decode_string(tok: Token, file: str) -> tuple[str, Diagnostic | None]:
+    """A STRING token's value, or a located E001 for an escape that cannot be decoded
+    (unknown, truncated, an unknown character name) or that yields a lone surrogate."""
+    text = str(tok)
+    try:
+        value = _literal(text)
+    except (SyntaxError, ValueError, UnicodeError, DeprecationWarning, SyntaxWarning):
+        value = None
+    if value is not None and not any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        return value, None
+    for m in _ESCAPE.finditer(text, 1, len(text) - 1):
+        esc = m.group(0)
+        try:
+            one = _literal('"' + esc + '"')
+        except (SyntaxError, ValueError, UnicodeError, DeprecationWarning, SyntaxWarning):
+            msg = f"invalid escape '{esc}' in string"
+        else:
+            if not any(0xD800 <= ord(c) <= 0xDFFF for c in one):
+                continue
+            msg = f"escape '{esc}' is a lone surrogate, not a character"
+        col = tok.column + m.start()
+        span = Span(file, tok.line, col, tok.line, col + len(esc))
+        hint = ESCAPES_HINT if "surrogate" not in msg else \
+            r"write the character itself or its code point with \UHHHHHHHH (e.g. \U0001F600)"
+        return "", Diagnostic("E001", msg, span, hint)
+    return "", Diagnostic("E001", "invalid string literal", _tok_span(file, tok), ESCAPES_HINT)
 
 
 @v_args(meta=True)
-class _ToAst(Transformer):
-    """Builds AST nodes only; never raises user errors (Lark would wrap them)."""
+class _ToAst(Transformer_NonRecursive):
+    """Builds AST nodes only (without recursion, so long expressions cannot overflow the
+    stack); never raises user errors (Lark would wrap them): string escapes that cannot
+    be decoded are collected in `errors`."""
 
     def __init__(self, file: str):
         super().__init__()
         self.file = file
+        self.errors: list[Diagnostic] = []
+
+    def _unquote(self, tok: Token) -> str:
+        value, diag = decode_string(tok, self.file)
+        if diag is not None:
+            self.errors.append(diag)
+        return value
 
     def _s(self, meta) -> Span:
         return _span(self.file, meta)
@@ -55,7 +102,7 @@ class _ToAst(Transformer):
         return ast.Number(self._s(meta), float(text), text)
 
     def string(self, meta, c):
-        return ast.String(self._s(meta), _unquote(c[0]))
+        return ast.String(self._s(meta), self._unquote(c[0]))
 
     def true(self, meta, c):
         return ast.Bool(self._s(meta), True)
@@ -113,7 +160,7 @@ class _ToAst(Transformer):
     def use_stmt(self, meta, c):
         target, alias = c[0], (str(c[1]) if len(c) > 1 and c[1] is not None else None)
         if isinstance(target, Token):
-            return ast.Use(self._s(meta), _unquote(target), True, alias)
+            return ast.Use(self._s(meta), self._unquote(target), True, alias)
         return ast.Use(self._s(meta), target[0], False, alias)
 
     def model_stmt(self, meta, c):
@@ -137,7 +184,7 @@ class _ToAst(Transformer):
         return ast.Def(self._s(meta), str(name), params or (), str(ret) if ret else None, body)
 
     def rule(self, meta, c):
-        return ast.Rule(self._s(meta), _unquote(c[0]), _tok_span(self.file, c[0]), c[1])
+        return ast.Rule(self._s(meta), self._unquote(c[0]), _tok_span(self.file, c[0]), c[1])
 
     def rule_block(self, meta, c):
         return tuple(c)
@@ -151,7 +198,7 @@ class _ToAst(Transformer):
             self._s(meta),
             str(name),
             _tok_span(self.file, name),
-            _unquote(path),
+            self._unquote(path),
             _tok_span(self.file, path),
             str(dtype) if dtype else None,
             _tok_span(self.file, dtype) if dtype else None,
@@ -165,7 +212,7 @@ class _ToAst(Transformer):
 
     def eval_stmt(self, meta, c):
         models, tasks, report = c
-        return ast.Eval(self._s(meta), models, tasks, _unquote(report) if report else None,
+        return ast.Eval(self._s(meta), models, tasks, self._unquote(report) if report else None,
                         _tok_span(self.file, report) if report else None)
 
     def start(self, meta, c):
@@ -279,6 +326,37 @@ def _blank(text: str, start: int, end: int) -> str:
     return text[:start] + "".join(c if c == "\n" else " " for c in text[start:end]) + text[end:]
 
 
+def decode_source(data: bytes, file: str) -> str:
+    """The text of a spec file's bytes (UTF-8, an optional BOM dropped); raises FuseErrors
+    with an E001 at the line and column of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start
+        head = data[:start]
+        line = head.count(b"\n") + 1
+        col = len(head[head.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
+        SOURCES.add(file, data.decode("utf-8", "replace"))
+        raise FuseErrors([Diagnostic("E001", f"the file is not valid UTF-8: byte 0x{data[start]:02x} cannot start or "
+                                     "continue a character", Span(file, line, col, line, col + 1),
+                                     "save the file as UTF-8 (or remove this byte)")]) from None
+
+
+def read_source(path: str) -> str:
+    """Read a spec file as UTF-8; raises FuseErrors (E008 when it cannot be read, E001 at
+    the first byte that is not UTF-8)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise FuseErrors([Diagnostic("E008", f"spec file '{path}' does not exist", Span(path, 1, 1),
+                                     "check the path")]) from None
+    except (OSError, ValueError) as e:
+        raise FuseErrors([Diagnostic("E008", f"cannot read '{path}': {getattr(e, 'strerror', None) or e}",
+                                     Span(path, 1, 1), "check that the path names a readable file")]) from None
+    return decode_source(data, path)
+
+
 def parse(text: str, file: str = "<string>") -> ast.Module:
     """Parse a .fuse source; raises FuseErrors with every syntax diagnostic found.
 
@@ -305,4 +383,14 @@ def parse(text: str, file: str = "<string>") -> ast.Module:
             src = _blank(src, start, nxt)
     if diags:
         raise FuseErrors(diags)
-    return _ToAst(file).transform(tree)
+    return to_ast(tree, file)
+
+
+def to_ast(tree: Tree, file: str) -> ast.Module:
+    """The AST of a parse tree; raises FuseErrors for strings that cannot be decoded and
+    for expressions nested too deep."""
+    builder = _ToAst(file)
+    mod = builder.transform(tree)
+    if builder.errors:
+        raise FuseErrors(builder.errors)
+    return mod
