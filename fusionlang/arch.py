@@ -60,11 +60,52 @@ def gradient_value(values: list[float], t: float) -> float:
 
 
 def layer_count_overrides(config: dict, n: int) -> dict:
-    """Config keys to set when an output has `n` layers."""
+    """Config keys to set when an output has `n` layers (keys of `LAYER_COUNT_KEYS` the
+    config has, else `num_hidden_layers`)."""
     out = {k: n for k in LAYER_COUNT_KEYS if k in config}
-    if not out:
-        out = {"num_hidden_layers": n}
-    if isinstance(config.get("layer_types"), list) and config["layer_types"]:
-        lt = config["layer_types"]
-        out["layer_types"] = [lt[i % len(lt)] for i in range(n)]
+    return out or {"num_hidden_layers": n}
+
+
+# Config keys that are lists but never hold one entry per layer.
+NOT_PER_LAYER = frozenset({"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                           "eos_token_id", "bos_token_id", "pad_token_id", "forced_decoder_ids"})
+
+
+def nested_layer_config(config: dict) -> str | None:
+    """The key of a nested sub-config (e.g. `text_config` of a vision-language model)
+    that holds its own layer count, or None."""
+    for key, value in config.items():
+        if isinstance(value, dict) and any(isinstance(value.get(k), int) for k in LAYER_COUNT_KEYS):
+            return key
+    return None
+
+
+def slice_config_overrides(reference: dict, layers: list[tuple[dict, int, int]]) -> dict:
+    """Config keys of a `slices` output whose output layer j is source layer
+    `layers[j] = (source config, source layer, source layer count)`.
+
+    Sets the layer count (`layer_count_overrides`) and rebuilds every per-layer list of
+    the reference config (a list with one entry per layer, e.g. Qwen2/Gemma
+    `layer_types`) from the source layers: output entry j is the source model's entry at
+    its source layer (MergeKit passthrough carries no such lists; transformers reads them
+    per layer). Raises ValueError naming the key when a per-layer list cannot be
+    rebuilt: a source config lacks it or has another length, or a list that looks like
+    layer indices (e.g. `mlp_only_layers`) would need renumbering."""
+    out = layer_count_overrides(reference, len(layers))
+    n_ref = layers[0][2] if layers else 0
+    for key, value in reference.items():
+        if not isinstance(value, list) or key in NOT_PER_LAYER:
+            continue
+        if len(value) == n_ref and n_ref > 0:
+            rebuilt = []
+            for cfg, layer, n in layers:
+                src = cfg.get(key)
+                if not isinstance(src, list) or len(src) != n:
+                    raise ValueError(f"config key '{key}' has one entry per layer in the first model but not in "
+                                     f"every sliced model")
+                rebuilt.append(src[layer])
+            out[key] = rebuilt
+        elif "layer" in key or key.endswith(("_idx", "_idxs", "_indices")):
+            raise ValueError(f"config key '{key}' lists layers ({value!r}) and cannot be renumbered for the sliced "
+                             f"layers")
     return out

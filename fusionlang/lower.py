@@ -35,7 +35,7 @@ from .sources import (
     source_dir,
 )
 
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 SAVE_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 
@@ -163,7 +163,7 @@ class Lowerer:
         self.keys[path] = key
         self.headers[key] = header
         self.plan.sources[key] = SourceSpec(key, header.path, {n: (t.dtype, t.shape, t.file) for n, t in header.tensors.items()},
-                                            header.config)
+                                            header.config, at=_at(call.span))
         self.sources_used[key] = call.span
         return key
 
@@ -243,33 +243,47 @@ class Lowerer:
         return _Domain(names, key, arch.count_layers(h.config, names))
 
     def slices_domain(self, call: ir.CallE) -> _Domain:
+        """The output tensors of a `slices([...])` merge (MergeKit passthrough): the first
+        slice's embeddings, each slice's layers renumbered in order, the last slice's
+        final norm and head. Every tensor must have the reference (first) model's shape,
+        and the per-layer config lists follow the source layers (`arch.slice_config_overrides`)."""
         parts = self.eval(call.args[0], (), TensorCtx(PROBE, PROBE, 0, 2))
         if not isinstance(parts, list) or not parts or not all(isinstance(p, SliceV) for p in parts):
-            raise EvalError("E005", "slices() takes a non-empty list of layers(model, start, end)", call.span, "")
+            raise EvalError("E005", "slices() takes a non-empty list of layers(model, start, end)", call.span,
+                            "write slices([layers(a, 0, 16), layers(b, 8, 24)])")
         names: list[str] = []
         source_of: dict[str, tuple] = {}
         ref_key = None
         out_layer = 0
         per_layer_rest: list[str] = []
         prefix = None
+        layer_srcs: list[tuple[dict, int, int]] = []  # output layer -> (source config, source layer, its layer count)
         for si, p in enumerate(parts):
             scall = self.first_source(p.expr)
             if scall is None:
-                raise EvalError("E013", "layers() needs a model", p.span, "")
+                raise EvalError("E013", "layers() needs a model", p.span, "write layers(model, start, end)")
             key = self.source(scall, self.call_args(scall, (), TensorCtx(PROBE, PROBE, 0, 2)))
             h = self.headers[key]
+            nested = arch.nested_layer_config(h.config)
+            if nested and not any(isinstance(h.config.get(k), int) for k in arch.LAYER_COUNT_KEYS):
+                raise EvalError("E014", f"'{key}' keeps its layer count in the nested config '{nested}' "
+                                "(a multimodal checkpoint); slices() of nested configs is not supported", p.span,
+                                "slice the language model saved on its own, or merge it with a per-tensor method")
+            prefixes = sorted({s[0] for s in (arch.split_layer(t) for t in h.tensors) if s})
+            if len(prefixes) > 1:
+                raise EvalError("E014", f"'{key}' has several layer stacks ({', '.join(prefixes)}); slices() needs one",
+                                p.span, "slice a model with a single stack of layers")
             n = arch.count_layers(h.config, h.tensors)
             if not (0 <= p.start < p.end <= n):
                 raise EvalError("E006", f"layer range [{p.start}, {p.end}) is outside the model's {n} layers", p.span,
                                 f"valid ranges lie within [0, {n}); the end is exclusive")
             if si == 0:
-                ref_key = key
+                ref_key, ref_start = key, p.start
                 for t in h.tensors:
                     if arch.split_layer(t) is None and arch.is_pre_layer(t):
                         names.append(t)
                         source_of[t] = (0, t, None, n)
-            if si == len(parts) - 1:
-                post = [t for t in h.tensors if arch.split_layer(t) is None and not arch.is_pre_layer(t)]
+            ref = self.headers[ref_key]
             for layer in range(p.start, p.end):
                 rests = sorted((s[0], s[2]) for s in (arch.split_layer(t) for t in h.tensors) if s and s[1] == layer)
                 if prefix is None and rests:
@@ -279,15 +293,38 @@ class Lowerer:
                     raise EvalError("E013", f"layer {layer} of '{key}' has different tensors than the first slice's layers",
                                     p.span, "slices must come from models of the same architecture")
                 for pre, rest in rests:
+                    src = f"{pre}.{layer}.{rest}"
+                    self._slice_shape(ref, ref_key, f"{prefix}.{ref_start}.{rest}", key, h.tensors[src].shape, src,
+                                      p.span)
                     out = f"{pre}.{out_layer}.{rest}"
                     names.append(out)
-                    source_of[out] = (si, f"{pre}.{layer}.{rest}", layer, n)
+                    source_of[out] = (si, src, layer, n)
+                layer_srcs.append((h.config, layer, n))
                 out_layer += 1
+            if si == len(parts) - 1:
+                post = [t for t in h.tensors if arch.split_layer(t) is None and not arch.is_pre_layer(t)]
+                for t in post:
+                    self._slice_shape(ref, ref_key, t, key, h.tensors[t].shape, t, p.span)
         for t in post:
             names.append(t)
             source_of[t] = (len(parts) - 1, t, None, n)
-        config = self.headers[ref_key].config
-        return _Domain(names, ref_key, out_layer, source_of, arch.layer_count_overrides(config, out_layer))
+        try:
+            overrides = arch.slice_config_overrides(self.headers[ref_key].config, layer_srcs)
+        except ValueError as err:
+            raise EvalError("E014", str(err), call.span,
+                            "slice models whose configs agree, or save the model and fix config.json by hand") from None
+        return _Domain(names, ref_key, out_layer, source_of, overrides)
+
+    def _slice_shape(self, ref, ref_key: str, ref_name: str, key: str, shape: tuple, name: str, span: Span) -> None:
+        """E014 unless tensor `name` of slice model `key` has the shape of the first
+        model's `ref_name`: the output's config comes from the first model, so a slice
+        of another vocabulary or width would write a model transformers cannot load."""
+        info = ref.tensors.get(ref_name)
+        if info is None or tuple(info.shape) == tuple(shape):
+            return
+        raise EvalError("E014", f"slices() mixes shapes: '{name}' of '{key}' is {list(shape)} but '{ref_name}' of "
+                        f"'{ref_key}' (the first slice, whose config the output takes) is {list(info.shape)}", span,
+                        "slices must come from models of the same architecture and size (hidden size, vocabulary)")
 
     # ------------------------------------------------------------------ outputs
     def lower(self) -> Plan:
@@ -297,6 +334,8 @@ class Lowerer:
             except EvalError as e:
                 for d in e.diags:
                     self._report(d)
+        if not self.dry:
+            self.check_output_paths()
         if not self.dry and not self.sink.errors:
             # NOTE: only when every output was lowered: an output that stopped early
             # (e.g. a missing model) would make its rules look unmatched.
@@ -400,7 +439,7 @@ class Lowerer:
         dom = self.domain(b)
         ref = self.plan.sources[dom.reference]
         out = OutputSpec(save.display, save.path, save.dtype, {}, {}, {}, dom.reference, dom.config_overrides,
-                         self._loc(save.span))
+                         self._loc(save.span), at=_at(save.path_span))
         self._check_output_path(save)
         first_missing: MissingTensor | None = None
         for name in dom.names:
@@ -433,7 +472,13 @@ class Lowerer:
             for key in sorted(self._sources_read(out)):
                 if set(self.headers[key].tensors) - ref_names:
                     self._report_missing(MissingTensor(key, "", self.sources_used.get(key, save.span)), dom)
-        self.plan.outputs[save.display] = out
+        # NOTE: keyed by the merge's name (a second save of one merge gets `name#2`), so
+        # saving one merge twice writes both outputs
+        key, k = save.display, 1
+        while key in self.plan.outputs:
+            k += 1
+            key = f"{save.display}#{k}"
+        self.plan.outputs[key] = out
 
     def _sources_read(self, out: OutputSpec) -> set[str]:
         keys, stack, seen = set(), list(out.tensors.values()), set()
@@ -463,6 +508,21 @@ class Lowerer:
         if not os.access(probe, os.W_OK | os.X_OK):
             raise EvalError("E016", f"cannot write to '{shown}': '{os.path.relpath(probe)}' is not writable", span,
                             "choose a directory you can write to")
+
+    def check_output_paths(self) -> None:
+        """Report (E016, at the save path) every save that breaks a save-path rule of
+        `fusionlang.outputs`: an output that is, holds or is inside an input model, holds a
+        spec file, collides with another save, is a dangling symlink, or is an existing
+        directory fusionlang did not write. Needs the sources read (after lowering)."""
+        from .outputs import check_paths
+
+        saves = list(self.prog.saves)
+        inputs = [(k, s.path, sorted({f for _, _, f in s.tensors.values() if f})) for k, s in self.plan.sources.items()]
+        specs = sorted({self.prog.file} | {b.span.file for b in self.prog.bindings.values()}
+                       | {d.span.file for d in self.prog.defs.values()})
+        specs = [f for f in specs if f and os.path.isfile(f)]
+        for p in check_paths([(s.path, str(s.path_span)) for s in saves], inputs, specs):
+            self._report(Diagnostic("E016", p.message, saves[p.index].path_span, p.hint))
 
     def _report_missing(self, m: MissingTensor, dom: _Domain) -> None:
         ref = set(self.headers[dom.reference].tensors)
@@ -859,6 +919,11 @@ def _refs(e) -> set[str]:
     for _, v in getattr(e, "kwargs", ()) or ():
         out |= _refs(v)
     return out
+
+
+def _at(span: Span) -> tuple[str, int, int]:
+    """A span as the plan stores it: (file, line, column)."""
+    return (span.file, span.line, span.col)
 
 
 def lower(prog: ir.Program) -> Plan:
