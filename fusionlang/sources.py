@@ -10,16 +10,33 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Safetensors dtype names -> bytes per element.
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit
+# Safetensors dtype names -> bytes per element: the dtypes fusionlang reads and writes
+# (the executor maps each to a torch dtype). fp8 tensors are computed in float32 like
+# every other input.
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Floating-point dtypes: merged in float32 and cast back (integer and bool buffers pass through).
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# Every dtype name the safetensors format defines (those outside DTYPE_SIZES are valid
+# files that fusionlang refuses as unsupported) -> bits per element.
+SAFETENSORS_DTYPE_BITS = {
+    **{k: 8 * v for k, v in DTYPE_SIZES.items()},
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "U16": 16, "U32": 32, "U64": 64, "C64": 64,
+}
+# Tensor-name suffixes of quantized checkpoints: the stored values are not the weights.
+QUANT_SCALE_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".input_scale", ".weight_scale_2")
+# The files transformers' from_pretrained reads (in this order), and nothing else.
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
 class SourceError(Exception):
@@ -46,7 +63,9 @@ class TensorInfo:
 
 @dataclass
 class ModelHeader:
-    """What compile time knows about a model: its directory, config and tensor headers."""
+    """What compile time knows about a model: its directory, config and tensor headers.
+
+    `config` is the parsed config.json ({} when the directory has none)."""
 
     path: str
     config: dict = field(default_factory=dict)
@@ -63,56 +82,214 @@ class ModelHeader:
         return None
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse one file's header; raises SourceError (E011) if it is not valid safetensors."""
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _regular_file(path: Path) -> int:
+    """Size in bytes of `path`, which must be a regular file (links followed).
+
+    Checked with stat() before any open(): opening a FIFO would block forever.
+    Raises SourceError E011 for anything else, or when stat fails."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise SourceError("E011", f"'{path}' is not a safetensors file (too short)",
-                                  "the file is truncated or corrupt; re-create or re-download it")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER_BYTES or n + 8 > size:
-                raise SourceError("E011", f"'{path}' has a corrupt safetensors header (length {n})",
-                                  "the file is truncated or not a safetensors file")
-            header = json.loads(f.read(n))
+        st = os.stat(path)
     except OSError as e:
-        raise SourceError("E011", f"cannot read '{path}': {e.strerror}", "check the file's permissions") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise SourceError("E011", f"'{path}' has a corrupt safetensors header (not JSON)",
-                          "the file is truncated or not a safetensors file") from None
+        raise SourceError("E011", f"cannot read '{path}': {e.strerror}",
+                          "check that the file exists (a dangling link?) and that you may read it") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in _KINDS if test(st.st_mode)), "not a regular file")
+        raise SourceError("E011", f"'{path}' is {kind}, not a regular file",
+                          "model files must be plain files: remove or replace it")
+    return st.st_size
+
+
+def _read_bytes(path: Path, header: bool = False) -> bytes:
+    """The bytes of a regular file, or (`header`) a safetensors file's 8-byte length and
+    the header it announces (cut at the file's end). SourceError E011 if unreadable."""
+    _regular_file(path)
+    try:
+        with open(path, "rb") as f:
+            if not header:
+                return f.read()
+            raw = f.read(8)
+            return raw + f.read(min(struct.unpack("<Q", raw)[0], MAX_HEADER_BYTES)) if len(raw) == 8 else raw
+    except OSError as e:
+        raise SourceError("E011", f"cannot read '{path}': {e.strerror}",
+                          "check the file's permissions (fusionlang needs to read it)") from None
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """Parse a JSON file that must hold an object (config.json, an index), as
+    transformers does (UTF-8 text, `json.loads`).
+
+    Raises SourceError E011 naming the file when it is not a regular file, unreadable,
+    empty, not UTF-8, not JSON, or not a JSON object."""
+    raw = _read_bytes(path)
+    hint = f"fix or re-create {what} (re-download the model, or copy it from the model it was made from)"
+    if not raw.strip():
+        raise SourceError("E011", f"'{path}' is empty", hint)
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SourceError("E011", f"'{path}' is not UTF-8 text (byte {e.start})", hint) from None
+    except json.JSONDecodeError as e:
+        raise SourceError("E011", f"'{path}' is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                          hint) from None
+    except RecursionError:
+        raise SourceError("E011", f"'{path}' is not valid JSON: nested too deeply", hint) from None
+    if not isinstance(value, dict):
+        raise SourceError("E011", f"'{path}' holds a JSON {_json_kind(value)}, not an object", hint)
+    return value
+
+
+def _json_kind(v) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(v), "null")
+
+
+def _is_uint(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _explain_invalid(raw: bytes, header_len: int, size: int) -> tuple[str | None, str]:
+    """Why the safetensors library refused a file: (tensor name or None, reason).
+
+    Only for the message: the verdict is the library's. Follows its rules: a JSON object
+    of name -> {dtype, shape, data_offsets} (+ an optional `__metadata__` str->str map);
+    offsets are non-negative integers whose span is shape × dtype size; sorted by start,
+    the spans begin at 0, touch with no gap or overlap, and end at the file's end."""
+    if header_len + 8 > size:
+        return None, f"its header length ({header_len} bytes) goes beyond the end of the file (truncated?)"
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None, "its header is not JSON"
     if not isinstance(header, dict):
-        raise SourceError("E011", f"'{path}' has a corrupt safetensors header (a JSON {type(header).__name__}, not an object)",
-                          "the file is corrupt or not a safetensors file; re-create or re-download it")
-    out: dict[str, TensorInfo] = {}
-    data_len = size - 8 - n
+        return None, f"its header is a JSON {_json_kind(header)}, not an object"
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        return None, "its __metadata__ is not a map of strings to strings"
+    spans = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (start, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end)):
-                raise TypeError("data_offsets")
-        except (KeyError, TypeError, ValueError):
-            raise SourceError("E011", f"'{path}': corrupt header entry for tensor '{name}'",
-                              "each tensor entry needs dtype, shape and data_offsets; the file is corrupt, "
-                              "re-create or re-download it") from None
-        ti = TensorInfo(dtype, shape, str(path))
-        if end - start != ti.nbytes or end > data_len:
-            raise SourceError("E011", f"'{path}': tensor '{name}' points outside the file (truncated?)",
-                              "the file is truncated; re-create or re-download it")
-        out[name] = ti
-    used = max((t.nbytes for t in out.values()), default=0) and max(
-        header[k]["data_offsets"][1] for k in out)
-    if used != data_len:
-        raise SourceError("E011", f"'{path}' has {data_len - used} bytes after its last tensor (truncated or corrupt?)",
-                          "safetensors files end with their last tensor; re-create or re-download it")
+        if not isinstance(info, dict):
+            return name, "its entry is not an object"
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPE_BITS:
+            return name, f"unknown dtype {json.dumps(dtype)}"
+        if not (isinstance(shape, list) and all(_is_uint(d) for d in shape)):
+            return name, f"shape {json.dumps(shape)} is not a list of non-negative integers"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+            return name, f"data_offsets {json.dumps(offsets)} are not two non-negative integers"
+        start, end = offsets
+        if end < start:
+            return name, f"data_offsets {offsets} end before they start"
+        bits = SAFETENSORS_DTYPE_BITS[dtype]
+        for d in shape:
+            bits *= d
+        if -(-bits // 8) != end - start:
+            return name, f"{dtype} {shape} needs {-(-bits // 8)} bytes but its data_offsets {offsets} span {end - start}"
+        spans.append((start, end, name))
+    at, prev = 0, None
+    for start, end, name in sorted(spans):
+        if start < at:
+            return name, f"its data_offsets [{start}, {end}] overlap those of tensor '{prev}'"
+        if start > at:
+            return name, f"its data_offsets [{start}, {end}] leave a gap of {start - at} bytes before it"
+        at, prev = end, name
+    if at != size - 8 - header_len:
+        who = f"its last tensor '{prev}' ends" if prev else "its tensors end"
+        return prev, f"{who} at data byte {at} but the file has {size - 8 - header_len} data bytes (truncated or extra bytes)"
+    return None, ""
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor name -> TensorInfo (dtype name, shape, file) from one safetensors file's header.
+
+    The verdict on validity is the `safetensors` library's own (`safe_open`, which checks
+    the whole header without reading tensor data): a file it refuses is refused here,
+    with the offending tensor named where one can be. Also refused: a path that is not a
+    regular file (checked by stat first: a FIFO would block an open()), and dtypes the
+    executor cannot compute with (e.g. U16, F8_E8M0, F4).
+
+    Raises SourceError E011 naming the file (and the tensor)."""
+    from safetensors import SafetensorError, safe_open
+
+    size = _regular_file(path)
+    raw = _read_bytes(path, header=True)
+    header_len = struct.unpack("<Q", raw[:8])[0] if len(raw) >= 8 else 0
+    body = raw[8:8 + header_len]
+    hint = "the file is corrupt or truncated: re-create or re-download it"
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except SafetensorError as e:
+        name, why = _explain_invalid(body, header_len, size) if len(raw) >= 8 else (None, "it is shorter than 8 bytes")
+        where = f"tensor '{name}': " if name else ""
+        raise SourceError("E011", f"'{path}' is not a valid safetensors file: {where}{why or 'refused'} "
+                          f"(safetensors: {e})", hint) from None
+    except OSError as e:
+        raise SourceError("E011", f"cannot read '{path}': {e.strerror or e}",
+                          "check the file's permissions (fusionlang needs to read it)") from None
+    header = json.loads(body)  # valid: the library accepted it
+    out: dict[str, TensorInfo] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in DTYPE_SIZES:
+            raise SourceError("E011", f"'{path}': tensor '{name}' has dtype {info['dtype']}, which fusionlang does not support",
+                              f"supported dtypes: {', '.join(DTYPE_SIZES)}; convert the model first "
+                              "(e.g. load it with transformers and save_pretrained in bf16)")
+        out[name] = TensorInfo(info["dtype"], tuple(info["shape"]), str(path))
     return out
 
 
+def _refuse_quantized(d: Path, config: dict, tensors: dict[str, TensorInfo]) -> None:
+    """Quantized checkpoints (block-scaled fp8 with `*.weight_scale_inv`, other scale
+    tensors, or a config `quantization_config`) store values that are not the weights:
+    merging them as weights would be silently wrong. Raises SourceError E011."""
+    scale = next((n for n in tensors if n.endswith(QUANT_SCALE_SUFFIXES)), None)
+    qc = config.get("quantization_config")
+    if scale is None and qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    what = f"tensor '{scale}'" if scale else f"config.json's quantization_config (quant_method {json.dumps(method)})"
+    kind = "block-scaled fp8" if (scale or "").endswith("_scale_inv") or method == "fp8" else "quantized"
+    raise SourceError("E011", f"'{d}' is a {kind} checkpoint ({what}); merging quantized weights is not supported yet",
+                      "dequantize it first (load it with transformers and save_pretrained in bf16), "
+                      "or merge the unquantized release of the model")
+
+
+def _index_files(d: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
+    """Shard files of a sharded checkpoint and its weight_map (tensor -> file name).
+
+    Raises SourceError E011 naming the index when weight_map is missing or malformed:
+    not an object, a value that is not a string, or a path outside the directory."""
+    data = read_json_object(index, "the index")
+    wm = data.get("weight_map")
+    hint = ("the index needs a \"weight_map\" object of tensor name -> shard file name in this directory; "
+            "re-create or re-download it")
+    if not isinstance(wm, dict) or not wm:
+        got = "missing" if wm is None else ("empty" if wm == {} else f"a JSON {_json_kind(wm)}")
+        raise SourceError("E011", f"'{index}': its weight_map is {got}, not an object of tensor -> shard", hint)
+    for name, f in wm.items():
+        if not isinstance(f, str) or not f:
+            raise SourceError("E011", f"'{index}': tensor '{name}' maps to {json.dumps(f)}, not a shard file name", hint)
+        norm = os.path.normpath(f)
+        if os.path.isabs(f) or norm == ".." or norm.startswith(".." + os.sep) or norm == ".":
+            raise SourceError("E011", f"'{index}': tensor '{name}' maps to '{f}', outside the model directory", hint)
+    return sorted({d / os.path.normpath(f) for f in wm.values()}), wm
+
+
 def read_model_dir(path: str | os.PathLike) -> ModelHeader:
-    """Header of a model directory: config.json + model.safetensors or a sharded index."""
+    """Header of a model directory, read as transformers' `from_pretrained` reads it.
+
+    config.json (optional here) + `model.safetensors` when it exists (a stale
+    `model.safetensors.index.json` next to it is ignored), else the shards listed in
+    `model.safetensors.index.json`. Other `*.safetensors` files (adapters, leftovers) are
+    never read. Raises SourceError: E010 when the directory is missing or has no such
+    weights; E011 when a file is unreadable or corrupt, a listed shard is missing or
+    lacks a listed tensor, or the checkpoint is quantized."""
     d = Path(path)
     if not d.exists():
         raise SourceError("E010", f"model directory '{d}' does not exist",
@@ -121,36 +298,40 @@ def read_model_dir(path: str | os.PathLike) -> ModelHeader:
         raise SourceError("E010", f"'{d}' is not a directory", "local() takes a model directory")
     config: dict = {}
     cfg = d / "config.json"
-    if cfg.exists():
-        try:
-            config = json.loads(cfg.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SourceError("E011", f"'{cfg}' is not valid JSON: {e}", "fix or re-create config.json") from None
-    index = d / "model.safetensors.index.json"
-    files: list[Path]
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
-            raise SourceError("E011", f"'{index}' is not a valid safetensors index",
-                              "the index needs a \"weight_map\" object of tensor name -> shard file; "
-                              "re-create or re-download it") from None
-        files = sorted({d / f for f in weight_map.values()})
+    if os.path.lexists(cfg):
+        config = read_json_object(cfg, "config.json")
+    single, index = d / SAFE_WEIGHTS_NAME, d / SAFE_WEIGHTS_INDEX_NAME
+    weight_map: dict[str, str] = {}
+    if os.path.lexists(single):
+        files = [single]
+    elif os.path.lexists(index):
+        files, weight_map = _index_files(d, index)
     else:
-        files = sorted(d.glob("*.safetensors"))
-    if not files:
+        stray = sorted(p.name for p in d.glob("*.safetensors"))
+        if stray:
+            raise SourceError("E010", f"'{d}' has no model weights that transformers loads: neither "
+                              f"{SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}, only {', '.join(stray)}",
+                              f"fusionlang reads what from_pretrained reads and never merges other files "
+                              f"(adapters, leftovers); if one is the model's weights, rename it {SAFE_WEIGHTS_NAME}")
         has_bin = any(d.glob("*.bin")) or any(d.glob("*.pt"))
         raise SourceError(
-            "E011", f"no safetensors weights in '{d}'",
+            "E010", f"no safetensors weights in '{d}'",
             "convert pickle checkpoints to safetensors first (pickle is not loaded for safety)"
-            if has_bin else "a model directory needs config.json and *.safetensors files",
+            if has_bin else f"a model directory needs config.json and {SAFE_WEIGHTS_NAME} "
+                            f"(or shards + {SAFE_WEIGHTS_INDEX_NAME})",
         )
     tensors: dict[str, TensorInfo] = {}
     for f in files:
-        if not f.exists():
-            raise SourceError("E011", f"shard '{f.name}' listed in the index is missing from '{d}'",
+        if not os.path.lexists(f):
+            raise SourceError("E011", f"shard '{os.path.relpath(f, d)}' listed in the index is missing from '{d}'",
                               "the model directory is incomplete; copy or re-download the missing shard")
         tensors.update(read_safetensors_header(f))
+    for name, f in weight_map.items():
+        info = tensors.get(name)
+        if info is None or Path(info.file) != d / os.path.normpath(f):
+            raise SourceError("E011", f"'{index}' lists tensor '{name}' in '{f}', which does not hold it",
+                              "the index does not match its shards; re-create or re-download the model")
+    _refuse_quantized(d, config, tensors)
     return ModelHeader(str(d.resolve()), config, tensors)
 
 
