@@ -8,6 +8,7 @@ Needs no model files and never imports torch.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from contextlib import contextmanager
@@ -135,6 +136,7 @@ class Checker:
         self._loading: list[str] = []
         self._use_spans: list[Span] = []
         self._tune_ok = False  # tune() may appear only in the expression of a merge
+        self._folded: dict[int, tuple[ir.Expr, float]] = {}  # id -> (node, value) of folded number expressions
 
     @contextmanager
     def _tune_allowed(self, allowed: bool):
@@ -451,6 +453,9 @@ class Checker:
     def expr(self, e: ast.Expr, mod: _Module, scope: dict[str, str]) -> ir.Expr:
         s = e.span
         if isinstance(e, ast.Number):
+            if not math.isfinite(e.value):
+                self.sink.error("E006", f"number {e.text} is too large: it overflows to infinity", s,
+                                f"numbers must be at most about 1.8e308 (values that reach tensors: {FLOAT32_MAX:.4g})")
             return ir.Const(span=s, type="int" if e.value.is_integer() and "." not in e.text and "e" not in e.text.lower() else "number", value=e.value)
         if isinstance(e, ast.String):
             return ir.Const(span=s, type="string", value=e.value)
@@ -497,11 +502,17 @@ class Checker:
             return ir.Comp(span=s, type=t, body=body, var=e.var, iterable=it)
         if isinstance(e, ast.BinOp):
             left, right = self.expr(e.left, mod, scope), self.expr(e.right, mod, scope)
-            return ir.Bin(span=s, type=self._bin_type(e, left.type, right.type), op=e.op, left=left, right=right)
+            out = ir.Bin(span=s, type=self._bin_type(e, left.type, right.type), op=e.op, left=left, right=right)
+            self._fold_bin(out)
+            return out
         if isinstance(e, ast.Neg):
             x = self.expr(e.operand, mod, scope)
             if isinstance(x, ir.Const) and x.type in ("number", "int"):
                 return ir.Const(span=s, type=x.type, value=-x.value)
+            if self.folded(x) is not None:
+                out = ir.Neg(span=s, type=x.type, operand=x)
+                self._folded[id(out)] = (out, -self.folded(x))
+                return out
             if x.type not in ("model", "number", "int", "any"):
                 self.sink.error("E005", f"cannot negate a {x.type}", s, "")
             return ir.Neg(span=s, type=x.type, operand=x)
@@ -526,6 +537,37 @@ class Checker:
         if isinstance(e, ast.Call):
             return self._call(e, mod, scope)
         raise AssertionError(f"unhandled AST node {type(e).__name__}")
+
+    def folded(self, x: ir.Expr) -> float | None:
+        """The value of a number expression made only of literals and + - * / (folded
+        as the lowering computes it), else None."""
+        if isinstance(x, ir.Const):  # a literal that overflows is reported once, at itself
+            return float(x.value) if _num(x.value) and math.isfinite(x.value) else None
+        entry = self._folded.get(id(x))
+        return entry[1] if entry is not None and entry[0] is x else None
+
+    def _fold_bin(self, b: ir.Bin) -> None:
+        """Fold a constant number operation; one that overflows is an E006 at it. A model
+        scaled by a constant beyond float32 is one too."""
+        a, c = self.folded(b.left), self.folded(b.right)
+        if b.op in ("==", "!="):
+            return
+        if a is not None and c is not None:
+            if b.op == "/" and c == 0:
+                return  # the lowering reports the division by zero
+            v = {"+": lambda: a + c, "-": lambda: a - c, "*": lambda: a * c, "/": lambda: a / c}[b.op]()
+            if not math.isfinite(v):
+                self.sink.error("E006", f"this '{b.op}' overflows: {a:g} {b.op} {c:g} is {v:g}", b.span,
+                                "numbers must stay finite (at most about 1.8e308)")
+                return
+            self._folded[id(b)] = (b, v)
+            return
+        k = c if b.left.type == "model" else a if b.right.type == "model" else None
+        if k is not None and b.op == "/" and k != 0:
+            k = 1.0 / k
+        if k is not None and b.op in "*/" and math.isfinite(k) and abs(k) > FLOAT32_MAX:
+            self.sink.error("E006", f"scale factor {k:g} is beyond float32 range", b.span,
+                            f"a model can be scaled by at most ±{FLOAT32_MAX:.4g}")
 
     def _bin_type(self, e: ast.BinOp, lt: str, rt: str) -> str:
         num = {"number", "int"}
@@ -582,7 +624,7 @@ class Checker:
                             kwargs=tuple((k, v) for k, v, _ in kwargs))
         if e.func in BUILTINS:
             b = BUILTINS[e.func]
-            self._bind_args(e, list(b.params), args, kwargs, None)
+            self._bind_args(e, list(b.params), args, kwargs, None, builtin=True)
             if e.func in _PATH_BUILTINS:  # their strings become file names
                 for a in args + tuple(v for _, v, _ in kwargs):
                     if isinstance(a, ir.Const) and isinstance(a.value, str):
@@ -632,7 +674,7 @@ class Checker:
             self.sink.warning("W002", "tune() chooses on the test split: the reported test accuracy is then "
                               "optimistic", split.span, 'choose on split="val" and report on "test"')
 
-    def _bind_args(self, e: ast.Call, sig, args, kwargs, opdef) -> None:
+    def _bind_args(self, e: ast.Call, sig, args, kwargs, opdef, builtin: bool = False) -> None:
         names = [n for n, _, _ in sig]
         bound: dict[str, ir.Expr] = {}
         if len(args) > len(sig):
@@ -669,26 +711,68 @@ class Checker:
                     hint = "this parameter takes one model"
                 self.sink.error("E005", f"argument '{n}' of '{e.func}' must be {_tname(typ)}, not {_tname(a.type)}", a.span, hint)
                 continue
-            if isinstance(a, ir.Const) and spec is not None:
+            if spec is not None and self.folded(a) is not None:
+                self.check_value(n, e.func, spec.choices, spec.range, spec.type, self.folded(a), a.span)
+            elif isinstance(a, ir.Const) and spec is not None and not (_num(a.value) and not math.isfinite(a.value)):
                 self.check_value(n, e.func, spec.choices, spec.range, spec.type, a.value, a.span)
+            elif isinstance(a, ir.ListE) and spec is not None and spec.type in ("number", "int", "numbers"):
+                for item in a.items:  # each point of a gradient, each weight
+                    if self.folded(item) is not None:
+                        self.check_value(n, e.func, spec.choices, spec.range, "number", self.folded(item), item.span)
+            elif builtin and typ in ("number", "int") and a.type in ("numbers", "list"):
+                self.sink.error("E005", f"argument '{n}' of '{e.func}' must be {_tname(typ)}, not {_tname(a.type)}", a.span,
+                                f"{e.func}() takes a single number here, not a list")
+            elif builtin and typ == "int" and self.folded(a) is not None and not self.folded(a).is_integer():
+                self.sink.error("E005", f"argument '{n}' of '{e.func}' must be an integer, not {self.folded(a):g}", a.span,
+                                "give a whole number, e.g. 2")
+            else:
+                for item in (a.items if isinstance(a, ir.ListE) else (a,)):
+                    v = self.folded(item)
+                    if v is not None and abs(v) > FLOAT32_MAX:
+                        self.sink.error("E006", f"{n}={v:g} is beyond float32 range for {e.func}", item.span,
+                                        f"numbers must be within ±{FLOAT32_MAX:.4g} (the range of float32)")
 
     def check_value(self, name, func, choices, rng, typ, value, span) -> None:
         check_param_value(self.sink, name, func, choices, rng, typ, value, span)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def check_param_value(sink: DiagnosticSink, name, func, choices, rng, typ, value, span) -> bool:
-    """Validate one constant op argument; shared by the checker and the lowering."""
+    """Validate one constant op argument; shared by the checker and the lowering.
+
+    A number must be finite (NaN and ±inf are rejected explicitly: no comparison catches
+    NaN), within the parameter's range if it has one, and within float32's range (the
+    value reaches tensors). A list (a gradient over layers, or a `numbers` parameter) is
+    checked point by point."""
     if choices and value not in choices:
         sink.error("E006", f"'{value}' is not a valid {name} for {func}", span,
                    f"choose one of: {', '.join(repr(c) for c in choices)}")
         return False
-    if rng and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (list, tuple)):
+        return all(check_param_value(sink, name, func, None, rng, "number", v, span) for v in value if _num(v))
+    if rng and _num(value):
         lo, hi = rng
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            sink.error("E006", f"{name}={value:g} is out of range for {func}", span, f"{name} must be in [{lo:g}, {hi:g}]")
+        if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+            lo_s = "-inf" if lo is None else f"{lo:g}"
+            hi_s = "inf" if hi is None else f"{hi:g}"
+            sink.error("E006", f"{name}={value:g} is out of range for {func}", span, f"{name} must be in [{lo_s}, {hi_s}]")
             return False
+    if _num(value) and not math.isfinite(value):
+        sink.error("E006", f"{name}={value:g} is not a finite number ({func})", span,
+                   "numbers must be finite: NaN and infinity come from overflowing arithmetic such as 1e999 or 1e999 - 1e999")
+        return False
+    if _num(value) and abs(value) > FLOAT32_MAX:
+        sink.error("E006", f"{name}={value:g} is beyond float32 range for {func}", span,
+                   f"values that reach tensors must be within ±{FLOAT32_MAX:.4g}")
+        return False
     if typ == "int" and isinstance(value, float) and not value.is_integer():
-        sink.error("E005", f"{name} of {func} must be an integer, not {value:g}", span, "")
+        sink.error("E005", f"{name} of {func} must be an integer, not {value:g}", span, "give a whole number, e.g. 2")
         return False
     return True
 
