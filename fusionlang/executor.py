@@ -106,11 +106,27 @@ class _MappedFile:
 
 
 class RunError(Exception):
-    """A user-facing failure while running (unreadable input, unwritable output...)."""
+    """A user-facing failure while running (unreadable input, unwritable output...);
+    `at` locates it in the spec (file, line, column[, end line, end column]) when known (a save, a source call)."""
 
-    def __init__(self, message: str, hint: str = "", code: str = "E011"):
+    def __init__(self, message: str, hint: str = "", code: str = "E011", at: tuple | None = None):
         super().__init__(message)
-        self.message, self.hint, self.code = message, hint, code
+        self.message, self.hint, self.code, self.at = message, hint, code, at
+
+
+class _BadValue(Exception):
+    """An output value that is not finite (raised where the cast is computed, turned into
+    a located RunError by the executor)."""
+
+    def __init__(self, node: str, value: torch.Tensor, source: torch.Tensor):
+        super().__init__(node)
+        self.node, self.value, self.source = node, value, source
+
+
+def _check_cast(node: str, value: torch.Tensor, source: torch.Tensor) -> None:
+    """Raise _BadValue when the cast `value` of the float32 `source` is not all finite."""
+    if value.is_floating_point() and not bool(torch.isfinite(value.float() if value.itemsize == 1 else value).all()):  # fp8: no isfinite
+        raise _BadValue(node, value, source)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -325,7 +341,9 @@ class Executor:
         if n.op == "load":
             return self._load(n.param("source"), n.param("tensor"), n.param("rows"))
         if n.op == "cast":
-            return args[0].to(TORCH_DTYPES[n.param("dtype")])
+            value = args[0].to(TORCH_DTYPES[n.param("dtype")])
+            _check_cast(nid, value, args[0])
+            return value
         o = OPS[n.op]
         n_single = sum(1 for p in o.params if p.type == "tensor")
         kwargs = _op_kwargs(n)
@@ -375,19 +393,22 @@ class Executor:
         ph = plan.phase_of or {nid: 0 for nid in order}
         reduces = [nid for nid in order if OPS.get(plan.nodes[nid].op) is not None and OPS[plan.nodes[nid].op].kind == "reduce"]
         roots: dict[str, list[tuple[str, str, int]]] = {}  # root node -> [(output, tensor, first row)]
-        for o in plan.outputs.values():
+        for okey, o in plan.outputs.items():
             for t in o.tensors:
                 for first_row, nid in o.parts(t):
-                    roots.setdefault(nid, []).append((o.name, t, first_row))
+                    roots.setdefault(nid, []).append((okey, t, first_row))
+        self._roots = roots
+        self._group_nodes: list[str] = []
         n_phases = max(ph.values(), default=0) + 1
         reduce_values: dict[str, torch.Tensor] = {}
         tmp_dirs: dict[str, Path] = {}
         writers: dict[str, ShardWriter] = {}
         queue = WriteQueue()
+        out_dirs = prepare_outputs(plan)  # output key -> the directory to replace (symlinks resolved)
         try:
-            for o in plan.outputs.values():
-                tmp_dirs[o.name] = _make_tmp(o.path)
-                writers[o.name] = ShardWriter(o, tmp_dirs[o.name], self.shard_bytes, queue)
+            for okey, o in plan.outputs.items():
+                tmp_dirs[okey] = _make_tmp(out_dirs[okey], o)
+                writers[okey] = ShardWriter(o, tmp_dirs[okey], self.shard_bytes, queue)
             total = sum(len(v) for v in roots.values())
             done = 0
             # Values one group computes for others (a per-tensor statistic shared by the row
@@ -412,6 +433,7 @@ class Executor:
                 for g in groups:
                     need = self._closure(by_group[g], {**reduce_values, **shared})
                     nodes = sorted(need, key=pos.__getitem__)
+                    self._group_nodes = nodes
                     rc = self._refcounts(nodes, need)
                     keep = set(by_group[g])
                     tiled = self._tileable(nodes, by_group[g], roots, ph, p, shared, reduce_values)
@@ -461,29 +483,95 @@ class Executor:
                         reduce_values[r] = self._apply(r, args, False)
             queue.drain()
             queue.close()
-            for o in plan.outputs.values():
-                writers[o.name].close()
-                self._finish(o, tmp_dirs[o.name])
-            for o in plan.outputs.values():
-                _commit(tmp_dirs[o.name], Path(o.path))
-                self.stats.outputs[o.name] = o.path
+            for okey, o in plan.outputs.items():
+                writers[okey].close()
+                self._finish(o, tmp_dirs[okey])
+            _commit_all([(tmp_dirs[k], Path(out_dirs[k]), o) for k, o in plan.outputs.items()])
+            for okey, o in plan.outputs.items():
+                self.stats.outputs[okey] = o.path
             self.stats.tensors_written = sum(len(o.tensors) for o in plan.outputs.values())
+        except _BadValue as e:
+            self._cleanup(queue, writers, tmp_dirs)
+            raise self._value_error(e) from None
+        except (RunError, KeyboardInterrupt, SystemExit):
+            self._cleanup(queue, writers, tmp_dirs)
+            raise
+        except Exception:
+            # NOTE: an op may fail on NaN inputs (e.g. a top-k that cannot find its
+            # threshold): report the non-finite input rather than the op's failure
+            self._cleanup(queue, writers, tmp_dirs)
+            bad_input = self._nonfinite_input(self._group_nodes)
+            if bad_input is not None:
+                raise bad_input from None
+            raise
         except BaseException:
-            queue.close()
-            for w in writers.values():
-                for fd in w.fds:
-                    os.close(fd)
-                w.fds = []
-            for d in tmp_dirs.values():
-                shutil.rmtree(d, ignore_errors=True)
-            for d in _CREATED_DIRS:  # parents this run created, deepest first
-                try:
-                    d.rmdir()
-                except OSError:
-                    pass
+            self._cleanup(queue, writers, tmp_dirs)
             raise
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
+
+    @staticmethod
+    def _cleanup(queue: WriteQueue, writers: dict, tmp_dirs: dict) -> None:
+        """After a failure: stop writing, remove every temporary output and the parent
+        directories this run created."""
+        queue.close()
+        for w in writers.values():
+            for fd in w.fds:
+                os.close(fd)
+            w.fds = []
+        for d in tmp_dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
+        for d in _CREATED_DIRS:  # parents this run created, deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+    def _nonfinite_input(self, nodes, o: OutputSpec | None = None) -> RunError | None:
+        """E031 at the source call of the first input tensor read by `nodes` that holds
+        NaN or inf, or None when they are all finite (a check made only after a failure:
+        inputs are not scanned on the normal path)."""
+        plan = self.plan
+        for nid in sorted(nodes):
+            n = plan.nodes[nid]
+            if n.op != "load":
+                continue
+            try:
+                view = self._load_view(n.param("source"), n.param("tensor"), n.param("rows"))
+            except RunError:
+                continue
+            if view.is_floating_point() and not bool(torch.isfinite(view := view.float() if view.itemsize == 1 else view).all()):
+                bad = int((~torch.isfinite(view)).sum())
+                src = plan.sources[n.param("source")]
+                reads = f", which output '{o.name}' reads" if o is not None else ""
+                return RunError(f"input model '{src.key}' has {bad} non-finite value{'s' * (bad != 1)} (NaN or inf) "
+                                f"in tensor '{n.param('tensor')}'{reads}",
+                                "repair or replace that model; a merge of non-finite weights is not a model", "E031",
+                                src.at or (o.at if o is not None else None))
+        return None
+
+    def _value_error(self, e: _BadValue) -> RunError:
+        """The located error for a non-finite output value: E031 at the source call of
+        an input model that holds non-finite values where the output reads them, else
+        E030 at the save when the cast overflowed (finite values beyond the dtype's
+        range), else E031 at the save (the merge itself computed them)."""
+        plan = self.plan
+        okey, tensor, _ = self._roots[e.node][0]
+        o = plan.outputs[okey]
+        bad_input = self._nonfinite_input(self._closure([e.node], {}), o)
+        if bad_input is not None:
+            return bad_input
+        src = e.source
+        if bool(torch.isfinite(src).all()):
+            dtype = o.dtypes.get(tensor, "")
+            top = float(src.abs().max())
+            limit = torch.finfo(e.value.dtype).max
+            return RunError(f"tensor '{tensor}' of output '{o.name}' does not fit in {dtype}: max |value| {top:.4g} "
+                            f"> {limit:.6g}, the largest finite {dtype} value", "save it in a wider dtype "
+                            "(e.g. `as fp32` or `as bf16`), or change the merge so its values stay in range", "E030", o.at)
+        return RunError(f"tensor '{tensor}' of output '{o.name}' has non-finite values (NaN or inf) although its "
+                        "inputs are finite", "check the merge's arguments (e.g. weights that cancel out, or a huge scale)",
+                        "E031", o.at)
 
     # -- tiled execution of pointwise groups
     def _tileable(self, nodes: list[str], targets: list[str], roots: dict, ph: dict, p: int,
@@ -607,6 +695,7 @@ class Executor:
                     continue
                 if kind is _CAST:
                     a[j].copy_(vals[b])
+                    _check_cast(nid, a[j], vals[b])
                     ins = (b,)
                 elif kind is _STAT:
                     ins = b
@@ -724,7 +813,41 @@ def _order_groups(groups: list[str], deps: dict[str, set[str]]) -> list[str]:
     return out
 
 
-def _make_tmp(path: str) -> Path:
+def prepare_outputs(plan: Plan) -> dict[str, str]:
+    """Before any work: clean the leftovers of killed runs next to every output
+    (`outputs.clean_leftovers`), then check the save-path rules (`outputs.check_paths`,
+    for saved JSON plans too). Returns output key -> the real directory to replace.
+    Raises RunError (E016, located at the save) when a rule is broken or a leftover
+    cannot be restored."""
+    from .outputs import check_paths, clean_leftovers, shown
+
+    targets: dict[str, str] = {}
+    for okey, o in plan.outputs.items():
+        path = o.path.rstrip(os.sep) or os.sep
+        real = path if os.path.islink(path) and not os.path.exists(path) else os.path.realpath(path)
+        targets[okey] = real
+        try:
+            clean_leftovers(real)
+        except OSError as e:
+            raise RunError(f"cannot restore the previous output '{shown(real)}' left by a killed run: {e.strerror or e}",
+                           "move its `.fusionlang-old-` folder back into place by hand", "E016", o.at) from None
+    inputs = [(k, s.path, sorted({f for _, _, f in s.tensors.values() if f})) for k, s in plan.sources.items()]
+    specs = [plan.spec_file] if plan.spec_file and os.path.isfile(plan.spec_file) else []
+    outs = list(plan.outputs.values())
+    problems = check_paths([(o.path, _where(o)) for o in outs], inputs, specs)
+    if problems:
+        p = problems[0]
+        raise RunError(p.message, p.hint, "E016", outs[p.index].at)
+    return targets
+
+
+def _where(o: OutputSpec) -> str:
+    return f"{o.at[0]}:{o.at[1]}:{o.at[2]}" if o.at else o.loc or o.path
+
+
+def _make_tmp(path: str, o: OutputSpec | None = None) -> Path:
+    """A fresh `.NAME.fusionlang-tmp-PID` directory next to `path` (its parents are
+    created, and removed again if the run fails). Raises RunError (E016)."""
     target = Path(path)
     try:
         missing = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
@@ -736,18 +859,50 @@ def _make_tmp(path: str) -> Path:
         tmp.mkdir()
     except OSError as e:
         raise RunError(f"cannot write to '{path}': {e.strerror}", "choose an output directory you can write to",
-                       "E016") from None
+                       "E016", o.at if o else None) from None
     return tmp
 
 
-def _commit(tmp: Path, target: Path) -> None:
-    """Move a finished output into place; an existing output is replaced only now."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.fusionlang-old-{os.getpid()}"
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
+def _commit_all(outputs: list[tuple[Path, Path, OutputSpec]]) -> None:
+    """Move every finished output (tmp dir, target, spec) into place, all or none: first
+    every existing target is moved aside (`.NAME.fusionlang-old-PID`), then every temp
+    dir is moved in, and the old ones are deleted only when all are in place. On any
+    failure (or interruption) everything moved so far is moved back and RunError (E016,
+    located at the save that failed) is raised; the temp dirs are the caller's to remove."""
+    aside: list[tuple[Path, Path]] = []  # (target, old)
+    moved: list[tuple[Path, Path]] = []  # (tmp, target)
+    current: OutputSpec | None = None
+    try:
+        for _tmp, target, o in outputs:
+            current = o
+            if os.path.lexists(target):
+                old = target.parent / f".{target.name}.fusionlang-old-{os.getpid()}"
+                os.rename(target, old)
+                aside.append((target, old))
+        for tmp, target, o in outputs:
+            current = o
+            os.rename(tmp, target)
+            moved.append((tmp, target))
+    except BaseException as e:
+        for tmp, target in reversed(moved):
+            try:
+                os.rename(target, tmp)
+            except OSError:
+                pass
+        for target, old in reversed(aside):
+            try:
+                os.rename(old, target)
+            except OSError:
+                pass
+        if isinstance(e, OSError) and current is not None:
+            from .outputs import shown
+
+            raise RunError(f"cannot move output '{current.name}' into place at '{shown(current.path)}': "
+                           f"{e.strerror or e}; no output was changed",
+                           "make sure the output path is a plain directory you may replace (not a mount point "
+                           "or an immutable directory), or choose another path", "E016", current.at) from None
+        raise
+    for _target, old in aside:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -472,6 +472,14 @@ class Lowerer:
             for key in sorted(self._sources_read(out)):
                 if set(self.headers[key].tensors) - ref_names:
                     self._report_missing(MissingTensor(key, "", self.sources_used.get(key, save.span)), dom)
+        if not ref.config:  # the output's config.json is the reference's: take another input's, or refuse
+            read = self._sources_read(out)
+            out.reference = next((k for k in self.plan.sources if k in read and self.plan.sources[k].config), out.reference)
+            if not self.plan.sources[out.reference].config:
+                self._report(Diagnostic("E011", f"model '{dom.reference}' has no config.json (nor does any other input of "
+                                        f"'{save.display}'): transformers needs one to load the output",
+                                        self.sources_used.get(dom.reference, save.span),
+                                        f"copy the base model's config.json into {ref.path}"))
         # NOTE: keyed by the merge's name (a second save of one merge gets `name#2`), so
         # saving one merge twice writes both outputs
         key, k = save.display, 1
@@ -921,9 +929,9 @@ def _refs(e) -> set[str]:
     return out
 
 
-def _at(span: Span) -> tuple[str, int, int]:
-    """A span as the plan stores it: (file, line, column)."""
-    return (span.file, span.line, span.col)
+def _at(span: Span) -> tuple:
+    """A span as the plan stores it: (file, line, column, end line, end column)."""
+    return (span.file, span.line, span.col, span.end_line, span.end_col)
 
 
 def lower(prog: ir.Program) -> Plan:

@@ -75,7 +75,7 @@ def to_json(plan: Plan) -> str:
         "fusionlang_plan": FORMAT_VERSION,
         "spec_file": plan.spec_file,
         "spec_text": plan.spec_text,
-        "sources": {k: {"path": s.path, "config": s.config,
+        "sources": {k: {"path": s.path, "config": s.config, "at": s.at,
                         "tensors": {t: [d, list(sh), f] for t, (d, sh, f) in s.tensors.items()}}
                     for k, s in plan.sources.items()},
         "nodes": [{"id": nid, "op": plan.nodes[nid].op, "inputs": list(plan.nodes[nid].inputs),
@@ -85,7 +85,7 @@ def to_json(plan: Plan) -> str:
                    "phase": plan.phase_of.get(nid, 0)} for nid in order],
         "outputs": [{"name": o.name, "path": o.path, "dtype": o.dtype, "tensors": o.tensors, "dtypes": o.dtypes,
                      "shapes": {k: list(v) for k, v in o.shapes.items()}, "reference": o.reference,
-                     "config_overrides": o.config_overrides, "loc": o.loc,
+                     "config_overrides": o.config_overrides, "loc": o.loc, "at": o.at,
                      "blocks": {t: [[a, nid] for a, nid in parts] for t, parts in o.blocks.items()}}
                     for o in plan.outputs.values()],
         "history": plan.history,
@@ -96,6 +96,13 @@ def _tuplify(v):
     return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
 
 
+def _at(v) -> tuple | None:
+    """A stored (file, line, column[, end line, end column]) location, or None."""
+    if not isinstance(v, list) or len(v) not in (3, 5):
+        return None
+    return (str(v[0]), *(int(x) for x in v[1:]))
+
+
 def from_json(text: str) -> Plan:
     """Load a plan written by `to_json`; raises ValueError when it is not one."""
     data = json.loads(text)
@@ -104,7 +111,8 @@ def from_json(text: str) -> Plan:
     plan = Plan()
     plan.spec_file, plan.spec_text = data["spec_file"], data["spec_text"]
     for k, s in data["sources"].items():
-        plan.sources[k] = SourceSpec(k, s["path"], {t: (d, tuple(sh), f) for t, (d, sh, f) in s["tensors"].items()}, s["config"])
+        plan.sources[k] = SourceSpec(k, s["path"], {t: (d, tuple(sh), f) for t, (d, sh, f) in s["tensors"].items()}, s["config"],
+                                     _at(s.get("at")))
     nodes = {}
     for n in data["nodes"]:
         params = tuple((k, _tuplify(v)) for k, v in n["params"])
@@ -114,10 +122,15 @@ def from_json(text: str) -> Plan:
     plan.replace_nodes(nodes)
     plan.order = [n["id"] for n in data["nodes"]]
     for o in data["outputs"]:
-        plan.outputs[o["name"]] = OutputSpec(o["name"], o["path"], o["dtype"], o["tensors"], o["dtypes"],
-                                             {k: tuple(v) for k, v in o["shapes"].items()}, o["reference"],
-                                             o["config_overrides"], o["loc"],
-                                             {t: [(a, nid) for a, nid in parts] for t, parts in o.get("blocks", {}).items()})
+        key, k = o["name"], 1
+        while key in plan.outputs:  # one merge saved twice (as the lowering keys them)
+            k += 1
+            key = f"{o['name']}#{k}"
+        plan.outputs[key] = OutputSpec(o["name"], o["path"], o["dtype"], o["tensors"], o["dtypes"],
+                                       {k: tuple(v) for k, v in o["shapes"].items()}, o["reference"],
+                                       o["config_overrides"], o["loc"],
+                                       {t: [(a, nid) for a, nid in parts] for t, parts in o.get("blocks", {}).items()},
+                                       _at(o.get("at")))
     plan.history = [tuple(h) for h in data.get("history", [])]
     return plan
 

@@ -45,6 +45,7 @@ class SourceSpec:
     path: str
     tensors: dict[str, tuple[str, tuple[int, ...], str]]  # name -> (dtype, shape, shard file)
     config: dict = field(default_factory=dict)
+    at: tuple | None = None  # the source call in the spec (file, line, column, end line, end column)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class OutputSpec:
     loc: str = ""
     # tensors computed in row blocks (by the split pass): name -> [(first row, node)]
     blocks: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    at: tuple | None = None  # the save's path in the spec (file, line, column, end line, end column)
 
     def parts(self, tensor: str) -> list[tuple[int, str]]:
         """(first row, node) pieces that make up an output tensor."""
