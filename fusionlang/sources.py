@@ -275,8 +275,8 @@ def _index_files(d: Path, index: Path) -> tuple[list[Path], dict[str, str]]:
     for name, f in wm.items():
         if not isinstance(f, str) or not f:
             raise SourceError("E011", f"'{index}': tensor '{name}' maps to {json.dumps(f)}, not a shard file name", hint)
-        norm = os.path.normpath(f)
-        if os.path.isabs(f) or norm == ".." or norm.startswith(".." + os.sep) or norm == ".":
+        # NOTE: transformers' own rule (names, not resolved paths: HF cache shards are links)
+        if Path(f).anchor or ".." in Path(f).parts or os.path.normpath(f) == ".":
             raise SourceError("E011", f"'{index}': tensor '{name}' maps to '{f}', outside the model directory", hint)
     return sorted({d / os.path.normpath(f) for f in wm.values()}), wm
 
@@ -350,6 +350,19 @@ def valid_hf_repo_id(repo: str) -> bool:
     return bool(_REPO_RE.match(repo))
 
 
+def hf_download_command(repo: str, revision: str | None = None) -> str:
+    """The download command of the installed huggingface_hub: `hf download` (>= 0.34),
+    else `huggingface-cli download` (also when huggingface_hub is absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(x) for x in re.findall(r"\d+", version("huggingface_hub"))[:2])
+    except (PackageNotFoundError, ValueError):
+        major, minor = 0, 0
+    cmd = "hf download" if (major, minor) >= (0, 34) else "huggingface-cli download"
+    return f"{cmd} {repo}" + (f" --revision {revision}" if revision else "")
+
+
 def resolve_hf(repo: str, revision: str | None = None) -> Path:
     """Find a snapshot of `repo` in the local HF cache; never touches the network."""
     if not valid_hf_repo_id(repo):
@@ -360,8 +373,8 @@ def resolve_hf(repo: str, revision: str | None = None) -> Path:
     if not repo_dir.is_dir():
         raise SourceError(
             "E017", f"'{repo}' is not in the local Hugging Face cache ({repo_dir})",
-            "fusionlang never downloads: fetch it once with `huggingface-cli download "
-            f"{repo}` on a connected machine, or use local(\"dir\")",
+            f"fusionlang never downloads: fetch it once with `{hf_download_command(repo, revision)}` "
+            "on a connected machine, or use local(\"dir\")",
         )
     rev = revision or "main"
     ref = repo_dir / "refs" / rev
@@ -374,7 +387,8 @@ def resolve_hf(repo: str, revision: str | None = None) -> Path:
         else:
             have = sorted(p.name[:10] for p in (repo_dir / "snapshots").glob("*")) if (repo_dir / "snapshots").is_dir() else []
             raise SourceError("E017", f"revision '{rev}' of '{repo}' is not in the local cache ({repo_dir})",
-                              f"cached snapshots: {', '.join(have) or 'none'}")
+                              f"cached snapshots: {', '.join(have) or 'none'}; fetch this one with "
+                              f"`{hf_download_command(repo, rev)}` on a connected machine")
     return snap
 
 
