@@ -179,3 +179,46 @@ Stmt = Use | ModelDecl | Let | Def | Merge | Save | TaskDecl | Eval
 class Module(Node):
     file: str
     stmts: tuple[Stmt, ...]
+
+
+def children(e: Expr) -> tuple[Expr, ...]:
+    """The sub-expressions of an expression (for walkers that must not recurse)."""
+    if isinstance(e, ListExpr):
+        return e.items
+    if isinstance(e, ListComp):
+        return (e.body, e.iterable)
+    if isinstance(e, BinOp):
+        return (e.left, e.right)
+    if isinstance(e, Neg):
+        return (e.operand,)
+    if isinstance(e, Cond):
+        return (e.test, e.then, e.other)
+    if isinstance(e, Index):
+        return (e.value, e.index)
+    if isinstance(e, Call):
+        return e.args + tuple(k.value for k in e.kwargs)
+    return ()
+
+
+def depth(e: Expr) -> tuple[int, Expr]:
+    """How deep an expression nests (a literal or name is 1), and its deepest node;
+    computed without recursion."""
+    best, deepest = 0, e
+    stack = [(e, 1)]
+    while stack:
+        node, d = stack.pop()
+        if d > best:
+            best, deepest = d, node
+        stack.extend((c, d + 1) for c in children(node))
+    return best, deepest
+
+
+def stmt_exprs(s: Stmt) -> tuple[Expr, ...]:
+    """The expressions a statement holds (its value, defaults, rule values)."""
+    if isinstance(s, (ModelDecl, Let, TaskDecl)):
+        return (s.value,)
+    if isinstance(s, Def):
+        return tuple(p.default for p in s.params if p.default is not None) + (s.body,)
+    if isinstance(s, Merge):
+        return (s.value,) + tuple(r.value for r in s.rules)
+    return ()

@@ -22,6 +22,10 @@ from .ops import OPS
 from .parser import parse, read_source
 
 ENTRY = "spec"
+# NOTE: checking, lowering and formatting walk expressions recursively: these bounds keep
+# them well inside Python's recursion limit (the parser bounds one expression's depth).
+MAX_NESTING = 150  # expressions nested while checking, through chains of definitions
+MAX_EVAL_DEPTH = 250  # nesting of an evaluation (def bodies inlined at each call)
 STDLIB_FILES = {"merging"}
 
 
@@ -136,7 +140,10 @@ class Checker:
         self._loading: list[str] = []
         self._use_spans: list[Span] = []
         self._tune_ok = False  # tune() may appear only in the expression of a merge
-        self._folded: dict[int, tuple[ir.Expr, float]] = {}  # id -> (node, value) of folded number expressions
+        self._folded: dict[int, tuple[ir.Expr, float]] = {}
+        self._order: list[str] = []  # bindings and defs in the order their checks finished
+        self._nesting = 0  # expressions being checked, through definitions
+        self._too_deep = False  # id -> (node, value) of folded number expressions
 
     @contextmanager
     def _tune_allowed(self, allowed: bool):
@@ -245,6 +252,7 @@ class Checker:
             self._def(qual)
         for qual in list(self._bind_ast):
             self._binding(qual)
+        self._check_eval_depth()
         saves, evals = [], []
         seen_paths: dict[str, Span] = {}
         for stmt in mod.tree.stmts:
@@ -266,6 +274,30 @@ class Checker:
             return None
         return ir.Program(file=file, text=text, module=mod.key, bindings=self.bindings, defs=self.defs, saves=tuple(saves),
                           evals=tuple(evals))
+
+    def _check_eval_depth(self) -> None:
+        """E006 when evaluating a definition would nest deeper than MAX_EVAL_DEPTH: the
+        lowering evaluates a name's definition, and a def's body at each call, inside the
+        expression that uses it. Computed without recursion, in the order the checks
+        finished (what a definition uses finished before it)."""
+        depth: dict[str, int] = {}
+        for qual in self._order:
+            if qual in self.defs:
+                d = self.defs[qual]
+                exprs, span = [d.body] + [p.default for p in d.params if p.default is not None], d.span
+            else:
+                b = self.bindings[qual]
+                exprs, span = [b.value] + [r.value for r in b.rules], b.span
+            n = max(_eval_depth(x, depth) for x in exprs)
+            depth[qual] = n
+            if n > MAX_EVAL_DEPTH:
+                self._had_errors.add(qual)  # left out of the partial program the lowering checks
+            if n > MAX_EVAL_DEPTH and not self._too_deep:
+                self._too_deep = True
+                name = qual.split("::")[-1]
+                self.sink.error("E006", f"'{name}' nests too deep: evaluating it nests {n} levels, through the "
+                                f"definitions it uses (limit {MAX_EVAL_DEPTH})", span,
+                                "shorten the chain of definitions it uses, or split its expression")
 
     def _save(self, mod: _Module, stmt: ast.Save, seen: dict[str, Span]) -> ir.SaveIR | None:
         sym = mod.names.get(stmt.name)
@@ -349,6 +381,7 @@ class Checker:
         out = ir.DefIR(qualname=qual, params=tuple(params), returns=ret, body=body, span=d.span)
         self._in_progress.discard(qual)
         self.defs[qual] = out
+        self._order.append(qual)
         return out
 
     def _binding(self, qual: str) -> ir.Binding | None:
@@ -405,6 +438,7 @@ class Checker:
         if len(self.sink.errors) > n_errors:
             self._had_errors.add(qual)
         self.bindings[qual] = b
+        self._order.append(qual)
         return b
 
     # ------------------------------------------------------------------ expressions
@@ -451,6 +485,25 @@ class Checker:
         return b.type if b else "any"
 
     def expr(self, e: ast.Expr, mod: _Module, scope: dict[str, str]) -> ir.Expr:
+        """Check one expression: its typed IR (errors go to the sink).
+
+        Checking a name checks its definition first, so checking nests through chains of
+        definitions; past MAX_NESTING levels that is an E006 (not a RecursionError)."""
+        if self._nesting >= MAX_NESTING:
+            if not self._too_deep:
+                self._too_deep = True
+                self.sink.error("E006", f"definitions nest too deep: more than {MAX_NESTING} levels of expressions "
+                                "and names defined in terms of other names", e.span,
+                                "shorten the chain of definitions (each `let`/`merge`/`def` that uses the next one "
+                                "adds its depth)")
+            return ir.Const(span=e.span, type="any", value=None)
+        self._nesting += 1
+        try:
+            return self._expr(e, mod, scope)
+        finally:
+            self._nesting -= 1
+
+    def _expr(self, e: ast.Expr, mod: _Module, scope: dict[str, str]) -> ir.Expr:
         s = e.span
         if isinstance(e, ast.Number):
             if not math.isfinite(e.value):
@@ -775,6 +828,41 @@ def check_param_value(sink: DiagnosticSink, name, func, choices, rng, typ, value
         sink.error("E005", f"{name} of {func} must be an integer, not {value:g}", span, "give a whole number, e.g. 2")
         return False
     return True
+
+
+def _ir_children(x: ir.Expr) -> tuple:
+    if isinstance(x, ir.ListE):
+        return x.items
+    if isinstance(x, ir.Comp):
+        return (x.body, x.iterable)
+    if isinstance(x, ir.Bin):
+        return (x.left, x.right)
+    if isinstance(x, ir.Neg):
+        return (x.operand,)
+    if isinstance(x, ir.CondE):
+        return (x.test, x.then, x.other)
+    if isinstance(x, ir.IndexE):
+        return (x.value, x.index)
+    if isinstance(x, ir.CallE):
+        return x.args + tuple(v for _, v in x.kwargs)
+    return ()
+
+
+def _eval_depth(x: ir.Expr, known: dict[str, int]) -> int:
+    """How deep evaluating `x` nests, with the depths of the definitions it uses (a call
+    counts two levels: its arguments are evaluated inside it)."""
+    best, stack = 0, [(x, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, ir.CallE):
+            d += 1
+            if node.kind == "def":
+                best = max(best, d + known.get(node.target, 0))
+        elif isinstance(node, ir.Ref) and node.scope == "global":
+            d += known.get(node.name, 0)
+        best = max(best, d)
+        stack.extend((c, d + 1) for c in _ir_children(node))
+    return best
 
 
 _PATH_BUILTINS = {"local", "hf", "zoo", "package", "classify"}

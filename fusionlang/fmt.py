@@ -15,6 +15,15 @@ WIDTH = 100
 _PREC = {"cond": 0, "==": 1, "!=": 1, "+": 2, "-": 2, "*": 3, "/": 3, "neg": 4, "postfix": 5, "atom": 6}
 
 
+_NON_ASSOC = {"==", "!="}  # `sum_expr == sum_expr`: neither side may be another comparison
+
+
+def _left_need(op: str) -> int:
+    """The precedence a left operand needs to print without parentheses: a left-associative
+    operator takes its own level on the left, a non-chaining one (== !=) does not."""
+    return _PREC[op] + 1 if op in _NON_ASSOC else _PREC[op]
+
+
 def _prec(e: ast.Expr) -> int:
     if isinstance(e, ast.Cond):
         return 0
@@ -53,7 +62,7 @@ def _expr(e: ast.Expr) -> str:
         return f"[{expr(e.body)} for {e.var} in {expr(e.iterable)}]"
     if isinstance(e, ast.BinOp):
         p = _PREC[e.op]
-        return f"{expr(e.left, p)} {e.op} {expr(e.right, p + 1)}"
+        return f"{expr(e.left, _left_need(e.op))} {e.op} {expr(e.right, p + 1)}"
     if isinstance(e, ast.Neg):
         return "-" + expr(e.operand, 4)
     if isinstance(e, ast.Cond):
@@ -88,7 +97,7 @@ def pretty(e: ast.Expr, indent: str, col: int, need: int = 0) -> str:
         return f"[\n{inner}{pretty(e.body, inner, len(inner))}\n{inner}for {e.var} in {expr(e.iterable)}\n{indent}]"
     if isinstance(e, ast.BinOp):
         p = _PREC[e.op]
-        left = pretty(e.left, indent, col, p)
+        left = pretty(e.left, indent, col, _left_need(e.op))
         last = len(left.rsplit("\n", 1)[-1]) if "\n" in left else col + len(left)
         return f"{left} {e.op} " + pretty(e.right, indent, last + len(e.op) + 2, p + 1)
     if isinstance(e, ast.Cond):
@@ -151,9 +160,13 @@ class _Formatter:
         self.i = 0
 
     def take_before(self, line: int) -> list[str]:
+        return [text for _, text in self.take_lines_before(line)]
+
+    def take_lines_before(self, line: int) -> list[tuple[int, str]]:
+        """The comments before `line` not yet placed, with their lines."""
         out = []
         while self.i < len(self.comments) and self.comments[self.i][0] < line:
-            out.append(self.comments[self.i][1])
+            out.append(self.comments[self.i])
             self.i += 1
         return out
 
@@ -175,8 +188,9 @@ def format_module(mod: ast.Module, comments: list[tuple[int, str]], blank_before
     f = _Formatter(comments)
     out: list[str] = []
     for s in mod.stmts:
-        lead = f.take_before(s.span.line)
-        if out and (s.span.line in blank_before or (lead and lead[0] and _first_line(lead, comments) in blank_before)
+        lead_lines = f.take_lines_before(s.span.line)
+        lead = [text for _, text in lead_lines]
+        if out and (s.span.line in blank_before or (lead_lines and lead_lines[0][0] in blank_before)
                     or isinstance(s, ast.Def)):
             out.append("")
         out += lead
@@ -197,13 +211,6 @@ def format_module(mod: ast.Module, comments: list[tuple[int, str]], blank_before
         out += [""] + tail if out else tail
     text = "\n".join(out).strip("\n")
     return text + "\n" if text else ""
-
-
-def _first_line(lead: list[str], comments: list[tuple[int, str]]) -> int:
-    for line, text in comments:
-        if text == lead[0]:
-            return line
-    return -1
 
 
 _fmt_comments: list = []
@@ -228,6 +235,6 @@ def format_source(text: str, file: str = "<string>") -> str:
         raise AssertionError("the formatting grammar rejected what the parser accepts") from None
     mod = to_ast(tree, file)
     comments = [(c.line, str(c).rstrip()) for c in _fmt_comments]
-    lines = text.splitlines()
+    lines = text.split("\n")  # as the parser counts lines
     blank_before = {i + 1 for i in range(1, len(lines)) if not lines[i - 1].strip()}
     return format_module(mod, comments, blank_before)

@@ -322,6 +322,11 @@ def _with_origin(diag: Diagnostic, text: str, err: UnexpectedInput) -> Diagnosti
                       f"the '{ch}' at {line}:{col} is never closed: add '{_OPEN[ch]}' where its contents end")
 
 
+# NOTE: every stage after the parser (checker, lowering, fmt) walks expressions
+# recursively; this bound keeps them far from Python's recursion limit.
+MAX_EXPR_DEPTH = 100
+
+
 def _blank(text: str, start: int, end: int) -> str:
     return text[:start] + "".join(c if c == "\n" else " " for c in text[start:end]) + text[end:]
 
@@ -391,6 +396,15 @@ def to_ast(tree: Tree, file: str) -> ast.Module:
     for expressions nested too deep."""
     builder = _ToAst(file)
     mod = builder.transform(tree)
-    if builder.errors:
-        raise FuseErrors(builder.errors)
+    errors = list(builder.errors)
+    for stmt in mod.stmts:
+        for e in ast.stmt_exprs(stmt):
+            n, deepest = ast.depth(e)
+            if n > MAX_EXPR_DEPTH:
+                errors.append(Diagnostic(
+                    "E001", f"expression too deep: it nests {n} levels (limit {MAX_EXPR_DEPTH})", deepest.span,
+                    "split it into `let` steps, or add many models with sum([...]) / weighted([...], [...])"))
+                break
+    if errors:
+        raise FuseErrors(errors)
     return mod
