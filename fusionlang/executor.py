@@ -127,6 +127,9 @@ def _check_cast(node: str, value: torch.Tensor, source: torch.Tensor) -> None:
     """Raise _BadValue when the cast `value` of the float32 `source` is not all finite."""
     if value.is_floating_point() and not bool(torch.isfinite(value.float() if value.itemsize == 1 else value).all()):  # fp8: no isfinite
         raise _BadValue(node, value, source)
+    # NOTE: float8_e4m3fn has no inf and torch saturates to ±448: |x| >= 464 (which would round past 448) overflows
+    if value.dtype == torch.float8_e4m3fn and bool((source.abs() >= 464).any()):
+        raise _BadValue(node, value, source)
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -444,3 +444,16 @@ def test_no_input_with_config_is_located_error(tmp_path, llama):
     p = ta_spec(tmp_path, fam)
     d = expect_error(run_cli("check", str(p)), "E011", p, AT_BASE, "config.json", outputs=(tmp_path / "out/m",))
     assert "transformers" in d["msg"] and "config.json" in d["hint"]
+
+
+def test_fp8_e4m3_overflow_is_an_error_not_saturation(tmp_path, llama):
+    """torch saturates float32 -> float8_e4m3fn at ±448 (no inf): a merge whose values
+    leave that range must not be written as 448 silently."""
+    fp8_model(llama["base"], tmp_path / "models/a", torch.float8_e4m3fn)
+    fp8_model(llama["e0"], tmp_path / "models/b", torch.float8_e4m3fn)
+    assert torch.tensor([1000.0]).to(torch.float8_e4m3fn).item() == 448  # what would be written
+    p = write_spec(tmp_path, 'model a = local("models/a")\nmodel b = local("models/b")\n'
+                   'merge m = 100000 * (b - a)\nsave m to "out/m"\n')
+    d = expect_error(run_cli("run", str(p), "-q", "--device", "cpu"), "E030", p, (4, 11), "F8_E4M3",
+                     outputs=(tmp_path / "out/m",))
+    assert "448" in d["msg"]
