@@ -231,7 +231,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     except OSError as e:
         raise SourceError("E011", f"cannot read '{path}': {e.strerror or e}",
                           "check the file's permissions (fusionlang needs to read it)") from None
-    header = json.loads(body)  # valid: the library accepted it
+    try:
+        header = json.loads(body)  # valid: the library accepted it
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise SourceError("E011", f"'{path}': its header cannot be read as JSON ({e})", hint) from None
     out: dict[str, TensorInfo] = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -290,7 +293,14 @@ def read_model_dir(path: str | os.PathLike) -> ModelHeader:
     never read. Raises SourceError: E010 when the directory is missing or has no such
     weights; E011 when a file is unreadable or corrupt, a listed shard is missing or
     lacks a listed tensor, or the checkpoint is quantized."""
-    d = Path(path)
+    try:
+        return _read_model_dir(Path(path))
+    except OSError as e:  # e.g. a directory that cannot be listed
+        raise SourceError("E011", f"cannot read model directory '{path}': {e.strerror or e}",
+                          "check the directory's permissions (fusionlang needs to list and read it)") from None
+
+
+def _read_model_dir(d: Path) -> ModelHeader:
     if not d.exists():
         raise SourceError("E010", f"model directory '{d}' does not exist",
                           "check the path (relative paths are relative to the spec file)")

@@ -54,7 +54,7 @@ def expect_error(res, code: str, spec_path: Path, at: tuple[int, int], *names: s
     m = _HEAD.search("\n".join(line for line in err.splitlines() if "error[" in line))
     assert m, err
     assert (m["file"], m["code"], int(m["line"]), int(m["col"])) == (str(spec_path), code, *at), err
-    hint = re.search(r"^  = hint: (.+)$", err, re.M)
+    hint = re.search(r"^  = hint: (.+)$", err, re.MULTILINE)
     assert hint and hint.group(1).strip(), f"no hint\n{err}"
     for n in names:
         assert n in m["msg"], f"{n!r} not named in {m['msg']!r}"
@@ -206,8 +206,8 @@ def test_fifo_named_model_safetensors_does_not_block(tmp_path, llama):
     os.mkfifo(f)
     p = ta_spec(tmp_path, fam)
     # NOTE: a subprocess with a timeout: opening the FIFO would block forever
-    r = subprocess.run([sys.executable, "-m", "fusionlang", "check", str(p)], capture_output=True, text=True,
-                       timeout=120, cwd=REPO, env={**os.environ, "NO_COLOR": "1"})
+    r = subprocess.run([sys.executable, "-m", "fusionlang", "check", str(p)], check=False, capture_output=True,
+                       text=True, timeout=120, cwd=REPO, env={**os.environ, "NO_COLOR": "1"})
     d = expect_error((r.returncode, r.stdout, r.stderr), "E011", p, AT_E0, str(f))
     assert "named pipe" in d["msg"]
 
