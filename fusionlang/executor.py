@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -749,15 +750,65 @@ class Executor:
                 config["torch_dtype"] = name
         if config:
             (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for f in TOKENIZER_FILES:
-            p = Path(src.path) / f
-            if p.is_file():
-                shutil.copy2(p, d / f)
+        for f in _companion_files(Path(src.path), "auto_map" in config):
+            shutil.copy2(Path(src.path) / f, d / f)
         for m in _sentence_transformer_modules(Path(src.path)):
             shutil.copytree(Path(src.path) / m, d / m)
-        (d / "README.md").write_text(
-            f"---\ntags: [fusionlang, merge]\n---\n# {o.name}\n\nMerged with [fusionlang](https://example.invalid/fusionlang) "
-            f"from `{os.path.basename(self.plan.spec_file)}`:\n\n```fuse\n{self.plan.spec_text.rstrip()}\n```\n")
+        if (Path(src.path) / "additional_chat_templates").is_dir():
+            shutil.copytree(Path(src.path) / "additional_chat_templates", d / "additional_chat_templates")
+        (d / "README.md").write_text(self._model_card(o, src, config))
+
+    def _model_card(self, o: OutputSpec, src, config: dict) -> str:
+        """The output's README.md: Hugging Face metadata (`base_model`: the hub ids of the
+        inputs that have one, `library_name`, `tags` with `fusionlang`, which marks the
+        directory as a fusionlang output) and the spec it was merged with."""
+        bases = []
+        for s in [src, *self.plan.sources.values()]:
+            hub = _hub_id(s.path)
+            if hub and hub not in bases:
+                bases.append(hub)
+        lib = "sentence-transformers" if (Path(src.path) / "modules.json").is_file() else "transformers"
+        meta = ["---"]
+        if bases:
+            meta += ["base_model:", *(f"- {b}" for b in bases)]
+        meta += [f"library_name: {lib}", "tags: [fusionlang, merge]", "---"]
+        fence = "```"
+        while fence in self.plan.spec_text:
+            fence += "`"
+        return ("\n".join(meta) + f"\n# {o.name}\n\nMerged with fusionlang from `{os.path.basename(self.plan.spec_file)}`:"
+                f"\n\n{fence}fuse\n{self.plan.spec_text.rstrip()}\n{fence}\n")
+
+
+_COMPANION = re.compile(r"^(tokenizer.*|vocab.*|merges\.txt|.*\.model|.*\.tiktoken|added_tokens\.json|"
+                        r"special_tokens_map\.json|chat_template.*|bpe\.codes|.*\.spm|(generation|preprocessor|processor|"
+                        r"video_preprocessor|feature_extractor|image_processor)_config\.json)$")
+
+
+def _companion_files(model_dir: Path, custom_code: bool) -> list[str]:
+    """The files next to a model's weights that travel with a merge of it: everything
+    transformers' tokenizer / processor loading reads (TOKENIZER_FILES and the patterns
+    of _COMPANION: `tokenizer.model`, `*.tiktoken`, `chat_template.jinja`, ...), the
+    sentence-transformers configs, and with `custom_code` (an `auto_map` in config.json)
+    the model's `.py` files."""
+    try:
+        names = sorted(os.listdir(model_dir))
+    except OSError:
+        return []
+    out = []
+    for f in names:
+        if not (model_dir / f).is_file() or f.endswith((".safetensors", ".bin", ".pt", ".pth", ".index.json")):
+            continue
+        if f in TOKENIZER_FILES or _COMPANION.match(f) or (custom_code and f.endswith(".py")):
+            out.append(f)
+    return out
+
+
+def _hub_id(path: str) -> str | None:
+    """The Hugging Face hub id of a model directory in the hub cache
+    (`models--org--name/snapshots/...`); None for a local model (its config's
+    `_name_or_path` is often a local path and is not trusted)."""
+    m = re.search(r"models--([^/]+?)--([^/]+)/snapshots/", path.replace(os.sep, "/"))
+    return f"{m[1]}/{m[2]}" if m else None
 
 
 def _sentence_transformer_modules(model_dir: Path) -> list[str]:

@@ -392,3 +392,52 @@ def test_progress_lines_when_not_a_terminal(work):
     assert lines and lines[-1][2] == "100", err
     n = len(load_state(work / "out" / "soup"))
     assert all(int(d) <= int(t) == n for d, t, _ in lines), lines
+
+
+# ---------------------------------------------------------------------- what travels with an output
+def test_model_card_tokenizer_and_custom_code_travel(work, monkeypatch):
+    import yaml
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    # the base model lives in the Hugging Face cache, with a tokenizer (chat template
+    # included), custom code (auto_map) and files that must not travel
+    commit = "3f2a1c0ffee0000000000000000000000000000a"
+    snap = work / "hub" / "models--org--tiny-base" / "snapshots" / commit
+    shutil.copytree(work / "models" / "base", snap)
+    (work / "hub" / "models--org--tiny-base" / "refs").mkdir()
+    (work / "hub" / "models--org--tiny-base" / "refs" / "main").write_text(commit)
+    vocab = {w: i for i, w in enumerate(["[UNK]", "[PAD]", "hello", "world", "merge"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    fast.save_pretrained(snap)
+    (snap / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
+    (snap / "added_tokens.json").write_text('{"<extra>": 5}\n')
+    (snap / "modeling_tiny.py").write_text("# custom modeling code\n")
+    config = json.loads((snap / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    (snap / "config.json").write_text(json.dumps(config))
+    (snap / "training_args.bin").write_bytes(b"not a model file")
+    (snap / "notes.txt").write_text("mine\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(work / "hub"))
+    p = spec(work, 'use merging\n\nmodel base = hf("org/tiny-base")\nmodel e = local("models/e0")\n\n'
+                   'merge m = average([base, e])\n\nsave m to "out/m"\n')
+    rc, _, err = run_cli("run", str(p), "-q")
+    assert rc == 0, err
+    out = work / "out" / "m"
+    travel = sorted(f.name for f in snap.iterdir()
+                    if f.name not in ("config.json", "model.safetensors", "training_args.bin", "notes.txt"))
+    assert "chat_template.jinja" in travel or "chat_template" in (snap / "tokenizer_config.json").read_text()
+    for f in travel:
+        assert (out / f).read_bytes() == (snap / f).read_bytes(), f
+    assert not (out / "training_args.bin").exists() and not (out / "notes.txt").exists()
+    assert json.loads((out / "config.json").read_text())["auto_map"] == config["auto_map"]
+    loaded = AutoTokenizer.from_pretrained(out)
+    assert loaded("hello merge world")["input_ids"] == fast("hello merge world")["input_ids"] == [2, 4, 3]
+    assert loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta == {"base_model": ["org/tiny-base"], "library_name": "transformers", "tags": ["fusionlang", "merge"]}
+    assert "example.invalid" not in card and p.read_text().strip() in card
