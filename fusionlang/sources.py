@@ -387,8 +387,15 @@ def resolve_hf(repo: str, revision: str | None = None) -> Path:
             "on a connected machine, or use local(\"dir\")",
         )
     rev = revision or "main"
+    if ".." in Path(rev).parts or Path(rev).anchor or any(c in rev for c in "*?[]\\\0"):
+        raise SourceError("E006", f"'{rev}' is not a revision name",
+                          "a revision is a branch, tag or commit hash, e.g. revision=\"main\" or \"3f2a1c0\"")
     ref = repo_dir / "refs" / rev
-    commit = ref.read_text().strip() if ref.is_file() else rev
+    try:
+        commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else rev
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError("E017", f"cannot read '{ref}' in the local Hugging Face cache: {e}",
+                          f"the cache entry is damaged; re-fetch it with `{hf_download_command(repo, revision)}`") from None
     snap = repo_dir / "snapshots" / commit
     if not snap.is_dir():
         cands = sorted(p.name for p in (repo_dir / "snapshots").glob(f"{commit}*")) if (repo_dir / "snapshots").is_dir() else []

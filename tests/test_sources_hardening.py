@@ -457,3 +457,26 @@ def test_fp8_e4m3_overflow_is_an_error_not_saturation(tmp_path, llama):
     d = expect_error(run_cli("run", str(p), "-q", "--device", "cpu"), "E030", p, (4, 11), "F8_E4M3",
                      outputs=(tmp_path / "out/m",))
     assert "448" in d["msg"]
+
+
+# ------------------------------------------------------------ the Hugging Face cache
+def _fake_cache(root: Path, src: Path, ref_bytes: bytes) -> None:
+    repo_dir = root / "models--org--ft"
+    shutil.copytree(src, repo_dir / "snapshots" / "3f2a1c0ffee")
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_bytes(ref_bytes)
+
+
+def test_hf_revision_cannot_leave_the_cache(tmp_path, llama, monkeypatch):
+    _fake_cache(tmp_path / "hub", llama["e0"], b"3f2a1c0ffee")
+    (tmp_path / "hub" / "outside").mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    p = write_spec(tmp_path, 'model a = hf("org/ft", revision="../../outside")\nmerge m = a * 1\nsave m to "out/m"\n')
+    expect_error(run_cli("check", str(p)), "E006", p, (1, 11), "../../outside")
+
+
+def test_hf_damaged_ref_is_an_error_not_a_traceback(tmp_path, llama, monkeypatch):
+    _fake_cache(tmp_path / "hub", llama["e0"], b"\xff\xfe not utf-8")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    p = write_spec(tmp_path, 'model a = hf("org/ft")\nmerge m = a * 1\nsave m to "out/m"\n')
+    expect_error(run_cli("compile", str(p)), "E017", p, (1, 11), "refs/main")
