@@ -237,8 +237,10 @@ def _cmd_run(args, plan_box: list) -> int:
         t = Table(title="run", title_justify="left")
         for c in ("output", "path", "tensors"):
             t.add_column(c)
+        from .evaluation import display_path
+
         for o in plan.outputs.values():
-            t.add_row(o.name, o.path, str(len(o.tensors)))
+            t.add_row(o.name, display_path(setup, o.path), str(len(o.tensors)))
         console.print(t)
         console.print(f"read {_human(stats.bytes_read)}, wrote {_human(stats.bytes_written)} in {stats.seconds:.2f}s "
                       f"({_human(stats.bytes_written / max(stats.seconds, 1e-9))}/s written)")

@@ -80,7 +80,38 @@ def hash_layer(name: str) -> int:
     return 0 if i is None else i
 
 
+def write_spec(root: Path, console) -> Path:
+    """Write the demo spec as `root/demo.fuse` and return its path; a `demo.fuse` the user
+    has edited is kept: the demo's own spec then goes to `demo.original.fuse` beside it.
+    Raises FuseErrors (E016) when that file too exists with other contents."""
+    from .diagnostics import Diagnostic, FuseErrors, Span
+
+    spec = root / "demo.fuse"
+    root.mkdir(parents=True, exist_ok=True)
+    for path in (spec, root / "demo.original.fuse"):
+        try:
+            current = path.read_text(encoding="utf-8") if path.exists() else None
+        except (OSError, UnicodeDecodeError):
+            current = ""  # unreadable: not ours to overwrite
+        if current == DEMO_SPEC:
+            console.print(f"{path} is the demo's spec, unchanged")
+            return path
+        if current is None:
+            path.write_text(DEMO_SPEC)
+            console.print(f"wrote {path}")
+            return path
+        console.print(f"[yellow]kept[/] {path}: it differs from the demo's spec (your edits are not overwritten)",
+                      soft_wrap=True)
+    raise FuseErrors([Diagnostic(
+        "E016", f"'{spec}' and '{root / 'demo.original.fuse'}' both hold edits; the demo overwrites neither",
+        Span(str(spec), 1, 1),
+        f"run your spec with `fusionlang run {spec}`, or start a fresh demo elsewhere: `fusionlang demo --dir DIR`")])
+
+
 def run_demo(directory: str, console) -> int:
+    """`fusionlang demo`: build the tiny family under `directory`, write and run the demo
+    spec (keeping a user-edited `demo.fuse`, see `write_spec`), then load every output with
+    `transformers` and run a forward pass. Returns the exit code; FuseErrors on a user error."""
     from rich.table import Table
 
     from .cli import main as cli_main
@@ -90,9 +121,8 @@ def run_demo(directory: str, console) -> int:
     console.print(f"[bold]fusionlang demo[/] in {root}/ (offline)")
     console.print("building a tiny model family: base + math, code, chat fine-tunes ...")
     build_models(root / "models")
-    spec = root / "demo.fuse"
-    spec.write_text(DEMO_SPEC)
-    console.print(f"wrote {spec}; compiling and running it:\n")
+    spec = write_spec(root, console)
+    console.print(f"compiling and running {spec}:\n")
     rc = cli_main(["run", str(spec)])
     if rc != 0:
         return rc

@@ -89,8 +89,11 @@ def prepare(prog: ir.Program) -> EvalSetup:
             else:
                 items = b.value.items if isinstance(b.value, ir.ListE) else [b.value]
                 for i, item in enumerate(items):
-                    name = short if b.kind == "model" else f"{short}[{i}]"
-                    setup.models[name] = _source_dir(prog, item)
+                    path = _source_dir(prog, item)
+                    name = short if b.kind == "model" else _source_name(prog, item) or f"{short}[{i}]"
+                    if setup.models.get(name, path) != path or name in rows:
+                        name = f"{short}[{i}]"  # another row has this name: the list entry's own
+                    setup.models[name] = path
                     rows.append(name)
         tasks = []
         for q in ev.tasks:
@@ -100,6 +103,34 @@ def prepare(prog: ir.Program) -> EvalSetup:
         setup.reports.append((rows, tasks, ev.report or _default_report(prog)))
     setup.program = prog.model_copy(update={"saves": prog.saves + tuple(extra)})
     return setup
+
+
+def _source_name(prog: ir.Program, e: ir.Expr) -> str | None:
+    """The name a user knows a listed model by: the `model` binding it refers to, the zoo
+    model (zoo("text", "austen") -> "austen"), the repository (hf("org/m") -> "org/m"),
+    the directory's name (local("ft/math") -> "math"); None when it has none."""
+    if isinstance(e, ir.Ref) and e.scope == "global":
+        return e.name.split("::")[-1]
+    if not is_source_call(e):
+        return None
+    try:
+        args = _call_args(prog, e)
+    except FuseErrors:
+        return None
+    if e.target == "zoo":
+        return str(args.get("model") or "base")
+    if e.target == "hf":
+        return str(args["repo"])
+    path = str(args.get("path") or args.get("package") or "").rstrip("/\\")
+    return os.path.basename(path) or None
+
+
+def display_path(setup: EvalSetup | None, path: str) -> str:
+    """How an output path is shown in tables: a merge written only to be evaluated lives in
+    a temporary directory that is removed after the evaluation, so it is not shown."""
+    if setup is not None and setup.tmpdir and os.path.abspath(path).startswith(os.path.abspath(setup.tmpdir) + os.sep):
+        return "(temporary: evaluated, then removed)"
+    return path
 
 
 def _default_report(prog: ir.Program) -> str:
@@ -119,33 +150,57 @@ def _source_dir(prog: ir.Program, e: ir.Expr) -> str:
                                  "evaluate a merge, or declare the model with `model NAME = local(\"dir\")`")])
 
 
-def score_task(model_dir: str, task: dict, device: str, split: str | None = None) -> dict:
+def _reference_name(setup: EvalSetup, model_dir: str, task: str) -> str:
+    pre, _fine = _reference_dirs(setup, task)
+    return "pretrained" if model_dir == pre else "fine-tuned"
+
+
+def score_task(model_dir: str, task: dict, device: str, split: str | None = None, on_batch=None) -> dict:
     """evaluate() a model directory on a task (resolve_task's arguments), on the task's
-    own split unless `split` is given."""
+    own split unless `split` is given; `on_batch(done, total)` after each batch."""
     from .zoo.evaluate import evaluate
 
     return evaluate(model_dir, task["spec"], split=split or task.get("split", "test"), device=device,
                     batch_size=int(task.get("batch_size") or 128),
-                    limit=int(task["limit"]) if task.get("limit") is not None else None)
+                    limit=int(task["limit"]) if task.get("limit") is not None else None, on_batch=on_batch)
+
+
+def _reference_dirs(setup: EvalSetup, task: str) -> tuple[str, str]:
+    """(pre-trained, fine-tuned expert) model directories of a task's zoo."""
+    spec = setup.tasks[task]["spec"]
+    return str(spec.base_dir), str(spec.zoo_dir / spec.name)
 
 
 def run(setup: EvalSetup, device: str, console) -> list[dict]:
-    """Evaluate, print the tables, write report.json and report.png for each `eval`."""
+    """Evaluate, print the tables, write report.json and report.png for each `eval`.
+
+    Progress: a plain line per evaluation (`evaluating: 3/12 (soup on austen)`, with the
+    elapsed time) at most every $FUSIONLANG_PROGRESS_INTERVAL seconds (default 10), and
+    within a long evaluation its batches at the same pace; the last one is always shown."""
+    from .zoo.progress import Heartbeat, stderr_writer
+
     cache: dict[tuple[str, str], dict] = {}
+    needed = {(d, t) for rows, tasks, _ in setup.reports for t in tasks
+              for d in (*_reference_dirs(setup, t), *(setup.models[r] for r in rows))}
+    beat = Heartbeat(stderr_writer(console), "evaluating", "evaluations")
+    beat.beat(0, len(needed), "on the test splits", force=True)
+    names = {d: r for r, d in setup.models.items()}
 
     def score(model_dir: str, task: str) -> dict:
         key = (model_dir, task)
         if key not in cache:
-            cache[key] = score_task(model_dir, setup.tasks[task], device)
+            what = f"{names.get(model_dir) or _reference_name(setup, model_dir, task)} on {task}"
+            cache[key] = score_task(model_dir, setup.tasks[task], device,
+                                    on_batch=lambda i, n: beat.beat(len(cache), len(needed), f"{what}: batch {i}/{n}"))
+            beat.beat(len(cache), len(needed), what)
         return cache[key]
 
     reports = []
     try:
         for rows, tasks, report_dir in setup.reports:
             table: dict[str, dict] = {}
-            pre = {t: score(str(setup.tasks[t]["spec"].base_dir), t)["accuracy"] for t in tasks}
-            fine = {t: score(str(setup.tasks[t]["spec"].zoo_dir / setup.tasks[t]["spec"].name), t)["accuracy"]
-                    for t in tasks}
+            pre = {t: score(_reference_dirs(setup, t)[0], t)["accuracy"] for t in tasks}
+            fine = {t: score(_reference_dirs(setup, t)[1], t)["accuracy"] for t in tasks}
             table["pretrained"] = {"accuracy": pre}
             table["fine-tuned (individual)"] = {"accuracy": fine}
             for r in rows:
@@ -195,6 +250,9 @@ def _print(console, report: dict) -> None:
                   f"{1000 * row['latency_per_batch_s']:.0f}" if "latency_per_batch_s" in row else "",
                   style="dim" if norm is None else None)
     console.print(t)
+    for rec in report.get("tuning", ()):
+        for n in rec.get("notes", ()):
+            console.print(f"note: {n}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _write(report_dir: str, report: dict) -> None:

@@ -47,10 +47,35 @@ class TuneRecord:
     params: list[str]
     candidates: list[dict] = field(default_factory=list)  # {"values": {...}, "accuracy": {...}, "average": x}
     chosen: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. the choice is at the edge of its grid
 
     def to_json(self) -> dict:
-        return {"merge": self.merge, "split": self.split, "tasks": self.tasks, "params": self.params,
-                "candidates": self.candidates, "chosen": self.chosen}
+        out = {"merge": self.merge, "split": self.split, "tasks": self.tasks, "params": self.params,
+               "candidates": self.candidates, "chosen": self.chosen}
+        if self.notes:
+            out["notes"] = self.notes
+        return out
+
+
+def edge_notes(rec: TuneRecord) -> list[str]:
+    """What the user should know about a choice: a value at the edge of its grid (the best
+    may lie beyond it), or candidates that all score the same (the search chose nothing)."""
+    notes = []
+    averages = {round(c["average"], 12) for c in rec.candidates}
+    if len(rec.candidates) > 1 and len(averages) == 1:
+        notes.append(f"{rec.merge}: all {len(rec.candidates)} candidates scored the same on the '{rec.split}' split, "
+                     "so the first was kept: the tasks do not tell them apart (more examples, or a wider grid)")
+        return notes
+    for p in rec.params:
+        grid = sorted({c["values"][p] for c in rec.candidates})
+        v = rec.chosen.get(p)
+        if len(grid) < 2 or v is None:
+            continue
+        if v in (grid[0], grid[-1]):
+            edge = "largest" if v == grid[-1] else "smallest"
+            notes.append(f"{rec.merge}: chose {p}={v:g}, the {edge} candidate; the best value may lie beyond: "
+                         "widen the grid")
+    return notes
 
 
 def span_key(span) -> SpanKey:
@@ -202,22 +227,31 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
     grid = list(itertools.product(*(s.values for s in sites)))
     console.print(f"tuning [bold]{short}[/]: {len(grid)} candidate{'s' * (len(grid) != 1)} "
                   f"on the '{split}' split of {', '.join(rec.tasks)}")
+    from .zoo.progress import Heartbeat, stderr_writer
+
+    beat = Heartbeat(stderr_writer(console), f"tuning {short}", "candidates")
     best = None
     tmp = tempfile.mkdtemp(prefix="fusionlang-tune-")
     try:
         for i, combo in enumerate(grid):
             values = {s.key: v for s, v in zip(sites, combo)}
+            shown = {s.param: v for s, v in zip(sites, combo)}
+            label = ", ".join(f"{k}={v:g}" for k, v in shown.items())
             out = str(Path(tmp) / f"{short}-{i}")
-            _merge_one(substitute(prog, values), q, out, run_device, shard_bytes)
+            # a long candidate shows its merge and its evaluation batches (throttled lines)
+            _merge_one(substitute(prog, values), q, out, run_device, shard_bytes,
+                       lambda d, n: beat.beat(i, len(grid), f"{label}: merged {min(d, n)}/{n} tensors"))
             acc = {}
             for t in tasks:
-                acc[t.split("::")[-1]] = score_task(out, task_args[t], eval_device, split)["accuracy"]
+                name = t.split("::")[-1]
+                acc[name] = score_task(out, task_args[t], eval_device, split, on_batch=lambda b, n, name=name: beat.beat(
+                    i, len(grid), f"{label}: {name} batch {b}/{n}"))["accuracy"]
             shutil.rmtree(out, ignore_errors=True)
             avg = sum(acc.values()) / len(acc)
-            shown = {s.param: v for s, v in zip(sites, combo)}
             rec.candidates.append({"values": shown, "accuracy": acc, "average": avg})
-            console.print("  " + ", ".join(f"{k}={v:g}" for k, v in shown.items())
-                          + f"  ->  {100 * avg:.1f}  (" + ", ".join(f"{k} {100 * x:.1f}" for k, x in acc.items()) + ")")
+            beat.last = float("-inf")  # every finished candidate gets its line
+            beat.beat(i + 1, len(grid), f"{label}  ->  {100 * avg:.1f}  ("
+                      + ", ".join(f"{k} {100 * x:.1f}" for k, x in acc.items()) + ")")
             if best is None or avg > best[0]:
                 best = (avg, values, shown)
     finally:
@@ -226,10 +260,13 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
     rec.chosen = best[2]
     console.print(f"  chosen: [bold]{', '.join(f'{k}={v:g}' for k, v in rec.chosen.items())}[/] "
                   f"(mean {split} accuracy {100 * best[0]:.1f})")
+    rec.notes = edge_notes(rec)
+    for n in rec.notes:
+        console.print(f"  note: {n}", markup=False, highlight=False, soft_wrap=True)
     return rec
 
 
-def _merge_one(prog: ir.Program, q: str, out: str, device: str, shard_bytes: int) -> None:
+def _merge_one(prog: ir.Program, q: str, out: str, device: str, shard_bytes: int, progress=None) -> None:
     from .executor import run_plan
     from .lower import Lowerer
     from .passes import run_passes
@@ -237,4 +274,4 @@ def _merge_one(prog: ir.Program, q: str, out: str, device: str, shard_bytes: int
     b = prog.bindings[q]
     save = ir.SaveIR(name=q, display=q.split("::")[-1], path=out, dtype=None, span=b.span, path_span=b.span)
     plan = run_passes(Lowerer(prog.model_copy(update={"saves": (save,), "evals": ()})).lower())
-    run_plan(plan, device, shard_bytes)
+    run_plan(plan, device, shard_bytes, progress)

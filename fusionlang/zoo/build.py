@@ -232,6 +232,7 @@ def _build_text(recipe: ZooRecipe, out: Path, seed: int, cache, fetch, progress)
         def ev(model, split, spec=spec, ds=ds):
             return evaluate(model, spec, split, batch_size=recipe.eval_batch_size, dataset=ds)
 
+        progress.update(overall, description=f"zoo {recipe.name}: {task.name} (evaluate pretrained)")
         pre_test, pre_val = ev(base, "test"), ev(base, "val")
         progress.update(overall, description=f"zoo {recipe.name}: {task.name} (fine-tune)")
         expert = copy.deepcopy(base)
@@ -247,6 +248,7 @@ def _build_text(recipe: ZooRecipe, out: Path, seed: int, cache, fetch, progress)
         T.save_encoder(expert, src, out / task.name)
         del expert
         saved = T.load_encoder(out / task.name)  # evaluate what was written
+        progress.update(overall, description=f"zoo {recipe.name}: {task.name} (evaluate fine-tuned)")
         ft_test, ft_val = ev(saved, "test"), ev(saved, "val")
         del saved
         results[task.name] = {

@@ -128,9 +128,14 @@ def _build(args, console) -> int:
     command = (f"fusionlang zoo build {args.name} --seed {args.seed}"
                + (" --tiny" if args.tiny else "")
                + "".join(f" --task {t}" for t in args.tasks or ()))
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=console, transient=False) as progress:
+    from .progress import PlainProgress, stderr_writer
+
+    # NOTE: rich draws no live bar off a terminal (logs, CI, `| tee`): plain periodic lines there
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                   MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=console, transient=False) if console.is_terminal \
+        else PlainProgress(stderr_writer(console))
+    with bar as progress:
         out = build_zoo(args.name, seed=args.seed, tiny=args.tiny, cache=args.cache,
                         fetch=False if args.no_fetch else None, force=args.force,
                         progress=progress, command=command, tasks=args.tasks,

@@ -153,6 +153,7 @@ def evaluate(
     fetch: bool | None = None,
     dataset=None,
     limit: int | None = None,
+    on_batch=None,
 ) -> dict:
     """Accuracy of ``model`` (+ the task's frozen head) on ``split`` of ``task``.
 
@@ -160,6 +161,7 @@ def evaluate(
     wall time of one forward batch, tokenisation/preprocessing included),
     ``peak_mem_bytes`` (CUDA: peak allocated; CPU: the process's peak RSS),
     ``batches``, ``task``, ``split``. ``dataset`` overrides the task's data (tests).
+    ``on_batch(done, total)``: called after each batch (progress), with batch counts.
     """
     import torch
 
@@ -196,6 +198,8 @@ def evaluate(
             times.append(time.perf_counter() - t0)
             correct += int((pred == labels[start:stop]).sum())
             batches += 1
+            if on_batch is not None:
+                on_batch(batches, -(-n // batch_size))
     return {
         "accuracy": correct / n if n else float("nan"),
         "n": n,

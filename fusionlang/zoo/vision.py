@@ -263,6 +263,7 @@ def build_vision_tasks(recipe, out: Path, seed: int, cache, fetch, progress) -> 
         def ev(model, split, spec=spec, ds=ds):
             return evaluate(model, spec, split, batch_size=recipe.eval_batch_size, dataset=ds)
 
+        progress.update(overall, description=f"zoo {recipe.name}: {task.name} (evaluate pretrained)")
         pre_test, pre_val = ev(base, "test"), ev(base, "val")
         progress.update(overall, description=f"zoo {recipe.name}: {task.name} (fine-tune)")
         expert = copy.deepcopy(base)
@@ -276,6 +277,7 @@ def build_vision_tasks(recipe, out: Path, seed: int, cache, fetch, progress) -> 
         save_body(expert, out / task.name)
         del expert
         saved = load_body(out / task.name)  # evaluate what was written
+        progress.update(overall, description=f"zoo {recipe.name}: {task.name} (evaluate fine-tuned)")
         ft_test, ft_val = ev(saved, "test"), ev(saved, "val")
         del saved
         results[task.name] = {
