@@ -885,7 +885,11 @@ class Lowerer:
     def signature(self, nid: str) -> str:
         """A tensor-independent structural hash: equal for the same expression on every tensor."""
         if nid not in self._sig:
-            n = self.plan.nodes[nid]
+            n = self.plan.nodes.get(nid)
+            if n is None and nid.startswith(("thr-", "bkt-")):
+                # a model-wide statistic added by finish_stats(): its id already hashes its
+                # tensor-independent key (e.g. a DARE seed over a scope="model" TIES)
+                return nid
             params = [(k, v) for k, v in n.params if not (n.op == "load" and k == "tensor")]
             text = repr((n.op, params, [self.signature(i) for i in n.inputs]))
             self._sig[nid] = hashlib.sha1(text.encode()).hexdigest()[:16]
