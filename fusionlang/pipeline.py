@@ -71,6 +71,12 @@ def check(path: str) -> CheckResult:
         Lowerer(prog, dry=True).dry_check()
     except FuseErrors as e:
         others += [d for d in e.diagnostics if d not in others]
+    # The save-path rules that need no model: specs, other saves, symlinks, foreign
+    # directories (and the inputs that are present)
+    paths = Lowerer(prog)
+    paths.check_sources()
+    paths.check_output_paths()
+    others += [d for d in paths.sink.items if d.code == "E016" and d not in others]
     res.diagnostics = with_first(others)
     for d in missing:
         res.unverified.append(f"{d.span}: {d.message}")

@@ -172,6 +172,14 @@ def test_nested_saves_refused(work):
     assert not (work / "out").exists()
 
 
+def test_check_without_models_still_checks_save_paths(work):
+    p = spec(work, AVG.replace("models/e1", "models/absent") + 'save soup to "models"\n')
+    rc, out, err = run_cli("check", str(p))
+    assert rc == 1 and "Traceback" not in out + err, err
+    line, col = where(p.read_text(), '"models"')
+    assert f"spec.fuse:{line}:{col}: error[E016]: output" in err and "contains the input model 'a'" in err, err
+
+
 def test_dangling_symlink_output_refused_before_any_work(work):
     (work / "out").mkdir()
     os.symlink("missing-volume", work / "out" / "two")
@@ -290,15 +298,16 @@ TWO = ('use merging\n\nmodel base = local("models/base")\nmodels experts = [loca
        'save ta to "out/one"\nsave soup to "out/two"\n')
 
 
-def test_failed_commit_moves_everything_back(work, monkeypatch):
+@pytest.mark.parametrize("failing", [".two.fusionlang-tmp-", ".two.fusionlang-old-"])
+def test_failed_commit_moves_everything_back(work, monkeypatch, failing):
     p = spec(work, TWO)
     assert run_cli("run", str(p), "-q")[0] == 0
     (work / "out" / "one" / "old.txt").write_text("an earlier run\n")
     before = tree(work / "out")
     real_rename = os.rename
 
-    def rename(src, dst, *a, **k):  # the second output cannot be moved into place
-        if ".two.fusionlang-tmp-" in str(src):
+    def rename(src, dst, *a, **k):  # the second output cannot be moved in (or its old one aside)
+        if failing in str(src) + str(dst):
             raise OSError(16, "Device or resource busy", str(src))
         return real_rename(src, dst, *a, **k)
 
