@@ -18,8 +18,8 @@ def _save(model, path):
 def _llama(path, seed=0, **overrides):
     import transformers as tf
 
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-               vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+               "vocab_size": 128, "max_position_embeddings": 64, "tie_word_embeddings": False}
     cfg.update(overrides)
     torch.manual_seed(seed)
     return _save(tf.LlamaForCausalLM(tf.LlamaConfig(**cfg)), path)

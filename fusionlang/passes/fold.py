@@ -47,7 +47,8 @@ def _chain(plan: Plan, n: PlanNode):
         if len(xs) == 1:
             # one model: w x, or w x / w = x when normalized (never the chain below, whose
             # last axpy would add the first input a second time)
-            return ("scale", (xs[0],), (("k", ws[0] / total if normalize else ws[0]),))
+            k = ws[0] / total if normalize else ws[0]
+            return xs[0] if k == 1.0 else ("scale", (xs[0],), (("k", k),))
         acc = plan.add("scale", (xs[0],), {"k": ws[0]}, group=n.group, loc=n.loc, shape=n.shape)
         for x, w in zip(xs[1:-1], ws[1:-1]):
             acc = plan.add("axpy", (acc, x), {"k": w}, group=n.group, loc=n.loc, shape=n.shape)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from .graph import OutputSpec, Plan, PlanNode, SourceSpec
+from .validate import check_loaded_plan
 
 FORMAT_VERSION = 1
 
@@ -104,7 +105,18 @@ def _at(v) -> tuple | None:
 
 
 def from_json(text: str) -> Plan:
-    """Load a plan written by `to_json`; raises ValueError when it is not one."""
+    """Load a plan written by `to_json`; raises ValueError naming the problem when the
+    text is not one, or is one that was edited into an invalid plan
+    (`validate.check_loaded_plan`: unknown op, dangling input, wrong parameter types)."""
+    try:
+        plan = _from_json(text)
+    except (KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+        raise ValueError(f"damaged plan ({type(e).__name__}: {e})") from None
+    check_loaded_plan(plan)
+    return plan
+
+
+def _from_json(text: str) -> Plan:
     data = json.loads(text)
     if not isinstance(data, dict) or data.get("fusionlang_plan") != FORMAT_VERSION:
         raise ValueError("not a fusionlang plan (or a plan from another format version)")
