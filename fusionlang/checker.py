@@ -236,7 +236,8 @@ class Checker:
                             f"first defined at {prev.span}; pick another name")
             return
         if name in OPS or name in BUILTINS:
-            self.sink.warning("W001", f"'{name}' shadows a built-in", stmt.span, "")
+            self.sink.warning("W001", f"'{name}' shadows a built-in", stmt.span,
+                              f"the built-in '{name}' cannot be called in this file; pick another name")
         mod.names[name] = _Sym(kind, qual, stmt.span)
         if kind == "def":
             self._def_ast[qual] = (stmt, mod)
@@ -366,18 +367,20 @@ class Checker:
         seen = set()
         for p in d.params:
             if p.name in seen:
-                self.sink.error("E003", f"duplicate parameter '{p.name}'", p.span, "")
+                self.sink.error("E003", f"duplicate parameter '{p.name}'", p.span, "give each parameter its own name")
             seen.add(p.name)
             default = self.expr(p.default, mod, {}) if p.default is not None else None
             typ = p.type or (default.type if default is not None and default.type != "none" else "any")
             if p.type and default is not None and default.type != "none" and not type_accepts(p.type, default.type):
-                self.sink.error("E005", f"default of '{p.name}' is {default.type}, not {p.type}", p.default.span, "")
+                self.sink.error("E005", f"default of '{p.name}' is {default.type}, not {p.type}", p.default.span,
+                                f"give a default of type {p.type}, or change the declared type")
             params.append(ir.ParamIR(name=p.name, type=typ, default=default, span=p.span))
             scope[p.name] = typ
         body = self.expr(d.body, mod, scope)
         ret = d.returns or body.type
         if d.returns and not type_accepts(d.returns, body.type):
-            self.sink.error("E005", f"'{d.name}' declares -> {d.returns} but its body is {body.type}", d.body.span, "")
+            self.sink.error("E005", f"'{d.name}' declares -> {d.returns} but its body is {body.type}", d.body.span,
+                            f"change the declared type to -> {body.type}, or the body to give {_tname(d.returns)}")
         out = ir.DefIR(qualname=qual, params=tuple(params), returns=ret, body=body, span=d.span)
         self._in_progress.discard(qual)
         self.defs[qual] = out
@@ -402,7 +405,10 @@ class Checker:
         if isinstance(stmt, ast.ModelDecl):
             kind = "models" if stmt.plural else "model"
             if not type_accepts(kind, value.type):
-                hint = "use `models` for a list" if value.type == "models" else "use `model` for a single model" if value.type == "model" else ""
+                hint = "use `models` for a list" if value.type == "models" else "use `model` for a single model" \
+                    if value.type == "model" else 'a model comes from local("dir"), hf("repo"), zoo(...) or a merge'
+                if kind == "models" and value.type not in ("models", "model"):
+                    hint = 'a list of models, e.g. models experts = [local("a"), local("b")]'
                 self.sink.error("E005", f"'{stmt.name}' is declared {kind} but its value is {value.type}", stmt.value.span, hint)
         elif isinstance(stmt, ast.TaskDecl):
             kind = "task"
@@ -424,7 +430,8 @@ class Checker:
                 with self._tune_allowed(True):
                     rv = self.expr(r.value, mod, {c: "int" for c in caps})
                 if not type_accepts("model", rv.type):
-                    self.sink.error("E005", f"rule value must be a model, not {rv.type}", r.value.span, "")
+                    self.sink.error("E005", f"rule value must be a model, not {rv.type}", r.value.span,
+                                    'a rule gives the tensors it matches a model expression, e.g. "*.norm.*" => base')
                 rules.append(ir.RuleIR(pattern=r.pattern, regex=regex, captures=caps, value=rv, span=r.span,
                                        pattern_span=r.pattern_span))
         else:
@@ -449,8 +456,12 @@ class Checker:
         cands = [n for n, sym in mod.names.items() if (sym.kind == "def") == called]
         cands += ([o for o, d in OPS.items() if d.public] + list(BUILTINS)) if called else list(scope)
         close = difflib.get_close_matches(name, cands, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else \
-            f"declare it first, e.g. `model {name} = local(\"dir\")` or `merge {name} = ...`"
+        if close:
+            hint = f"did you mean '{close[0]}'?"
+        elif called:
+            hint = f"define it with `def {name}(...) = ...`, or `use merging` for the stdlib merge methods"
+        else:
+            hint = f"declare it first, e.g. `model {name} = local(\"dir\")` or `merge {name} = ...`"
         for std in sorted(STDLIB_FILES):
             if std not in mod.qualified and self._stdlib_defines(std, name):
                 hint = f"'{name}' is defined in the stdlib module '{std}': add `use {std}` at the top"
@@ -527,7 +538,7 @@ class Checker:
                     self._unknown(mod, e.name, s, scope)
                 return ir.Const(span=s, type="any", value=None)
             if sym.kind == "def":
-                self.sink.error("E005", f"'{e.name}' is a function; call it with ( )", s, "")
+                self.sink.error("E005", f"'{e.name}' is a function; call it with ( )", s, f"e.g. {e.name}(...)")
                 return ir.Const(span=s, type="any", value=None)
             return ir.Ref(span=s, type=self._sym_type(sym), name=sym.qualname, scope="global")
         if isinstance(e, ast.ListExpr):
@@ -567,22 +578,24 @@ class Checker:
                 self._folded[id(out)] = (out, -self.folded(x))
                 return out
             if x.type not in ("model", "number", "int", "any"):
-                self.sink.error("E005", f"cannot negate a {x.type}", s, "")
+                self.sink.error("E005", f"cannot negate a {x.type}", s, "only numbers and models can be negated")
             return ir.Neg(span=s, type=x.type, operand=x)
         if isinstance(e, ast.Cond):
             test = self.expr(e.test, mod, scope)
             if not type_accepts("bool", test.type):
-                self.sink.error("E005", f"condition must be a bool, not {test.type}", e.test.span, "")
+                self.sink.error("E005", f"condition must be a bool, not {test.type}", e.test.span,
+                                "compare with == or !=, e.g. if x == 1 then ... else ...")
             a, b = self.expr(e.then, mod, scope), self.expr(e.other, mod, scope)
             t = a.type if a.type == b.type else ("number" if {a.type, b.type} <= {"int", "number"} else "any" if "any" in (a.type, b.type) else None)
             if t is None:
-                self.sink.error("E005", f"branches have different types: {a.type} and {b.type}", s, "")
+                self.sink.error("E005", f"branches have different types: {a.type} and {b.type}", s,
+                                "both branches must give the same kind of value (e.g. two models)")
                 t = "any"
             return ir.CondE(span=s, type=t, test=test, then=a, other=b)
         if isinstance(e, ast.Index):
             v, i = self.expr(e.value, mod, scope), self.expr(e.index, mod, scope)
             if not type_accepts("int", i.type):
-                self.sink.error("E005", f"index must be an integer, not {i.type}", e.index.span, "")
+                self.sink.error("E005", f"index must be an integer, not {i.type}", e.index.span, "e.g. experts[0]")
             elem = {"models": "model", "numbers": "number"}.get(v.type, "any")
             if v.type not in ("models", "numbers", "list", "any"):
                 self.sink.error("E005", f"cannot index a {v.type}", e.value.span, "only lists can be indexed, e.g. experts[0]")
@@ -638,7 +651,7 @@ class Checker:
             return "model"
         if e.op == "/" and lt == "model" and rt in num:
             return "model"
-        hint = ""
+        hint = "arithmetic works on numbers, and on models: model + model, model * number, model / number"
         if "models" in (lt, rt):
             hint = "arithmetic works on single models; use a comprehension, e.g. [m - base for m in models], or sum(...)"
         elif e.op == "/" and rt == "model":
@@ -657,7 +670,7 @@ class Checker:
             hidden = self._lookup_imported(mod, e.func)
             self.sink.error("E005", f"'{e.func}' is a {sym.kind}, not a function", e.func_span,
                             f"the {sym.kind} defined at {sym.span} hides the function '{e.func}' from `use {hidden}`; rename it"
-                            if hidden else "")
+                            if hidden else f"the {sym.kind} '{e.func}' is defined at {sym.span}; call a def or a built-in")
             return ir.Const(span=s, type="any", value=None)
         if sym is not None:
             d = self._def(sym.qualname)
@@ -712,7 +725,7 @@ class Checker:
             else:
                 for i in values.items:
                     if isinstance(i.value, bool):
-                        self.sink.error("E005", "tune() candidates must be numbers", i.span, "")
+                        self.sink.error("E005", "tune() candidates must be numbers", i.span, "e.g. tune([0.1, 0.3, 0.5], on=[task1])")
         if on is not None and on.type != "any":
             items = on.items if isinstance(on, ir.ListE) else (on,)
             if not items:
@@ -743,7 +756,7 @@ class Checker:
                 self.sink.error("E004", f"'{e.func}' has no parameter '{k}'", ks,
                                 f"did you mean '{close[0]}'?" if close else f"parameters: {', '.join(names)}")
             elif k in bound:
-                self.sink.error("E004", f"'{k}' is given twice", ks, "")
+                self.sink.error("E004", f"'{k}' is given twice", ks, "give each argument once (by position or by name)")
             else:
                 bound[k] = v
         for n, typ, default in sig:
@@ -757,7 +770,7 @@ class Checker:
             if a.type == "none" and (default is None or (spec and spec.optional)):
                 continue
             if not type_accepts(typ, a.type):
-                hint = ""
+                hint = f"signature: {e.func}({', '.join(names)})"
                 if typ in ("models", "tensors") and a.type == "model":
                     hint = f"wrap it in a list: [{_src(a)}]"
                 elif typ == "model" and a.type == "models":

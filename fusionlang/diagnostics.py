@@ -37,6 +37,12 @@ class Diagnostic:
     hint: str = ""
     severity: str = "error"  # error | warning | note
 
+    def __post_init__(self) -> None:
+        # NOTE: the contract is a non-empty hint on every error; a site that has nothing
+        # specific to say points at the code's entry in the language reference.
+        if self.severity == "error" and not self.hint.strip():
+            object.__setattr__(self, "hint", DEFAULT_HINTS.get(self.code, "see the error table in docs/language.md"))
+
     def to_json(self) -> dict:
         return {
             "severity": self.severity,
@@ -47,6 +53,29 @@ class Diagnostic:
             "col": self.span.col,
             "hint": self.hint,
         }
+
+
+DEFAULT_HINTS = {
+    "E001": "check the syntax near here against docs/language.md",
+    "E002": "declare the name before using it, or `use` the module that defines it",
+    "E003": "rename one of the two definitions",
+    "E004": "compare the call with the function's signature",
+    "E005": "the value has the wrong type here; see 'Values and types' in docs/language.md",
+    "E006": "the value is not allowed here; see the parameter's range or choices in docs/language.md",
+    "E007": "break the cycle of `use`s",
+    "E008": "check the path or module name",
+    "E009": "a definition cannot depend on itself",
+    "E010": "check that the model directory exists and holds config.json and *.safetensors",
+    "E011": "the file is damaged or not a safetensors model: re-create or re-download it",
+    "E012": "check the rule's pattern against the model's tensor names",
+    "E013": "the models must have the same tensor names; use rules to treat the others",
+    "E014": "the models must share an architecture",
+    "E015": "add a `save NAME to \"DIR\"` statement",
+    "E016": "choose another output directory",
+    "E017": "the model must be in the local Hugging Face cache",
+    "E018": "build the zoo first: fusionlang zoo build NAME",
+    "E019": "see 'Choosing arguments on a validation split' in docs/language.md",
+}
 
 
 class FuseErrors(Exception):
