@@ -309,3 +309,30 @@ def test_fmt_keeps_equality_merges_same_plan(tmp_path, llama):
         return strip(data["nodes"]), strip(data["outputs"])
 
     assert plan(p) == plan(q)
+
+
+# ---------------------------------------------------------------------- hints
+@pytest.mark.parametrize("text, needle, code, words", [
+    ("let x = frobnicate(1)\n", "frobnicate", "E002", "def frobnicate"),
+    ('let x = -"a"\n', '-"a"', "E005", "negated"),
+    ("let x = if 1 then 2 else 3\n", "1 then", "E005", "=="),
+    ('let x = if true then 1 else "a"\n', "if", "E005", "same kind"),
+    ("def f(a, a) = a\n", "a)", "E003", "own name"),
+    ('def f(a: number = "s") = a\n', '"s"', "E005", "default of type number"),
+    ("def f() -> model = 1\n", "1", "E005", "-> int"),
+    ("let xs = [1, 2]\nlet y = xs[true]\n", "true", "E005", "experts[0]"),
+    ("def f(a) = a\nlet y = f\n", "f\n", "E005", "f(...)"),
+    ("let m = 1\nlet y = m(2)\n", "m(2)", "E005", "defined at"),
+    ('let y = ramp(1, 2, start=3)\n', "start=3", "E004", "once"),
+    ('let y = 1 + "a"\n', '1 + "a"', "E005", "arithmetic"),
+])
+def test_every_error_has_a_hint_that_leads_somewhere(tmp_path, text, needle, code, words):
+    p = write_spec(tmp_path, text)
+    rc, diags = check_json(p)
+    d = errors_of(rc, diags, code)[0]
+    line = next(i + 1 for i, s in enumerate(text.split("\n")) if needle.split("\n")[0] in s)
+    if "\n" not in needle:
+        assert (d["line"], d["col"]) == (line, text.split("\n")[line - 1].index(needle) + 1), d
+    assert words in d["hint"], d
+    if code == "E002":
+        assert "model" not in d["hint"], d  # an unknown function is not a model to declare
