@@ -114,6 +114,8 @@ class _Domain:
 
 
 PROBE = "model.layers.0.probe.weight"
+# Errors of reading a model: absent directory or cache entry, unreadable or corrupt files.
+SOURCE_ERROR_CODES = {"E010", "E011", "E017", "E018"}
 
 
 class Lowerer:
@@ -328,19 +330,28 @@ class Lowerer:
 
     # ------------------------------------------------------------------ outputs
     def lower(self) -> Plan:
+        """Lower every save; report all errors of the file at once (every absent or
+        unreadable model, every unmatched rule of an output that did lower)."""
+        lowered = []
         for save in self.prog.saves:
             try:
                 self.lower_output(save)
+                lowered.append(save)
             except EvalError as e:
                 for d in e.diags:
                     self._report(d)
         if not self.dry:
             self.check_output_paths()
+        if not self.dry and any(d.code in SOURCE_ERROR_CODES for d in self.sink.errors):
+            # lowering stops at the first model it cannot read: name the others too
+            for d in self.check_sources():
+                self._report(d)
+        if not self.dry:
+            # NOTE: only the rules of outputs that were lowered whole: an output that
+            # stopped early (e.g. a missing model) would make its rules look unmatched.
+            self.check_rules(lowered)
         if not self.dry and not self.sink.errors:
-            # NOTE: only when every output was lowered: an output that stopped early
-            # (e.g. a missing model) would make its rules look unmatched.
             self.finish_stats()
-            self.check_rules()
         self.sink.raise_if_errors()
         return self.plan
 
@@ -553,10 +564,11 @@ class Lowerer:
                                     "for a tensor only some inputs have, add a rule that reads it from those, e.g. "
                                     f"\"{m.tensor or only_ref[0]}\" => {dom.reference}")))
 
-    def check_rules(self) -> None:
+    def check_rules(self, saves: list) -> None:
+        """E012 for each rule pattern that matched no tensor of the `saves` (lowered whole) that use it."""
         for b in self.prog.bindings.values():
             for i, r in enumerate(b.rules):
-                used_by_output = any(self.prog.bindings[s.name] is b or self._depends(s.name, b.qualname) for s in self.prog.saves)
+                used_by_output = any(self.prog.bindings[s.name] is b or self._depends(s.name, b.qualname) for s in saves)
                 if used_by_output and (b.qualname, i) not in self.rules_used:
                     self._report(Diagnostic("E012", f"pattern '{r.pattern}' matches no tensor", r.pattern_span,
                                             self._pattern_hint(r.pattern)))

@@ -42,8 +42,11 @@ def _node_problem(plan: Plan, nid: str, seen: set[str]) -> str | None:
     for i in n.inputs:
         if i not in plan.nodes:
             return f"node '{nid}' ({n.op}) takes '{i}', which the plan does not define"
-        if i not in seen:
+        # the executor runs a group's nodes in plan order, and orders groups by what they export
+        if i not in seen and plan.nodes[i].group == n.group:
             return f"node '{nid}' ({n.op}) takes '{i}' before it is computed (the order is not topological)"
+        if plan.phase_of.get(i, 0) > plan.phase_of.get(nid, 0):
+            return f"node '{nid}' ({n.op}) in phase {plan.phase_of.get(nid, 0)} takes '{i}' of a later phase"
     params = dict(n.params)
     if n.op == "load":
         if n.inputs or set(params) - set(_LOAD_PARAMS) or not {"source", "tensor"} <= set(params):
@@ -78,19 +81,23 @@ def _node_problem(plan: Plan, nid: str, seen: set[str]) -> str | None:
 def check_loaded_plan(plan: Plan) -> None:
     """Raise ValueError naming the first problem of a plan read from JSON.
 
-    Checks: `plan.order` lists every node once, each after its inputs; each node's op is
+    Checks: `plan.order` lists every node once, each after its inputs of the same tensor
+    group, the graph has no cycle and no node takes a value of a later phase; each node's op is
     registered (or `load` of a declared source tensor) with its op's input count and
     parameter types (finite numbers, known choices); each output names a declared
     reference source, a known dtype and only defined nodes.
     """
     if sorted(plan.order) != sorted(plan.nodes) or len(set(plan.order)) != len(plan.order):
         raise ValueError("the node order does not list every node exactly once")
+    if any(not isinstance(p, int) or isinstance(p, bool) or p < 0 for p in plan.phase_of.values()):
+        raise ValueError("a node's phase is not a non-negative integer")
     seen: set[str] = set()
     for nid in plan.order:
         problem = _node_problem(plan, nid, seen)
         if problem:
             raise ValueError(problem)
         seen.add(nid)
+    plan.topo_order()  # ValueError on a cycle across groups
     for key, o in plan.outputs.items():
         if not isinstance(o.path, str) or not o.path:
             raise ValueError(f"output '{key}' has no path")
