@@ -465,7 +465,8 @@ class Lowerer:
                 first_missing = first_missing or m
                 continue
             if not isinstance(v, TensorV):
-                raise EvalError("E005", f"'{save.display}' does not evaluate to a model", b.span, "")
+                raise EvalError("E005", f"'{save.display}' does not evaluate to a model", b.span,
+                                "only a merge of models can be saved; a number or list cannot")
             src_dtype = v.dtype or ref.tensors.get(ctx.tensor, ("F32",))[0]
             dtype = SAVE_DTYPES[save.dtype] if save.dtype else src_dtype
             if dtype not in FLOAT_DTYPES:
@@ -656,7 +657,8 @@ class Lowerer:
         if isinstance(e, ir.Comp):
             it = self.eval(e.iterable, env, ctx)
             if not isinstance(it, list):
-                raise EvalError("E005", "can only iterate over a list", e.iterable.span, "")
+                raise EvalError("E005", "can only iterate over a list", e.iterable.span,
+                                "write [f(m) for m in LIST] with a list of models or numbers")
             return [self.eval(e.body, env + ((e.var, x),), ctx) for x in it]
         if isinstance(e, ir.Neg):
             x = self.eval(e.operand, env, ctx)
@@ -669,7 +671,8 @@ class Lowerer:
         if isinstance(e, ir.IndexE):
             v, i = self.eval(e.value, env, ctx), self.eval(e.index, env, ctx)
             if not isinstance(v, list) or not isinstance(i, (int, float)) or float(i) != int(i):
-                raise EvalError("E005", "only lists can be indexed, with an integer", e.span, "")
+                raise EvalError("E005", "only lists can be indexed, with an integer", e.span,
+                                "index a `models` list with a whole number, e.g. experts[0]")
             if not -len(v) <= int(i) < len(v):
                 raise EvalError("E006", f"index {int(i)} is out of range for a list of {len(v)}", e.index.span,
                                 f"valid indices are 0..{len(v) - 1}")
@@ -699,9 +702,10 @@ class Lowerer:
         ta, tb = isinstance(a, TensorV), isinstance(b, TensorV)
         if not ta and not tb:
             if isinstance(a, list) or isinstance(b, list):
-                raise EvalError("E005", f"cannot apply '{e.op}' to a list", e.span, "")
+                raise EvalError("E005", f"cannot apply '{e.op}' to a list", e.span,
+                                "apply it to each element: [x * 2 for x in xs]")
             if e.op == "/" and b == 0:
-                raise EvalError("E006", "division by zero", e.span, "")
+                raise EvalError("E006", "division by zero", e.span, "divide by a non-zero number")
             return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b}[e.op]()
         if ta and tb:
             if e.op == "/":
@@ -714,12 +718,13 @@ class Lowerer:
         if isinstance(k, list):
             k = arch.gradient_value([float(x) for x in k], ctx.t)
         if not isinstance(k, (int, float)) or isinstance(k, bool):
-            raise EvalError("E005", f"cannot apply '{e.op}' to a model and a {type(k).__name__}", e.span, "")
+            raise EvalError("E005", f"cannot apply '{e.op}' to a model and a {type(k).__name__}", e.span,
+                            "models combine with models (+, -) and with numbers (*, /)")
         if e.op == "*":
             return self.scale(t, k, ctx, e.span)
         if e.op == "/" and ta:
             if k == 0:
-                raise EvalError("E006", "division by zero", e.span, "")
+                raise EvalError("E006", "division by zero", e.span, "divide by a non-zero number")
             return self.scale(t, 1.0 / k, ctx, e.span)
         raise EvalError("E005", f"cannot apply '{e.op}' to a model and a number", e.span,
                         "models can be added to models and scaled by numbers")
@@ -822,23 +827,27 @@ class Lowerer:
             v = args.get(p.name, None if p.required else p.default)
             if p.type == "tensor":
                 if not isinstance(v, TensorV):
-                    raise EvalError("E005", f"argument '{p.name}' of '{o.name}' must be a model", e.span, "")
+                    raise EvalError("E005", f"argument '{p.name}' of '{o.name}' must be a model", e.span,
+                                    "pass a model name or a merge expression")
                 inputs.append(v)
             elif p.type == "tensors":
                 if not isinstance(v, list) or not v or not all(isinstance(x, TensorV) for x in v):
-                    raise EvalError("E005", f"argument '{p.name}' of '{o.name}' must be a non-empty list of models", e.span, "")
+                    raise EvalError("E005", f"argument '{p.name}' of '{o.name}' must be a non-empty list of models",
+                                    e.span, "pass a `models` list or [a, b, ...]")
                 inputs.extend(v)
                 params["n"] = len(v)
             else:
                 if v is None:
                     if p.optional:
                         continue
-                    raise EvalError("E005", f"argument '{p.name}' of '{o.name}' cannot be none", e.span, "")
+                    raise EvalError("E005", f"argument '{p.name}' of '{o.name}' cannot be none", e.span,
+                                    "pass a value, or leave the argument out to use its default")
                 if p.type in ("number", "int") and isinstance(v, list):
                     v = arch.gradient_value([float(x) for x in v], ctx.t)
                 if p.type == "numbers":
                     if not isinstance(v, list) or not all(isinstance(x, (int, float)) for x in v):
-                        raise EvalError("E005", f"argument '{p.name}' of '{o.name}' must be a list of numbers", e.span, "")
+                        raise EvalError("E005", f"argument '{p.name}' of '{o.name}' must be a list of numbers",
+                                    e.span, "write the values as [0.5, 0.3, ...]")
                     v = [float(x) for x in v]
                 if not check_param_value(sink, p.name, o.name, p.choices, p.range, p.type, v, e.span):
                     bad.append(self._param_error(sink.items[-1], e, exprs, env, p.name, v, p))
