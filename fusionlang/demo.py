@@ -53,7 +53,9 @@ def build_models(root: Path, seed: int = 0) -> None:
     """Base + 3 experts; each expert moves a different subset of layers further."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # tqdm bars per shard are noise in the demo's output
     if all((root / n / "model.safetensors").exists() for n in ("base", *EXPERTS)):
         return
     cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
@@ -119,9 +121,9 @@ def run_demo(directory: str, console) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = Path(directory)
     console.print(f"[bold]fusionlang demo[/] in {root}/ (offline)")
+    spec = write_spec(root, console)  # before anything is built: a refusal leaves nothing behind
     console.print("building a tiny model family: base + math, code, chat fine-tunes ...")
     build_models(root / "models")
-    spec = write_spec(root, console)
     console.print(f"compiling and running {spec}:\n")
     rc = cli_main(["run", str(spec)])
     if rc != 0:

@@ -1,0 +1,279 @@
+"""The Python API: what `fusionlang check / compile / run` do, as functions.
+
+    import fusionlang
+
+    fusionlang.check("merge.fuse")                 # CheckResult; FuseErrors if the spec has errors
+    plan = fusionlang.compile("merge.fuse")        # the optimized merge plan (nothing written)
+    result = fusionlang.run("merge.fuse")          # RunResult: outputs written, eval reports
+    model = fusionlang.load(result.outputs["ta"])  # a transformers model
+
+Every user mistake raises :class:`fusionlang.FuseErrors` (``fusionlang.diagnostics``),
+whose ``diagnostics`` are the located ``Diagnostic`` objects the command line prints
+(file, line, column, code, message, hint); nothing partial is left on disk. The functions
+build on the command line's own pieces (``pipeline.check`` / ``compile_spec``,
+``tuning.resolve``, ``executor.run_plan``, ``evaluation.run``), so a spec behaves the same
+from Python and from the shell. See docs/api.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .diagnostics import Diagnostic, FuseErrors, Span
+
+__all__ = ["FuseErrors", "RunResult", "check", "compile", "load", "run"]
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _here(path) -> Span:
+    return Span(str(path), 1, 1)
+
+
+def check(path: str | os.PathLike):
+    """Check a spec as `fusionlang check` does: syntax, names, types, signatures, argument
+    values, and (when the model files are present) tensor names, shapes, dtypes and rule
+    patterns. Reads headers only; imports no torch.
+
+    Returns a ``pipeline.CheckResult``: ``.diagnostics`` (warnings only, since errors
+    raise), ``.unverified`` (what could not be checked because model files are absent,
+    as "file:line:col: message" strings), ``.ok`` (True).
+    Raises FuseErrors carrying every diagnostic (errors and warnings) if any is an error."""
+    from .pipeline import check as _check
+
+    res = _check(os.fspath(path))
+    if not res.ok:
+        raise FuseErrors(res.diagnostics)
+    return res
+
+
+def _passes(passes: str | Iterable[str] | None) -> set[str] | None:
+    """Validated pass names (E004 for an unknown one, as `--passes` on the command line)."""
+    if passes is None:
+        return None
+    from types import SimpleNamespace
+
+    from .cli import _check_pass_args
+
+    names = [p for p in (passes.split(",") if isinstance(passes, str) else list(passes)) if p]
+    try:
+        _check_pass_args(SimpleNamespace(dump_after=None, passes=",".join(names)))
+    except FuseErrors as e:  # located at the caller's argument, not the command line
+        raise FuseErrors([replace(d, span=_here("<python>")) for d in e.diagnostics]) from None
+    return set(names)
+
+
+def _drop_eval_tmpdir(plan) -> None:
+    setup = getattr(plan, "eval_setup", None)
+    if setup is not None and setup.tmpdir:
+        shutil.rmtree(setup.tmpdir, ignore_errors=True)
+
+
+def compile(path: str | os.PathLike, passes: str | Iterable[str] | None = None):
+    """Check and lower a spec, then optimize the plan (`fusionlang compile`); the model
+    files must be present (their headers are read; no tensor data). Writes nothing.
+
+    ``passes``: names of the passes to run (an iterable or "fold,cse"), default all.
+    Returns the optimized ``fusionlang.plan.graph.Plan``: ``.nodes`` (id -> node with
+    ``op``, ``inputs``, ``shape``, ``dtype``), ``.outputs`` (name -> output with ``path``
+    and ``tensors``), ``.sources``, ``.history`` (op count after each pass),
+    ``.bytes_read()``, ``.bytes_written()``; ``fusionlang.plan.emit.to_text / to_json /
+    to_dot`` render it. Each ``tune()`` is planned with its first candidate, as the CLI does.
+    Raises FuseErrors (unknown pass: E004; every spec error, located)."""
+    from .pipeline import compile_spec
+
+    names = _passes(passes)
+    with _diagnosed(path):
+        _prog, _lowered, plan = compile_spec(os.fspath(path), names)
+    _drop_eval_tmpdir(plan)  # compile writes nothing
+    return plan
+
+
+@dataclass
+class RunResult:
+    """What `run` did. ``outputs``: merge name -> directory written (the spec's `save`s;
+    merges only evaluated are written to a temporary directory that is removed after the
+    evaluation, and are not listed). ``reports``: one dict per `eval` statement, the
+    contents of its report.json (``tasks``, ``rows`` -> accuracy per task, average,
+    normalized accuracy, forgetting...). ``tuning``: per tuned merge, every candidate's
+    validation scores, the chosen values and notes. ``bytes_read`` / ``bytes_written`` /
+    ``seconds``: the merge's I/O and wall time (0 when the spec only evaluates)."""
+
+    outputs: dict[str, str] = field(default_factory=dict)
+    reports: list[dict] = field(default_factory=list)
+    tuning: list[dict] = field(default_factory=list)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable[str] | None = None,
+        shard_size: float = 4.0, progress: bool = True) -> RunResult:
+    """Run a spec (or a plan saved by `fusionlang compile --emit json`) as `fusionlang run`
+    does: choose every ``tune()`` on its validation split, merge streaming into atomic
+    sharded safetensors outputs (fp32 math, the `save`'s dtype on disk), then run the
+    `eval`s (report.json + report.png).
+
+    ``device``: "auto" | "cpu" | "cuda" | "mps". ``shard_size``: max GB per output shard.
+    ``progress``: plain progress lines on stderr (throttled, see docs/api.md); False: silent.
+    Returns a RunResult. Raises FuseErrors for every user error (spec, models, device,
+    unwritable output, zoo not built...), with nothing partial left behind;
+    KeyboardInterrupt propagates after the same clean-up."""
+    import math
+    import time
+
+    from rich.console import Console
+
+    from .zoo.progress import Heartbeat, stderr_writer
+
+    if device not in DEVICES:
+        raise FuseErrors([Diagnostic("E006", f"unknown device {device!r}", _here("<python>"),
+                                     f"one of: {', '.join(DEVICES)}")])
+    if not isinstance(shard_size, (int, float)) or not math.isfinite(shard_size) or shard_size * 1024**3 < 1:
+        raise FuseErrors([Diagnostic("E006", f"shard_size must be a positive, finite number of GB, not {shard_size!r}",
+                                     _here("<python>"), "a size in GB, e.g. shard_size=2")])
+    spec = os.fspath(path)
+    shard_bytes = int(shard_size * 1024**3)
+    console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 120, quiet=not progress)
+    result = RunResult()
+    plan = None
+    try:
+        with _diagnosed(spec):
+            from .executor import pick_device, run_plan
+
+            eval_device = pick_device(device).type
+            if spec.endswith(".json"):
+                plan = _load_plan(spec)
+            else:
+                from .pipeline import compile_spec
+                from .tuning import resolve
+
+                def tuner(p):
+                    return resolve(p, device, eval_device, console, shard_bytes)
+
+                _prog, _lowered, plan = compile_spec(spec, _passes(passes), tuner=tuner)
+                for d in _prog.warnings:
+                    console.print(f"{d.span}: warning[{d.code}]: {d.message}", markup=False, soft_wrap=True)
+            setup = getattr(plan, "eval_setup", None)
+            if plan.outputs:
+                beat = Heartbeat(stderr_writer(console), f"merging {Path(spec).name}", "tensors written")
+                t0 = time.perf_counter()
+                stats = run_plan(plan, device, shard_bytes, lambda d, n: beat.beat(d, n) if progress else None)
+                result.bytes_read, result.bytes_written = stats.bytes_read, stats.bytes_written
+                result.seconds = stats.seconds or time.perf_counter() - t0
+                from .evaluation import display_path
+
+                result.outputs = {o.name: o.path for o in plan.outputs.values()
+                                  if display_path(setup, o.path) == o.path}
+            if setup is not None:
+                result.tuning = [r.to_json() for r in setup.tuning]
+                if setup.reports:
+                    from .evaluation import run as run_evals
+
+                    result.reports = run_evals(setup, eval_device, console)
+    finally:
+        if plan is not None:
+            _drop_eval_tmpdir(plan)
+    return result
+
+
+def _load_plan(spec: str):
+    from .cli import _verify_plan_inputs
+    from .plan import emit
+
+    try:
+        with open(spec) as f:
+            plan = emit.from_json(f.read())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FuseErrors([Diagnostic("E008", f"cannot load plan '{spec}': {e}", _here(spec),
+                                     "pass a .fuse spec or a plan written by `fusionlang compile --emit json`")]) from None
+    _verify_plan_inputs(plan, spec)
+    return plan
+
+
+# transformers Auto class by the suffix of config.json's architectures[0]; else AutoModel
+AUTO_CLASSES = (
+    ("ForCausalLM", "AutoModelForCausalLM"),
+    ("LMHeadModel", "AutoModelForCausalLM"),
+    ("ForMaskedLM", "AutoModelForMaskedLM"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+    ("ForTokenClassification", "AutoModelForTokenClassification"),
+    ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+    ("ForImageClassification", "AutoModelForImageClassification"),
+)
+
+
+def auto_class_name(config: dict) -> str:
+    """The transformers Auto class `load` uses for a config.json (a dict): chosen by the
+    suffix of ``architectures[0]`` (see AUTO_CLASSES: ``LlamaForCausalLM`` ->
+    AutoModelForCausalLM, ``ViTForImageClassification`` -> AutoModelForImageClassification,
+    ...); AutoModel when there is no such entry or no known suffix (``BertModel``)."""
+    archs = config.get("architectures") or []
+    arch = archs[0] if archs and isinstance(archs[0], str) else ""
+    return next((auto for suffix, auto in AUTO_CLASSES if arch.endswith(suffix)), "AutoModel")
+
+
+def load(directory: str | os.PathLike, **kwargs: Any):
+    """Load a model fusionlang wrote (or any transformers model directory) with the
+    transformers Auto class its config.json names (`auto_class_name`), in eval mode.
+    ``kwargs`` go to ``from_pretrained`` (e.g. ``torch_dtype=torch.bfloat16``); the
+    weights keep the dtype they were saved in unless told otherwise. Never downloads,
+    never runs remote code.
+    Raises FuseErrors: E010 (no such directory / no config.json), E011 (config.json
+    unreadable, or transformers cannot build the model from the files)."""
+    import json
+
+    d = Path(directory)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise FuseErrors([Diagnostic("E010", f"'{d}' is not a model directory (no config.json)", _here(d),
+                                     "pass a directory written by `save` (RunResult.outputs) or a transformers model")])
+    try:
+        config = json.loads(cfg_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise FuseErrors([Diagnostic("E011", f"cannot read '{cfg_path}': {e}", _here(cfg_path),
+                                     "re-create the model directory (re-run the spec that saved it)")]) from None
+    import transformers
+
+    cls = getattr(transformers, auto_class_name(config))
+    kwargs.setdefault("local_files_only", True)
+    kwargs.setdefault("trust_remote_code", False)
+    try:
+        model = cls.from_pretrained(str(d), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise FuseErrors([Diagnostic("E011", f"transformers cannot load '{d}' with {cls.__name__}: {e}", _here(cfg_path),
+                                     "check that config.json matches the weights (re-run the spec that saved it)")]) from None
+    return model.eval()
+
+
+class _diagnosed:
+    """Turn the run-time errors the CLI prints as diagnostics (RunError, ZooError) into
+    FuseErrors with the same code, location and hint."""
+
+    def __init__(self, path) -> None:
+        self.path = os.fspath(path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        if exc is None or isinstance(exc, FuseErrors):
+            return False
+        from .executor import RunError
+        from .zoo.errors import ZooError
+
+        if isinstance(exc, RunError):
+            span = Span(*exc.at) if exc.at else _here(self.path if exc.code != "E006" else "<python>")
+            raise FuseErrors([Diagnostic(exc.code, exc.message, span, exc.hint or "see the message")]) from None
+        if isinstance(exc, ZooError):
+            raise FuseErrors([Diagnostic("E018", exc.message, _here(self.path),
+                                         exc.hint or "see docs/zoo.md")]) from None
+        return False
