@@ -970,4 +970,10 @@ def _commit_all(outputs: list[tuple[Path, Path, OutputSpec]]) -> None:
 
 def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
              progress: Callable[[int, int], None] | None = None) -> RunStats:
+    """Run a plan and commit all its outputs together (docs/language.md, "Where outputs
+    go"). `progress(done, total)` is called after each piece written. Raises RunError:
+    E016 (a save path that breaks a rule, an unwritable or uncommittable output), E030 (a
+    value beyond the output dtype's range), E031 (NaN or inf in an output), E011 (an
+    unreadable input); each located at its save or source call when the plan knows it.
+    Nothing is left behind on any error or interruption."""
     return Executor(plan, device, shard_bytes, progress).run()
