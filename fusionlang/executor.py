@@ -415,8 +415,8 @@ class Executor:
         reduce_values: dict[str, torch.Tensor] = {}
         tmp_dirs: dict[str, Path] = {}
         writers: dict[str, ShardWriter] = {}
-        queue = WriteQueue()
         out_dirs = prepare_outputs(plan)  # output key -> the directory to replace (symlinks resolved)
+        queue = WriteQueue()
         try:
             for okey, o in plan.outputs.items():
                 tmp_dirs[okey] = _make_tmp(out_dirs[okey], o)
