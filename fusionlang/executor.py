@@ -578,7 +578,7 @@ class Executor:
             dtype = o.dtypes.get(tensor, "")
             top = float(src.abs().max())
             limit = torch.finfo(e.value.dtype).max
-            return RunError(f"tensor '{tensor}' of output '{o.name}' does not fit in {dtype}: max |value| {top:.4g} "
+            return RunError(f"tensor '{tensor}' of output '{o.name}' does not fit in {dtype}: max |value| {top:.6g} "
                             f"> {limit:.6g}, the largest finite {dtype} value", "save it in a wider dtype "
                             "(e.g. `as fp32` or `as bf16`), or change the merge so its values stay in range", "E030", o.at)
         return RunError(f"tensor '{tensor}' of output '{o.name}' has non-finite values (NaN or inf) although its "
