@@ -90,7 +90,7 @@ def prepare(prog: ir.Program) -> EvalSetup:
                 items = b.value.items if isinstance(b.value, ir.ListE) else [b.value]
                 for i, item in enumerate(items):
                     path = _source_dir(prog, item)
-                    name = short if b.kind == "model" else _source_name(prog, item) or f"{short}[{i}]"
+                    name = short if b.kind == "model" else _source_name(prog, item, path) or f"{short}[{i}]"
                     if setup.models.get(name, path) != path or name in rows:
                         name = f"{short}[{i}]"  # another row has this name: the list entry's own
                     setup.models[name] = path
@@ -105,10 +105,10 @@ def prepare(prog: ir.Program) -> EvalSetup:
     return setup
 
 
-def _source_name(prog: ir.Program, e: ir.Expr) -> str | None:
+def _source_name(prog: ir.Program, e: ir.Expr, path: str) -> str | None:
     """The name a user knows a listed model by: the `model` binding it refers to, the zoo
     model (zoo("text", "austen") -> "austen"), the repository (hf("org/m") -> "org/m"),
-    the directory's name (local("ft/math") -> "math"); None when it has none."""
+    else the name of its directory `path` (local("ft/math") -> "math"); None when it has none."""
     if isinstance(e, ir.Ref) and e.scope == "global":
         return e.name.split("::")[-1]
     if not is_source_call(e):
@@ -121,8 +121,7 @@ def _source_name(prog: ir.Program, e: ir.Expr) -> str | None:
         return str(args.get("model") or "base")
     if e.target == "hf":
         return str(args["repo"])
-    path = str(args.get("path") or args.get("package") or "").rstrip("/\\")
-    return os.path.basename(path) or None
+    return os.path.basename(os.path.normpath(os.path.abspath(path))) or None
 
 
 def display_path(setup: EvalSetup | None, path: str) -> str:

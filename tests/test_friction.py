@@ -114,8 +114,9 @@ def test_eval_rows_are_named_as_written_with_counted_progress(built_zoo, tmp_pat
     cache, _ = built_zoo
     monkeypatch.setenv("FUSIONLANG_CACHE", str(cache))
     monkeypatch.setenv("FUSIONLANG_PROGRESS_INTERVAL", "0")
-    spec = write_spec(tmp_path, '''use merging
-models experts = [zoo("text-tiny", "austen"), zoo("text-tiny", "pos")]
+    pos_dir = cache / "zoo/text-tiny/pos"
+    spec = write_spec(tmp_path, f'''use merging
+models experts = [zoo("text-tiny", "austen"), local("{pos_dir}/")]
 merge soup = average(experts)
 task austen = classify("austen", zoo="text-tiny", limit=32)
 eval soup, experts on austen to "report"
@@ -130,7 +131,7 @@ eval soup, experts on austen to "report"
     assert [d for _, d, _, n in ev if "batch" not in n] == list(range(5))
     report = json.loads((tmp_path / "report/report.json").read_text())
     rows = report["rows"]
-    # `experts` rows carry the zoo model names, not experts[0] / experts[1]
+    # `experts` rows carry the zoo model's / the directory's name, not experts[0] / experts[1]
     assert list(rows) == ["pretrained", "fine-tuned (individual)", "soup", "austen", "pos"]
     assert rows["austen"]["accuracy"] == rows["fine-tuned (individual)"]["accuracy"]
     from fusionlang.zoo.evaluate import evaluate, find_task
@@ -139,6 +140,19 @@ eval soup, experts on austen to "report"
     assert rows["pos"]["accuracy"]["austen"] == evaluate(str(task.zoo_dir / "pos"), task, limit=32)["accuracy"]
     # the run table shows no temporary path (soup was evaluated from one, now removed)
     assert "fusionlang-eval-" not in err and "(temporary: evaluated, then removed)" in err
+
+
+def test_zoo_eval_shows_counted_progress(built_zoo, monkeypatch):
+    cache, _ = built_zoo
+    monkeypatch.setenv("FUSIONLANG_PROGRESS_INTERVAL", "0")
+    model = cache / "zoo/text-tiny/austen"
+    rc, out, err = run_cli("zoo", "eval", str(model), "austen", "pos", "--zoo", "text-tiny", "--cache", str(cache),
+                           "--json", "--threads", "1")
+    assert rc == 0, err
+    lines = _progress_lines(err, f"evaluating {model}")
+    assert [(d, t, n) for _, d, t, n in lines if "batch" not in n] == [(1, 2, "austen"), (2, 2, "pos")]
+    assert all(d <= t for _, d, t, _ in lines)
+    assert [r["task"] for r in json.loads(out)] == ["austen", "pos"]  # stdout stays machine-readable
 
 
 @pytest.mark.parametrize("scores, chosen, want", [

@@ -223,11 +223,16 @@ def _eval(args, console) -> int:
     if args.device == "cpu":
         torch.set_num_threads(choose_threads(args.threads))
 
+    from .progress import Heartbeat, stderr_writer
+
     results = []
-    for t in args.tasks:
+    beat = Heartbeat(stderr_writer(console), f"evaluating {args.model}", "tasks")
+    for i, t in enumerate(args.tasks):
         r = evaluate(args.model, t, args.split, args.device, args.batch_size, zoo=args.zoo,
-                     cache=args.cache)
+                     cache=args.cache,
+                     on_batch=lambda b, n, t=t, i=i: beat.beat(i, len(args.tasks), f"{t}: batch {b}/{n}"))
         results.append(r)
+        beat.beat(i + 1, len(args.tasks), t)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
