@@ -236,11 +236,12 @@ def load(directory: str | os.PathLike, **kwargs: Any):
                                      "pass a directory written by `save` (RunResult.outputs) or a transformers model")])
     try:
         config = json.loads(cfg_path.read_text())
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
+        error = None if isinstance(config, dict) else "not a JSON object"
     except (OSError, ValueError) as e:
-        raise FuseErrors([Diagnostic("E011", f"cannot read '{cfg_path}': {e}", _here(cfg_path),
-                                     "re-create the model directory (re-run the spec that saved it)")]) from None
+        error = str(e)
+    if error is not None:
+        raise FuseErrors([Diagnostic("E011", f"cannot read '{cfg_path}': {error}", _here(cfg_path),
+                                     "re-create the model directory (re-run the spec that saved it)")])
     import transformers
 
     cls = getattr(transformers, auto_class_name(config))

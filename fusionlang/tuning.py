@@ -240,11 +240,11 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
             out = str(Path(tmp) / f"{short}-{i}")
             # a long candidate shows its merge and its evaluation batches (throttled lines)
             _merge_one(substitute(prog, values), q, out, run_device, shard_bytes,
-                       lambda d, n: beat.beat(i, len(grid), f"{label}: merged {min(d, n)}/{n} tensors"))
+                       lambda d, n, i=i, label=label: beat.beat(i, len(grid), f"{label}: merged {min(d, n)}/{n} tensors"))
             acc = {}
             for t in tasks:
                 name = t.split("::")[-1]
-                acc[name] = score_task(out, task_args[t], eval_device, split, on_batch=lambda b, n, name=name: beat.beat(
+                acc[name] = score_task(out, task_args[t], eval_device, split, on_batch=lambda b, n, name=name, i=i, label=label: beat.beat(
                     i, len(grid), f"{label}: {name} batch {b}/{n}"))["accuracy"]
             shutil.rmtree(out, ignore_errors=True)
             avg = sum(acc.values()) / len(acc)

@@ -43,7 +43,7 @@ def built_zoo(tmp_path_factory):
     old = os.environ.get("FUSIONLANG_PROGRESS_INTERVAL")
     os.environ["FUSIONLANG_PROGRESS_INTERVAL"] = "0"  # every update: the test sees each count
     try:
-        rc, out, err = run_cli("zoo", "build", "text", "--tiny", "--task", "austen", "--task", "pos",
+        rc, _, err = run_cli("zoo", "build", "text", "--tiny", "--task", "austen", "--task", "pos",
                                "--cache", str(cache), "--no-fetch", "--threads", "1")
     finally:
         if old is None:
@@ -204,14 +204,14 @@ def test_python_m_fusionlang_from_the_checkout_root(tmp_path):
     bad = write_spec(tmp_path, 'use merging\nmodel a = local("a")\nmerge m = avrage([a])\n', "bad.fuse")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(site.getsitepackages()), "NO_COLOR": "1"}
     cmd = [sys.executable, "-S", "-m", "fusionlang", "check"]
-    r = subprocess.run(cmd + [str(good)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd + [str(good)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert f"{good}: ok" in r.stderr
-    r = subprocess.run(cmd + [str(bad)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(cmd + [str(bad)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert f"{bad}:3:11: error[E002]: unknown name 'avrage'" in r.stderr
     r = subprocess.run([sys.executable, "-m", "fusionlang", "--version"], cwd=REPO, capture_output=True, text=True,
-                       timeout=120)
+                       timeout=120, check=False)
     assert r.returncode == 0 and r.stdout.strip() == f"fusionlang {__import__('fusionlang').__version__}"
 
 
@@ -282,7 +282,7 @@ def test_pre_commit_hooks_run_their_entry(tmp_path):
 
     def entry(h, *files):
         return subprocess.run(shlex.split(h["entry"]) + [str(f) for f in files], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, check=False)
 
     r = entry(hook, good)
     assert r.returncode == 0, r.stderr

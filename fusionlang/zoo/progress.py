@@ -8,6 +8,7 @@ passes ``total``.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ def progress_interval(default: float = DEFAULT_INTERVAL) -> float:
         v = float(os.environ.get("FUSIONLANG_PROGRESS_INTERVAL", ""))
     except ValueError:
         return default
-    return v if v >= 0 and v == v else default
+    return v if math.isfinite(v) and v >= 0 else default
 
 
 def stderr_writer(console=None) -> Callable[[str], None]:
