@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from importlib import resources
 
 from lark import Lark
@@ -216,6 +217,7 @@ def format_module(mod: ast.Module, comments: list[tuple[int, str]], blank_before
 _fmt_comments: list = []
 
 
+@lru_cache(maxsize=1)
 def _fmt_parser() -> Lark:
     grammar = resources.files("fusionlang.grammar").joinpath("fuse.lark").read_text()
     return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True,
