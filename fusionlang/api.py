@@ -145,7 +145,8 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
     plan = None
     try:
         with _diagnosed(spec):
-            from .executor import pick_device, run_plan
+            from .runtime.reader import pick_device
+            from .runtime.scheduler import run_plan
 
             eval_device = pick_device(device).type
             if spec.endswith(".json"):
@@ -268,7 +269,7 @@ class _diagnosed:
     def __exit__(self, typ, exc, tb) -> bool:
         if exc is None or isinstance(exc, FuseErrors):
             return False
-        from .executor import RunError
+        from .runtime.errors import RunError
         from .zoo.errors import ZooError
 
         if isinstance(exc, RunError):

@@ -174,7 +174,7 @@ def cmd_run(args) -> int:
 def _cmd_run(args, plan_box: list) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .executor import run_plan
+    from .runtime.scheduler import run_plan
 
     if not math.isfinite(args.shard_size) or args.shard_size <= 0 or args.shard_size * 1024**3 < 1:
         raise FuseErrors([Diagnostic("E006", f"--shard-size must be a positive, finite number of GB, not {args.shard_size:g}",
@@ -191,7 +191,7 @@ def _cmd_run(args, plan_box: list) -> int:
         _verify_plan_inputs(plan, args.spec)
         name = args.spec
     else:
-        from .executor import pick_device
+        from .runtime.reader import pick_device
         from .tuning import resolve
 
         def tuner(p):
@@ -229,7 +229,7 @@ def _cmd_run(args, plan_box: list) -> int:
     setup = getattr(plan, "eval_setup", None)
     if stats is None and setup is not None:
         from .evaluation import run as run_evals
-        from .executor import pick_device
+        from .runtime.reader import pick_device
 
         run_evals(setup, pick_device(args.device).type, console)
         return 0
@@ -246,7 +246,7 @@ def _cmd_run(args, plan_box: list) -> int:
                       f"({_human(stats.bytes_written / max(stats.seconds, 1e-9))}/s written)")
     if setup is not None and setup.reports:
         from .evaluation import run as run_evals
-        from .executor import pick_device
+        from .runtime.reader import pick_device
 
         run_evals(setup, pick_device(args.device).type, console)
     return 0
@@ -254,7 +254,7 @@ def _cmd_run(args, plan_box: list) -> int:
 
 def _verify_plan_inputs(plan, path: str) -> None:
     """A saved plan names input files and their headers: make sure they still match."""
-    from .sources import SourceError, read_model_dir
+    from .runtime.sources import SourceError, read_model_dir
 
     diags = []
     for k, s in plan.sources.items():
@@ -386,7 +386,7 @@ def _main(args) -> int:
         console.print("[red]interrupted[/]: no output was left behind")
         return 143 if isinstance(e, Terminated) else 1
     except Exception as e:  # noqa: BLE001
-        from .executor import RunError
+        from .runtime.errors import RunError
         from .zoo.errors import ZooError
 
         if isinstance(e, ZooError):

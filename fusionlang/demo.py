@@ -135,7 +135,7 @@ def run_demo(directory: str, console) -> int:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
-    from .executor import TORCH_DTYPES  # noqa: F401  (torch is loaded here anyway)
+    from .runtime.reader import TORCH_DTYPES  # noqa: F401  (torch is loaded here anyway)
 
     t = Table(title="merged models: load in transformers, forward pass, distance to inputs", title_justify="left")
     for c in ("merge", "layers", "params", "logits", "‖m − base‖", "‖m − math‖"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import ir
 from .diagnostics import Diagnostic, FuseErrors
-from .sources import SourceError, is_source_call, source_dir
+from .runtime.sources import SourceError, is_source_call, source_dir
 
 
 @dataclass

@@ -26,7 +26,7 @@ from .ops import OPS
 from .ops.arith import weights_sum_is_zero
 from .ops.sparsify import tensor_seed
 from .plan.graph import OutputSpec, Plan, SourceSpec, add_with_id
-from .sources import (
+from .runtime.sources import (
     SOURCE_BUILTINS,
     ModelHeader,
     SourceError,
@@ -531,10 +531,10 @@ class Lowerer:
 
     def check_output_paths(self) -> None:
         """Report (E016, at the save path) every save that breaks a save-path rule of
-        `fusionlang.outputs`: an output that is, holds or is inside an input model, holds a
+        `fusionlang.runtime.outputs`: an output that is, holds or is inside an input model, holds a
         spec file, collides with another save, is a dangling symlink, or is an existing
         directory fusionlang did not write. Needs the sources read (after lowering)."""
-        from .outputs import check_paths
+        from .runtime.outputs import check_paths
 
         saves = list(self.prog.saves)
         inputs = [(k, s.path, sorted({f for _, _, f in s.tensors.values() if f})) for k, s in self.plan.sources.items()]

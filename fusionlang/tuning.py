@@ -267,9 +267,9 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
 
 
 def _merge_one(prog: ir.Program, q: str, out: str, device: str, shard_bytes: int, progress=None) -> None:
-    from .executor import run_plan
     from .lower import Lowerer
     from .passes import run_passes
+    from .runtime.scheduler import run_plan
 
     b = prog.bindings[q]
     save = ir.SaveIR(name=q, display=q.split("::")[-1], path=out, dtype=None, span=b.span, path_span=b.span)

@@ -361,7 +361,7 @@ def test_leftovers_of_dead_runs_removed_live_kept_old_restored(work, family):
 # ---------------------------------------------------------------------- signals
 SLOW_RUN = """
 import sys, time
-import fusionlang.executor as ex
+import fusionlang.runtime.sinks as ex
 write = ex.ShardWriter.write
 def slow(self, *a, **k):  # a slowed run: the test's models are tiny
     time.sleep(0.05)

@@ -6,9 +6,10 @@ import torch
 from conftest import load_state, run_cli, write_spec
 
 from fusionlang.checker import check_file
-from fusionlang.executor import run_plan
 from fusionlang.lower import Lowerer
 from fusionlang.passes import PASSES, run_passes
+from fusionlang.runtime import runner
+from fusionlang.runtime.scheduler import run_plan
 
 SPEC = '''use merging
 model base = local("{base}")
@@ -149,7 +150,6 @@ def test_tiled_execution_gives_identical_results(llama, tmp_path, monkeypatch):
     The tile is shrunk so that the tiny test tensors are cut into many tiles. TIES groups
     tile once their top-k statistics are separate groups (row-split plans); DARE's L1
     statistic is summed tile by tile, so a DARE merge tiles either way."""
-    from fusionlang import executor
     from fusionlang.ops import sparsify
     from fusionlang.passes import cse, dce, fold, schedule
     from fusionlang.passes.split import split
@@ -175,14 +175,14 @@ save d to "{out}/d" as bf16
 '''
     specs = {"mixed": (text, ("ta", "soup", "t", "d")), "dare": (dare_only, ("d",))}
     tiled_groups = []
-    real = executor.Executor._run_tiled
+    real = runner.Runner._run_tiled
 
     def spy(self, nodes, targets, *a):
         tiled_groups.append({self.plan.nodes[n].op for n in nodes})
         return real(self, nodes, targets, *a)
 
-    monkeypatch.setattr(executor.Executor, "_run_tiled", spy)
-    monkeypatch.setattr(executor, "_TILE", 100)
+    monkeypatch.setattr(runner.Runner, "_run_tiled", spy)
+    monkeypatch.setattr(runner, "TILE", 100)
     monkeypatch.setattr(sparsify, "STAT_CHUNK", 50)
     for spec_name, (spec_text, names) in specs.items():
         outs = {}
@@ -255,8 +255,6 @@ def test_tiled_integer_buffer_passes_through(llama, tmp_path, monkeypatch):
 
     from safetensors.torch import load_file, save_file
 
-    from fusionlang import executor
-
     fam = {}
     for k in ("base", "e0", "e1", "e2"):
         d = shutil.copytree(llama[k], tmp_path / "models" / k)
@@ -264,7 +262,7 @@ def test_tiled_integer_buffer_passes_through(llama, tmp_path, monkeypatch):
         sd["extra.position_ids"] = torch.arange(300, dtype=torch.int64).reshape(1, 300)
         save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
         fam[k] = str(d)
-    monkeypatch.setattr(executor, "_TILE", 100)
+    monkeypatch.setattr(runner, "TILE", 100)
     spec = write_spec(tmp_path, '''use merging
 model base = local("{base}")
 models experts = [local("{e0}"), local("{e1}"), local("{e2}")]

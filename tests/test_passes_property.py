@@ -27,9 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fusionlang.checker import check_file
-from fusionlang.executor import run_plan
 from fusionlang.lower import Lowerer
 from fusionlang.passes import run_passes
+from fusionlang.runtime.scheduler import run_plan
 
 EXAMPLES = int(os.environ.get("FUSIONLANG_PROPERTY_EXAMPLES", "40"))
 EXPERTS = ["e0", "e1", "e2", "e3"]

@@ -6,7 +6,7 @@ import shutil
 
 from conftest import load_state, run_cli, write_spec
 
-from fusionlang.sources import read_model_dir
+from fusionlang.runtime.sources import read_model_dir
 
 
 def fake_hf_cache(root, repo, src, commit="3f2a1c0ffee0000000000000000000000000000a"):

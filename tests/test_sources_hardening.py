@@ -21,7 +21,7 @@ import torch
 from conftest import REPO, run_cli, write_spec
 from safetensors.torch import load_file, save_file
 
-from fusionlang.sources import SourceError, read_model_dir, read_safetensors_header
+from fusionlang.runtime.sources import SourceError, read_model_dir, read_safetensors_header
 
 _HEAD = re.compile(r"^(?P<file>[^\n]+?):(?P<line>\d+):(?P<col>\d+): error\[(?P<code>\w+)\]: (?P<msg>.*)$")
 

@@ -188,7 +188,7 @@ class Plan:
 
     def bytes_read(self) -> int:
         total = 0
-        from ..sources import DTYPE_SIZES
+        from ..runtime.sources import DTYPE_SIZES
 
         for n in self.nodes.values():
             if n.op == "load":
@@ -204,7 +204,7 @@ class Plan:
         return total
 
     def bytes_written(self) -> int:
-        from ..sources import DTYPE_SIZES
+        from ..runtime.sources import DTYPE_SIZES
 
         total = 0
         for o in self.outputs.values():

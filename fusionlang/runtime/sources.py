@@ -418,7 +418,7 @@ def is_source_call(e) -> bool:
 
 
 def zoo_model_dir(zoo: str, model: str) -> str:
-    from .zoo.paths import zoo_dir
+    from ..zoo.paths import zoo_dir
 
     d = zoo_dir(zoo)
     if not (d / "zoo.json").is_file():

@@ -1,0 +1,301 @@
+"""The runner: computes a unit (`units.Unit`) from its inputs — a pure function of the
+tensors it loads and the outside values it is given, whole or in cache-sized tiles.
+
+Every value is computed in float32 on the run's device and freed after its last use
+inside the unit; op results may reuse a dead input's memory (donation). The runner
+writes nothing: it yields each target's value, and the scheduler routes it to a sink.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+
+from ..ops import OPS, sparsify
+from ..plan.graph import Plan
+from .errors import BadValue, RunError
+from .reader import TORCH_DTYPES, TensorReader
+from .units import Unit, closure, refcounts
+
+# Tiled execution: elements per tile (fp32: 256 KiB per value, a few live at once fit
+# in a core's L2 cache), the pointwise ops it runs, and those that take a flat offset.
+TILE = 1 << 16
+TILE_OPS = {"load", "cast", "const", "sub", "add", "mul", "scale", "axpy", "lerp", "sum", "mean", "weighted",
+            "trim_topk", "trim_at", "drop_rows", "disjoint_merge"}
+OFFSET_OPS = {"trim_topk", "drop_rows"}
+_LOAD, _CAST, _OP, _STAT = object(), object(), object(), object()
+
+
+def check_cast(node: str, value: torch.Tensor, source: torch.Tensor) -> None:
+    """Raise BadValue when the cast `value` of the float32 `source` is not all finite,
+    or (float8_e4m3fn, which has no inf and saturates) when `source` overflows it.
+
+    NOTE: a float32 sum is NaN or inf when any entry is (or, rarely, when finite values
+    add up past float32's range: then the exact check decides); it costs a twentieth of
+    `isfinite(...).all()`, which allocates a bool per entry."""
+    if not value.is_floating_point():
+        return
+    v = value.float() if value.itemsize == 1 else value  # fp8: no isfinite or sum
+    if not math.isfinite(v.sum(dtype=torch.float32).item()) and not bool(torch.isfinite(v).all()):
+        raise BadValue(node, value, source)
+    # NOTE: float8_e4m3fn has no inf and torch saturates to ±448: |x| >= 464 (which would round past 448) overflows
+    if value.dtype == torch.float8_e4m3fn and bool((source.abs() >= 464).any()):
+        raise BadValue(node, value, source)
+
+
+def op_kwargs(n) -> dict:
+    """A plan node's parameters as keyword arguments of its op (lists are stored as tuples)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.params}
+
+
+def is_tile_stat(op: str) -> bool:
+    """A per-tensor statistic the tiled executor sums tile by tile (e.g. DARE's L1 factor)."""
+    return OPS.get(op) is not None and OPS[op].tile_stat is not None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class Runner:
+    """Computes units of one plan on one device, reading inputs through `reader`."""
+
+    def __init__(self, plan: Plan, device: torch.device, reader: TensorReader):
+        self.plan = plan
+        self.device = device
+        self.reader = reader
+
+    def apply(self, nid: str, args: list[torch.Tensor], donate: bool) -> torch.Tensor:
+        """Node `nid` on its input values `args` (in input order). `donate`: the first
+        input is dead afterwards, so an in-place op may write its result there. Raises
+        BadValue for a cast that makes values non-finite, RunError for unreadable input."""
+        n = self.plan.nodes[nid]
+        if n.op == "load":
+            return self.reader.load(n.param("source"), n.param("tensor"), n.param("rows"))
+        if n.op == "cast":
+            value = args[0].to(TORCH_DTYPES[n.param("dtype")])
+            check_cast(nid, value, args[0])
+            return value
+        o = OPS[n.op]
+        n_single = sum(1 for p in o.params if p.type == "tensor")
+        kwargs = op_kwargs(n)
+        # Inputs are stored flat, in parameter order; a list parameter takes the rest.
+        call_args: list = []
+        rest = list(args)
+        for p in o.params:
+            if p.type == "tensor":
+                call_args.append(rest.pop(0))
+            elif p.type == "tensors":
+                k = len(args) - n_single
+                call_args.append(rest[:k])
+                rest = rest[k:]
+        if o.inplace:
+            kwargs["_inplace"] = donate
+        return o.fn(*call_args, **kwargs)
+
+    def run(self, unit: Unit, shared: dict, reduce_values: dict) -> Iterator[tuple[str, torch.Tensor, bool]]:
+        """Compute `unit`, yielding (target, value, owned) as each target is ready.
+        `shared` and `reduce_values` hold the unit's outside values (by node id). `owned`:
+        nothing writes into the value's memory afterwards (a tile output buffer), so a
+        sink may write it in the background."""
+        numel = self.tileable(unit, shared, reduce_values)
+        if numel:
+            for nid, value in self._run_tiled(unit.nodes, unit.targets, numel, shared, reduce_values):
+                yield nid, value, True
+            return
+        plan = self.plan
+        nodes = unit.nodes
+        rc = refcounts(plan, nodes, set(nodes))
+        keep = set(unit.targets)
+        vals: dict[str, torch.Tensor] = {}
+        for nid in nodes:
+            n = plan.nodes[nid]
+            args = [vals[i] if i in vals else shared[i] if i in shared else reduce_values[i] for i in n.inputs]
+            first = n.inputs[0] if n.inputs else None
+            donate = first is not None and first in vals and rc.get(first, 0) == 1 and first not in keep \
+                and n.inputs.count(first) == 1
+            vals[nid] = self.apply(nid, args, donate)
+            for i in n.inputs:
+                if i in rc:
+                    rc[i] -= 1
+                    if rc[i] == 0 and i not in keep:
+                        vals.pop(i, None)
+            if nid in keep:
+                yield nid, vals[nid], False
+        vals.clear()
+
+    def nonfinite_input(self, nodes, name: str | None = None, at: tuple | None = None) -> RunError | None:
+        """E031 at the source call of the first input tensor read by `nodes` that holds
+        NaN or inf, or None when they are all finite (a check made only after a failure:
+        inputs are not scanned on the normal path). `name`: the output that reads them."""
+        plan = self.plan
+        for nid in sorted(nodes):
+            n = plan.nodes[nid]
+            if n.op != "load":
+                continue
+            try:
+                view = self.reader.view(n.param("source"), n.param("tensor"), n.param("rows"))
+            except RunError:
+                continue
+            if view.is_floating_point() and not bool(torch.isfinite(view := view.float() if view.itemsize == 1 else view).all()):
+                bad = int((~torch.isfinite(view)).sum())
+                src = plan.sources[n.param("source")]
+                reads = f", which output '{name}' reads" if name is not None else ""
+                return RunError(f"input model '{src.key}' has {bad} non-finite value{'s' * (bad != 1)} (NaN or inf) "
+                                f"in tensor '{n.param('tensor')}'{reads}",
+                                "repair or replace that model; a merge of non-finite weights is not a model", "E031",
+                                src.at or at)
+        return None
+
+    # -- tiled execution of pointwise groups
+    def tileable(self, unit: Unit, shared: dict, reduce_values: dict) -> int:
+        """The element count of a unit that can run in cache-sized tiles, else 0.
+
+        A unit qualifies when all its tensors have the same element count and every
+        node is pointwise (the value at flat position i depends only on the inputs at
+        position i, and on small per-tensor values from outside the unit) or a tile
+        statistic (a per-tensor value summed tile by tile, e.g. DARE's L1 factor). It
+        must compute only output tensors of this phase (all casts) and statistics.
+
+        NOTE: other per-tensor statistics (a top-k threshold) need their input whole;
+        such groups run untiled, where each task vector is freed after its statistic.
+        (Gathering them from tiles held every model's task vector at once: TIES with 4
+        experts went from 0.6 to 1.0 GB anonymous.)
+        """
+        # NOTE: FUSIONLANG_NO_TILE=1 turns tiling off (A/B timing, debugging); results are the same.
+        if self.device.type != "cpu" or os.environ.get("FUSIONLANG_NO_TILE"):
+            return 0
+        plan = self.plan
+        numel = 0
+        has_stats = False
+        for nid in unit.nodes:
+            n = plan.nodes[nid]
+            if n.op == "const":
+                continue
+            if n.op not in TILE_OPS:
+                if not is_tile_stat(n.op):
+                    return 0
+                has_stats = True
+                continue  # a small value, computed from tensors of the unit (checked as its nodes)
+            if n.shape is None:
+                return 0
+            k = _numel(n.shape)
+            if numel and k != numel:
+                return 0
+            numel = k
+            for i in n.inputs:
+                if i in shared or i in reduce_values:
+                    v = shared[i] if i in shared else reduce_values[i]
+                    if v.numel() > 16:
+                        return 0
+        if numel <= TILE or (has_stats and TILE % sparsify.STAT_CHUNK):
+            return 0
+        if any(plan.nodes[i].op == "cast" for nid in unit.nodes for i in plan.nodes[nid].inputs):
+            return 0  # a cast consumed inside the unit (tiles write casts straight to the output)
+        for t in unit.targets:
+            if is_tile_stat(plan.nodes[t].op):
+                continue
+            if t not in unit.writes or plan.nodes[t].op != "cast":
+                return 0
+        return numel
+
+    def _run_tiled(self, nodes: list[str], targets: list[str], numel: int, shared: dict, reduce_values: dict):
+        """Run a tileable unit tile by tile: every node on flat positions [s, s + TILE),
+        then the next tile, so the intermediate values of a tile stay in the CPU cache
+        instead of streaming whole tensors through memory once per op. Yields
+        (target node, whole value) at the end.
+
+        A unit with tile statistics runs in stages: stage 0 sums the statistics over
+        the tiles, stage 1 recomputes the tile values it needs (cheap: the inputs are
+        cached) and uses them, and so on.
+
+        NOTE: pointwise ops give the same bits on a tile as on the whole tensor; ops that
+        draw or select by flat position (DARE masks, top-k tie cuts) get the tile's
+        offset, as row blocks do, and tile statistics sum the same fixed chunks.
+        """
+        plan = self.plan
+        barriers = {nid for nid in nodes if is_tile_stat(plan.nodes[nid].op)}
+        stage: dict[str, int] = {}
+        for nid in nodes:  # nodes are in plan order: inputs first
+            stage[nid] = max((stage[i] + (i in barriers) for i in plan.nodes[nid].inputs if i in stage), default=0)
+        outside = {**reduce_values, **shared}
+        outs: dict[str, torch.Tensor] = {}
+        for k in range(max(stage.values(), default=0) + 1):
+            wanted = [t for t in nodes if stage[t] == k and (t in barriers or t in targets)]
+            need = closure(plan, wanted, outside)  # finished statistics are inputs now
+            self._tile_stage([nid for nid in nodes if nid in need], numel, outside, outs)
+        for nid in targets:
+            yield nid, (outs[nid].view(plan.nodes[nid].shape) if nid in outs else outside[nid])
+
+    def _tile_stage(self, nodes: list[str], numel: int, outside: dict, outs: dict) -> None:
+        """One pass over the tiles of `nodes`: casts are written into `outs` (whole
+        buffers); tile statistics are computed into `outside`."""
+        plan = self.plan
+        rc = refcounts(plan, nodes, set(nodes))
+        prog = []
+        partials: dict[str, list] = {}
+        for nid in nodes:
+            n = plan.nodes[nid]
+            if n.op == "const":
+                outside[nid] = self.apply(nid, [], False)
+            elif n.op == "load":
+                view = self.reader.view(n.param("source"), n.param("tensor"), n.param("rows")).reshape(-1)
+                convert = view.dtype != torch.float32  # as load(): every input is computed in float32
+                prog.append((nid, _LOAD, view.split(TILE), convert, None, None))
+            elif n.op == "cast":
+                outs[nid] = torch.empty(numel, dtype=TORCH_DTYPES[n.param("dtype")])
+                prog.append((nid, _CAST, outs[nid].split(TILE), n.inputs[0], None, None))
+            elif is_tile_stat(n.op):
+                partials[nid] = []
+                prog.append((nid, _STAT, OPS[n.op].tile_stat[0], n.inputs, op_kwargs(n), partials[nid]))
+            else:
+                o = OPS[n.op]
+                kwargs = op_kwargs(n)
+                offset0 = kwargs.pop("offset", 0) if n.op in OFFSET_OPS else None
+                listy = any(q.type == "tensors" for q in o.params)
+                first = n.inputs[0] if n.inputs else None
+                can_donate = o.inplace and first is not None and first not in outside \
+                    and n.inputs.count(first) == 1 and not listy
+                prog.append((nid, _OP, o.fn, n.inputs, kwargs, (offset0, listy, can_donate)))
+        # NOTE: loads and casts are pre-split into tile views (one C call instead of a
+        # slice per tile and op: the per-op Python overhead is what tiles pay for).
+        for j, s in enumerate(range(0, numel, TILE)):
+            vals: dict[str, torch.Tensor] = {}
+            left = dict(rc)
+            for nid, kind, a, b, kwargs, extra in prog:
+                if kind is _LOAD:
+                    vals[nid] = a[j].float() if b else a[j].clone()
+                    continue
+                if kind is _CAST:
+                    a[j].copy_(vals[b])
+                    check_cast(nid, a[j], vals[b])
+                    ins = (b,)
+                elif kind is _STAT:
+                    ins = b
+                    extra.append(a(*[vals[i] if i in vals else outside[i] for i in ins], offset=s, **kwargs))
+                else:
+                    ins = b
+                    offset0, listy, can_donate = extra
+                    args = [vals[i] if i in vals else outside[i] for i in ins]
+                    kw = kwargs
+                    if offset0 is not None or can_donate:
+                        kw = dict(kwargs)
+                        if offset0 is not None:
+                            kw["offset"] = offset0 + s
+                        if can_donate:
+                            kw["_inplace"] = left.get(ins[0], 0) == 1
+                    vals[nid] = a(args, **kw) if listy else a(*args, **kw)
+                for i in ins:
+                    c = left.get(i)
+                    if c is not None:
+                        left[i] = c - 1
+                        if c == 1:
+                            vals.pop(i, None)
+        for nid, parts in partials.items():
+            outside[nid] = OPS[plan.nodes[nid].op].tile_stat[1](parts, **op_kwargs(plan.nodes[nid]))
