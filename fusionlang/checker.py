@@ -141,6 +141,7 @@ class Checker:
         self._use_spans: list[Span] = []
         self._tune_ok = False  # tune() may appear only in the expression of a merge
         self._folded: dict[int, tuple[ir.Expr, float]] = {}
+        self._paths_seen: set[Span] = set()
         self._order: list[str] = []  # bindings and defs in the order their checks finished
         self._nesting = 0  # expressions being checked, through definitions
         self._too_deep = False  # id -> (node, value) of folded number expressions
@@ -693,7 +694,10 @@ class Checker:
             self._bind_args(e, list(b.params), args, kwargs, None, builtin=True)
             if e.func in _PATH_BUILTINS:  # their strings become file names
                 for a in args + tuple(v for _, v, _ in kwargs):
-                    if isinstance(a, ir.Const) and isinstance(a.value, str):
+                    if isinstance(a, ir.Ref) and a.scope == "global" and a.name in self.bindings:
+                        a = self.bindings[a.name].value  # a `let` holding the string: reported there
+                    if isinstance(a, ir.Const) and isinstance(a.value, str) and a.span not in self._paths_seen:
+                        self._paths_seen.add(a.span)  # a `let` used twice is reported once
                         check_path_string(self.sink, a.value, a.span)
             if e.func == "tune":
                 self._check_tune(e, args, kwargs)

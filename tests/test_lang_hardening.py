@@ -92,6 +92,7 @@ def test_used_file_not_utf8_is_e001_in_that_file(tmp_path):
 @pytest.mark.parametrize("stmt, needle", [
     ('model a = local("a\\u0000b")\nsave a to "out"\n', '"a\\u0000b"'),
     ('model a = local("a")\nsave a to "o\\u0000ut"\n', '"o\\u0000ut"'),
+    ('let p = "a\\u0000b"\nmodel a = local(p)\nmodel b = local(p)\nsave a to "out"\n', '"a\\u0000b"'),
     ('model a = local("' + "x" * 5000 + '")\nsave a to "out"\n', '"xxx'),
     ('model a = local("a/' + "y" * 300 + '/c")\nsave a to "out"\n', '"a/'),
     ('model a = local("a")\nsave a to "' + "z" * 5000 + '"\n', '"zzz'),
@@ -305,7 +306,7 @@ def test_fmt_keeps_equality_merges_same_plan(tmp_path, llama):
         out = tmp_path / (path.stem + ".json")
         assert run_cli("compile", str(path), "--emit", "json", "-o", str(out), "-q")[0] == 0
         data = json.loads(out.read_text())
-        strip = lambda xs: [{k: v for k, v in x.items() if k not in ("loc", "at")} for x in xs]  # noqa: E731
+        strip = lambda xs: [{k: v for k, v in x.items() if k not in ("loc", "at")} for x in xs]
         return strip(data["nodes"]), strip(data["outputs"])
 
     assert plan(p) == plan(q)
