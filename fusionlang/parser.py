@@ -9,8 +9,8 @@ from functools import lru_cache
 from importlib import resources
 
 from lark import Lark, Token, Tree, v_args
-from lark.visitors import Transformer_NonRecursive
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.visitors import Transformer_NonRecursive
 
 from . import ast
 from .diagnostics import SOURCES, Diagnostic, FuseErrors, Span
@@ -52,6 +52,12 @@ def decode_string(tok: Token, file: str) -> tuple[str, Diagnostic | None]:
     """A STRING token's value, or a located E001 for an escape that cannot be decoded
     (unknown, truncated, an unknown character name) or that yields a lone surrogate."""
     text = str(tok)
+    raw = re.search(r"[\r\x00]", text)
+    if raw:  # Python's decoder would end the line (CR) or refuse the source (NUL)
+        col = tok.column + raw.start()
+        esc, what = (r"\r", "carriage return") if raw.group() == "\r" else (r"\u0000", "NUL character")
+        return "", Diagnostic("E001", f"a raw {what} inside a string", Span(file, tok.line, col, tok.line, col + 1),
+                              f"write it as the escape {esc}")
     try:
         value = _literal(text)
     except (SyntaxError, ValueError, UnicodeError, DeprecationWarning, SyntaxWarning):

@@ -23,14 +23,14 @@ import pytest
 from conftest import REPO, run_cli
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.extra.lark import from_lark  # noqa: E402
-from lark import Lark  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.lark import from_lark
+from lark import Lark
 
-from fusionlang.checker import check_file  # noqa: E402
-from fusionlang.diagnostics import FuseErrors  # noqa: E402
-from fusionlang.parser import parse  # noqa: E402
+from fusionlang.checker import check_file
+from fusionlang.diagnostics import FuseErrors
+from fusionlang.parser import parse
 
 LONG = os.environ.get("FUSIONLANG_FUZZ_LONG") == "1"
 EXAMPLES = int(os.environ.get("FUSIONLANG_FUZZ_EXAMPLES", "3000")) if LONG else 0
@@ -45,7 +45,7 @@ NAMES = ["a", "b", "m", "x", "y", "base", "experts", "e", "t", "f", "merging", "
 NUMBERS = ["0", "1", "2", "0.5", ".5", "1.", "3", "1e3", "1e-39", "1e39", "1e308", "1e999", "007", "4294967296"]
 STRINGS = ['"a"', '""', '"models/base"', '"*.weight"', '"layers.{i}.*"', '"out"', r'"\N{foo}"', r'"\x4"',
            r'"\u12"', r'"\ud800"', r'"\u0000"', r'"\\"', r'"\n\t"', r'"\d"', r'"\U0001F600"', '"\u2028"',
-           '"text"', '"é"', '"' + "x" * 300 + '"']
+           '"text"', '"é"', '"a\rb"', '"' + "x" * 300 + '"']
 
 
 def _program_strategy() -> st.SearchStrategy[str]:

@@ -337,3 +337,11 @@ def test_every_error_has_a_hint_that_leads_somewhere(tmp_path, text, needle, cod
     assert words in d["hint"], d
     if code == "E002":
         assert "model" not in d["hint"], d  # an unknown function is not a model to declare
+
+
+@pytest.mark.parametrize("raw, escape", [(b"\r", "\\r"), (b"\x00", "\\u0000")])
+def test_raw_control_character_in_string_is_e001(tmp_path, raw, escape):
+    p = tmp_path / "spec.fuse"
+    p.write_bytes(b'let x = 1\nlet y = "ab' + raw + b'c"\n')
+    err = cli_error(["check", str(p)], "E001", (2, 12))
+    assert escape in err.split("= hint: ")[1]
