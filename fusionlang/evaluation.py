@@ -33,7 +33,8 @@ class EvalSetup:
 
 
 def _call_args(prog: ir.Program, call: ir.CallE) -> dict:
-    from .lower import PROBE, Lowerer, TensorCtx
+    from .plan.lower import Lowerer
+    from .plan.values import PROBE, TensorCtx
 
     return Lowerer(prog, dry=True).call_args(call, (), TensorCtx(PROBE, PROBE, 0, 2))
 

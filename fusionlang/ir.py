@@ -204,3 +204,31 @@ def walk_expr(e: Expr):
     yield e
     for c in children(e):
         yield from walk_expr(c)
+
+
+# -- tune() calls: `tune(values, on=[...], split=...)` in a merge argument
+def is_tune(e: Expr) -> bool:
+    """Whether `e` is a call of the builtin tune()."""
+    return isinstance(e, CallE) and e.kind == "builtin" and e.target == "tune"
+
+
+def tune_args(call: CallE) -> dict[str, Expr]:
+    """A tune() call's arguments by name: values, on, split."""
+    return dict(zip(("values", "on", "split"), call.args)) | dict(call.kwargs)
+
+
+def let_value(prog: Program, e: Expr) -> Expr:
+    """The value of the `let` that `e` names, else `e` itself."""
+    if isinstance(e, Ref) and e.scope == "global" and prog.bindings[e.name].kind == "let":
+        return prog.bindings[e.name].value
+    return e
+
+
+def tune_values(prog: Program, call: CallE) -> tuple[Const, ...]:
+    """The candidate constants of a tune(): its literal list, or the `let` it names."""
+    return let_value(prog, tune_args(call)["values"]).items
+
+
+def tune_first_value(prog: Program, call: CallE) -> float:
+    """The first candidate of a tune(): what `compile` plans (`run` substitutes the chosen one)."""
+    return float(tune_values(prog, call)[0].value)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from . import ir
 from .checker import check_file
 from .diagnostics import Diagnostic, FuseErrors, Span
-from .lower import Lowerer
 from .plan.graph import Plan
+from .plan.lower import Lowerer
 
 MISSING_MODEL_CODES = {"E010", "E017", "E018"}
 

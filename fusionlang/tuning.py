@@ -82,32 +82,9 @@ def span_key(span) -> SpanKey:
     return (span.file, span.line, span.col)
 
 
-def is_tune(e: ir.Expr) -> bool:
-    return isinstance(e, ir.CallE) and e.kind == "builtin" and e.target == "tune"
-
-
-def tune_args(call: ir.CallE) -> dict[str, ir.Expr]:
-    return dict(zip(("values", "on", "split"), call.args)) | dict(call.kwargs)
-
-
-def _let_value(prog: ir.Program, e: ir.Expr) -> ir.Expr:
-    if isinstance(e, ir.Ref) and e.scope == "global" and prog.bindings[e.name].kind == "let":
-        return prog.bindings[e.name].value
-    return e
-
-
-def value_items(prog: ir.Program, call: ir.CallE) -> tuple[ir.Const, ...]:
-    """The candidate constants of a tune(): its literal list, or the `let` it names."""
-    return _let_value(prog, tune_args(call)["values"]).items
-
-
-def first_value(prog: ir.Program, call: ir.CallE) -> float:
-    return float(value_items(prog, call)[0].value)
-
-
 def find_sites(prog: ir.Program) -> list[TuneSite]:
     """Every tune() of the program's merges, in binding order."""
-    from .lower import param_names
+    from .plan.values import param_names
 
     sites = []
     for q, b in prog.bindings.items():
@@ -116,18 +93,18 @@ def find_sites(prog: ir.Program) -> list[TuneSite]:
         for root in (b.value, *(r.value for r in b.rules)):
             params: dict[SpanKey, str] = {}  # the argument each tune() fills, where it is one
             for node in ir.walk_expr(root):
-                if isinstance(node, ir.CallE) and not is_tune(node):
+                if isinstance(node, ir.CallE) and not ir.is_tune(node):
                     for name, arg in list(zip(param_names(prog, node), node.args)) + list(node.kwargs):
-                        if is_tune(arg):
+                        if ir.is_tune(arg):
                             params[span_key(arg.span)] = name
             for node in ir.walk_expr(root):
-                if is_tune(node):
-                    a = tune_args(node)
-                    on = _let_value(prog, a["on"])
+                if ir.is_tune(node):
+                    a = ir.tune_args(node)
+                    on = ir.let_value(prog, a["on"])
                     on = on.items if isinstance(on, ir.ListE) else (on,)
                     split = a.get("split")
                     sites.append(TuneSite(q, node, params.get(span_key(node.span), "value"),
-                                          [float(i.value) for i in value_items(prog, node)],
+                                          [float(i.value) for i in ir.tune_values(prog, node)],
                                           [t.name for t in on], split.value if split is not None else "val"))
     return sites
 
@@ -138,7 +115,7 @@ def substitute(prog: ir.Program, chosen: dict[SpanKey, float]) -> ir.Program:
         return prog
 
     def repl(e):
-        if is_tune(e) and span_key(e.span) in chosen:
+        if ir.is_tune(e) and span_key(e.span) in chosen:
             return ir.Const(span=e.span, type="number", value=chosen[span_key(e.span)])
         return None
 
@@ -154,7 +131,7 @@ def substitute(prog: ir.Program, chosen: dict[SpanKey, float]) -> ir.Program:
 
 def check_candidates(prog: ir.Program) -> list[Diagnostic]:
     """Lower every candidate of every tune() at a probe tensor (no model files needed)."""
-    from .lower import Lowerer
+    from .plan.lower import Lowerer
 
     diags: list[Diagnostic] = []
     by_merge = _by_merge(find_sites(prog))
@@ -166,7 +143,7 @@ def check_candidates(prog: ir.Program) -> list[Diagnostic]:
                                         "they are searched together, as a grid, on one split"))
     for sites in by_merge.values():
         for s in sites:
-            for item, v in zip(value_items(prog, s.call), s.values):
+            for item, v in zip(ir.tune_values(prog, s.call), s.values):
                 try:
                     Lowerer(substitute(prog, {s.key: v}), dry=True).dry_check(merges={s.merge}, first_probe_only=True)
                 except FuseErrors as e:
@@ -267,8 +244,8 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
 
 
 def _merge_one(prog: ir.Program, q: str, out: str, device: str, shard_bytes: int, progress=None) -> None:
-    from .lower import Lowerer
     from .passes import run_passes
+    from .plan.lower import Lowerer
     from .runtime.scheduler import run_plan
 
     b = prog.bindings[q]

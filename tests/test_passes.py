@@ -6,8 +6,8 @@ import torch
 from conftest import load_state, run_cli, write_spec
 
 from fusionlang.checker import check_file
-from fusionlang.lower import Lowerer
 from fusionlang.passes import PASSES, run_passes
+from fusionlang.plan.lower import Lowerer
 from fusionlang.runtime import runner
 from fusionlang.runtime.scheduler import run_plan
 

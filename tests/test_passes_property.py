@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fusionlang.checker import check_file
-from fusionlang.lower import Lowerer
 from fusionlang.passes import run_passes
+from fusionlang.plan.lower import Lowerer
 from fusionlang.runtime.scheduler import run_plan
 
 EXAMPLES = int(os.environ.get("FUSIONLANG_PROPERTY_EXAMPLES", "40"))

@@ -1,0 +1,198 @@
+"""The tensors a merge's output has (its domain): the first model it reads, or for
+`slices` (MergeKit passthrough) the layers of several models renumbered in order; and
+which tensor of which input each output tensor is evaluated at."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .. import arch, ir
+from ..diagnostics import Span
+from ..runtime.sources import is_source_call
+from .evaluate import Evaluator
+from .values import PROBE, EvalError, SliceV, TensorCtx
+
+
+@dataclass
+class Domain:
+    names: list[str]  # output tensor names, in reference order
+    reference: str  # source key
+    num_layers: int
+    source_of: dict[str, tuple[int, str, int | None, int]] = field(default_factory=dict)  # slices: out -> (slice#, src name, src layer, src layers)
+    config_overrides: dict = field(default_factory=dict)
+
+
+class Domains(Evaluator):
+    """An Evaluator that knows each merge's output tensors (its domain)."""
+
+    def eval_binding(self, b: ir.Binding, ctx: TensorCtx):
+        for i, r in enumerate(b.rules):
+            m = re.match(r.regex, ctx.tensor)
+            if m:
+                self.rules_used.add((b.qualname, i))
+                env = tuple((c, int(m.group(c))) for c in r.captures)
+                return self.eval(r.value, env, ctx)
+        sl = self.slices_call(b)
+        if sl is not None and not self.dry:
+            return self.eval_slices(sl, ctx)
+        return self.eval(b.value, (), ctx)
+
+    def eval_slices(self, call: ir.CallE, ctx: TensorCtx):
+        parts = self.eval(call.args[0], (), ctx)
+        dom = self._slices_cache = getattr(self, "_slices_cache", None) or {}
+        key = id(call)
+        if key not in dom:
+            dom[key] = self.slices_domain(call)
+        si, src, layer, n = dom[key].source_of.get(ctx.group, (0, ctx.tensor, None, 0))
+        p = parts[si]
+        return self.eval(p.expr, p.env, TensorCtx(src, ctx.group, layer, n))
+
+    def first_source(self, e: ir.Expr, seen: set[str] | None = None) -> ir.CallE | None:
+        """The first model source an expression reads: its output has that model's tensors."""
+        seen = seen if seen is not None else set()
+        if isinstance(e, ir.CallE):
+            if is_source_call(e):
+                return e
+            if e.kind == "builtin" and e.target == "slices":
+                return None
+            for a in list(e.args) + [v for _, v in e.kwargs]:
+                r = self.first_source(a, seen)
+                if r:
+                    return r
+            if e.kind == "def":
+                return self.first_source(self.prog.defs[e.target].body, seen)
+            return None
+        if isinstance(e, ir.Ref) and e.scope == "global" and e.name not in seen:
+            seen.add(e.name)
+            b = self.prog.bindings.get(e.name)
+            if b is None:
+                return None
+            r = self.first_source(b.value, seen)
+            for rule in b.rules:
+                r = r or self.first_source(rule.value, seen)
+            return r
+        children: list[ir.Expr] = []
+        if isinstance(e, ir.ListE):
+            children = list(e.items)
+        elif isinstance(e, ir.Comp):
+            children = [e.iterable, e.body]
+        elif isinstance(e, ir.Bin):
+            children = [e.left, e.right]
+        elif isinstance(e, ir.Neg):
+            children = [e.operand]
+        elif isinstance(e, ir.CondE):
+            children = [e.then, e.other]
+        elif isinstance(e, ir.IndexE):
+            children = [e.value]
+        for c in children:
+            r = self.first_source(c, seen)
+            if r:
+                return r
+        return None
+
+    def slices_call(self, b: ir.Binding) -> ir.CallE | None:
+        v = b.value
+        while isinstance(v, ir.Ref) and v.scope == "global" and v.name in self.prog.bindings:
+            b = self.prog.bindings[v.name]
+            v = b.value
+        return v if isinstance(v, ir.CallE) and v.kind == "builtin" and v.target == "slices" else None
+
+    def domain(self, b: ir.Binding) -> Domain:
+        sl = self.slices_call(b)
+        if sl is not None:
+            return self.slices_domain(sl)
+        call = self.first_source(b.value)
+        if call is None:
+            raise EvalError("E013", f"'{b.qualname.split('::')[-1]}' reads no model", b.span,
+                            "a merge needs at least one input model")
+        args = self.call_args(call, (), TensorCtx(PROBE, PROBE, 0, 2))
+        key = self.source(call, args)
+        h = self.headers[key]
+        names = list(h.tensors)
+        return Domain(names, key, arch.count_layers(h.config, names))
+
+    def slices_domain(self, call: ir.CallE) -> Domain:
+        """The output tensors of a `slices([...])` merge (MergeKit passthrough): the first
+        slice's embeddings, each slice's layers renumbered in order, the last slice's
+        final norm and head. Every tensor must have the reference (first) model's shape,
+        and the per-layer config lists follow the source layers (`arch.slice_config_overrides`)."""
+        parts = self.eval(call.args[0], (), TensorCtx(PROBE, PROBE, 0, 2))
+        if not isinstance(parts, list) or not parts or not all(isinstance(p, SliceV) for p in parts):
+            raise EvalError("E005", "slices() takes a non-empty list of layers(model, start, end)", call.span,
+                            "write slices([layers(a, 0, 16), layers(b, 8, 24)])")
+        names: list[str] = []
+        source_of: dict[str, tuple] = {}
+        ref_key = None
+        out_layer = 0
+        per_layer_rest: list[str] = []
+        prefix = None
+        layer_srcs: list[tuple[dict, int, int]] = []  # output layer -> (source config, source layer, its layer count)
+        for si, p in enumerate(parts):
+            scall = self.first_source(p.expr)
+            if scall is None:
+                raise EvalError("E013", "layers() needs a model", p.span, "write layers(model, start, end)")
+            key = self.source(scall, self.call_args(scall, (), TensorCtx(PROBE, PROBE, 0, 2)))
+            h = self.headers[key]
+            nested = arch.nested_layer_config(h.config)
+            if nested and not any(isinstance(h.config.get(k), int) for k in arch.LAYER_COUNT_KEYS):
+                raise EvalError("E014", f"'{key}' keeps its layer count in the nested config '{nested}' "
+                                "(a multimodal checkpoint); slices() of nested configs is not supported", p.span,
+                                "slice the language model saved on its own, or merge it with a per-tensor method")
+            prefixes = sorted({s[0] for s in (arch.split_layer(t) for t in h.tensors) if s})
+            if len(prefixes) > 1:
+                raise EvalError("E014", f"'{key}' has several layer stacks ({', '.join(prefixes)}); slices() needs one",
+                                p.span, "slice a model with a single stack of layers")
+            n = arch.count_layers(h.config, h.tensors)
+            if not (0 <= p.start < p.end <= n):
+                raise EvalError("E006", f"layer range [{p.start}, {p.end}) is outside the model's {n} layers", p.span,
+                                f"valid ranges lie within [0, {n}); the end is exclusive")
+            if si == 0:
+                ref_key, ref_start = key, p.start
+                for t in h.tensors:
+                    if arch.split_layer(t) is None and arch.is_pre_layer(t):
+                        names.append(t)
+                        source_of[t] = (0, t, None, n)
+            ref = self.headers[ref_key]
+            for layer in range(p.start, p.end):
+                rests = sorted((s[0], s[2]) for s in (arch.split_layer(t) for t in h.tensors) if s and s[1] == layer)
+                if prefix is None and rests:
+                    prefix = rests[0][0]
+                    per_layer_rest = [r for _, r in rests]
+                elif [r for _, r in rests] != per_layer_rest:
+                    raise EvalError("E013", f"layer {layer} of '{key}' has different tensors than the first slice's layers",
+                                    p.span, "slices must come from models of the same architecture")
+                for pre, rest in rests:
+                    src = f"{pre}.{layer}.{rest}"
+                    self._slice_shape(ref, ref_key, f"{prefix}.{ref_start}.{rest}", key, h.tensors[src].shape, src,
+                                      p.span)
+                    out = f"{pre}.{out_layer}.{rest}"
+                    names.append(out)
+                    source_of[out] = (si, src, layer, n)
+                layer_srcs.append((h.config, layer, n))
+                out_layer += 1
+            if si == len(parts) - 1:
+                post = [t for t in h.tensors if arch.split_layer(t) is None and not arch.is_pre_layer(t)]
+                for t in post:
+                    self._slice_shape(ref, ref_key, t, key, h.tensors[t].shape, t, p.span)
+        for t in post:
+            names.append(t)
+            source_of[t] = (len(parts) - 1, t, None, n)
+        try:
+            overrides = arch.slice_config_overrides(self.headers[ref_key].config, layer_srcs)
+        except ValueError as err:
+            raise EvalError("E014", str(err), call.span,
+                            "slice models whose configs agree, or save the model and fix config.json by hand") from None
+        return Domain(names, ref_key, out_layer, source_of, overrides)
+
+    def _slice_shape(self, ref, ref_key: str, ref_name: str, key: str, shape: tuple, name: str, span: Span) -> None:
+        """E014 unless tensor `name` of slice model `key` has the shape of the first
+        model's `ref_name`: the output's config comes from the first model, so a slice
+        of another vocabulary or width would write a model transformers cannot load."""
+        info = ref.tensors.get(ref_name)
+        if info is None or tuple(info.shape) == tuple(shape):
+            return
+        raise EvalError("E014", f"slices() mixes shapes: '{name}' of '{key}' is {list(shape)} but '{ref_name}' of "
+                        f"'{ref_key}' (the first slice, whose config the output takes) is {list(info.shape)}", span,
+                        "slices must come from models of the same architecture and size (hidden size, vocabulary)")
+
