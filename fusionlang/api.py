@@ -11,7 +11,7 @@ Every user mistake raises :class:`fusionlang.FuseErrors` (``fusionlang.diagnosti
 whose ``diagnostics`` are the located ``Diagnostic`` objects the command line prints
 (file, line, column, code, message, hint); nothing partial is left on disk. The functions
 build on the command line's own pieces (``pipeline.check`` / ``compile_spec``,
-``tuning.resolve``, ``executor.run_plan``, ``evaluation.run``), so a spec behaves the same
+``tuning.resolve``, ``runtime.scheduler.run_plan``, ``evaluation.run``), so a spec behaves the same
 from Python and from the shell. See docs/api.md.
 """
 

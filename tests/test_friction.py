@@ -142,6 +142,32 @@ eval soup, experts on austen to "report"
     assert "fusionlang-eval-" not in err and "(temporary: evaluated, then removed)" in err
 
 
+def test_api_run_returns_the_reports_and_tuning_it_wrote(built_zoo, tmp_path, monkeypatch, capfd):
+    import fusionlang
+
+    cache, _ = built_zoo
+    monkeypatch.setenv("FUSIONLANG_CACHE", str(cache))
+    spec = write_spec(tmp_path, '''use merging
+model base = zoo("text-tiny")
+models experts = [zoo("text-tiny", "austen"), zoo("text-tiny", "pos")]
+task austen = classify("austen", zoo="text-tiny", limit=16)
+merge ta = task_arithmetic(base, experts, scale=tune([0.5, 1.0], on=[austen]))
+merge soup = average(experts)
+eval ta, soup on austen to "report"
+save ta to "out/ta"
+''')
+    res = fusionlang.run(spec, device="cpu", progress=False)
+    assert res.outputs == {"ta": str(tmp_path / "out/ta")}  # soup only evaluated: not an output
+    assert res.reports == [json.loads((tmp_path / "report/report.json").read_text())]
+    assert res.tuning == res.reports[0]["tuning"] and res.tuning[0]["chosen"]["scale"] in (0.5, 1.0)
+    assert capfd.readouterr().err.count("evaluating") == 0  # progress=False: silent
+    from fusionlang.zoo.evaluate import evaluate, find_task
+
+    task = find_task("austen", "text-tiny", cache)
+    assert res.reports[0]["rows"]["ta"]["accuracy"]["austen"] == evaluate(str(tmp_path / "out/ta"), task,
+                                                                         limit=16)["accuracy"]
+
+
 def test_zoo_eval_shows_counted_progress(built_zoo, monkeypatch):
     cache, _ = built_zoo
     monkeypatch.setenv("FUSIONLANG_PROGRESS_INTERVAL", "0")
