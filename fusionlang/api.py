@@ -103,7 +103,8 @@ class RunResult:
     contents of its report.json (``tasks``, ``rows`` -> accuracy per task, average,
     normalized accuracy, forgetting...). ``tuning``: per tuned merge, every candidate's
     validation scores, the chosen values and notes. ``bytes_read`` / ``bytes_written`` /
-    ``seconds``: the merge's I/O and wall time (0 when the spec only evaluates)."""
+    ``seconds``: the merge's I/O and wall time (0 when the spec only evaluates).
+    ``warnings``: the spec's warning Diagnostics (W001...), also printed when progress is on."""
 
     outputs: dict[str, str] = field(default_factory=dict)
     reports: list[dict] = field(default_factory=list)
@@ -111,6 +112,7 @@ class RunResult:
     bytes_read: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    warnings: list[Diagnostic] = field(default_factory=list)
 
 
 def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable[str] | None = None,
@@ -159,8 +161,11 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
                     return resolve(p, device, eval_device, console, shard_bytes)
 
                 _prog, _lowered, plan = compile_spec(spec, _passes(passes), tuner=tuner)
-                for d in _prog.warnings:
-                    console.print(f"{d.span}: warning[{d.code}]: {d.message}", markup=False, soft_wrap=True)
+                result.warnings = list(_prog.warnings)
+                if result.warnings:
+                    from .diagnostics import render_all
+
+                    console.print(render_all(result.warnings, False), markup=False, highlight=False, soft_wrap=True)
             setup = getattr(plan, "eval_setup", None)
             if plan.outputs:
                 beat = Heartbeat(stderr_writer(console), f"merging {Path(spec).name}", "tensors written")

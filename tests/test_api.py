@@ -66,6 +66,7 @@ def test_run_writes_the_merge_and_load_reads_it_back(family, monkeypatch):
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k].float(), want[k], rtol=0, atol=1e-6)
+    assert res.warnings == []
     model = fusionlang.load(out)
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
     for k, v in model.state_dict().items():
@@ -127,6 +128,16 @@ def test_run_errors_at_run_time_are_located_fuse_errors(family, monkeypatch):
     rc, _, err = run_cli("run", str(spec), "--device", "cpu")
     assert rc == 1 and f"{d.span}: error[{d.code}]: {d.message}" in err and d.hint
     assert (family / "blocker").is_file()
+
+
+def test_run_returns_the_spec_warnings(family, monkeypatch, capfd):
+    monkeypatch.chdir(family)
+    spec = write_spec(family, SPEC.replace("merge ta", "merge mul").replace("save ta", "save mul"))
+    res = fusionlang.run(spec, device="cpu")
+    [w] = res.warnings
+    assert (w.code, w.severity, str(w.span)) == ("W001", "warning", f"{spec}:4:1") and w.hint
+    assert f"{spec}:4:1: warning[W001]: 'mul' shadows a built-in" in capfd.readouterr().err
+    assert res.outputs == {"mul": str(family / "out/ta")}
 
 
 def test_load_picks_the_auto_class_from_the_config(tmp_path):
