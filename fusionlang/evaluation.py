@@ -183,7 +183,7 @@ def run(setup: EvalSetup, device: str, console) -> list[dict]:
     needed = {(d, t) for rows, tasks, _ in setup.reports for t in tasks
               for d in (*_reference_dirs(setup, t), *(setup.models[r] for r in rows))}
     beat = Heartbeat(stderr_writer(console), "evaluating", "evaluations")
-    beat.beat(0, len(needed), "on the test splits", force=True)
+    beat.beat(0, len(needed), "starting", force=True)
     names = {d: r for r, d in setup.models.items()}
 
     def score(model_dir: str, task: str) -> dict:
