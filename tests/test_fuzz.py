@@ -13,8 +13,10 @@ runs thousands (the count is FUSIONLANG_FUZZ_EXAMPLES, default 3000 per test the
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -99,6 +101,7 @@ def mutated(draw) -> bytes:
 
 # ---------------------------------------------------------------------- the contract
 _DIR = Path(tempfile.mkdtemp(prefix="fusionlang-fuzz-"))
+atexit.register(shutil.rmtree, _DIR, ignore_errors=True)
 
 
 def _ir(path: Path):
@@ -143,7 +146,7 @@ def assert_contract(data: bytes) -> None:
         return
     parse(formatted, "formatted.fuse")  # fmt output always parses
     path.write_text(formatted)
-    rc2, again, err2 = run_cli("fmt", str(path), cwd=_DIR)
+    rc2, again, _err2 = run_cli("fmt", str(path), cwd=_DIR)
     assert rc2 == 0 and again == formatted, f"fmt is not idempotent\n--- input:\n{data[:2000]!r}\n--- once:\n{formatted}"
     if checked_ok:
         path.write_bytes(data)

@@ -236,7 +236,7 @@ def test_deep_but_allowed_programs_merge_right(tmp_path, llama):
             + f'save s to "{tmp_path / "s"}"\nsave c to "{tmp_path / "c"}"\n')
     assert len(terms.split("+")) < MAX_EXPR_DEPTH and 2 * n_links < MAX_EVAL_DEPTH
     p = write_spec(tmp_path, text)
-    rc, out, err = run_cli("run", str(p), "-q", "--device", "cpu")
+    rc, _out, err = run_cli("run", str(p), "-q", "--device", "cpu")
     assert rc == 0, err
     base, e = load_state(llama["base"]), load_state(llama["e0"])
     s, c = load_state(tmp_path / "s"), load_state(tmp_path / "c")
@@ -298,7 +298,7 @@ def test_fmt_keeps_equality_merges_same_plan(tmp_path, llama):
             "merge n = if other then base else average([base, e])\n"
             f'save m to "{tmp_path / "m"}"\nsave n to "{tmp_path / "n"}"\n')
     p = write_spec(tmp_path, text)
-    rc, formatted, err = run_cli("fmt", str(p))
+    rc, formatted, _err = run_cli("fmt", str(p))
     assert rc == 0 and "(1 == 2) == false" in formatted and "(1 != 2) != false" in formatted
     q = write_spec(tmp_path, formatted, "formatted.fuse")
 
