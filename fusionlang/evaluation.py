@@ -11,7 +11,9 @@ plus latency per batch and peak memory. Output: a rich table, `report.json`, `re
 from __future__ import annotations
 
 import json
+import math
 import os
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -64,7 +66,70 @@ def resolve_task(prog: ir.Program, qual: str) -> dict:
             have = sorted(p.stem for p in (zoo_dir(zoo) / "heads").glob("*.json"))
             hint = f"tasks of the '{zoo}' zoo: {', '.join(have)}"
         raise FuseErrors([Diagnostic(code, e.message, b.value.span, hint)]) from None
+    exprs = dict(zip(("task", "zoo", "split", "batch_size", "limit"), b.value.args)) | dict(b.value.kwargs) \
+        if isinstance(b.value, ir.CallE) else {}
+    bad = []
+    for name, lo in (("batch_size", 1), ("limit", 1)):
+        v = args.get(name)
+        whole = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+        if v is not None and (isinstance(v, bool) or not whole or v < lo):
+            at = exprs[name].span if name in exprs else b.value.span
+            bad.append(Diagnostic("E006", f"{name}={v!r} must be a whole number of at least {lo}", at,
+                                  "leave limit out to use the whole split" if name == "limit"
+                                  else "a batch of e.g. 64 examples"))
+    if bad:
+        raise FuseErrors(bad)
     return {**args, "spec": spec, "span": b.span}
+
+
+def check_fit(prog: ir.Program) -> None:
+    """E014 at the `eval` for each evaluated model whose architecture is not that of its
+    task's zoo (the `model_type` and `hidden_size` of the zoo's pre-trained model): a
+    task's head reads the zoo model's features, so e.g. a Llama merge cannot be scored on
+    a BERT zoo task. A merge's architecture is that of the model its output takes its
+    config from; models without a readable config.json are left to lowering's errors."""
+    from .plan.lower import Lowerer
+    from .plan.values import EvalError
+
+    low = Lowerer(prog)
+    diags: list[Diagnostic] = []
+    for ev in prog.evals:
+        models: list[tuple[str, dict]] = []
+        for q in ev.models:
+            b = prog.bindings[q]
+            short = q.split("::")[-1]
+            if b.kind == "merge":
+                try:
+                    models.append((short, low.headers[low.domain(b).reference].config))
+                except (EvalError, KeyError):
+                    continue
+            else:
+                items = b.value.items if isinstance(b.value, ir.ListE) else [b.value]
+                for i, item in enumerate(items):
+                    config = _read_config(_source_dir(prog, item))
+                    if config is not None:
+                        models.append((short if b.kind == "model" else f"{short}[{i}]", config))
+        for t in ev.tasks:
+            spec = resolve_task(prog, t)["spec"]
+            want = _read_config(str(spec.base_dir)) or {}
+            for name, config in models:
+                mine = (config.get("model_type"), config.get("hidden_size"))
+                theirs = (want.get("model_type"), want.get("hidden_size"))
+                if mine != theirs:
+                    diags.append(Diagnostic(
+                        "E014", f"'{name}' is a {mine[0]} model (hidden size {mine[1]}) but task '{t.split('::')[-1]}' "
+                        f"reads {theirs[0]} features (hidden size {theirs[1]}, the '{spec.zoo_dir.name}' zoo's model)",
+                        ev.span, "evaluate it on a task of a zoo with the same architecture, or merge models of that zoo"))
+    if diags:
+        raise FuseErrors(diags)
+
+
+def _read_config(model_dir: str) -> dict | None:
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def prepare(prog: ir.Program) -> EvalSetup:
@@ -81,7 +146,10 @@ def prepare(prog: ir.Program) -> EvalSetup:
             short = q.split("::")[-1]
             if b.kind == "merge":
                 if q not in saved:
-                    setup.tmpdir = setup.tmpdir or tempfile.mkdtemp(prefix="fusionlang-eval-")
+                    # NOTE: only a name: the run creates it (as an output's parent) and removes it;
+                    # `check` and `compile` create nothing
+                    setup.tmpdir = setup.tmpdir or os.path.join(
+                        tempfile.gettempdir(), f"fusionlang-eval-{os.getpid()}-{secrets.token_hex(4)}")
                     saved[q] = os.path.join(setup.tmpdir, short)
                     extra.append(ir.SaveIR(name=q, display=short, path=saved[q], dtype=None, span=ev.span,
                                            path_span=ev.span))
@@ -259,13 +327,25 @@ def _write(report_dir: str, report: dict) -> None:
     d = Path(report_dir)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, d / "report.json")
     try:
         from PIL import Image, ImageDraw  # noqa: F401
     except ImportError:
         return
     plot_png(report, d / "report.png")
+
+
+def _json_safe(v):
+    """`v` with every non-finite float (e.g. a normalized accuracy whose fine-tuned
+    accuracy is 0) as None: report.json stays valid JSON (RFC 8259 has no NaN)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
 
 
 def plot_png(report: dict, path: Path) -> None:

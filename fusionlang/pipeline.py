@@ -49,6 +49,10 @@ def check(path: str) -> CheckResult:
     try:
         _check_tasks(prog)
         low.lower()
+        if prog.evals:
+            from .evaluation import check_fit
+
+            check_fit(prog)
         res.diagnostics = with_first(low.sink.items)
         return res
     except FuseErrors as e:
@@ -126,6 +130,10 @@ def compile_spec(path: str, passes: set[str] | None = None, dump_after: str | No
 
     checked = check_file(path)
     _check_tasks(checked)  # every task error at once, before anything runs
+    if checked.evals:
+        from .evaluation import check_fit
+
+        check_fit(checked)  # before tune() merges and evaluates anything
     tune_errors = check_candidates(checked)
     if tune_errors:
         raise FuseErrors(tune_errors)

@@ -86,7 +86,9 @@ def to_json(plan: Plan) -> str:
                    "phase": plan.phase_of.get(nid, 0)} for nid in order],
         "outputs": [{"name": o.name, "path": o.path, "dtype": o.dtype, "tensors": o.tensors, "dtypes": o.dtypes,
                      "shapes": {k: list(v) for k, v in o.shapes.items()}, "reference": o.reference,
-                     "config_overrides": o.config_overrides, "loc": o.loc, "at": o.at,
+                     "config_overrides": o.config_overrides,
+                     # every location of an output under "loc" (display text and span), as for nodes
+                     "loc": {"text": o.loc, "at": o.at},
                      "blocks": {t: [[a, nid] for a, nid in parts] for t, parts in o.blocks.items()}}
                     for o in plan.outputs.values()],
         "history": plan.history,
@@ -95,6 +97,11 @@ def to_json(plan: Plan) -> str:
 
 def _tuplify(v):
     return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
+
+
+def _loc_text(v) -> str:
+    """An output's display location ("spec.fuse:10") from its stored "loc"."""
+    return str(v.get("text", "")) if isinstance(v, dict) else str(v)
 
 
 def _at(v) -> tuple | None:
@@ -140,9 +147,9 @@ def _from_json(text: str) -> Plan:
             key = f"{o['name']}#{k}"
         plan.outputs[key] = OutputSpec(o["name"], o["path"], o["dtype"], o["tensors"], o["dtypes"],
                                        {k: tuple(v) for k, v in o["shapes"].items()}, o["reference"],
-                                       o["config_overrides"], o["loc"],
+                                       o["config_overrides"], _loc_text(o["loc"]),
                                        {t: [(a, nid) for a, nid in parts] for t, parts in o.get("blocks", {}).items()},
-                                       _at(o.get("at")))
+                                       _at(o["loc"].get("at") if isinstance(o["loc"], dict) else None))
     plan.history = [tuple(h) for h in data.get("history", [])]
     return plan
 

@@ -54,8 +54,10 @@ class Lowerer(Domains):
             self.check_output_paths()
         if not self.dry and any(d.code in SOURCE_ERROR_CODES for d in self.sink.errors):
             # lowering stops at the first model it cannot read: name the others too
+            reported = {d.span for d in self.sink.errors}
             for d in self.check_sources():
-                self._report(d)
+                if d.span not in reported:  # one error per source call (its first reading said it)
+                    self._report(d)
         if not self.dry:
             # NOTE: only the rules of outputs that were lowered whole: an output that
             # stopped early (e.g. a missing model) would make its rules look unmatched.
