@@ -25,8 +25,9 @@ PY
 then
     echo "mergekit already installed in $VENV"
 else
-    if [ ! -x "$VENV/bin/python" ]; then
-        "$PYTHON" -m venv "$VENV"
+    if ! "$VENV/bin/python" -c "" 2>/dev/null; then
+        # absent, or its interpreter is gone (e.g. the Python it was made with was removed)
+        "$PYTHON" -m venv --clear "$VENV"
     fi
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet "torch==$TORCH_VERSION"

@@ -18,15 +18,16 @@ _API = ("check", "compile", "run", "load", "RunResult")
 
 
 def __getattr__(name: str):
-    """Lazy re-exports: the API functions import the compiler (and torch) only when used."""
+    """Lazy re-exports: the API functions import the compiler (and torch) only when used.
+
+    NOTE: through importlib, so the package itself imports none of its modules (they
+    import `fusionlang.ir` and friends, and the package stays out of their import graph)."""
+    import importlib
+
     if name in _API:
-        from . import api
-
-        return getattr(api, name)
+        return getattr(importlib.import_module("fusionlang.api"), name)
     if name == "FuseErrors":
-        from .diagnostics import FuseErrors
-
-        return FuseErrors
+        return importlib.import_module("fusionlang.lang.diagnostics").FuseErrors
     raise AttributeError(f"module 'fusionlang' has no attribute {name!r}")
 
 

@@ -7,7 +7,7 @@
     result = fusionlang.run("merge.fuse")          # RunResult: outputs written, eval reports
     model = fusionlang.load(result.outputs["ta"])  # a transformers model
 
-Every user mistake raises :class:`fusionlang.FuseErrors` (``fusionlang.diagnostics``),
+Every user mistake raises :class:`fusionlang.FuseErrors` (``fusionlang.lang.diagnostics``),
 whose ``diagnostics`` are the located ``Diagnostic`` objects the command line prints
 (file, line, column, code, message, hint); nothing partial is left on disk. The functions
 build on the command line's own pieces (``pipeline.check`` / ``compile_spec``,
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .diagnostics import Diagnostic, FuseErrors, Span
+from .lang.diagnostics import Diagnostic, FuseErrors, Span
 
 __all__ = ["FuseErrors", "RunResult", "check", "compile", "load", "run"]
 
@@ -154,8 +154,8 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
             if spec.endswith(".json"):
                 plan = _load_plan(spec)
             else:
+                from .eval.tuning import resolve
                 from .pipeline import compile_spec
-                from .tuning import resolve
 
                 def tuner(p):
                     return resolve(p, device, eval_device, console, shard_bytes)
@@ -163,7 +163,7 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
                 _prog, _lowered, plan = compile_spec(spec, _passes(passes), tuner=tuner)
                 result.warnings = list(_prog.warnings)
                 if result.warnings:
-                    from .diagnostics import render_all
+                    from .lang.diagnostics import render_all
 
                     console.print(render_all(result.warnings, False), markup=False, highlight=False, soft_wrap=True)
             setup = getattr(plan, "eval_setup", None)
@@ -173,14 +173,14 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
                 stats = run_plan(plan, device, shard_bytes, lambda d, n: beat.beat(d, n) if progress else None)
                 result.bytes_read, result.bytes_written = stats.bytes_read, stats.bytes_written
                 result.seconds = stats.seconds or time.perf_counter() - t0
-                from .evaluation import display_path
+                from .eval.evaluation import display_path
 
                 result.outputs = {o.name: o.path for o in plan.outputs.values()
                                   if display_path(setup, o.path) == o.path}
             if setup is not None:
                 result.tuning = [r.to_json() for r in setup.tuning]
                 if setup.reports:
-                    from .evaluation import run as run_evals
+                    from .eval.evaluation import run as run_evals
 
                     result.reports = run_evals(setup, eval_device, console)
     finally:

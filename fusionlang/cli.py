@@ -15,7 +15,7 @@ import traceback
 from rich.console import Console
 from rich.table import Table
 
-from .diagnostics import Diagnostic, FuseErrors, Span, render_all, to_json
+from .lang.diagnostics import Diagnostic, FuseErrors, Span, render_all, to_json
 
 # NOTE: tables are wide; when stderr is not a terminal (CI logs, pipes) use 120 columns
 # rather than rich's 80, so result tables are not truncated.
@@ -74,7 +74,7 @@ def _summary(prog, lowered, plan) -> None:
     t.add_row("bytes read", _human(plan.bytes_read()))
     t.add_row("bytes written", _human(plan.bytes_written()))
     t.add_row("est. peak memory", _human(estimate_peak_bytes(plan)) + " (largest tensor group, fp32)")
-    from .tuning import find_sites
+    from .eval.tuning import find_sites
 
     sites = find_sites(prog)
     if sites:
@@ -191,8 +191,8 @@ def _cmd_run(args, plan_box: list) -> int:
         _verify_plan_inputs(plan, args.spec)
         name = args.spec
     else:
+        from .eval.tuning import resolve
         from .runtime.reader import pick_device
-        from .tuning import resolve
 
         def tuner(p):
             return resolve(p, args.device, pick_device(args.device).type, console, int(args.shard_size * 1024**3))
@@ -228,7 +228,7 @@ def _cmd_run(args, plan_box: list) -> int:
         stats = run_plan(plan, args.device, int(args.shard_size * 1024**3), tick) if plan.outputs else None
     setup = getattr(plan, "eval_setup", None)
     if stats is None and setup is not None:
-        from .evaluation import run as run_evals
+        from .eval.evaluation import run as run_evals
         from .runtime.reader import pick_device
 
         run_evals(setup, pick_device(args.device).type, console)
@@ -237,7 +237,7 @@ def _cmd_run(args, plan_box: list) -> int:
         t = Table(title="run", title_justify="left")
         for c in ("output", "path", "tensors"):
             t.add_column(c)
-        from .evaluation import display_path
+        from .eval.evaluation import display_path
 
         for o in plan.outputs.values():
             t.add_row(o.name, display_path(setup, o.path), str(len(o.tensors)))
@@ -245,7 +245,7 @@ def _cmd_run(args, plan_box: list) -> int:
         console.print(f"read {_human(stats.bytes_read)}, wrote {_human(stats.bytes_written)} in {stats.seconds:.2f}s "
                       f"({_human(stats.bytes_written / max(stats.seconds, 1e-9))}/s written)")
     if setup is not None and setup.reports:
-        from .evaluation import run as run_evals
+        from .eval.evaluation import run as run_evals
         from .runtime.reader import pick_device
 
         run_evals(setup, pick_device(args.device).type, console)
@@ -280,8 +280,8 @@ def _verify_plan_inputs(plan, path: str) -> None:
 
 
 def cmd_fmt(args) -> int:
-    from .fmt import format_source
-    from .parser import read_source
+    from .lang.fmt import format_source
+    from .lang.parser import read_source
 
     rc = 0
     for f in args.files:
@@ -302,7 +302,7 @@ def cmd_fmt(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.dir, console)
+    return run_demo(args.dir, console, lambda spec: main(["run", spec]))
 
 
 # ---------------------------------------------------------------------- main

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 DEMO_SPEC = '''# The fusionlang demo: one base model, three fine-tunes, six merges.
@@ -86,7 +87,7 @@ def write_spec(root: Path, console) -> Path:
     """Write the demo spec as `root/demo.fuse` and return its path; a `demo.fuse` the user
     has edited is kept: the demo's own spec then goes to `demo.original.fuse` beside it.
     Raises FuseErrors (E016) when that file too exists with other contents."""
-    from .diagnostics import Diagnostic, FuseErrors, Span
+    from .lang.diagnostics import Diagnostic, FuseErrors, Span
 
     spec = root / "demo.fuse"
     root.mkdir(parents=True, exist_ok=True)
@@ -110,13 +111,13 @@ def write_spec(root: Path, console) -> Path:
         f"run your spec with `fusionlang run {spec}`, or start a fresh demo elsewhere: `fusionlang demo --dir DIR`")])
 
 
-def run_demo(directory: str, console) -> int:
-    """`fusionlang demo`: build the tiny family under `directory`, write and run the demo
-    spec (keeping a user-edited `demo.fuse`, see `write_spec`), then load every output with
-    `transformers` and run a forward pass. Returns the exit code; FuseErrors on a user error."""
+def run_demo(directory: str, console, run_spec: Callable[[str], int]) -> int:
+    """`fusionlang demo`: build the tiny family under `directory`, write the demo spec
+    (keeping a user-edited `demo.fuse`, see `write_spec`), run it with `run_spec(path)`
+    (the CLI's `fusionlang run`, so the user sees what that command shows; returns its exit
+    code), then load every output with `transformers` and run a forward pass. Returns the
+    exit code; FuseErrors on a user error."""
     from rich.table import Table
-
-    from .cli import main as cli_main
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = Path(directory)
@@ -125,7 +126,7 @@ def run_demo(directory: str, console) -> int:
     console.print("building a tiny model family: base + math, code, chat fine-tunes ...")
     build_models(root / "models")
     console.print(f"compiling and running {spec}:\n")
-    rc = cli_main(["run", str(spec)])
+    rc = run_spec(str(spec))
     if rc != 0:
         return rc
     import torch

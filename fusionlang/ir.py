@@ -10,7 +10,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict
 
-from .diagnostics import Span
+from .lang.diagnostics import Span
 
 
 class IR(BaseModel):

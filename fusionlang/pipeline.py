@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import ir
-from .checker import check_file
-from .diagnostics import Diagnostic, FuseErrors, Span
+from .lang.checker import check_file
+from .lang.diagnostics import Diagnostic, FuseErrors, Span
 from .plan.graph import Plan
 from .plan.lower import Lowerer
 
@@ -36,7 +36,7 @@ def check(path: str) -> CheckResult:
         if e.partial is not None:
             res.diagnostics += [d for d in _dry_check_partial(e.partial) if d not in res.diagnostics]
         return res
-    from .tuning import check_candidates, find_sites
+    from .eval.tuning import check_candidates, find_sites
 
     first = list(prog.warnings) + check_candidates(prog)  # reported before what lowering finds
     # lowering sees each tune() as its first candidate: check_candidates reports that one already
@@ -50,7 +50,7 @@ def check(path: str) -> CheckResult:
         _check_tasks(prog)
         low.lower()
         if prog.evals:
-            from .evaluation import check_fit
+            from .eval.evaluation import check_fit
 
             check_fit(prog)
         res.diagnostics = with_first(low.sink.items)
@@ -104,7 +104,7 @@ def _check_tasks(prog: ir.Program) -> None:
     """Every task names a task of a built zoo (E018 when the zoo is not built)."""
     if not any(b.kind == "task" for b in prog.bindings.values()):
         return
-    from .evaluation import resolve_task
+    from .eval.evaluation import resolve_task
 
     diags = []
     for q, b in prog.bindings.items():
@@ -124,14 +124,14 @@ def compile_spec(path: str, passes: set[str] | None = None, dump_after: str | No
     Merges that an `eval` needs but no `save` writes get outputs in a temporary directory;
     the evaluation setup travels as `plan.eval_setup`. `tuner` chooses the tune() arguments
     (`run`); without it the plan holds each tune()'s first candidate (`compile`)."""
-    from .evaluation import prepare
+    from .eval.evaluation import prepare
+    from .eval.tuning import check_candidates
     from .passes import run_passes
-    from .tuning import check_candidates
 
     checked = check_file(path)
     _check_tasks(checked)  # every task error at once, before anything runs
     if checked.evals:
-        from .evaluation import check_fit
+        from .eval.evaluation import check_fit
 
         check_fit(checked)  # before tune() merges and evaluates anything
     tune_errors = check_candidates(checked)

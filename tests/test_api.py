@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, load_state, make_family, run_cli, write_spec
 
 import fusionlang
-from fusionlang.diagnostics import render_all
+from fusionlang.lang.diagnostics import render_all
 
 
 def _task_arithmetic(base: dict, experts: list[dict], scale: float) -> dict:
@@ -48,7 +48,7 @@ def test_import_is_light_and_check_needs_no_torch(tmp_path):
             "print(type(fusionlang.FuseErrors).__name__, fusionlang.FuseErrors.__module__)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["type", "fusionlang.diagnostics"]
+    assert r.stdout.split() == ["type", "fusionlang.lang.diagnostics"]
     with pytest.raises(AttributeError):
         fusionlang.no_such_thing  # noqa: B018
 

@@ -84,7 +84,7 @@ def test_compile_of_an_eval_spec_creates_no_directory(zoo_cache, tmp_path, monke
 def test_report_json_has_no_bare_nan(zoo_cache, tmp_path, monkeypatch):
     """A normalized accuracy over a fine-tuned accuracy of 0 is undefined: null in
     report.json (valid JSON), never a bare NaN."""
-    from fusionlang import evaluation
+    from fusionlang.eval import evaluation
 
     monkeypatch.setenv("FUSIONLANG_CACHE", str(zoo_cache))
     report = {"tasks": ["t"], "rows": {"m": {"accuracy": {"t": 0.5}, "normalized_accuracy": {"t": math.nan},

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from fusionlang.diagnostics import Span
-from fusionlang.fmt import format_source
-from fusionlang.parser import parse
+from fusionlang.lang.diagnostics import Span
+from fusionlang.lang.fmt import format_source
+from fusionlang.lang.parser import parse
 
 MESSY = '''# header comment
 use   merging

@@ -99,7 +99,7 @@ save ta to "out/ta"
     done = [(d, n) for _, d, _, n in lines if "->" in n]
     assert [d for d, _ in done] == [1, 2] and [n.split("  ->")[0] for _, n in done] == ["scale=0", "scale=2"]
     # both candidates are at an edge of a 2-value grid, or they tie: a note either way, printed
-    from fusionlang.tuning import TuneRecord, edge_notes
+    from fusionlang.eval.tuning import TuneRecord, edge_notes
 
     cands = []
     for _, n in done:
@@ -188,7 +188,7 @@ def test_zoo_eval_shows_counted_progress(built_zoo, monkeypatch):
     ([0.6, 0.6, 0.6], 0.5, "all 3 candidates scored the same"),
 ])
 def test_edge_notes(scores, chosen, want):
-    from fusionlang.tuning import TuneRecord, edge_notes
+    from fusionlang.eval.tuning import TuneRecord, edge_notes
 
     cands = [{"values": {"scale": v}, "accuracy": {"t": s}, "average": s} for v, s in zip([0.5, 1.0, 1.5], scores)]
     notes = edge_notes(TuneRecord("ta", "val", ["t"], ["scale"], cands, {"scale": chosen}))

@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.lark import from_lark
 from lark import Lark
 
-from fusionlang.checker import check_file
-from fusionlang.diagnostics import FuseErrors
-from fusionlang.parser import parse
+from fusionlang.lang.checker import check_file
+from fusionlang.lang.diagnostics import FuseErrors
+from fusionlang.lang.parser import parse
 
 LONG = os.environ.get("FUSIONLANG_FUZZ_LONG") == "1"
 EXAMPLES = int(os.environ.get("FUSIONLANG_FUZZ_EXAMPLES", "3000")) if LONG else 0

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import load_state, run_cli, write_spec
 
-from fusionlang import ast
-from fusionlang.checker import FLOAT32_MAX, MAX_EVAL_DEPTH, check_param_value
-from fusionlang.diagnostics import DiagnosticSink
-from fusionlang.fmt import format_source
-from fusionlang.parser import MAX_EXPR_DEPTH, parse
+from fusionlang.lang import ast
+from fusionlang.lang.diagnostics import DiagnosticSink
+from fusionlang.lang.fmt import format_source
+from fusionlang.lang.parser import MAX_EXPR_DEPTH, parse
+from fusionlang.lang.values import FLOAT32_MAX, MAX_EVAL_DEPTH, check_param_value
 
 
 def check_json(path: Path) -> tuple[int, list[dict]]:
@@ -146,7 +146,7 @@ def test_non_finite_numbers_are_located_e006(tmp_path, llama, args, needle, word
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_range_check_rejects_nan_and_inf(value):
     sink = DiagnosticSink()
-    from fusionlang.diagnostics import Span
+    from fusionlang.lang.diagnostics import Span
 
     assert not check_param_value(sink, "density", "trim", None, (0.0, 1.0), "number", value, Span("s", 1, 1))
     assert sink.errors[0].code == "E006" and "out of range" in sink.errors[0].message and sink.errors[0].hint

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import load_state, run_cli, write_spec
 
-from fusionlang.checker import check_file
+from fusionlang.lang.checker import check_file
 from fusionlang.passes import PASSES, run_passes
 from fusionlang.plan.lower import Lowerer
 from fusionlang.runtime import runner

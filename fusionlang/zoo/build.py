@@ -16,7 +16,6 @@ package versions and the same thread count writes the same weights.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -27,7 +26,9 @@ import time
 from pathlib import Path
 
 from .errors import ZooError
+from .heads import write_head
 from .paths import zoo_dir
+from .progress import bar
 from .recipes import ZooRecipe, get_recipe
 
 FORMAT_VERSION = 1
@@ -102,7 +103,7 @@ def build_zoo(
         if recipe.kind == "text":
             tasks = _build_text(recipe, tmp, seed, cache, fetch, progress)
         elif recipe.kind == "vision":
-            from .vision import build_vision_tasks
+            from .build_vision import build_vision_tasks
 
             tasks = build_vision_tasks(recipe, tmp, seed, cache, fetch, progress)
         else:
@@ -168,24 +169,6 @@ def _manifest(recipe: ZooRecipe, seed: int, tasks: dict, seconds: float, command
     }
 
 
-def write_head(heads_dir: Path, task: str, weight, bias, info: dict) -> None:
-    from safetensors.torch import save_file
-
-    heads_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"weight": weight.contiguous(), "bias": bias.contiguous()},
-              str(heads_dir / f"{task}.safetensors"), metadata={"format": "pt"})
-    (heads_dir / f"{task}.json").write_text(json.dumps(info, indent=2) + "\n")
-
-
-@contextlib.contextmanager
-def _bar(progress, description: str, total: int):
-    tid = progress.add_task(description, total=total)
-    try:
-        yield lambda n=1: progress.advance(tid, n)
-    finally:
-        progress.remove_task(tid)
-
-
 def _build_text(recipe: ZooRecipe, out: Path, seed: int, cache, fetch, progress) -> dict:
     import torch
 
@@ -207,7 +190,7 @@ def _build_text(recipe: ZooRecipe, out: Path, seed: int, cache, fetch, progress)
         ds = load(task.source, **kwargs, cache=cache, fetch=fetch)
         L = task.max_length
         progress.update(overall, description=f"zoo {recipe.name}: {task.name} (head)")
-        with _bar(progress, f"  {task.name}: features", len(ds.train)) as adv:
+        with bar(progress, f"  {task.name}: features", len(ds.train)) as adv:
             feats = T.embed(base, tokenizer, ds.train.texts, L, recipe.eval_batch_size,
                             on_batch=adv)
         weight, bias = T.prototype_head(feats, ds.train.labels, ds.num_classes, recipe.head_scale)
@@ -237,7 +220,7 @@ def _build_text(recipe: ZooRecipe, out: Path, seed: int, cache, fetch, progress)
         progress.update(overall, description=f"zoo {recipe.name}: {task.name} (fine-tune)")
         expert = copy.deepcopy(base)
         t_ft = time.perf_counter()
-        with _bar(progress, f"  {task.name}: fine-tune", task.steps) as adv:
+        with bar(progress, f"  {task.name}: fine-tune", task.steps) as adv:
             losses = T.fine_tune(
                 expert, tokenizer, weight, bias, ds.train.texts, ds.train.labels,
                 steps=task.steps, lr=task.lr, batch_size=task.batch_size, max_length=L,

@@ -8,6 +8,7 @@ passes ``total``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -139,3 +140,13 @@ class PlainProgress:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+@contextlib.contextmanager
+def bar(progress, description: str, total: int):
+    """A rich progress task for the duration of a `with` block; yields advance(n=1)."""
+    tid = progress.add_task(description, total=total)
+    try:
+        yield lambda n=1: progress.advance(tid, n)
+    finally:
+        progress.remove_task(tid)

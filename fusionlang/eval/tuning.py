@@ -19,8 +19,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ir
-from .diagnostics import Diagnostic, FuseErrors
+from .. import ir
+from ..lang.diagnostics import Diagnostic, FuseErrors
 
 SpanKey = tuple[str, int, int]
 
@@ -84,7 +84,7 @@ def span_key(span) -> SpanKey:
 
 def find_sites(prog: ir.Program) -> list[TuneSite]:
     """Every tune() of the program's merges, in binding order."""
-    from .plan.values import param_names
+    from ..plan.values import param_names
 
     sites = []
     for q, b in prog.bindings.items():
@@ -131,7 +131,7 @@ def substitute(prog: ir.Program, chosen: dict[SpanKey, float]) -> ir.Program:
 
 def check_candidates(prog: ir.Program) -> list[Diagnostic]:
     """Lower every candidate of every tune() at a probe tensor (no model files needed)."""
-    from .plan.lower import Lowerer
+    from ..plan.lower import Lowerer
 
     diags: list[Diagnostic] = []
     by_merge = _by_merge(find_sites(prog))
@@ -204,7 +204,7 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
     grid = list(itertools.product(*(s.values for s in sites)))
     console.print(f"tuning [bold]{short}[/]: {len(grid)} candidate{'s' * (len(grid) != 1)} "
                   f"on the '{split}' split of {', '.join(rec.tasks)}")
-    from .zoo.progress import Heartbeat, stderr_writer
+    from ..zoo.progress import Heartbeat, stderr_writer
 
     beat = Heartbeat(stderr_writer(console), f"tuning {short}", "candidates")
     best = None
@@ -244,9 +244,9 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
 
 
 def _merge_one(prog: ir.Program, q: str, out: str, device: str, shard_bytes: int, progress=None) -> None:
-    from .passes import run_passes
-    from .plan.lower import Lowerer
-    from .runtime.scheduler import run_plan
+    from ..passes import run_passes
+    from ..plan.lower import Lowerer
+    from ..runtime.scheduler import run_plan
 
     b = prog.bindings[q]
     save = ir.SaveIR(name=q, display=q.split("::")[-1], path=out, dtype=None, span=b.span, path_span=b.span)

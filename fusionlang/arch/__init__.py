@@ -1,4 +1,6 @@
-"""Architecture knowledge as data: how layer stacks are named and counted."""
+"""Architecture knowledge as data: how layer stacks are named and counted, and what a
+`slices` output's config becomes. Layout conversions (MoE experts, upscaling) join this
+room as modules of their own."""
 
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ir
-from .diagnostics import Diagnostic, FuseErrors
-from .runtime.sources import SourceError, is_source_call, source_dir
+from .. import ir
+from ..lang.diagnostics import Diagnostic, FuseErrors
+from ..runtime.sources import SourceError, is_source_call, source_dir
 
 
 @dataclass
@@ -35,16 +35,16 @@ class EvalSetup:
 
 
 def _call_args(prog: ir.Program, call: ir.CallE) -> dict:
-    from .plan.lower import Lowerer
-    from .plan.values import PROBE, TensorCtx
+    from ..plan.lower import Lowerer
+    from ..plan.values import PROBE, TensorCtx
 
     return Lowerer(prog, dry=True).call_args(call, (), TensorCtx(PROBE, PROBE, 0, 2))
 
 
 def resolve_task(prog: ir.Program, qual: str) -> dict:
     """classify() arguments of a task binding, with the zoo task located (FuseErrors if not)."""
-    from .zoo.errors import ZooError
-    from .zoo.evaluate import find_task
+    from ..zoo.errors import ZooError
+    from ..zoo.evaluate import find_task
 
     b = prog.bindings[qual]
     args = _call_args(prog, b.value) if isinstance(b.value, ir.CallE) else {}
@@ -52,7 +52,7 @@ def resolve_task(prog: ir.Program, qual: str) -> dict:
     try:
         spec = find_task(args["task"], zoo)
     except ZooError as e:
-        from .zoo.paths import zoo_dir
+        from ..zoo.paths import zoo_dir
 
         try:
             built = (zoo_dir(zoo) / "zoo.json").is_file()
@@ -88,8 +88,8 @@ def check_fit(prog: ir.Program) -> None:
     task's head reads the zoo model's features, so e.g. a Llama merge cannot be scored on
     a BERT zoo task. A merge's architecture is that of the model its output takes its
     config from; models without a readable config.json are left to lowering's errors."""
-    from .plan.lower import Lowerer
-    from .plan.values import EvalError
+    from ..plan.lower import Lowerer
+    from ..plan.values import EvalError
 
     low = Lowerer(prog)
     diags: list[Diagnostic] = []
@@ -226,7 +226,7 @@ def _reference_name(setup: EvalSetup, model_dir: str, task: str) -> str:
 def score_task(model_dir: str, task: dict, device: str, split: str | None = None, on_batch=None) -> dict:
     """evaluate() a model directory on a task (resolve_task's arguments), on the task's
     own split unless `split` is given; `on_batch(done, total)` after each batch."""
-    from .zoo.evaluate import evaluate
+    from ..zoo.evaluate import evaluate
 
     return evaluate(model_dir, task["spec"], split=split or task.get("split", "test"), device=device,
                     batch_size=int(task.get("batch_size") or 128),
@@ -245,7 +245,7 @@ def run(setup: EvalSetup, device: str, console) -> list[dict]:
     Progress: a plain line per evaluation (`evaluating: 3/12 (soup on austen)`, with the
     elapsed time) at most every $FUSIONLANG_PROGRESS_INTERVAL seconds (default 10), and
     within a long evaluation its batches at the same pace; the last one is always shown."""
-    from .zoo.progress import Heartbeat, stderr_writer
+    from ..zoo.progress import Heartbeat, stderr_writer
 
     cache: dict[tuple[str, str], dict] = {}
     needed = {(d, t) for rows, tasks, _ in setup.reports for t in tasks

@@ -1,0 +1,78 @@
+"""Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, classify,
+tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BuiltinSig:
+    params: tuple[tuple[str, str, object], ...]  # (name, type, default or REQUIRED)
+    returns: str
+    doc: str
+
+
+REQUIRED = object()
+BUILTINS: dict[str, BuiltinSig] = {
+    "local": BuiltinSig((("path", "string", REQUIRED),), "model",
+                        "a model directory: config.json + *.safetensors (relative to the spec file)"),
+    "hf": BuiltinSig((("repo", "string", REQUIRED), ("revision", "string", None)), "model",
+                     "a model from the local Hugging Face cache (never downloaded)"),
+    "zoo": BuiltinSig((("zoo", "string", REQUIRED), ("model", "string", "base")), "model",
+                      "a model of a built zoo (`fusionlang zoo build NAME`): its base or a task's fine-tuned expert"),
+    "package": BuiltinSig((("package", "string", REQUIRED), ("path", "string", "")), "model",
+                          "a model directory shipped inside an installed Python package (its import name)"),
+    "ramp": BuiltinSig((("start", "number", REQUIRED), ("end", "number", REQUIRED)), "number",
+                       "a value interpolated linearly over the layer index (a MergeKit gradient)"),
+    "layers": BuiltinSig((("model", "model", REQUIRED), ("start", "int", REQUIRED), ("end", "int", REQUIRED)),
+                         "slice", "layers [start, end) of a model, for slices()"),
+    "slices": BuiltinSig((("parts", "list", REQUIRED),), "model",
+                         "stack layer ranges of models into a new model (passthrough)"),
+    "classify": BuiltinSig((("task", "string", REQUIRED), ("zoo", "string", "text"), ("split", "string", "test"),
+                            ("batch_size", "int", 128), ("limit", "int", None)), "task",
+                           "a classification task of a model zoo: its data split, frozen head and accuracy"),
+    "tune": BuiltinSig((("values", "numbers", REQUIRED), ("on", "any", REQUIRED), ("split", "string", "val")), "number",
+                       "a merge argument chosen at run time: the candidate with the best mean accuracy on the "
+                       "tasks' validation split"),
+}
+
+_TYPE_OK = {
+    "model": {"model"},
+    "models": {"models"},
+    "number": {"number", "int", "numbers"},  # a list of numbers is a gradient over layers
+    "int": {"int", "number"},
+    "string": {"string"},
+    "bool": {"bool"},
+    "numbers": {"numbers", "list"},
+    "list": {"list", "numbers", "models"},
+    "any": None,
+    "tensor": {"model"},
+    "tensors": {"models"},
+    "task": {"task"},
+}
+
+
+def type_accepts(expected: str, actual: str) -> bool:
+    if actual == "any" or expected == "any":
+        return True
+    ok = _TYPE_OK.get(expected)
+    return ok is None or actual in ok
+
+
+def pattern_regex(pattern: str) -> tuple[str, tuple[str, ...]]:
+    """Glob over tensor names -> regex. `*` spans dots; `{i}` captures a layer index.
+    A pattern matches a whole name or a dot-separated suffix of it."""
+    out, caps, pos = [], [], 0
+    for m in re.finditer(r"\*|\{([A-Za-z_][A-Za-z0-9_]*)\}", pattern):
+        out.append(re.escape(pattern[pos:m.start()]))
+        if m.group(0) == "*":
+            out.append(".*")
+        else:
+            name = m.group(1)
+            out.append(f"(?P<{name}>\\d+)" if name not in caps else f"(?P={name})")
+            caps.append(name)
+        pos = m.end()
+    out.append(re.escape(pattern[pos:]))
+    return "(?:^|.*\\.)" + "".join(out) + "$", tuple(dict.fromkeys(caps))
