@@ -149,14 +149,20 @@ def test_foreign_directory_refused_earlier_output_replaced(work):
     expect(run_cli("run", str(p), "-q"), "E016", p, '"mine"', "did not write", "thesis.tex")
     assert tree(work) == before
 
-    # an empty directory, and then an earlier output of fusionlang (with a file added), are replaced
+    # an empty directory is replaced; an earlier output of fusionlang is replaced as long as
+    # it holds only what fusionlang wrote (its manifest): a file the user added is an error
     p = spec(work, AVG + 'save soup to "out/soup"\n')
     (work / "out" / "soup").mkdir(parents=True)
     assert run_cli("run", str(p), "-q")[0] == 0
-    (work / "out" / "soup" / "old.txt").write_text("from the previous run\n")
+    (work / "out" / "soup" / "notes.md").write_text("my evaluation notes\n")
+    (work / "out" / "soup" / "eval").mkdir()
+    before = tree(work)
+    expect(run_cli("run", str(p), "-q"), "E016", p, '"out/soup"', "did not write", "eval, notes.md")
+    assert tree(work) == before
+    (work / "out" / "soup" / "notes.md").unlink()
+    (work / "out" / "soup" / "eval").rmdir()
     rc, _, err = run_cli("run", str(p), "-q")
     assert rc == 0, err
-    assert not (work / "out" / "soup" / "old.txt").exists()
     got = load_state(work / "out" / "soup")
     want = average_of(work / "models" / "e0", work / "models" / "e1")
     for k, v in want.items():
@@ -302,7 +308,8 @@ TWO = ('use merging\n\nmodel base = local("models/base")\nmodels experts = [loca
 def test_failed_commit_moves_everything_back(work, monkeypatch, failing):
     p = spec(work, TWO)
     assert run_cli("run", str(p), "-q")[0] == 0
-    (work / "out" / "one" / "old.txt").write_text("an earlier run\n")
+    with open(work / "out" / "one" / "README.md", "a") as f:  # marks the earlier output's bytes
+        f.write("an earlier run\n")
     before = tree(work / "out")
     real_rename = os.rename
 
@@ -379,11 +386,14 @@ def test_sigterm_cleans_up_like_sigint(work):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(p)], cwd=work, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tmp = work / "out" / f".soup.fusionlang-tmp-{proc.pid}" / "model.safetensors"
     deadline = time.time() + 60
-    while not tmp.exists() and proc.poll() is None and time.time() < deadline:
+
+    def tmp_written() -> bool:
+        return any((work / "out").glob(f".soup.fusionlang-tmp-{proc.pid}-*/model.safetensors"))
+
+    while not tmp_written() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    assert tmp.exists(), proc.communicate()
+    assert tmp_written(), proc.communicate()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
@@ -450,3 +460,75 @@ def test_model_card_tokenizer_and_custom_code_travel(work, monkeypatch):
     meta = yaml.safe_load(card.split("---\n")[1])
     assert meta == {"base_model": ["org/tiny-base"], "library_name": "transformers", "tags": ["fusionlang", "merge"]}
     assert "example.invalid" not in card and p.read_text().strip() in card
+
+
+def test_runs_with_the_same_pid_keep_apart(work):
+    """Two runs whose PIDs are equal (containers sharing a volume) must not take each
+    other's temporary folders for leftovers: a folder whose lock file is held is kept,
+    whatever its PID; once the lock is free, the next run removes it."""
+    import fcntl
+
+    p = spec(work, AVG + 'save soup to "out/soup"\n')
+    assert run_cli("run", str(p), "-q")[0] == 0
+    token = f"{os.getpid()}-cafef00d"  # this process's PID, another run's token
+    other_tmp = work / "out" / f".soup.fusionlang-tmp-{token}"
+    other_tmp.mkdir()
+    (other_tmp / "model.safetensors").write_bytes(b"half-written by the other run")
+    lock = work / "out" / f".soup.fusionlang-lock-{token}"
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert run_cli("run", str(p), "-q")[0] == 0
+        assert (other_tmp / "model.safetensors").read_bytes() == b"half-written by the other run"
+        assert leftovers(work) == [f"out/.soup.fusionlang-lock-{token}", f"out/.soup.fusionlang-tmp-{token}"]
+    finally:
+        os.close(fd)  # the other run is killed: its lock is free
+    assert run_cli("run", str(p), "-q")[0] == 0
+    assert leftovers(work) == []
+
+
+def test_same_directory_through_a_bind_mount_is_an_input(work):
+    """An output that is an input reached by another path (a bind mount, which realpath
+    does not see through) is refused as that input: identity is checked by device and
+    inode. Without that check the directory would only be refused as foreign."""
+    import shutil as sh
+
+    p = spec(work, AVG + 'save soup to "out/soup"\n')
+    assert run_cli("run", str(p), "-q")[0] == 0
+    (work / "bind").mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(work / "out"), str(work / "bind")], capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("no bind mount here (needs root and mount(8))")
+    try:
+        sh.copytree(work / "models" / "e0", work / "out" / "e0copy")
+        q = spec(work, AVG.replace('local("models/e0")', 'local("bind/e0copy")') + 'save soup to "out/e0copy"\n', "q.fuse")
+        before = tree(work / "out")
+        expect(run_cli("run", str(q), "-q"), "E016", q, '"out/e0copy"', "input model")
+        assert tree(work / "out") == before
+    finally:
+        subprocess.run(["umount", str(work / "bind")], check=False)
+
+
+def test_tilde_is_the_home_directory(work, monkeypatch):
+    home = work / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    p = spec(work, AVG + 'save soup to "~/merged"\n')
+    rc, _, err = run_cli("run", str(p), "-q")
+    assert rc == 0, err
+    assert not (work / "~").exists()
+    got = load_state(home / "merged")
+    for k, v in average_of(work / "models" / "e0", work / "models" / "e1").items():
+        torch.testing.assert_close(got[k].float(), v)
+
+
+def test_unreadable_companion_file_is_located(work):
+    """A file that travels with the output but cannot be copied (a dangling link inside
+    the input's additional_chat_templates/, as a partial download leaves) is E016 at the
+    save, nothing written; not an internal error."""
+    d = work / "models" / "e0" / "additional_chat_templates"
+    d.mkdir()
+    os.symlink("missing.jinja", d / "tool_use.jinja")
+    p = spec(work, AVG + 'save soup to "out/soup"\n')
+    expect(run_cli("run", str(p), "-q"), "E016", p, '"out/soup"', "cannot finish output 'soup'")
+    assert not (work / "out").exists() and leftovers(work) == []

@@ -8,7 +8,6 @@ Needs no model files and never imports torch.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .. import ir
@@ -18,7 +17,7 @@ from .expressions import ExprChecker, type_name
 from .modules import Module
 from .parser import read_source
 from .signatures import pattern_regex, type_accepts
-from .values import MAX_EVAL_DEPTH, check_path_string, eval_depth
+from .values import MAX_EVAL_DEPTH, check_path_string, eval_depth, spec_path
 
 
 class Checker(ExprChecker):
@@ -97,7 +96,7 @@ class Checker(ExprChecker):
             return None
         if not check_path_string(self.sink, stmt.path, stmt.path_span):
             return None
-        path = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(mod.file)), stmt.path))
+        path = spec_path(mod.file, stmt.path)
         if path in seen:
             self.sink.error("E016", f"two saves write to '{stmt.path}'", stmt.path_span, f"the other save is at {seen[path]}")
             return None
@@ -124,7 +123,7 @@ class Checker(ExprChecker):
         if stmt.report is not None and not check_path_string(self.sink, stmt.report, stmt.report_span or stmt.span):
             ok = False
         elif stmt.report is not None:
-            report = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(mod.file)), stmt.report))
+            report = spec_path(mod.file, stmt.report)
         return ir.EvalIR(models=tuple(models), tasks=tuple(tasks), report=report, span=stmt.span) if ok else None
 
     def _def(self, qual: str) -> ir.DefIR | None:

@@ -5,6 +5,7 @@ formatting inside Python's recursion limit. No torch."""
 from __future__ import annotations
 
 import math
+import os
 import re
 
 from .. import ir
@@ -110,3 +111,10 @@ def check_path_string(sink: DiagnosticSink, value: str, span: Span) -> bool:
         sink.error("E006", f"path too long: {what}", span, "use a shorter path")
         return False
     return True
+
+
+def spec_path(spec_file: str, path: str) -> str:
+    """An absolute path for a path string written in `spec_file`: `~` and `~user` expand
+    to home directories (as in a shell), other relative paths are relative to the spec's
+    directory."""
+    return os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(spec_file)), os.path.expanduser(path)))

@@ -10,22 +10,33 @@ outputs go"), all resolved through symlinks (`os.path.realpath`):
 - an output that is a symlink points to an existing directory (the output replaces that
   directory, and the link keeps pointing at it); a dangling link is refused;
 - an existing, non-empty output directory is replaced only when fusionlang wrote it (its
-  README.md model card carries the `fusionlang` tag): anything else may be the user's.
+  README.md model card carries the `fusionlang` tag) and it holds nothing else: the
+  entries fusionlang wrote are listed in its `.fusionlang.json` manifest, and a file
+  the user added since (notes, evaluation results) makes the save an error, never a loss;
+- "the same directory" is decided by path (through symlinks) and by device and inode
+  (bind mounts, case-insensitive file systems).
 
-A run writes `.NAME.fusionlang-tmp-PID` next to the output and, while committing, moves
-the previous output to `.NAME.fusionlang-old-PID`. `clean_leftovers` removes those of
-runs that no longer exist (a SIGKILL), and restores an `-old-` folder whose output is
-missing (a kill between the two renames of a commit: it may be the only copy).
+A run claims each output with a lock file `.NAME.fusionlang-lock-TOKEN` (TOKEN: its PID
+and a random part, so runs with equal PIDs in different containers differ), held with
+`flock` until its commit is done; it writes `.NAME.fusionlang-tmp-TOKEN` next to the
+output and, while committing, moves the previous output to `.NAME.fusionlang-old-TOKEN`.
+`clean_leftovers` removes the folders of runs whose lock is not held (a SIGKILL), and
+restores an `-old-` folder whose output is missing (a kill between the two renames of a
+commit: it may be the only copy).
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
+import secrets
 import shutil
 from dataclasses import dataclass
 
 MARKER_TAG = "fusionlang"
+MANIFEST = ".fusionlang.json"  # JSON {"entries": [...]}: what fusionlang wrote into an output
 INPUT_HINT = "choose an output directory that contains no input model or spec"
 
 
@@ -48,8 +59,62 @@ def shown(path: str) -> str:
 
 
 def _inside(child: str, parent: str) -> bool:
-    """Is the real path `child` equal to or below the real path `parent`?"""
-    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+    """Is the real path `child` equal to or below the real path `parent`? By path, or by
+    device and inode when `parent` exists (the same directory reached through a bind
+    mount, or spelled in another case on a case-insensitive file system)."""
+    if child == parent or child.startswith(parent.rstrip(os.sep) + os.sep):
+        return True
+    try:
+        st = os.stat(parent)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) in _ids_up(child)
+
+
+def _ids_up(path: str) -> set[tuple[int, int]]:
+    """(device, inode) of `path` (when it exists) and of each of its existing ancestors."""
+    ids = set()
+    p = path
+    while True:
+        try:
+            st = os.stat(p)
+            ids.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+        up = os.path.dirname(p)
+        if up == p:
+            return ids
+        p = up
+
+
+def written_entries(directory: str) -> set[str] | None:
+    """The entries an output's manifest says fusionlang wrote, or None without one (an
+    output of an earlier version: `_known_output_entry` decides then)."""
+    try:
+        with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
+            data = json.load(f)
+        return {str(e) for e in data["entries"]} | {MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_manifest(directory: str) -> None:
+    """Record the entries of a finished output (before it is moved into place)."""
+    entries = sorted(set(os.listdir(directory)) | {MANIFEST})
+    with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"entries": entries}, f, indent=1)
+
+
+_KNOWN = re.compile(r"^(README\.md|config\.json|.*\.safetensors|.*\.index\.json|.*\.py|tokenizer.*|vocab.*|"
+                    r"merges\.txt|.*\.model|.*\.tiktoken|added_tokens\.json|special_tokens_map\.json|"
+                    r"chat_template.*|additional_chat_templates|modules\.json|sentence_bert_config\.json|"
+                    r"config_sentence_transformers\.json|\d+_\w+|"
+                    r"(generation|preprocessor|processor|video_preprocessor|feature_extractor|image_processor)_config\.json)$")
+
+
+def _known_output_entry(name: str) -> bool:
+    """Could an output without a manifest (written before manifests) hold `name`?"""
+    return bool(_KNOWN.match(name))
 
 
 def is_fusionlang_output(directory: str) -> bool:
@@ -98,11 +163,25 @@ def check_paths(outputs: list[tuple[str, str]], inputs: list[tuple[str, str, lis
             problems.append(Problem(i, f"output '{shown(p)}' is {what} the save at {outputs[j][1]} ('{shown(outputs[j][0])}')",
                                     "give every save its own directory, none inside another"))
             continue
-        if os.path.isdir(real) and not is_fusionlang_output(real):
-            try:
-                entries = sorted(os.listdir(real))
-            except OSError:
-                entries = []
+        if not os.path.isdir(real):
+            continue
+        try:
+            entries = sorted(os.listdir(real))
+        except OSError as e:
+            problems.append(Problem(i, f"output '{shown(p)}' exists but cannot be listed ({e.strerror or e}): "
+                                       "fusionlang cannot tell whether it holds your files", "choose another directory"))
+            continue
+        if is_fusionlang_output(real):
+            written = written_entries(real)
+            extra = [e for e in entries if (e not in written if written is not None else not _known_output_entry(e))]
+            if extra:
+                listed = ", ".join(extra[:5]) + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else "")
+                problems.append(Problem(
+                    i, f"output '{shown(p)}' is an earlier fusionlang output that now also holds files fusionlang did "
+                       f"not write: {listed}",
+                    "move those files out of the output directory (replacing it would delete them), "
+                    "or save to another directory"))
+        else:
             if entries:
                 listed = ", ".join(entries[:3]) + (f" (+{len(entries) - 3} more)" if len(entries) > 3 else "")
                 problems.append(Problem(
@@ -133,7 +212,54 @@ def _spec_conflict(p: str, real: str, specs: list[str]) -> str | None:
     return None
 
 
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.fusionlang-(?P<kind>tmp|old)-(?P<pid>\d+)$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.fusionlang-(?P<kind>tmp|old|lock)-(?P<token>\d+(?:-[0-9a-f]+)?)$")
+
+
+class RunLock:
+    """A run's claim on the temporary folders next to one output: the file
+    `.NAME.fusionlang-lock-TOKEN`, held with an exclusive `flock` from before the first
+    temporary folder is made until the commit is done (`release`). Raises OSError."""
+
+    def __init__(self, target: str):
+        self.parent, self.name = os.path.split(target.rstrip(os.sep))
+        self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.path = os.path.join(self.parent, f".{self.name}.fusionlang-lock-{self.token}")
+        self.fd: int | None = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def sibling(self, kind: str) -> str:
+        """The run's `tmp` or `old` folder next to the output."""
+        return os.path.join(self.parent, f".{self.name}.fusionlang-{kind}-{self.token}")
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def _token_alive(parent: str, name: str, token: str) -> bool:
+    """Does a live run hold `token`? Tokens with a random part are decided by their lock
+    file (held: alive); bare PIDs (folders of earlier versions) by the process."""
+    if "-" not in token:
+        return pid_alive(int(token))
+    path = os.path.join(parent, f".{name}.fusionlang-lock-{token}")
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def pid_alive(pid: int) -> bool:
@@ -153,27 +279,37 @@ def pid_alive(pid: int) -> bool:
 
 
 def clean_leftovers(target: str) -> list[str]:
-    """Remove the `.NAME.fusionlang-tmp-PID` / `-old-PID` folders next to `target` whose
-    run no longer exists; an `-old-` folder whose `target` is missing is moved back into
-    place instead (a run killed between its two renames). Folders of live runs are left
-    alone. Returns what was done, one line each. Raises OSError when a restore fails."""
+    """Remove the `.NAME.fusionlang-tmp-TOKEN` / `-old-TOKEN` / `-lock-TOKEN` entries next
+    to `target` whose run no longer exists; an `-old-` folder whose `target` is missing is
+    moved back into place instead (a run killed between its two renames). Entries of live
+    runs are left alone. Returns what was done, one line each. Raises OSError when a
+    restore fails."""
     parent, name = os.path.split(target.rstrip(os.sep))
+    parent = parent or "."
     try:
-        entries = os.listdir(parent or ".")
+        entries = os.listdir(parent)
     except OSError:
         return []
     done = []
-    olds = []
+    olds, locks = [], []
+    alive: dict[str, bool] = {}
     for e in sorted(entries):
         m = _LEFTOVER.match(e)
-        if not m or m["name"] != name or pid_alive(int(m["pid"])):
+        if not m or m["name"] != name:
+            continue
+        token = m["token"]
+        if token not in alive:
+            alive[token] = _token_alive(parent, name, token)
+        if alive[token]:
             continue
         path = os.path.join(parent, e)
         if m["kind"] == "old":
             olds.append(path)
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        done.append(f"removed '{shown(path)}', left by a run that no longer exists")
+        elif m["kind"] == "lock":
+            locks.append(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed '{shown(path)}', left by a run that no longer exists")
     for path in olds:
         if not os.path.lexists(target):
             os.rename(path, target)
@@ -181,4 +317,9 @@ def clean_leftovers(target: str) -> list[str]:
         else:
             shutil.rmtree(path, ignore_errors=True)
             done.append(f"removed '{shown(path)}', left by a run that no longer exists")
+    for path in locks:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
     return done

@@ -16,7 +16,7 @@ import torch
 from ..plan.graph import OutputSpec, Plan
 from .errors import RunError
 from .model_files import finish_output
-from .outputs import check_paths, clean_leftovers, shown
+from .outputs import RunLock, check_paths, clean_leftovers, shown, write_manifest
 from .sources import DTYPE_SIZES
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3
@@ -170,12 +170,13 @@ class OutputSink:
         self.tmp_dirs: dict[str, Path] = {}
         self.writers: dict[str, ShardWriter] = {}
         self.targets: dict[str, str] = {}
+        self.locks: dict[str, RunLock] = {}
         self.created_dirs: list[Path] = []  # parents this run created, deepest first
 
     def open(self) -> None:
         self.targets = prepare_outputs(self.plan)  # output key -> the directory to replace (symlinks resolved)
         for okey, o in self.plan.outputs.items():
-            self.tmp_dirs[okey] = self._make_tmp(self.targets[okey], o)
+            self.tmp_dirs[okey] = self._make_tmp(okey, self.targets[okey], o)
             self.writers[okey] = ShardWriter(o, self.tmp_dirs[okey], self.shard_bytes, self.queue)
 
     def write(self, okey: str, tensor: str, value: torch.Tensor, first_row: int = 0, owned: bool = False) -> int:
@@ -184,13 +185,31 @@ class OutputSink:
         return self.writers[okey].write(tensor, value, first_row, owned)
 
     def commit(self) -> None:
-        """Finish every output (config, tokenizer, model card) and move all into place."""
+        """Finish every output (config, tokenizer, model card, manifest) and move all into
+        place; SIGINT and SIGTERM wait until the commit is whole (or undone)."""
+        import signal
+
         self.queue.drain()
         self.queue.close()
         for okey, o in self.plan.outputs.items():
             self.writers[okey].close()
-            finish_output(self.plan, o, self.tmp_dirs[okey])
-        commit_all([(self.tmp_dirs[k], Path(self.targets[k]), o) for k, o in self.plan.outputs.items()])
+            try:
+                finish_output(self.plan, o, self.tmp_dirs[okey])
+                write_manifest(str(self.tmp_dirs[okey]))
+            except (OSError, shutil.Error) as e:
+                raise RunError(f"cannot finish output '{o.name}' (config, tokenizer and model files next to the "
+                               f"weights): {_os_error_text(e)}", "check that the input model's files are readable and "
+                               "the output's file system has room", "E016", o.at) from None
+        blockable = hasattr(signal, "pthread_sigmask")
+        if blockable:
+            saved = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            commit_all([(self.tmp_dirs[k], Path(self.targets[k]), o, Path(self.locks[k].sibling("old")))
+                        for k, o in self.plan.outputs.items()])
+        finally:
+            if blockable:
+                signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+        self._release()
 
     def abort(self) -> None:
         """After a failure: stop writing, remove every temporary output and the parent
@@ -202,36 +221,53 @@ class OutputSink:
             w.fds = []
         for d in self.tmp_dirs.values():
             shutil.rmtree(d, ignore_errors=True)
+        self._release()
         for d in self.created_dirs:
             try:
                 d.rmdir()
             except OSError:
                 pass
 
-    def _make_tmp(self, path: str, o: OutputSpec | None = None) -> Path:
-        """A fresh `.NAME.fusionlang-tmp-PID` directory next to `path` (its parents are
-        created, and removed again if the run fails). Raises RunError (E016)."""
+    def _release(self) -> None:
+        for lock in self.locks.values():
+            lock.release()
+        self.locks.clear()
+
+    def _make_tmp(self, okey: str, path: str, o: OutputSpec | None = None) -> Path:
+        """This run's fresh `.NAME.fusionlang-tmp-TOKEN` directory next to `path`, under
+        its lock (`outputs.RunLock`); missing parents are created (and removed again if
+        the run fails). Raises RunError (E016)."""
         target = Path(path)
         try:
             missing = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
             target.parent.mkdir(parents=True, exist_ok=True)
             self.created_dirs.extend(sorted(missing, key=lambda p: -len(p.parts)))
-            tmp = target.parent / f".{target.name}.fusionlang-tmp-{os.getpid()}"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
+            self.locks[okey] = lock = RunLock(str(target))
+            tmp = Path(lock.sibling("tmp"))
+            tmp.mkdir()  # never an existing folder: the token is this run's
         except OSError as e:
-            raise RunError(f"cannot write to '{path}': {e.strerror}", "choose an output directory you can write to",
+            raise RunError(f"cannot write to '{path}': {_os_error_text(e)}", "choose an output directory you can write to",
                            "E016", o.at if o else None) from None
         return tmp
 
 
+def _os_error_text(e: BaseException) -> str:
+    return (getattr(e, "strerror", None) or str(e)) if isinstance(e, OSError) else str(e)
+
+
 def prepare_outputs(plan: Plan) -> dict[str, str]:
-    """Before any work: clean the leftovers of killed runs next to every output
-    (`outputs.clean_leftovers`), then check the save-path rules (`outputs.check_paths`,
-    for saved JSON plans too). Returns output key -> the real directory to replace.
+    """Before any work: check the save-path rules (`outputs.check_paths`, for saved JSON
+    plans too), then clean the leftovers of killed runs next to every output
+    (`outputs.clean_leftovers`). Returns output key -> the real directory to replace.
     Raises RunError (E016, located at the save) when a rule is broken or a leftover
     cannot be restored."""
+    inputs = [(k, s.path, sorted({f for _, _, f in s.tensors.values() if f})) for k, s in plan.sources.items()]
+    specs = [plan.spec_file] if plan.spec_file and os.path.isfile(plan.spec_file) else []
+    outs = list(plan.outputs.values())
+    problems = check_paths([(o.path, _where(o)) for o in outs], inputs, specs)
+    if problems:
+        p = problems[0]
+        raise RunError(p.message, p.hint, "E016", outs[p.index].at)
     targets: dict[str, str] = {}
     for okey, o in plan.outputs.items():
         path = o.path.rstrip(os.sep) or os.sep
@@ -242,13 +278,6 @@ def prepare_outputs(plan: Plan) -> dict[str, str]:
         except OSError as e:
             raise RunError(f"cannot restore the previous output '{shown(real)}' left by a killed run: {e.strerror or e}",
                            "move its `.fusionlang-old-` folder back into place by hand", "E016", o.at) from None
-    inputs = [(k, s.path, sorted({f for _, _, f in s.tensors.values() if f})) for k, s in plan.sources.items()]
-    specs = [plan.spec_file] if plan.spec_file and os.path.isfile(plan.spec_file) else []
-    outs = list(plan.outputs.values())
-    problems = check_paths([(o.path, _where(o)) for o in outs], inputs, specs)
-    if problems:
-        p = problems[0]
-        raise RunError(p.message, p.hint, "E016", outs[p.index].at)
     return targets
 
 
@@ -256,9 +285,10 @@ def _where(o: OutputSpec) -> str:
     return f"{o.at[0]}:{o.at[1]}:{o.at[2]}" if o.at else o.loc or o.path
 
 
-def commit_all(outputs: list[tuple[Path, Path, OutputSpec]]) -> None:
-    """Move every finished output (tmp dir, target, spec) into place, all or none: first
-    every existing target is moved aside (`.NAME.fusionlang-old-PID`), then every temp
+def commit_all(outputs: list[tuple[Path, Path, OutputSpec, Path]]) -> None:
+    """Move every finished output (tmp dir, target, spec, where to move the previous
+    output) into place, all or none: first every existing target is moved aside (to
+    `.NAME.fusionlang-old-TOKEN`, see outputs.RunLock), then every temp
     dir is moved in, and the old ones are deleted only when all are in place. On any
     failure (or interruption) everything moved so far is moved back and RunError (E016,
     located at the save that failed) is raised; the temp dirs are the caller's to remove."""
@@ -266,13 +296,12 @@ def commit_all(outputs: list[tuple[Path, Path, OutputSpec]]) -> None:
     moved: list[tuple[Path, Path]] = []  # (tmp, target)
     current: OutputSpec | None = None
     try:
-        for _tmp, target, o in outputs:
+        for _tmp, target, o, old in outputs:
             current = o
             if os.path.lexists(target):
-                old = target.parent / f".{target.name}.fusionlang-old-{os.getpid()}"
                 os.rename(target, old)
                 aside.append((target, old))
-        for tmp, target, o in outputs:
+        for tmp, target, o, _old in outputs:
             current = o
             os.rename(tmp, target)
             moved.append((tmp, target))

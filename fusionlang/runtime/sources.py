@@ -454,7 +454,9 @@ def package_model_dir(package: str, path: str = "") -> str:
 def source_dir(target: str, args: dict, spec_file: str) -> str:
     """The model directory of a source call (SourceError when it cannot be located)."""
     if target == "local":
-        return os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(spec_file)), args["path"]))
+        from ..lang.values import spec_path
+
+        return spec_path(spec_file, args["path"])
     if target == "zoo":
         return zoo_model_dir(args["zoo"], args.get("model", "base"))
     if target == "package":
