@@ -18,7 +18,6 @@ from Python and from the shell. See docs/api.md.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .lang.diagnostics import Diagnostic, FuseErrors, Span
+from .pipeline import load_plan, remove_eval_tmpdir
 
 __all__ = ["FuseErrors", "RunResult", "check", "compile", "load", "run"]
 
@@ -69,12 +69,6 @@ def _passes(passes: str | Iterable[str] | None) -> set[str] | None:
     return set(names)
 
 
-def _drop_eval_tmpdir(plan) -> None:
-    setup = getattr(plan, "eval_setup", None)
-    if setup is not None and setup.tmpdir:
-        shutil.rmtree(setup.tmpdir, ignore_errors=True)
-
-
 def compile(path: str | os.PathLike, passes: str | Iterable[str] | None = None):
     """Check and lower a spec, then optimize the plan (`fusionlang compile`); the model
     files must be present (their headers are read; no tensor data). Writes nothing.
@@ -91,7 +85,7 @@ def compile(path: str | os.PathLike, passes: str | Iterable[str] | None = None):
     names = _passes(passes)
     with _diagnosed(path):
         _prog, _lowered, plan = compile_spec(os.fspath(path), names)
-    _drop_eval_tmpdir(plan)  # compile writes nothing
+    remove_eval_tmpdir(plan)  # compile writes nothing
     return plan
 
 
@@ -152,15 +146,11 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
 
             eval_device = pick_device(device).type
             if spec.endswith(".json"):
-                plan = _load_plan(spec)
+                plan = load_plan(spec)
             else:
-                from .eval.tuning import resolve
-                from .pipeline import compile_spec
+                from .pipeline import compile_spec, make_tuner
 
-                def tuner(p):
-                    return resolve(p, device, eval_device, console, shard_bytes)
-
-                _prog, _lowered, plan = compile_spec(spec, _passes(passes), tuner=tuner)
+                _prog, _lowered, plan = compile_spec(spec, _passes(passes), tuner=make_tuner(device, console, shard_bytes))
                 result.warnings = list(_prog.warnings)
                 if result.warnings:
                     from .lang.diagnostics import render_all
@@ -185,22 +175,8 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
                     result.reports = run_evals(setup, eval_device, console)
     finally:
         if plan is not None:
-            _drop_eval_tmpdir(plan)
+            remove_eval_tmpdir(plan)
     return result
-
-
-def _load_plan(spec: str):
-    from .cli import _verify_plan_inputs
-    from .plan import emit
-
-    try:
-        with open(spec) as f:
-            plan = emit.from_json(f.read())
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FuseErrors([Diagnostic("E008", f"cannot load plan '{spec}': {e}", _here(spec),
-                                     "pass a .fuse spec or a plan written by `fusionlang compile --emit json`")]) from None
-    _verify_plan_inputs(plan, spec)
-    return plan
 
 
 # transformers Auto class by the suffix of config.json's architectures[0]; else AutoModel

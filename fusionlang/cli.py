@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .lang.diagnostics import Diagnostic, FuseErrors, Span, render_all, to_json
+from .pipeline import load_plan, make_tuner, remove_eval_tmpdir
 
 # NOTE: tables are wide; when stderr is not a terminal (CI logs, pipes) use 120 columns
 # rather than rich's 80, so result tables are not truncated.
@@ -130,7 +131,7 @@ def cmd_compile(args) -> int:
     from .plan import emit
 
     prog, lowered, plan = _compile(args)
-    _remove_eval_tmpdir(plan)  # compile writes nothing but the emitted plan
+    remove_eval_tmpdir(plan)  # compile writes nothing but the emitted plan
     if args.emit:
         text = {"text": emit.to_text, "json": emit.to_json, "dot": emit.to_dot}[args.emit](plan)
         if args.output:
@@ -153,22 +154,13 @@ def _write_text(path: str, text: str) -> None:
                                      "choose a writable path")]) from None
 
 
-def _remove_eval_tmpdir(plan) -> None:
-    """Remove the temporary directory `evaluation.prepare` made for unsaved evaluated merges."""
-    import shutil
-
-    setup = getattr(plan, "eval_setup", None)
-    if setup is not None and setup.tmpdir:
-        shutil.rmtree(setup.tmpdir, ignore_errors=True)
-
-
 def cmd_run(args) -> int:
     plan_box: list = []
     try:
         return _cmd_run(args, plan_box)
     finally:
         if plan_box:  # evaluations remove it when they run; a failed or interrupted run must too
-            _remove_eval_tmpdir(plan_box[0])
+            remove_eval_tmpdir(plan_box[0])
 
 
 def _cmd_run(args, plan_box: list) -> int:
@@ -180,24 +172,10 @@ def _cmd_run(args, plan_box: list) -> int:
         raise FuseErrors([Diagnostic("E006", f"--shard-size must be a positive, finite number of GB, not {args.shard_size:g}",
                                      Span("<command line>", 1, 1), "a size in GB, e.g. --shard-size 2")])
     if args.spec.endswith(".json"):
-        from .plan import emit
-
-        try:
-            with open(args.spec) as f:
-                plan = emit.from_json(f.read())
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise FuseErrors([Diagnostic("E008", f"cannot load plan '{args.spec}': {e}", Span(args.spec, 1, 1),
-                                         "pass a .fuse spec or a plan written by `fusionlang compile --emit json`")]) from None
-        _verify_plan_inputs(plan, args.spec)
+        plan = load_plan(args.spec)
         name = args.spec
     else:
-        from .eval.tuning import resolve
-        from .runtime.reader import pick_device
-
-        def tuner(p):
-            return resolve(p, args.device, pick_device(args.device).type, console, int(args.shard_size * 1024**3))
-
-        prog, _lowered, plan = _compile(args, tuner)
+        prog, _lowered, plan = _compile(args, make_tuner(args.device, console, int(args.shard_size * 1024**3)))
         plan_box.append(plan)
         name = prog.file
     import time
@@ -250,33 +228,6 @@ def _cmd_run(args, plan_box: list) -> int:
 
         run_evals(setup, pick_device(args.device).type, console)
     return 0
-
-
-def _verify_plan_inputs(plan, path: str) -> None:
-    """A saved plan names input files and their headers: make sure they still match."""
-    from .runtime.sources import SourceError, read_model_dir
-
-    diags = []
-    for k, s in plan.sources.items():
-        try:
-            h = read_model_dir(s.path)
-        except SourceError as e:
-            diags.append(Diagnostic(e.code, f"source '{k}': {e.message}", Span(path, 1, 1), e.hint))
-            continue
-        for t, (dtype, shape, file) in s.tensors.items():
-            info = h.tensors.get(t)
-            if info is None or info.dtype != dtype or info.shape != tuple(shape):
-                diags.append(Diagnostic("E014", f"source '{k}' changed since the plan was compiled (tensor '{t}')",
-                                        Span(path, 1, 1), "re-run `fusionlang compile`"))
-                break
-            if file and os.path.abspath(os.path.join(s.path, file)) != os.path.abspath(info.file):
-                diags.append(Diagnostic(
-                    "E011", f"source '{k}' was re-sharded since the plan was compiled: tensor '{t}' is now in "
-                    f"'{os.path.basename(info.file)}', the plan reads '{os.path.basename(file)}'",
-                    Span(path, 1, 1), "re-run `fusionlang compile SPEC --emit json -o PLAN`"))
-                break
-    if diags:
-        raise FuseErrors(diags)
 
 
 def cmd_fmt(args) -> int:

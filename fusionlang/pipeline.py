@@ -183,3 +183,72 @@ def estimate_peak_bytes(plan: Plan) -> int:
             if nid not in uses:
                 alive.pop(nid, None)  # an output: written, then freed
     return peak
+
+
+def load_plan(path: str) -> Plan:
+    """A plan saved by `fusionlang compile --emit json`, validated and checked against the
+    model files it names (`run PLAN.json`). Raises FuseErrors located at the plan file:
+    E008 when it is not a valid plan, E010/E011/E014 when its inputs changed."""
+    from .plan import emit
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            plan = emit.from_json(f.read())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FuseErrors([Diagnostic("E008", f"cannot load plan '{path}': {e}", Span(path, 1, 1),
+                                     "pass a .fuse spec or a plan written by `fusionlang compile --emit json`")]) from None
+    verify_plan_inputs(plan, path)
+    return plan
+
+
+def verify_plan_inputs(plan: Plan, path: str) -> None:
+    """A saved plan names input files and their headers: make sure they still match
+    (FuseErrors located at the plan file: E010/E011/E014 as reading the model says)."""
+    import os
+
+    from .runtime.sources import SourceError, read_model_dir
+
+    diags = []
+    for k, s in plan.sources.items():
+        try:
+            h = read_model_dir(s.path)
+        except SourceError as e:
+            diags.append(Diagnostic(e.code, f"source '{k}': {e.message}", Span(path, 1, 1), e.hint))
+            continue
+        for t, (dtype, shape, file) in s.tensors.items():
+            info = h.tensors.get(t)
+            if info is None or info.dtype != dtype or info.shape != tuple(shape):
+                diags.append(Diagnostic("E014", f"source '{k}' changed since the plan was compiled (tensor '{t}')",
+                                        Span(path, 1, 1), "re-run `fusionlang compile`"))
+                break
+            if file and os.path.abspath(os.path.join(s.path, file)) != os.path.abspath(info.file):
+                diags.append(Diagnostic(
+                    "E011", f"source '{k}' was re-sharded since the plan was compiled: tensor '{t}' is now in "
+                    f"'{os.path.basename(info.file)}', the plan reads '{os.path.basename(file)}'",
+                    Span(path, 1, 1), "re-run `fusionlang compile SPEC --emit json -o PLAN`"))
+                break
+    if diags:
+        raise FuseErrors(diags)
+
+
+def remove_eval_tmpdir(plan) -> None:
+    """Remove the temporary directory `evaluation.prepare` named for unsaved evaluated
+    merges (the evaluations remove it when they run; compile, and a failed or
+    interrupted run, call this)."""
+    import shutil
+
+    setup = getattr(plan, "eval_setup", None)
+    if setup is not None and setup.tmpdir:
+        shutil.rmtree(setup.tmpdir, ignore_errors=True)
+
+
+def make_tuner(device: str, console, shard_bytes: int) -> Callable[[ir.Program], tuple[ir.Program, list]]:
+    """The `tuner` of compile_spec for a run: each tune() chosen on its validation split,
+    merging candidates on `device` and evaluating them on the same device type."""
+    from .eval.tuning import resolve
+    from .runtime.reader import pick_device
+
+    def tuner(prog: ir.Program):
+        return resolve(prog, device, pick_device(device).type, console, shard_bytes)
+
+    return tuner
