@@ -83,7 +83,7 @@ def check(path: str) -> CheckResult:
     others += [d for d in paths.sink.items if d.code == "E016" and d not in others]
     res.diagnostics = with_first(others)
     for d in missing:
-        res.unverified.append(f"{d.span}: {d.message}")
+        res.unverified.append(f"{d.span}: {d.message}" + (f" (hint: {d.hint})" if d.hint else ""))
     return res
 
 

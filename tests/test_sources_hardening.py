@@ -328,13 +328,15 @@ def test_stray_safetensors_are_not_merged(tmp_path, llama):
     assert all((got[k] - want[k]).abs().max() < 1e-6 for k in want)
 
 
-def test_only_unrelated_safetensors_is_e010_naming_them(tmp_path, llama):
+def test_only_unrelated_safetensors_is_e011_naming_them(tmp_path, llama):
     fam = copy(llama, tmp_path / "models")
     (fam["e0"] / "model.safetensors").rename(fam["e0"] / "adapter_model.safetensors")
     p = ta_spec(tmp_path, fam)
-    d = expect_error(run_cli("run", str(p), "-q"), "E010", p, AT_E0, "adapter_model.safetensors",
+    d = expect_error(run_cli("run", str(p), "-q"), "E011", p, AT_E0, "adapter_model.safetensors",
                      outputs=(tmp_path / "out/m",))
     assert "model.safetensors" in d["hint"]
+    # the directory is there but unusable: `check` reports it (an absent model would be 'not verified')
+    expect_error(run_cli("check", str(p)), "E011", p, AT_E0, "adapter_model.safetensors")
 
 
 # ------------------------------------------------- 4. config.json and index JSON files

@@ -319,13 +319,15 @@ def _read_model_dir(d: Path) -> ModelHeader:
     else:
         stray = sorted(p.name for p in d.glob("*.safetensors"))
         if stray:
-            raise SourceError("E010", f"'{d}' has no model weights that transformers loads: neither "
+            raise SourceError("E011", f"'{d}' has no model weights that transformers loads: neither "
                               f"{SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}, only {', '.join(stray)}",
                               f"fusionlang reads what from_pretrained reads and never merges other files "
                               f"(adapters, leftovers); if one is the model's weights, rename it {SAFE_WEIGHTS_NAME}")
         has_bin = any(d.glob("*.bin")) or any(d.glob("*.pt"))
+        # NOTE: E011, not E010: the directory is there but unusable, which `check` must
+        # report rather than list as a model not present yet
         raise SourceError(
-            "E010", f"no safetensors weights in '{d}'",
+            "E011", f"no safetensors weights in '{d}'",
             "convert pickle checkpoints to safetensors first (pickle is not loaded for safety)"
             if has_bin else f"a model directory needs config.json and {SAFE_WEIGHTS_NAME} "
                             f"(or shards + {SAFE_WEIGHTS_INDEX_NAME})",
