@@ -16,8 +16,8 @@ outputs go"), all resolved through symlinks (`os.path.realpath`):
 - "the same directory" is decided by path (through symlinks) and by device and inode
   (bind mounts, case-insensitive file systems).
 
-A run claims each output with a lock file `.NAME.fusionlang-lock-TOKEN` (TOKEN: its PID
-and a random part, so runs with equal PIDs in different containers differ), held with
+A run claims each output with a lock file `.NAME.fusionlang-lock-TOKEN` (TOKEN: its PID,
+or its PID and a random part when another run with the same PID holds that), held with
 `flock` until its commit is done; it writes `.NAME.fusionlang-tmp-TOKEN` next to the
 output and, while committing, moves the previous output to `.NAME.fusionlang-old-TOKEN`.
 `clean_leftovers` removes the folders of runs whose lock is not held (a SIGKILL), and
@@ -222,10 +222,22 @@ class RunLock:
 
     def __init__(self, target: str):
         self.parent, self.name = os.path.split(target.rstrip(os.sep))
-        self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.path = os.path.join(self.parent, f".{self.name}.fusionlang-lock-{self.token}")
-        self.fd: int | None = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.fd: int | None = None
+        # NOTE: the token is the bare PID when its three names are free (what tools watching
+        # for `.NAME.fusionlang-tmp-PID` expect), else the PID and a random part (another
+        # run with the same PID, e.g. in a second container on a shared volume, holds them)
+        for token in (str(os.getpid()), *(f"{os.getpid()}-{secrets.token_hex(4)}" for _ in range(8))):
+            self.token = token
+            self.path = os.path.join(self.parent, f".{self.name}.fusionlang-lock-{token}")
+            if os.path.lexists(self.sibling("tmp")) or os.path.lexists(self.sibling("old")):
+                continue
+            try:
+                self.fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            except FileExistsError:
+                continue
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        raise FileExistsError(f"no free name for a temporary output next to '{target}'")
 
     def sibling(self, kind: str) -> str:
         """The run's `tmp` or `old` folder next to the output."""
@@ -242,15 +254,16 @@ class RunLock:
 
 
 def _token_alive(parent: str, name: str, token: str) -> bool:
-    """Does a live run hold `token`? Tokens with a random part are decided by their lock
-    file (held: alive); bare PIDs (folders of earlier versions) by the process."""
-    if "-" not in token:
-        return pid_alive(int(token))
+    """Does a live run hold `token`? Decided by its lock file (held: alive); without one,
+    a random token is dead, and a bare PID (folders of versions before lock files) is
+    decided by the process."""
     path = os.path.join(parent, f".{name}.fusionlang-lock-{token}")
     try:
         fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return "-" not in token and pid_alive(int(token))
     except OSError:
-        return False
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
