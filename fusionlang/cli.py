@@ -263,35 +263,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("check", help="check specs (syntax, names, types; models too when present)")
-    c.add_argument("files", nargs="+")
-    c.add_argument("--format", choices=["text", "json"], default="text")
+    c.add_argument("files", nargs="+", help=".fuse spec files")
+    c.add_argument("--format", choices=["text", "json"], default="text",
+                   help="text: compiler-style diagnostics; json: one object per file (default: text)")
     c.set_defaults(fn=cmd_check)
 
     for name, fn, helptext in (("compile", cmd_compile, "compile a spec into a merge plan"),
                                ("run", cmd_run, "run a spec or a saved JSON plan")):
         c = sub.add_parser(name, help=helptext)
-        c.add_argument("spec")
+        c.add_argument("spec", help="a .fuse spec" + ("" if name == "compile" else ", or a plan saved with --emit json"))
         c.add_argument("--passes", help="comma-separated passes to run (default: all)")
-        c.add_argument("--dump-after", help="print the plan after this pass")
+        c.add_argument("--dump-after", metavar="PASS", help="print the plan after this pass (fold, cse, dce, split, schedule)")
         c.add_argument("--verify-passes", action="store_true", help="re-verify the plan after every pass")
-        c.add_argument("-q", "--quiet", action="store_true")
+        c.add_argument("-q", "--quiet", action="store_true", help="print only errors and warnings")
         if name == "compile":
-            c.add_argument("--emit", choices=["text", "json", "dot"])
+            c.add_argument("--emit", choices=["text", "json", "dot"],
+                           help="print the plan: text (reviewable), json (runnable with `fusionlang run`), dot (Graphviz)")
             c.add_argument("-o", "--output", help="write the emitted plan here")
         else:
-            c.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-            c.add_argument("--shard-size", type=float, default=4.0, help="max GB per output shard")
+            c.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                           help="where to compute (auto: CUDA, else MPS, else CPU)")
+            c.add_argument("--shard-size", type=float, default=4.0, metavar="GB",
+                           help="max GB per output safetensors shard (default 4)")
         c.set_defaults(fn=fn)
 
     c = sub.add_parser("fmt", help="print specs in canonical form")
-    c.add_argument("files", nargs="+")
+    c.add_argument("files", nargs="+", help=".fuse spec files")
     g = c.add_mutually_exclusive_group()
     g.add_argument("-w", "--write", action="store_true", help="rewrite the files in place")
     g.add_argument("--check", action="store_true", help="exit 1 if a file is not formatted")
     c.set_defaults(fn=cmd_fmt)
 
     c = sub.add_parser("demo", help="build a tiny offline model set and run a merge on it")
-    c.add_argument("--dir", default=".fusionlang-demo")
+    c.add_argument("--dir", default=".fusionlang-demo",
+                   help="where to build the models and write demo.fuse (default .fusionlang-demo)")
     c.set_defaults(fn=cmd_demo)
 
     from .zoo.cli import add_zoo_commands, run_zoo_command

