@@ -10,9 +10,9 @@ outputs go"), all resolved through symlinks (`os.path.realpath`):
 - an output that is a symlink points to an existing directory (the output replaces that
   directory, and the link keeps pointing at it); a dangling link is refused;
 - an existing, non-empty output directory is replaced only when fusionlang wrote it (its
-  README.md model card carries the `fusionlang` tag) and it holds nothing else: the
-  entries fusionlang wrote are listed in its `.fusionlang.json` manifest, and a file
-  the user added since (notes, evaluation results) makes the save an error, never a loss;
+  README.md model card carries the `fusionlang` tag): anything else may be the user's.
+  An earlier output is replaced whole, with whatever was put into it since (the
+  regression case 02's rule: re-running a spec replaces its previous output);
 - "the same directory" is decided by path (through symlinks) and by device and inode
   (bind mounts, case-insensitive file systems).
 
@@ -28,7 +28,6 @@ commit: it may be the only copy).
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 import secrets
@@ -36,7 +35,6 @@ import shutil
 from dataclasses import dataclass
 
 MARKER_TAG = "fusionlang"
-MANIFEST = ".fusionlang.json"  # JSON {"entries": [...]}: what fusionlang wrote into an output
 INPUT_HINT = "choose an output directory that contains no input model or spec"
 
 
@@ -85,36 +83,6 @@ def _ids_up(path: str) -> set[tuple[int, int]]:
         if up == p:
             return ids
         p = up
-
-
-def written_entries(directory: str) -> set[str] | None:
-    """The entries an output's manifest says fusionlang wrote, or None without one (an
-    output of an earlier version: `_known_output_entry` decides then)."""
-    try:
-        with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
-            data = json.load(f)
-        return {str(e) for e in data["entries"]} | {MANIFEST}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def write_manifest(directory: str) -> None:
-    """Record the entries of a finished output (before it is moved into place)."""
-    entries = sorted(set(os.listdir(directory)) | {MANIFEST})
-    with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as f:
-        json.dump({"entries": entries}, f, indent=1)
-
-
-_KNOWN = re.compile(r"^(README\.md|config\.json|.*\.safetensors|.*\.index\.json|.*\.py|tokenizer.*|vocab.*|"
-                    r"merges\.txt|.*\.model|.*\.tiktoken|added_tokens\.json|special_tokens_map\.json|"
-                    r"chat_template.*|additional_chat_templates|modules\.json|sentence_bert_config\.json|"
-                    r"config_sentence_transformers\.json|\d+_\w+|"
-                    r"(generation|preprocessor|processor|video_preprocessor|feature_extractor|image_processor)_config\.json)$")
-
-
-def _known_output_entry(name: str) -> bool:
-    """Could an output without a manifest (written before manifests) hold `name`?"""
-    return bool(_KNOWN.match(name))
 
 
 def is_fusionlang_output(directory: str) -> bool:
@@ -171,23 +139,12 @@ def check_paths(outputs: list[tuple[str, str]], inputs: list[tuple[str, str, lis
             problems.append(Problem(i, f"output '{shown(p)}' exists but cannot be listed ({e.strerror or e}): "
                                        "fusionlang cannot tell whether it holds your files", "choose another directory"))
             continue
-        if is_fusionlang_output(real):
-            written = written_entries(real)
-            extra = [e for e in entries if (e not in written if written is not None else not _known_output_entry(e))]
-            if extra:
-                listed = ", ".join(extra[:5]) + (f" (+{len(extra) - 5} more)" if len(extra) > 5 else "")
-                problems.append(Problem(
-                    i, f"output '{shown(p)}' is an earlier fusionlang output that now also holds files fusionlang did "
-                       f"not write: {listed}",
-                    "move those files out of the output directory (replacing it would delete them), "
-                    "or save to another directory"))
-        else:
-            if entries:
-                listed = ", ".join(entries[:3]) + (f" (+{len(entries) - 3} more)" if len(entries) > 3 else "")
-                problems.append(Problem(
-                    i, f"output '{shown(p)}' is an existing directory that fusionlang did not write (it holds {listed})",
-                    "choose a new or empty directory: fusionlang replaces only a directory it wrote itself "
-                    "(its README.md has the `fusionlang` tag)"))
+        if entries and not is_fusionlang_output(real):
+            listed = ", ".join(entries[:3]) + (f" (+{len(entries) - 3} more)" if len(entries) > 3 else "")
+            problems.append(Problem(
+                i, f"output '{shown(p)}' is an existing directory that fusionlang did not write (it holds {listed})",
+                "choose a new or empty directory: fusionlang replaces only a directory it wrote itself "
+                "(its README.md has the `fusionlang` tag)"))
     return problems
 
 

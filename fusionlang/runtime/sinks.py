@@ -16,7 +16,7 @@ import torch
 from ..plan.graph import OutputSpec, Plan
 from .errors import RunError
 from .model_files import finish_output
-from .outputs import RunLock, check_paths, clean_leftovers, shown, write_manifest
+from .outputs import RunLock, check_paths, clean_leftovers, shown
 from .sources import DTYPE_SIZES
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3
@@ -185,7 +185,7 @@ class OutputSink:
         return self.writers[okey].write(tensor, value, first_row, owned)
 
     def commit(self) -> None:
-        """Finish every output (config, tokenizer, model card, manifest) and move all into
+        """Finish every output (config, tokenizer, model card) and move all into
         place; SIGINT and SIGTERM wait until the commit is whole (or undone)."""
         import signal
 
@@ -195,7 +195,6 @@ class OutputSink:
             self.writers[okey].close()
             try:
                 finish_output(self.plan, o, self.tmp_dirs[okey])
-                write_manifest(str(self.tmp_dirs[okey]))
             except (OSError, shutil.Error) as e:
                 raise RunError(f"cannot finish output '{o.name}' (config, tokenizer and model files next to the "
                                f"weights): {_os_error_text(e)}", "check that the input model's files are readable and "
