@@ -35,3 +35,18 @@ def test_every_option_has_help():
 
     walk(build_parser(), "fusionlang")
     assert missing == []
+
+
+def test_every_package_ships_in_the_wheel():
+    """pyproject.toml lists the packages explicitly (grammar/ and stdlib/ are mapped in):
+    every package directory of fusionlang/ must be listed, or `pip install .` installs a
+    fusionlang that cannot import itself."""
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "fusionlang").rglob("__init__.py")}
+    assert found - listed == set()
