@@ -217,6 +217,25 @@ def test_saved_plan_checks_paths_at_run(work):
     assert tree(work) == before
 
 
+def test_saved_plan_protects_the_specs_it_uses(work):
+    """A spec file that the spec `use`s stays protected when a saved plan runs (the plan
+    records the spec files), even if the plan's output was edited to point at its folder."""
+    p = spec(work, AVG + 'save soup to "out/soup"\n')
+    assert run_cli("run", str(p), "-q")[0] == 0  # out/soup: an earlier fusionlang output
+    (work / "out" / "soup" / "defs.fuse").write_text("use merging\n\ndef half(x: model, y: model) -> model = average([x, y])\n")
+    q = spec(work, 'use "out/soup/defs.fuse"\n\nmodel a = local("models/e0")\nmodel b = local("models/e1")\n\n'
+                   'merge soup = half(a, b)\n\nsave soup to "out/other"\n', "q.fuse")
+    plan = work / "plan.json"
+    assert run_cli("compile", str(q), "--emit", "json", "-o", str(plan), "-q")[0] == 0
+    data = json.loads(plan.read_text())
+    data["outputs"][0]["path"] = str(work / "out" / "soup")
+    plan.write_text(json.dumps(data))
+    before = tree(work / "out")
+    rc, _, err = run_cli("run", str(plan), "-q")
+    assert rc == 1 and "error[E016]" in err and "defs.fuse" in err, err
+    assert tree(work / "out") == before
+
+
 def test_compile_writes_nothing(work):
     p = spec(work, AVG + 'save soup to "out/deep/soup"\n')
     before = tree(work)

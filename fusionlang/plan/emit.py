@@ -75,6 +75,7 @@ def to_json(plan: Plan) -> str:
     return json.dumps({
         "fusionlang_plan": FORMAT_VERSION,
         "spec_file": plan.spec_file,
+        "spec_files": plan.spec_files,
         "spec_text": plan.spec_text,
         "sources": {k: {"path": s.path, "config": s.config, "at": s.at,
                         "tensors": {t: [d, list(sh), f] for t, (d, sh, f) in s.tensors.items()}}
@@ -129,6 +130,7 @@ def _from_json(text: str) -> Plan:
         raise ValueError("not a fusionlang plan (or a plan from another format version)")
     plan = Plan()
     plan.spec_file, plan.spec_text = data["spec_file"], data["spec_text"]
+    plan.spec_files = [str(f) for f in data.get("spec_files", [])]
     for k, s in data["sources"].items():
         plan.sources[k] = SourceSpec(k, s["path"], {t: (d, tuple(sh), f) for t, (d, sh, f) in s["tensors"].items()}, s["config"],
                                      _at(s.get("at")))

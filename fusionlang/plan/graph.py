@@ -89,6 +89,7 @@ class Plan:
         self.outputs: dict[str, OutputSpec] = {}
         self.spec_text: str = ""
         self.spec_file: str = ""
+        self.spec_files: list[str] = []  # the spec and the spec files it `use`s (outputs never hold them)
         self.hashcons = True
         self.history: list[tuple[str, int]] = []  # (pass name, node count after it)
         self.order: list[str] = []  # execution order, set by the schedule pass
@@ -133,6 +134,7 @@ class Plan:
         p.sources = self.sources
         p.outputs = {k: replace(v, tensors=dict(v.tensors), blocks=dict(v.blocks)) for k, v in self.outputs.items()}
         p.spec_text, p.spec_file, p.history = self.spec_text, self.spec_file, list(self.history)
+        p.spec_files = list(self.spec_files)
         p.hashcons = self.hashcons
         p.order, p.phase_of = list(self.order), dict(self.phase_of)
         return p

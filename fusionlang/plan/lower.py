@@ -253,6 +253,7 @@ class Lowerer(Domains):
         specs = sorted({self.prog.file} | {b.span.file for b in self.prog.bindings.values()}
                        | {d.span.file for d in self.prog.defs.values()})
         specs = [f for f in specs if f and os.path.isfile(f)]
+        self.plan.spec_files = specs  # a saved plan checks them again when it runs
         for p in check_paths([(s.path, str(s.path_span)) for s in saves], inputs, specs):
             self._report(Diagnostic("E016", p.message, saves[p.index].path_span, p.hint))
 
