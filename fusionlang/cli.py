@@ -64,7 +64,13 @@ def _summary(prog, lowered, plan) -> None:
     t = Table(title=f"plan for {prog.file}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("models", ", ".join(f"{k} ({len(s.tensors)} tensors)" for k, s in plan.sources.items()))
+    t.add_row("models", ", ".join(f"{k} ({len(s.tensors)} tensors)" for k, s in plan.sources.items() if not s.stage))
+    stages = [(k, s) for k, s in plan.sources.items() if s.stage]
+    if stages:
+        from .plan.emit import stage_line
+
+        t.add_row("model stages", "\n".join(stage_line(k, s.stage, len(s.tensors))[len("stage "):] for k, s in stages)
+                  + "\n[dim](run first; results cached by content hash in $FUSIONLANG_CACHE/stages)[/]")
     t.add_row("outputs", ", ".join(f"{o.name} -> {o.path}" for o in plan.outputs.values()))
     t.add_row("tensors", str(sum(len(o.tensors) for o in plan.outputs.values())))
     t.add_row("ops", f"{len(lowered.nodes)} lowered -> {len(plan.nodes)} after passes "

@@ -107,10 +107,10 @@ class DefIR(IR):
 
 
 class Binding(IR):
-    """A global value: `model`, `models`, `let`, `merge` (with its rule block) or `task`."""
+    """A global value: `model`, `models`, `let`, `merge` (with its rule block), `task` or `data`."""
 
     qualname: str
-    kind: Literal["model", "models", "let", "merge", "task"]
+    kind: Literal["model", "models", "let", "merge", "task", "data"]
     type: str
     value: Expr
     rules: tuple[RuleIR, ...] = ()

@@ -210,6 +210,8 @@ def verify_plan_inputs(plan: Plan, path: str) -> None:
 
     diags = []
     for k, s in plan.sources.items():
+        if s.stage:  # a stage's result: computed (or found in the cache) when the plan runs
+            continue
         try:
             h = read_model_dir(s.path)
         except SourceError as e:

@@ -165,6 +165,12 @@ class TaskDecl(Node):
 
 
 @dataclass(frozen=True)
+class DataDecl(Node):
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True)
 class Eval(Node):
     models: tuple[tuple[str, Span], ...]
     tasks: tuple[tuple[str, Span], ...]
@@ -172,7 +178,7 @@ class Eval(Node):
     report_span: Span | None
 
 
-Stmt = Use | ModelDecl | Let | Def | Merge | Save | TaskDecl | Eval
+Stmt = Use | ModelDecl | Let | Def | Merge | Save | TaskDecl | DataDecl | Eval
 
 
 @dataclass(frozen=True)
@@ -215,7 +221,7 @@ def depth(e: Expr) -> tuple[int, Expr]:
 
 def stmt_exprs(s: Stmt) -> tuple[Expr, ...]:
     """The expressions a statement holds (its value, defaults, rule values)."""
-    if isinstance(s, (ModelDecl, Let, TaskDecl)):
+    if isinstance(s, (ModelDecl, Let, TaskDecl, DataDecl)):
         return (s.value,)
     if isinstance(s, Def):
         return tuple(p.default for p in s.params if p.default is not None) + (s.body,)

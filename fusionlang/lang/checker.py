@@ -194,6 +194,12 @@ class Checker(ExprChecker):
             if not type_accepts("task", value.type):
                 self.sink.error("E005", f"task '{stmt.name}' must be a task, not {value.type}", stmt.value.span,
                                 'e.g. task austen = classify("austen", zoo="text")')
+        elif isinstance(stmt, ast.DataDecl):
+            kind = "data"
+            if not type_accepts("data", value.type):
+                self.sink.error("E005", f"data '{stmt.name}' must be a data value, not {value.type}", stmt.value.span,
+                                'e.g. data calib = dataset("calib.jsonl", text="text", n=256) or '
+                                'zoo_data("tops", zoo="vision", split="train", n=256)')
         elif isinstance(stmt, ast.Merge):
             kind = "merge"
             if not type_accepts("model", value.type):

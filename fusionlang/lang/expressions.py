@@ -334,7 +334,7 @@ def type_name(t: str) -> str:
     return {"model": "a model", "models": "a list of models", "number": "a number", "int": "an integer",
             "string": "a string", "bool": "a bool", "numbers": "a list of numbers", "list": "a list",
             "tensor": "a model", "tensors": "a list of models", "none": "none", "function": "a function",
-            "slice": "a layer range"}.get(t, t)
+            "slice": "a layer range", "data": "a data value", "stats": "a list of statistics"}.get(t, t)
 
 
 def arg_text(a: ir.Expr) -> str:

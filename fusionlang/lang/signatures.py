@@ -1,5 +1,5 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, classify,
-tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
+dataset, zoo_data, gram, fisher, covered, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
 
@@ -33,6 +33,24 @@ BUILTINS: dict[str, BuiltinSig] = {
     "classify": BuiltinSig((("task", "string", REQUIRED), ("zoo", "string", "text"), ("split", "string", "test"),
                             ("batch_size", "int", 128), ("limit", "int", None)), "task",
                            "a classification task of a model zoo: its data split, frozen head and accuracy"),
+    "dataset": BuiltinSig((("path", "string", REQUIRED), ("text", "string", None), ("image", "string", None),
+                           ("label", "string", None), ("format", "string", "auto"), ("split", "string", "train"),
+                           ("n", "int", None), ("seed", "int", None)), "data",
+                          "the user's own data, read with the `datasets` library: a JSON lines, JSON, CSV or parquet "
+                          "file, or a directory written by save_to_disk; the columns named by text=, image=, label=; "
+                          "the first n rows (or n rows drawn with seed)"),
+    "zoo_data": BuiltinSig((("task", "string", REQUIRED), ("zoo", "string", "text"), ("split", "string", "train"),
+                            ("n", "int", None), ("seed", "int", None)), "data",
+                           "a split of a zoo task's data (its inputs, labels and frozen head); n rows drawn with seed"),
+    "gram": BuiltinSig((("models", "models", REQUIRED), ("data", "data", REQUIRED), ("batch_size", "int", 32)), "stats",
+                       "a model stage: for each model, the Gram matrix of every Linear (and Conv2d) layer's input "
+                       "over `data` (one data value, or one per model)"),
+    "fisher": BuiltinSig((("models", "models", REQUIRED), ("data", "data", REQUIRED), ("batch_size", "int", 32),
+                          ("normalize", "bool", True), ("minimal", "number", 1e-6)), "stats",
+                         "a model stage: for each model, its diagonal Fisher information over `data` from the "
+                         "model's own predictions, as Fisher-merging weights"),
+    "covered": BuiltinSig((("stats", "stats", REQUIRED),), "bool",
+                          "whether every statistic of the list has a value for the tensor being merged"),
     "tune": BuiltinSig((("values", "numbers", REQUIRED), ("on", "any", REQUIRED), ("split", "string", "val")), "number",
                        "a merge argument chosen at run time: the candidate with the best mean accuracy on the "
                        "tasks' validation split"),
@@ -49,8 +67,10 @@ _TYPE_OK = {
     "list": {"list", "numbers", "models"},
     "any": None,
     "tensor": {"model"},
-    "tensors": {"models"},
+    "tensors": {"models", "stats"},  # statistics are model-shaped: ops take them like models
     "task": {"task"},
+    "data": {"data", "list"},  # one data value, or one per model
+    "stats": {"stats"},
 }
 
 

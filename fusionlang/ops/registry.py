@@ -47,6 +47,9 @@ class OpDef:
     # -> small Python value, finish([partials], **params) -> tensor), giving the same
     # value as `fn` on the whole tensor.
     tile_stat: tuple[Callable, Callable] | None = None
+    # ops with several list parameters: check_shapes([[shape per input] per list]) -> a
+    # problem ("...") or None, run at compile time on the inputs' shapes
+    check_shapes: Callable | None = None
 
     @property
     def tensor_params(self) -> list[ParamSpec]:
@@ -84,7 +87,7 @@ def _type_of(ann: Any) -> tuple[str, tuple[str, ...], bool]:
 
 def op(name: str | None = None, *, kind: str = "map", public: bool = True, inplace: bool = False,
        ranges: dict[str, tuple[float | None, float | None]] | None = None,
-       tile_stat: tuple[Callable, Callable] | None = None):
+       tile_stat: tuple[Callable, Callable] | None = None, check_shapes: Callable | None = None):
     """Register `fn` as a primitive; its signature is the op's schema."""
 
     def deco(fn: Callable) -> Callable:
@@ -97,7 +100,7 @@ def op(name: str | None = None, *, kind: str = "map", public: bool = True, inpla
             params.append(ParamSpec(p.name, typ, p.default, choices, optional, (ranges or {}).get(p.name)))
         opname = name or fn.__name__.rstrip("_")
         OPS[opname] = OpDef(opname, fn, tuple(params), kind, public, inplace,
-                            inspect.getdoc(fn) or "", dict(ranges or {}), tile_stat)
+                            inspect.getdoc(fn) or "", dict(ranges or {}), tile_stat, check_shapes)
         return fn
 
     return deco

@@ -43,7 +43,10 @@ def to_text(plan: Plan) -> str:
     num = {nid: i for i, nid in enumerate(order)}
     lines = [f"# plan for {os.path.basename(plan.spec_file)}: {len(plan.nodes)} nodes, {len(plan.outputs)} outputs"]
     for k, s in sorted(plan.sources.items()):
-        lines.append(f"source {k} = {json.dumps(_rel(s.path, plan.spec_file))}")
+        if s.stage:
+            lines.append(stage_line(k, s.stage, len(s.tensors)))
+        else:
+            lines.append(f"source {k} = {json.dumps(_rel(s.path, plan.spec_file))}")
     phase = None
     for nid in order:
         n = plan.nodes[nid]
@@ -70,6 +73,16 @@ def to_text(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stage_line(key: str, stage: dict, n_tensors: int) -> str:
+    """How `compile` shows a model stage: what it computes and what it costs."""
+    est = stage.get("estimate", {})
+    params = ", ".join(f"{k}={_fmt_value(v)}" for k, v in stage.get("params", {}).items())
+    mb = est.get("peak_bytes", 0) / 1e6
+    return (f"stage {key} = {stage['kind']}({stage['model']}, {stage.get('data_text', '')}; {params})  "
+            f"# {n_tensors} statistics; {est.get('examples', '?')} examples in {est.get('batches', '?')} "
+            f"{est.get('passes', '')} passes; {est.get('models_resident', 1)} model resident, ~{mb:.0f} MB")
+
+
 def to_json(plan: Plan) -> str:
     order = node_order(plan)
     return json.dumps({
@@ -77,7 +90,7 @@ def to_json(plan: Plan) -> str:
         "spec_file": plan.spec_file,
         "spec_files": plan.spec_files,
         "spec_text": plan.spec_text,
-        "sources": {k: {"path": s.path, "config": s.config, "at": s.at,
+        "sources": {k: {"path": s.path, "config": s.config, "at": s.at, "stage": s.stage,
                         "tensors": {t: [d, list(sh), f] for t, (d, sh, f) in s.tensors.items()}}
                     for k, s in plan.sources.items()},
         "nodes": [{"id": nid, "op": plan.nodes[nid].op, "inputs": list(plan.nodes[nid].inputs),
@@ -133,7 +146,7 @@ def _from_json(text: str) -> Plan:
     plan.spec_files = [str(f) for f in data.get("spec_files", [])]
     for k, s in data["sources"].items():
         plan.sources[k] = SourceSpec(k, s["path"], {t: (d, tuple(sh), f) for t, (d, sh, f) in s["tensors"].items()}, s["config"],
-                                     _at(s.get("at")))
+                                     _at(s.get("at")), s.get("stage"))
     nodes = {}
     for n in data["nodes"]:
         params = tuple((k, _tuplify(v)) for k, v in n["params"])

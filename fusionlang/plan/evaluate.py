@@ -30,6 +30,7 @@ from ..runtime.sources import (
     read_model_dir,
     source_dir,
 )
+from . import stage_values
 from .graph import Plan, SourceSpec, add_with_id
 from .values import (
     FLOAT_DTYPES,
@@ -245,6 +246,8 @@ class Evaluator:
         if e.kind == "builtin":
             if e.target in SOURCE_BUILTINS:
                 return self.load(self.source(e, args), ctx, e.span)
+            if e.target in stage_values.STAGE_BUILTINS:
+                return stage_values.call(self, e, args, ctx)
             if e.target == "ramp":
                 a, b = float(args["start"]), float(args["end"])
                 return a + (b - a) * ctx.t
@@ -311,6 +314,7 @@ class Evaluator:
     def apply_op(self, e: ir.CallE, args: dict, ctx: TensorCtx, env: tuple = ()):
         o = OPS[e.target]
         inputs: list[TensorV] = []
+        lists: list[list[TensorV]] = []
         params: dict = {}
         sink = DiagnosticSink()
         exprs = self._arg_exprs(e)
@@ -327,7 +331,8 @@ class Evaluator:
                     raise EvalError("E005", f"argument '{p.name}' of '{o.name}' must be a non-empty list of models",
                                     e.span, "pass a `models` list or [a, b, ...]")
                 inputs.extend(v)
-                params["n"] = len(v)
+                lists.append(v)
+                params.setdefault("n", len(v))
             else:
                 if v is None:
                     if p.optional:
@@ -360,7 +365,16 @@ class Evaluator:
             return TensorV(self.plan.add(o.name, tuple(x.node for x in inputs), {}, group=ctx.group), None, None)
         if bad:
             raise EvalError(bad[0].code, bad[0].message, bad[0].span, bad[0].hint, tuple(bad[1:]))
-        self._same_shape(inputs, self.site or e.span, ctx, f"'{o.name}'")
+        if len(lists) > 1:  # e.g. models and their statistics: each list is checked on its own
+            for group in lists:
+                self._same_shape(group, self.site or e.span, ctx, f"'{o.name}'")
+            problem = o.check_shapes([[x.shape for x in g] for g in lists]) if o.check_shapes else None
+            if problem:
+                raise EvalError("E014", f"{problem} in '{o.name}' for tensor '{ctx.tensor}'", self.site or e.span,
+                                "pass each model's own statistic of the kind the method needs")
+            params["sizes"] = [len(g) for g in lists]
+        else:
+            self._same_shape(inputs, self.site or e.span, ctx, f"'{o.name}'")
         shape = inputs[0].shape if inputs else None
         dtype = inputs[0].dtype if inputs else None
         node_ids = tuple(x.node for x in inputs)

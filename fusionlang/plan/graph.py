@@ -46,6 +46,9 @@ class SourceSpec:
     tensors: dict[str, tuple[str, tuple[int, ...], str]]  # name -> (dtype, shape, shard file)
     config: dict = field(default_factory=dict)
     at: tuple | None = None  # the source call in the spec (file, line, column, end line, end column)
+    # a model stage's result (fusionlang.stages): {"kind", "model", "model_dir", "data", "params",
+    # "estimate"}; its tensors' files are set when the stage has run (stages.run.run_stages)
+    stage: dict | None = None
 
 
 @dataclass

@@ -193,7 +193,7 @@ class Lowerer(Domains):
             # every output tensor was computed (rules may read a tensor only some inputs
             # have from those); but a tensor the reference lacks would be left out
             ref_names = set(self.headers[dom.reference].tensors)
-            for key in sorted(self._sources_read(out)):
+            for key in sorted(k for k in self._sources_read(out) if k in self.headers):  # models, not stage results
                 if set(self.headers[key].tensors) - ref_names:
                     self._report_missing(MissingTensor(key, "", self.sources_used.get(key, save.span)), dom)
         if not ref.config:  # the output's config.json is the reference's: take another input's, or refuse
@@ -249,7 +249,8 @@ class Lowerer(Domains):
         from ..runtime.outputs import check_paths
 
         saves = list(self.prog.saves)
-        inputs = [(k, s.path, sorted({f for _, _, f in s.tensors.values() if f})) for k, s in self.plan.sources.items()]
+        inputs = [(k, s.path, sorted({f for _, _, f in s.tensors.values() if f})) for k, s in self.plan.sources.items()
+                  if not s.stage]
         specs = sorted({self.prog.file} | {b.span.file for b in self.prog.bindings.values()}
                        | {d.span.file for d in self.prog.defs.values()})
         specs = [f for f in specs if f and os.path.isfile(f)]

@@ -67,6 +67,12 @@ def _node_problem(plan: Plan, nid: str, seen: set[str]) -> str | None:
     if len(n.inputs) < single + listy or (not listy and len(n.inputs) != single):
         return f"node '{nid}' ({n.op}) has {len(n.inputs)} inputs"
     specs = {p.name: p for p in op.value_params}
+    n_lists = sum(1 for p in op.params if p.type == "tensors")
+    if n_lists > 1:  # the inputs of several list parameters, and how many each takes
+        sizes = params.pop("sizes", None)
+        if not (isinstance(sizes, tuple) and len(sizes) == n_lists and all(isinstance(k, int) and k > 0 for k in sizes)
+                and sum(sizes) + single == len(n.inputs)):
+            return f"node '{nid}' ({n.op}) needs sizes: one count per list parameter, adding up to its inputs"
     for k, v in params.items():
         p = specs.get(k)
         if p is None:

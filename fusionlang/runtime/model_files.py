@@ -50,7 +50,7 @@ def model_card(plan: Plan, o: OutputSpec, src, config: dict) -> str:
     inputs that have one, `library_name`, `tags` with `fusionlang`, which marks the
     directory as a fusionlang output) and the spec it was merged with."""
     bases = []
-    for s in [src, *plan.sources.values()]:
+    for s in [src, *(s for s in plan.sources.values() if not s.stage)]:
         hub = _hub_id(s.path)
         if hub and hub not in bases:
             bases.append(hub)

@@ -88,11 +88,13 @@ class Runner:
         # Inputs are stored flat, in parameter order; a list parameter takes the rest.
         call_args: list = []
         rest = list(args)
+        # several list parameters: `sizes` says how many inputs each takes
+        sizes = list(kwargs.pop("sizes", ()))
         for p in o.params:
             if p.type == "tensor":
                 call_args.append(rest.pop(0))
             elif p.type == "tensors":
-                k = len(args) - n_single
+                k = sizes.pop(0) if sizes else len(args) - n_single
                 call_args.append(rest[:k])
                 rest = rest[k:]
         if o.inplace:

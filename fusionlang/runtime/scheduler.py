@@ -141,11 +141,24 @@ class LocalScheduler:
 
 
 def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
-             progress: Callable[[int, int], None] | None = None) -> RunStats:
+             progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] | None = None) -> RunStats:
     """Run a plan with the local scheduler and commit all its outputs together
     (docs/language.md, "Where outputs go"). `progress(done, total)` is called after each
     piece written. Raises RunError: E016 (a save path that breaks a rule, an unwritable
     or uncommittable output), E030 (a value beyond the output dtype's range), E031 (NaN
     or inf in an output), E011 (an unreadable input); each located at its save or source
-    call when the plan knows it. Nothing is left behind on any error or interruption."""
+    call when the plan knows it. Nothing is left behind on any error or interruption.
+
+    The plan's model stages run first (`stages.run.run_stages`: one model resident at a
+    time, results cached on disk); `log(line)` gets their progress lines (default: stderr)."""
+    if any(s.stage for s in plan.sources.values()):
+        from ..stages.run import run_stages
+
+        plan = run_stages(plan, pick_device(device), log or _stderr_line)
     return LocalScheduler(plan, device, shard_bytes, progress).run()
+
+
+def _stderr_line(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)

@@ -260,7 +260,8 @@ def prepare_outputs(plan: Plan) -> dict[str, str]:
     (`outputs.clean_leftovers`). Returns output key -> the real directory to replace.
     Raises RunError (E016, located at the save) when a rule is broken or a leftover
     cannot be restored."""
-    inputs = [(k, s.path, sorted({f for _, _, f in s.tensors.values() if f})) for k, s in plan.sources.items()]
+    inputs = [(k, s.path, sorted({f for _, _, f in s.tensors.values() if f})) for k, s in plan.sources.items()
+              if not s.stage]
     specs = [f for f in {plan.spec_file, *plan.spec_files} if f and os.path.isfile(f)]
     outs = list(plan.outputs.values())
     problems = check_paths([(o.path, _where(o)) for o in outs], inputs, specs)

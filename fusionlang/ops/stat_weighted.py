@@ -1,0 +1,82 @@
+"""Merges weighted by model-shaped statistics from a model stage (fusionlang.stages):
+Fisher merging (elementwise weights) and RegMean (Gram matrices of layer inputs)."""
+
+from __future__ import annotations
+
+from .registry import Tensor, op, torch
+
+
+def _pairs(models: list, stats: list) -> str | None:
+    return None if len(models) == len(stats) else f"{len(models)} models but {len(stats)} statistics"
+
+
+def _same_shapes(shapes: list[list]) -> str | None:
+    models, weights = shapes
+    problem = _pairs(models, weights)
+    if problem or models[0] is None or weights[0] is None:
+        return problem
+    if tuple(models[0]) != tuple(weights[0]):
+        return f"the weights have shape {list(weights[0])} but the models {list(models[0])}"
+    return None
+
+
+@op(check_shapes=_same_shapes)
+def fisher_weighted(models: list[Tensor], weights: list[Tensor]) -> Tensor:
+    """Elementwise weighted average  Σ_i F_i ⊙ θ_i / Σ_i F_i  (Matena & Raffel 2022,
+    "Merging Models with Fisher-Weighted Averaging"). `weights`: one non-negative tensor
+    per model, of the model's shape (e.g. `fisher(models, data)`, which already includes
+    FusionBench's minimal_fisher_weight and normalisation). float32."""
+    num = torch.zeros_like(models[0], dtype=torch.float32)
+    den = torch.zeros_like(num)
+    for x, w in zip(models, weights):
+        num.add_(w * x)
+        den.add_(w)
+    return num.div_(den)
+
+
+def _gram_shapes(shapes: list[list]) -> str | None:
+    models, grams = shapes
+    problem = _pairs(models, grams)
+    if problem or models[0] is None or grams[0] is None:
+        return problem
+    w, g = tuple(models[0]), tuple(grams[0])
+    if len(w) < 2:
+        return f"a Gram matrix needs a weight matrix, not a tensor of shape {list(w)}"
+    d = 1
+    for k in w[1:]:
+        d *= k
+    if len(g) == 2:
+        ok = g == (d, d)
+    else:
+        ok = len(g) == 3 and g[1] == g[2] == d and w[0] % g[0] == 0
+    return None if ok else f"Gram matrices of shape {list(g)} do not fit a weight of shape {list(w)}"
+
+
+@op(check_shapes=_gram_shapes, ranges={"alpha": (0.0, 1.0)})
+def regmean_solve(models: list[Tensor], grams: list[Tensor], alpha: float = 0.95) -> Tensor:
+    """RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of
+    Language Models"): the weight W* [out, in] minimising Σ_i ‖X_i W*ᵀ − X_i W_iᵀ‖², i.e.
+    W*ᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ, with G_i = X_iᵀX_i / N_i the Gram matrix of the
+    layer's inputs on model i's data and G̃_i = alpha·G_i + (1 − alpha)·diag(G_i)
+    (off-diagonal entries scaled by alpha: FusionBench's reduce_non_diagonal_ratio).
+    Convolutions: W [out, in/g, kh, kw] is solved per group g as a Linear over its
+    unfolded patches, with G [g, d, d] (d = in/g·kh·kw). Solved in float64 with
+    `torch.linalg.solve` (FusionBench multiplies by `torch.inverse`; the same solution
+    for the well-conditioned sums that alpha < 1 gives)."""
+    w0 = models[0]
+    groups = grams[0].shape[0] if grams[0].dim() == 3 else 1
+    out = w0.shape[0]
+    lhs = None
+    rhs = None
+    for w, g in zip(models, grams):
+        g = g.double()
+        if g.dim() == 2:
+            g = g.unsqueeze(0)
+        diag = torch.diag_embed(torch.diagonal(g, dim1=-2, dim2=-1))
+        g = alpha * g + (1.0 - alpha) * diag
+        wt = w.double().reshape(groups, out // groups, -1).transpose(1, 2)  # [g, d, out/g]
+        lhs = g if lhs is None else lhs + g
+        term = torch.bmm(g, wt)
+        rhs = term if rhs is None else rhs + term
+    merged = torch.linalg.solve(lhs, rhs)  # [g, d, out/g]
+    return merged.transpose(1, 2).reshape(w0.shape).to(torch.float32)

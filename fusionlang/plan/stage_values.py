@@ -1,0 +1,173 @@
+"""Data values and model stages as the evaluator sees them.
+
+`dataset(...)` / `zoo_data(...)` evaluate to a `DataV` (checked against the files when
+not dry: missing file, unknown column, too few rows are located errors at compile time).
+`gram(models, data)` / `fisher(models, data)` register one model stage per (model, data)
+pair as a source of the plan, whose tensors are the statistics (shapes derived from the
+model's architecture on the meta device), and evaluate, per tensor name, to a list of
+loads of those statistics, with `UNCOVERED` for a tensor the statistic does not cover
+(e.g. a LayerNorm weight has no Gram matrix). `covered(stats)` tests for that, so the
+stdlib can fall back to another formula for such tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .. import ir
+from ..lang.diagnostics import Span
+from .graph import SourceSpec
+from .values import EvalError, TensorCtx, TensorV, at
+
+STAGE_BUILTINS = {"dataset", "zoo_data", "gram", "fisher", "covered"}
+
+
+@dataclass(frozen=True)
+class DataV:
+    """A data value: its description (stages.data) and the call that made it."""
+
+    spec: dict
+    span: Span
+    arg_spans: tuple[tuple[str, Span], ...] = ()
+
+    def span_of(self, arg: str | None) -> Span:
+        return dict(self.arg_spans).get(arg, self.span) if arg else self.span
+
+
+class _Uncovered:
+    def __repr__(self) -> str:
+        return "UNCOVERED"
+
+
+UNCOVERED = _Uncovered()
+
+
+def call(ev, e: ir.CallE, args: dict, ctx: TensorCtx):
+    """Evaluate a stage builtin call `e` (arguments `args`) at tensor `ctx`."""
+    if e.target in ("dataset", "zoo_data"):
+        return _data(ev, e, args)
+    if e.target == "covered":
+        stats = args["stats"]
+        return isinstance(stats, list) and all(isinstance(x, TensorV) for x in stats)
+    return _stats(ev, e, args, ctx)
+
+
+def _arg_spans(ev, e: ir.CallE) -> tuple[tuple[str, Span], ...]:
+    from ..lang.signatures import BUILTINS
+
+    names = [p[0] for p in BUILTINS[e.target].params]
+    return tuple((n, a.span) for n, a in zip(names, e.args)) + tuple((k, v.span) for k, v in e.kwargs)
+
+
+def _data(ev, e: ir.CallE, args: dict) -> DataV:
+    from ..stages import data as D
+
+    spec = D.from_args(e.target, args, e.span.file)
+    v = DataV(spec, e.span, _arg_spans(ev, e))
+    if not ev.dry:
+        _check_data(ev, v)
+    return v
+
+
+def _check_data(ev, v: DataV):
+    """The data's rows (loaded once per compile); EvalError for a bad data value."""
+    from ..stages import data as D
+
+    cache = ev.__dict__.setdefault("_data_checked", {})
+    key = json.dumps(v.spec, sort_keys=True)
+    if key not in cache:
+        try:
+            cache[key] = D.check(v.spec)
+        except D.DataError as err:
+            raise EvalError(err.code, err.message, v.span_of(err.arg), err.hint) from None
+    return cache[key]
+
+
+def _stats(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
+    models, data = args["models"], args["data"]
+    arg_span = dict(_arg_spans(ev, e))
+    if not isinstance(models, list) or not all(isinstance(m, TensorV) for m in models):
+        raise EvalError("E005", f"{e.target}() takes a list of models", arg_span.get("models", e.span),
+                        "pass a `models` list, or [m] for one model")
+    datas = data if isinstance(data, list) else [data] * len(models)
+    if not all(isinstance(d, DataV) for d in datas):
+        raise EvalError("E005", f"the data of {e.target}() must be a data value or a list of them (one per model)",
+                        arg_span.get("data", e.span), 'declare it: data calib = dataset("calib.jsonl", text="text")')
+    if len(datas) != len(models):
+        raise EvalError("E006", f"{len(datas)} data values for {len(models)} models in {e.target}()",
+                        arg_span.get("data", e.span), "give one data value per model, or a single one for all")
+    params = {k: v for k, v in args.items() if k not in ("models", "data")}
+    params = {"batch_size": int(params.get("batch_size") or 32), **(
+        {"normalize": bool(params.get("normalize", True)), "minimal": float(params.get("minimal", 1e-6))}
+        if e.target == "fisher" else {})}
+    if params["batch_size"] < 1:
+        raise EvalError("E006", f"batch_size={params['batch_size']} must be at least 1",
+                        arg_span.get("batch_size", e.span), "e.g. batch_size=32")
+    out = []
+    for m, d in zip(models, datas):
+        if ev.dry:
+            out.append(TensorV(ev.plan.add("load", (), {"source": e.target, "tensor": ctx.tensor}, group=ctx.group),
+                               None, None))
+            continue
+        node = ev.plan.nodes[m.node]
+        if node.op != "load":
+            raise EvalError("E005", f"{e.target}() computes statistics of models read from files, not of a merge",
+                            arg_span.get("models", e.span), "save the merge first, or pass the input models")
+        sk = _register(ev, e, node.param("source"), d, params)
+        if ctx.tensor in ev.plan.sources[sk].tensors:
+            out.append(ev.load(sk, ctx, e.span))
+        else:
+            out.append(UNCOVERED)
+    return out
+
+
+def _register(ev, e: ir.CallE, model_key: str, d: DataV, params: dict) -> str:
+    """The plan source key of the stage `e.target`(model, data; params), added once."""
+    memo = ev.__dict__.setdefault("_stages", {})
+    key = (e.target, model_key, json.dumps(d.spec, sort_keys=True), json.dumps(params, sort_keys=True))
+    if key in memo:
+        return memo[key]
+    from ..stages import models as M
+    from ..stages import statistics as S
+    from ..stages.data import DataError, describe
+
+    src = ev.plan.sources[model_key]
+    ex = _check_data(ev, d)
+    try:
+        M.check_fits(src.path, d.spec, needs_logits=e.target == "fisher")
+        sm = M.build(src.path, d.spec, "cpu", meta=True)
+    except DataError as err:
+        raise EvalError(err.code, err.message, d.span_of(err.arg) if err.arg else e.span, err.hint) from None
+    shapes = S.covered_shapes(e.target, sm)
+    if not shapes:
+        what = "Linear or Conv2d layer" if e.target == "gram" else "parameter on the path to the logits"
+        raise EvalError("E014", f"{e.target}() found no {what} among the tensors of '{model_key}'", e.span,
+                        "check that the model directory holds the weights of the architecture its config.json names")
+    n = len(ex)
+    batches = -(-n // params["batch_size"])
+    model_bytes = sum(4 * _numel(s) for _, s in _param_shapes(sm))
+    stat_bytes = sum(4 * _numel(s) for s in shapes.values())
+    sk = f"{e.target}[{model_key}]"
+    while sk in ev.plan.sources:
+        sk += "'"
+    estimate = {"examples": n, "batches": batches, "batch_size": params["batch_size"],
+                "passes": "forward" if e.target == "gram" else "forward+backward", "models_resident": 1,
+                "peak_bytes": model_bytes * (1 if e.target == "gram" else 3) + stat_bytes}
+    stage = {"kind": e.target, "model": model_key, "model_dir": src.path, "data": d.spec, "data_text": describe(d.spec),
+             "params": params, "estimate": estimate}
+    ev.plan.sources[sk] = SourceSpec(sk, "", {t: ("F32", tuple(s), "") for t, s in shapes.items()}, {}, at(e.span),
+                                     stage)
+    memo[key] = sk
+    return sk
+
+
+def _param_shapes(sm):
+    return [(n, tuple(p.shape)) for n, p in sm.module.named_parameters()]
+
+
+def _numel(shape) -> int:
+    k = 1
+    for d in shape:
+        k *= int(d)
+    return k

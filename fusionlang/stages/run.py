@@ -1,0 +1,156 @@
+"""Running the model stages of a plan, with their results cached on disk.
+
+A stage's result is a safetensors file named by a content hash of everything it depends
+on: the stage kind and parameters, the model's files (config.json and every
+*.safetensors, byte for byte) and the data's fingerprint (a hash of the selected rows).
+It lives in `$FUSIONLANG_CACHE/stages/` (default `~/.cache/fusionlang/stages/`) and is
+reused by later runs and by every `tune()` candidate of a run. A stage holds one model in
+memory at a time. Writes are atomic (a temporary file renamed into place), so an
+interrupted stage leaves no partial result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from ..plan.graph import Plan, SourceSpec
+from . import data as D
+from .data import DataError
+
+FORMAT = 1  # bump when a statistic's definition changes: old cache entries are then ignored
+
+
+def cache_root() -> Path:
+    from ..zoo.paths import cache_dir
+
+    return cache_dir() / "stages"
+
+
+_MODEL_HASHES: dict[tuple, str] = {}
+
+
+def model_hash(model_dir: str) -> str:
+    """sha256 over the model's config.json and *.safetensors files (names and bytes);
+    memoised per file identity (path, size, mtime, inode) within a process."""
+    d = Path(model_dir)
+    files = sorted([d / "config.json", *d.glob("*.safetensors")])
+    ident = tuple((str(f), st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [f.stat()])
+    if ident not in _MODEL_HASHES:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.name.encode() + b"\0")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    h.update(chunk)
+        _MODEL_HASHES[ident] = h.hexdigest()
+    return _MODEL_HASHES[ident]
+
+
+def stage_key(stage: dict, ex: D.Examples) -> str:
+    """The content hash naming a stage's cached result."""
+    text = json.dumps({"format": FORMAT, "kind": stage["kind"], "params": stage["params"],
+                       "model": model_hash(stage["model_dir"]), "data": ex.fingerprint}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def compute(stage: dict, ex: D.Examples, device, on_batch=None) -> dict:
+    """A stage's result tensors (file tensor name -> float32 CPU tensor)."""
+    import torch
+
+    from . import models as M
+    from . import statistics as S
+
+    torch.manual_seed(0)
+    sm = M.build(stage["model_dir"], stage["data"], device)
+    p = stage["params"]
+    if stage["kind"] == "gram":
+        return S.gram(sm, ex, int(p["batch_size"]), on_batch)
+    return S.fisher(sm, ex, int(p["batch_size"]), bool(p["normalize"]), float(p["minimal"]), on_batch)
+
+
+def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> Plan:
+    """A copy of `plan` whose stage sources point at their computed (or cached) results.
+    Raises RunError (E010/E011/E014/E006 at the stage's call) when a stage cannot run."""
+    from ..runtime.errors import RunError
+
+    stages = {k: s for k, s in plan.sources.items() if s.stage}
+    if not stages:
+        return plan
+    root = cache_root()
+    out = plan.copy()
+    out.sources = dict(plan.sources)
+    for i, (key, src) in enumerate(stages.items()):
+        st = src.stage
+        what = f"stage {i + 1}/{len(stages)}: {st['kind']}({st['model']}, {D.describe(st['data'])})"
+        try:
+            ex = D.load(st["data"])
+            file = root / f"{stage_key(st, ex)}.safetensors"
+            if not _cached(file, src):
+                if log:
+                    log(f"{what}: {len(ex)} examples")
+                t0 = time.perf_counter()
+                last = [t0]
+
+                def on_batch(done: int, total: int, what=what, t0=t0, last=last) -> None:
+                    now = time.perf_counter()
+                    if log and (done == total or now - last[0] >= _interval()):
+                        last[0] = now
+                        log(f"{what}: batch {done}/{total} ({now - t0:.1f}s)")
+
+                result = compute(st, ex, device, on_batch)
+                missing = sorted(set(src.tensors) - set(result))
+                if missing:
+                    raise DataError("E014", f"the {st['kind']} stage of '{st['model']}' computed no statistic for "
+                                    f"{len(missing)} tensor(s), e.g. '{missing[0]}': the forward pass never reached "
+                                    "that layer", "treat those tensors with a rule (e.g. \"*.pooler.*\" => base)")
+                _save(file, result, st)
+            elif log:
+                log(f"{what}: cached ({file.name})")
+        except DataError as e:
+            raise RunError(e.message, e.hint, e.code, src.at) from None
+        tensors = {t: (d, shape, str(file)) for t, (d, shape, _) in src.tensors.items()}
+        out.sources[key] = replace(src, path=str(root), tensors=tensors)
+    return out
+
+
+def _interval() -> float:
+    try:
+        return float(os.environ.get("FUSIONLANG_PROGRESS_INTERVAL", "10"))
+    except ValueError:
+        return 10.0
+
+
+def _cached(file: Path, src: SourceSpec) -> bool:
+    """Whether `file` holds every tensor the plan reads from the stage, with its shape."""
+    if not file.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # a damaged cache entry is recomputed
+        return False
+    return all(have.get(t) == tuple(shape) for t, (_, shape, _) in src.tensors.items())
+
+
+def _save(file: Path, result: dict, stage: dict) -> None:
+    from safetensors.torch import save_file
+
+    from ..runtime.errors import RunError
+
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        save_file(result, str(tmp), metadata={"fusionlang_stage": json.dumps(
+            {"kind": stage["kind"], "params": stage["params"], "model": stage["model_dir"]})})
+        os.replace(tmp, file)
+    except OSError as e:
+        raise RunError(f"cannot write the stage cache '{file}': {e}",
+                       "free some disk space, or point $FUSIONLANG_CACHE at a writable directory", "E016") from None

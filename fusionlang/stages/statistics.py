@@ -1,0 +1,153 @@
+"""Statistics stages: model-shaped results, one tensor per covered weight.
+
+gram   For every `nn.Linear` weight W [out, in]: the mean over the rows x (every position
+       of every example: batch × sequence, padding included) of its input's outer
+       product, G = (1/N) Σ x xᵀ  [in, in], float32. For an `nn.Conv2d` weight
+       [out, in/g, kh, kw] with g groups, x runs over the unfolded input patches of each
+       group (one per output position): G [g, in/g·kh·kw, in/g·kh·kw] ([d, d] when g = 1),
+       so a 1×1 convolution is a Linear over channels and a depthwise one gets a kh·kw
+       Gram matrix per channel. FusionBench `RegMeanAlgorithm` (hooks on nn.Linear inputs,
+       the running mean over batch·sequence rows), extended to convolutions.
+fisher For every parameter on the path to the logits: the diagonal Fisher information
+       from the model's own predictive distribution, as FusionBench (after MergeLM)
+       computes it: per batch, the squared gradient of Σ_b Σ_c √p_bc · log p_bc (p =
+       softmax(logits), √p detached), summed over batches and divided by the number of
+       examples. With `normalize`, each model's values are divided by (‖F‖₂ + minimal)
+       over all its covered parameters, and `minimal` is added first to every entry:
+       the weights FusionBench's `merging_with_fisher_weights` multiplies with
+       (normalize_fisher_weight, minimal_fisher_weight); up to a factor common to all
+       models, which the merge's division cancels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .data import DataError, Examples
+from .models import StageModel, batches
+
+KINDS = ("gram", "fisher")
+
+
+def covered_shapes(kind: str, sm: StageModel) -> dict[str, tuple[int, ...]]:
+    """Tensor name (in the model's files) -> shape of the statistic a `kind` stage
+    computes for it. Works on a meta-device module (compile time)."""
+    out: dict[str, tuple[int, ...]] = {}
+    if kind == "gram":
+        for mname, m in sm.module.named_modules():
+            w = sm.names.get(f"{mname}.weight" if mname else "weight")
+            if w is None:
+                continue
+            if isinstance(m, torch.nn.Linear):
+                out[w] = (m.in_features, m.in_features)
+            elif isinstance(m, torch.nn.Conv2d):
+                g = m.groups
+                d = m.in_channels // g * m.kernel_size[0] * m.kernel_size[1]
+                out[w] = (d, d) if g == 1 else (g, d, d)
+        return out
+    for pname, p in sm.module.named_parameters():
+        if p.requires_grad and p.is_floating_point() and pname in sm.names:
+            out[sm.names[pname]] = tuple(p.shape)
+    return out
+
+
+def gram(sm: StageModel, ex: Examples, batch_size: int, on_batch: Callable[[int, int], None] | None = None
+         ) -> dict[str, torch.Tensor]:
+    """Gram matrices of every Linear / Conv2d input over all rows of `ex` (see the module
+    docstring). Returns file tensor name -> float32 CPU tensor."""
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+    handles = []
+    shapes = covered_shapes("gram", sm)
+
+    def hook(name: str, m: torch.nn.Module):
+        def fn(_mod, args, _out):
+            x = args[0].detach()
+            if isinstance(m, torch.nn.Conv2d):
+                x = _patches(m, x)  # [g, rows, d]
+            else:
+                x = x.reshape(1, -1, x.shape[-1])
+            x = x.double()
+            g = torch.bmm(x.transpose(1, 2), x)
+            sums[name] = g if name not in sums else sums[name].add_(g)
+            rows[name] = rows.get(name, 0) + x.shape[1]
+        return fn
+
+    for mname, m in sm.module.named_modules():
+        w = sm.names.get(f"{mname}.weight" if mname else "weight")
+        if w in shapes:
+            handles.append(m.register_forward_hook(hook(w, m)))
+    try:
+        total = -(-len(ex) // batch_size)
+        with torch.no_grad():
+            for i, (start, stop) in enumerate(batches(ex, batch_size)):
+                sm.run(sm.inputs(ex, start, stop))
+                if on_batch:
+                    on_batch(i + 1, total)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, shape in shapes.items():
+        if name not in sums:
+            continue  # a layer the forward pass never reached
+        out[name] = (sums[name] / rows[name]).float().reshape(shape).cpu().contiguous()
+    return out
+
+
+def _patches(m: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The unfolded input patches of a Conv2d, per group: [g, B·L, in/g·kh·kw]."""
+    if m.padding_mode != "zeros":
+        raise DataError("E014", f"Gram matrices of a convolution with padding_mode={m.padding_mode!r} are not supported",
+                        "exclude that layer with a rule")
+    pad = m.padding if not isinstance(m.padding, str) else _same_padding(m)
+    cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)  # [B, C·kh·kw, L]
+    b, ck, length = cols.shape
+    g = m.groups
+    d = ck // g
+    return cols.reshape(b, g, d, length).permute(1, 0, 3, 2).reshape(g, b * length, d)
+
+
+def _same_padding(m: torch.nn.Conv2d) -> tuple[int, int]:
+    if m.padding == "valid":
+        return (0, 0)
+    kh, kw = m.kernel_size
+    if (m.dilation[0] * (kh - 1)) % 2 or (m.dilation[1] * (kw - 1)) % 2:
+        raise DataError("E014", "Gram matrices of a convolution with asymmetric 'same' padding are not supported",
+                        "exclude that layer with a rule")
+    return (m.dilation[0] * (kh - 1) // 2, m.dilation[1] * (kw - 1) // 2)
+
+
+def fisher(sm: StageModel, ex: Examples, batch_size: int, normalize: bool = True, minimal: float = 1e-6,
+           on_batch: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Fisher-merging weights of every covered parameter (see the module docstring).
+    Parameters that get no gradient keep the value 0 (+ minimal). Returns file tensor
+    name -> float32 CPU tensor. Raises DataError when the model has no logits."""
+    if sm.logits is None:
+        raise DataError("E014", "Fisher weights need the model's predictions, and this model has no classification head",
+                        "use a model saved with its head, or data of a zoo task")
+    shapes = covered_shapes("fisher", sm)
+    params = {sm.names[n]: p for n, p in sm.module.named_parameters() if sm.names.get(n) in shapes}
+    acc = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
+    total = -(-len(ex) // batch_size)
+    for i, (start, stop) in enumerate(batches(ex, batch_size)):
+        sm.module.zero_grad(set_to_none=True)
+        logits = sm.logits(sm.inputs(ex, start, stop))
+        probs = torch.softmax(logits, dim=-1).detach()
+        (probs.sqrt() * torch.log_softmax(logits, dim=-1)).sum().backward()
+        for k, p in params.items():
+            if p.grad is not None:
+                acc[k].add_(p.grad.detach().double() ** 2)
+        if on_batch:
+            on_batch(i + 1, total)
+    sm.module.zero_grad(set_to_none=True)
+    out = {k: (v / len(ex)) for k, v in acc.items()}
+    if normalize:
+        norm = torch.sqrt(sum((v.float() ** 2).sum() for v in out.values())).double()
+        out = {k: (v + minimal) / (norm + minimal) for k, v in out.items()}
+    else:
+        out = {k: v + minimal for k, v in out.items()}
+    return {k: v.float().cpu().contiguous() for k, v in out.items()}
