@@ -112,3 +112,49 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+WORDS = ("the a cat dog sat ran on under mat log red blue big small fast slow and but then it "
+         "saw was is very quite happy sad one two three four green old new tall short").split()
+
+
+def make_classifier_family(root: Path, n_experts: int = 2, rows: int = 80, seed: int = 0, noise: float = 0.05
+                           ) -> dict[str, Path]:
+    """Tiny BertForSequenceClassification models (3 labels) with a word-level tokenizer
+    saved beside them, and a JSON lines file of `rows` random sentences per expert
+    (`data0.jsonl`, ... with "text" and "label"): base + noise experts, for the
+    data-dependent methods. Returns {"base", "e0", ..., "data0", ...} paths."""
+    import json
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=24, num_labels=3)
+    torch.manual_seed(seed)
+    base = BertForSequenceClassification(config).eval()
+    out: dict[str, Path] = {}
+    state = base.state_dict()
+    for i, name in enumerate(["base"] + [f"e{k}" for k in range(n_experts)]):
+        g = torch.Generator().manual_seed(seed * 100 + i)
+        m = BertForSequenceClassification(config)
+        m.load_state_dict({k: v + (noise * torch.randn(v.shape, generator=g) if i and v.is_floating_point() else 0)
+                           for k, v in state.items()})
+        m.save_pretrained(root / name)
+        fast.save_pretrained(root / name)
+        out[name] = root / name
+    rng = random.Random(seed)
+    for k in range(n_experts):
+        path = root / f"data{k}.jsonl"
+        with open(path, "w") as f:
+            for _ in range(rows):
+                words = [rng.choice(WORDS) for _ in range(rng.randint(3, 14))]
+                f.write(json.dumps({"text": " ".join(words), "label": rng.randrange(3)}) + "\n")
+        out[f"data{k}"] = path
+    return out
