@@ -62,7 +62,9 @@ def regmean_solve(models: list[Tensor], grams: list[Tensor], alpha: float = 0.95
     Convolutions: W [out, in/g, kh, kw] is solved per group g as a Linear over its
     unfolded patches, with G [g, d, d] (d = in/g·kh·kw). Solved in float64 with
     `torch.linalg.solve` (FusionBench multiplies by `torch.inverse`; the same solution
-    for the well-conditioned sums that alpha < 1 gives)."""
+    for the well-conditioned sums that alpha < 1 gives). Input dimensions that are zero on
+    all the data (dead channels) take the models' average weights; a sum still singular
+    is solved by pseudo-inverse (the minimum-norm fit)."""
     w0 = models[0]
     groups = grams[0].shape[0] if grams[0].dim() == 3 else 1
     out = w0.shape[0]
@@ -78,5 +80,16 @@ def regmean_solve(models: list[Tensor], grams: list[Tensor], alpha: float = 0.95
         lhs = g if lhs is None else lhs + g
         term = torch.bmm(g, wt)
         rhs = term if rhs is None else rhs + term
-    merged = torch.linalg.solve(lhs, rhs)  # [g, d, out/g]
+    # NOTE: an input dimension no row of the data ever activates (a dead channel) has a
+    # zero row and column in every Gram matrix; the fit does not determine its weights,
+    # so they take the models' average (the system decouples: 1·w = mean).
+    dead = torch.diagonal(lhs, dim1=-2, dim2=-1) == 0
+    if bool(dead.any()):
+        mean = sum(w.double().reshape(groups, out // groups, -1).transpose(1, 2) for w in models) / len(models)
+        lhs = lhs + torch.diag_embed(dead.double())
+        rhs = torch.where(dead.unsqueeze(-1), mean, rhs)
+    try:
+        merged = torch.linalg.solve(lhs, rhs)  # [g, d, out/g]
+    except RuntimeError:  # singular beyond dead inputs: the minimum-norm least-squares fit
+        merged = torch.linalg.pinv(lhs, hermitian=True) @ rhs
     return merged.transpose(1, 2).reshape(w0.shape).to(torch.float32)

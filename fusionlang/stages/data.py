@@ -166,6 +166,8 @@ def _file_rows(spec: dict):
     path = spec["path"]
     if not os.path.exists(path):
         raise DataError("E010", f"data file '{path}' does not exist", "check the path (relative to the spec file)", "path")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise DataError("E006", f"the data file '{path}' is empty", "give a file with at least one row", "path")
     ds = _read_files(spec)
     columns = list(ds.column_names)
     named = {k: spec.get(k) for k in ("text", "image", "label") if spec.get(k) is not None}

@@ -103,12 +103,31 @@ def _patches(m: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if m.padding_mode != "zeros":
         raise DataError("E014", f"Gram matrices of a convolution with padding_mode={m.padding_mode!r} are not supported",
                         "exclude that layer with a rule")
+    if type(m).forward is not torch.nn.Conv2d.forward:
+        # TensorFlow-style "same" convolutions (EfficientNet ports) pad inside forward():
+        # the hook sees the unpadded input, so pad it the same way here
+        if isinstance(getattr(m, "static_padding", None), torch.nn.Module):
+            x = m.static_padding(x)
+        elif "SamePadding" in type(m).__name__:
+            x = _tf_same_pad(m, x)
+        else:
+            raise DataError("E014", f"Gram matrices of the convolution class {type(m).__name__} (its own forward) "
+                            "are not supported", "exclude those layers with a rule")
     pad = m.padding if not isinstance(m.padding, str) else _same_padding(m)
     cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)  # [B, C·kh·kw, L]
     b, ck, length = cols.shape
     g = m.groups
     d = ck // g
     return cols.reshape(b, g, d, length).permute(1, 0, 3, 2).reshape(g, b * length, d)
+
+
+def _tf_same_pad(m: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """TensorFlow's "SAME" padding of `x` for conv `m` (extra row/column at the end)."""
+    pads = []
+    for size, k, s, d in zip(x.shape[-2:], m.weight.shape[-2:], m.stride, m.dilation):
+        pads.append(max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0))
+    ph, pw = pads
+    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
 
 
 def _same_padding(m: torch.nn.Conv2d) -> tuple[int, int]:

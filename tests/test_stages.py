@@ -1,0 +1,176 @@
+"""Data values and model stages: located errors for bad data, the stage cache (reused,
+and recomputed when the model or the data change), the plan's stage lines, and the
+statistics against independent computations (a Conv2d's Gram matrix from explicit
+patches; RegMean's closed form against least squares on the stacked inputs)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import load_state, make_classifier_family, run_cli, write_spec
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    return root, make_classifier_family(root, n_experts=2, rows=40, seed=3)
+
+
+def _errors(text: str) -> list[tuple[int, int, str]]:
+    return [(int(m[1]), int(m[2]), m[3]) for m in re.finditer(r"\.fuse:(\d+):(\d+): error\[(E\d+)\]", text)]
+
+
+HEAD = '''use merging
+models experts = [local("e0"), local("e1")]
+'''
+
+
+@pytest.mark.parametrize("cmd", ["check", "compile", "run"])
+@pytest.mark.parametrize("data,line_col,code,words", [
+    ('dataset("nope.jsonl", text="text")', (3, 18), "E010", "does not exist"),
+    ('dataset("data0.jsonl", text="txt")', (3, 38), "E006", 'did you mean text="text"'),
+    ('dataset("data0.jsonl", text="text", n=500)', (3, 48), "E006", "which has 40"),
+    ('dataset("data0.jsonl", text="text", label="text")', (3, 52), "E006", "class indices"),
+    ('dataset("data0.jsonl")', (3, 18), "E006", "which column holds the inputs"),
+    ('dataset("empty.jsonl", text="text")', (3, 18), "E006", "is empty"),
+    ('dataset("bad.jsonl", text="text")', (3, 18), "E011", "cannot read data file"),
+    ('dataset("data0.txt", text="text")', (3, 18), "E006", "format"),
+])
+def test_bad_data_is_a_located_error_before_anything_runs(fam, cmd, data, line_col, code, words):
+    root, _ = fam
+    (root / "empty.jsonl").write_text("")
+    (root / "bad.jsonl").write_text('{"text": "a"}\n{not json\n')
+    (root / "data0.txt").write_text("x\n")
+    spec = write_spec(root, HEAD + f"data d = {data}\nmerge rm = regmean(experts, d)\nsave rm to \"out/bad\"\n",
+                      f"bad_{cmd}.fuse")
+    rc, out, err = run_cli(cmd, str(spec))
+    if cmd == "check" and code == "E010":
+        # check reads no files: an absent file is "not verified" there
+        assert rc == 0, err
+        return
+    assert rc == 1, (out, err)
+    assert "Traceback" not in err
+    errs = _errors(err)
+    assert errs and errs[0][2] == code, err
+    assert errs[0][:2] == line_col, err
+    assert words in err
+    assert not (root / "out" / "bad").exists()
+
+
+def test_data_count_and_fisher_without_head_are_located(fam, tmp_path):
+    root, f = fam
+    spec = write_spec(root, HEAD + 'data d = dataset("data0.jsonl", text="text")\n'
+                      "merge rm = regmean(experts, [d, d, d])\nsave rm to \"out/n\"\n", "count.fuse")
+    rc, _, err = run_cli("compile", str(spec))
+    assert rc == 1 and "3 data values for 2 models" in err and _errors(err)[0][2] == "E006", err
+    # a bare encoder (no classification head) has no predictions for Fisher weights
+    from transformers import BertModel
+
+    enc = BertModel.from_pretrained(str(f["e0"]))
+    enc.save_pretrained(root / "enc")
+    for p in f["e0"].glob("tokenizer*"):
+        (root / "enc" / p.name).write_bytes(p.read_bytes())
+    spec = write_spec(root, 'use merging\nmodels encs = [local("enc"), local("enc")]\n'
+                      'data d = dataset("data0.jsonl", text="text")\n'
+                      "merge fm = fisher_merging(encs, d)\nsave fm to \"out/f\"\n", "nohead.fuse")
+    rc, _, err = run_cli("compile", str(spec))
+    assert rc == 1 and "no classification head" in err and _errors(err)[0][2] == "E014", err
+    # ...while Gram matrices need only the layer inputs
+    spec = write_spec(root, 'use merging\nmodels encs = [local("enc"), local("enc")]\n'
+                      'data d = dataset("data0.jsonl", text="text")\n'
+                      "merge rm = regmean(encs, d)\nsave rm to \"out/r\"\n", "enc_rm.fuse")
+    rc, _, err = run_cli("run", str(spec), "-q")
+    assert rc == 0, err
+    # RegMean of two identical models is that model
+    a, b = load_state(root / "enc"), load_state(root / "out" / "r")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def test_compile_shows_stages_with_cost_and_run_caches_them(fam, tmp_path, monkeypatch):
+    root, f = fam
+    monkeypatch.setenv("FUSIONLANG_CACHE", str(tmp_path / "cache"))
+    body = HEAD + ('data d0 = dataset("data0.jsonl", text="text", n=24, seed=1)\n'
+                   'data d1 = dataset("data1.jsonl", text="text", n=24, seed=1)\n'
+                   "merge rm = regmean(experts, [d0, d1], batch_size=8)\nsave rm to \"out/c\"\n")
+    spec = write_spec(root, body, "cache.fuse")
+    rc, out, err = run_cli("compile", str(spec), "--emit", "text")
+    assert rc == 0, err
+    lines = [x for x in out.splitlines() if x.startswith("stage ")]
+    assert len(lines) == 2 and "24 examples in 3 forward passes" in lines[0] and "1 model resident" in lines[0], out
+    rc, _, err = run_cli("run", str(spec))
+    assert rc == 0, err
+    assert err.count("batch 3/3") == 2, err
+    cached = sorted((tmp_path / "cache" / "stages").glob("*.safetensors"))
+    assert len(cached) == 2
+    first = load_state(root / "out" / "c")
+    rc, _, err = run_cli("run", str(spec))
+    assert rc == 0 and err.count("cached") == 2 and "batch" not in err, err
+    assert all(torch.equal(first[k], v) for k, v in load_state(root / "out" / "c").items())
+    # other rows: a new statistic, and a different result
+    write_spec(root, body.replace("seed=1)\ndata d1", "seed=2)\ndata d1"), "cache.fuse")
+    rc, _, err = run_cli("run", str(spec))
+    assert rc == 0 and err.count("cached") == 1, err
+    assert len(list((tmp_path / "cache" / "stages").glob("*.safetensors"))) == 3
+    w = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(first[w], load_state(root / "out" / "c")[w])
+
+
+def test_conv_gram_matches_explicit_patches():
+    from fusionlang.stages.data import Examples
+    from fusionlang.stages.models import StageModel
+    from fusionlang.stages.statistics import gram
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, stride=2),
+                              torch.nn.Conv2d(4, 4, 3, padding=1, groups=4),
+                              torch.nn.Conv2d(4, 6, 1)).eval()
+    x = torch.randn(5, 3, 7, 7)
+    names = {n: n for n, _ in net.named_parameters()}
+    sm = StageModel(net, names, lambda ex, a, b: {"x": x[a:b]}, lambda batch: net(batch["x"]), None)
+    ex = Examples(texts=tuple("abcde"), images=None, labels=None, fingerprint="")
+    g = gram(sm, ex, batch_size=2)
+
+    def patches(inp, k, pad, stride):  # explicit loops over output positions
+        inp = torch.nn.functional.pad(inp, (pad, pad, pad, pad))
+        rows = []
+        for b in range(inp.shape[0]):
+            for i in range(0, inp.shape[2] - k + 1, stride):
+                for j in range(0, inp.shape[3] - k + 1, stride):
+                    rows.append(inp[b, :, i:i + k, j:j + k])
+        return torch.stack(rows).double()  # [rows, C, k, k]
+
+    with torch.no_grad():
+        h1 = net[0](x)
+        h2 = net[1](h1)
+    p0 = patches(x, 3, 1, 2).reshape(-1, 27)
+    assert torch.allclose(g["0.weight"].double(), p0.T @ p0 / len(p0), atol=1e-5)
+    p1 = patches(h1, 3, 1, 1)  # depthwise: one 9x9 Gram per channel
+    ref1 = torch.stack([p1[:, c].reshape(-1, 9).T @ p1[:, c].reshape(-1, 9) / len(p1) for c in range(4)])
+    assert torch.allclose(g["1.weight"].double(), ref1, atol=1e-5)
+    p2 = h2.permute(0, 2, 3, 1).reshape(-1, 4).double()
+    assert torch.allclose(g["2.weight"].double(), p2.T @ p2 / len(p2), atol=1e-5)
+
+
+def test_regmean_solve_is_the_least_squares_fit_of_every_models_outputs():
+    from fusionlang.ops.stat_weighted import regmean_solve
+
+    torch.manual_seed(1)
+    xs = [torch.randn(50, 6).double() for _ in range(3)]
+    ws = [torch.randn(4, 6) for _ in range(3)]
+    grams = [(x.T @ x / len(x)).float() for x in xs]
+    merged = regmean_solve(ws, grams, alpha=1.0).double()
+    # least squares over the stacked inputs, each model's rows scaled by 1/sqrt(N_i)
+    a = torch.cat([x / len(x) ** 0.5 for x in xs])
+    y = torch.cat([x @ w.double().T / len(x) ** 0.5 for x, w in zip(xs, ws)])
+    ref = torch.linalg.lstsq(a, y).solution.T
+    assert torch.allclose(merged, ref, atol=1e-5)
+    # a dead input dimension (zero on all the data) takes the models' average weights
+    for x in xs:
+        x[:, 2] = 0
+    grams = [(x.T @ x / len(x)).float() for x in xs]
+    merged = regmean_solve(ws, grams, alpha=0.9)
+    assert torch.allclose(merged[:, 2], sum(w[:, 2] for w in ws) / 3, atol=1e-6)
+    assert torch.isfinite(merged).all()
