@@ -174,3 +174,21 @@ def test_regmean_solve_is_the_least_squares_fit_of_every_models_outputs():
     merged = regmean_solve(ws, grams, alpha=0.9)
     assert torch.allclose(merged[:, 2], sum(w[:, 2] for w in ws) / 3, atol=1e-6)
     assert torch.isfinite(merged).all()
+
+
+def test_a_saved_plan_runs_its_stages(fam, tmp_path, monkeypatch):
+    root, _ = fam
+    monkeypatch.setenv("FUSIONLANG_CACHE", str(tmp_path / "cache"))
+    spec = write_spec(root, HEAD + 'data d = dataset("data1.jsonl", text="text", n=16)\n'
+                      "merge fm = fisher_merging(experts, d, batch_size=4)\nsave fm to \"out/p\"\n", "plan.fuse")
+    plan = tmp_path / "plan.json"
+    rc, _, err = run_cli("compile", str(spec), "--emit", "json", "-o", str(plan))
+    assert rc == 0, err
+    stages = [s for s in json.loads(plan.read_text())["sources"].values() if s["stage"]]
+    assert len(stages) == 2 and stages[0]["stage"]["data"]["n"] == 16
+    rc, _, err = run_cli("run", str(plan))
+    assert rc == 0, err
+    via_plan = load_state(root / "out" / "p")
+    rc, _, err = run_cli("run", str(spec))
+    assert rc == 0 and err.count("cached") == 2, err
+    assert all(torch.equal(via_plan[k], v) for k, v in load_state(root / "out" / "p").items())
