@@ -106,13 +106,22 @@ def _check_tasks(prog: ir.Program) -> None:
         return
     from .eval.evaluation import resolve_task
 
+    from .eval.tuning import find_sites
+
     diags = []
+    kinds = {}
     for q, b in prog.bindings.items():
         if b.kind == "task":
             try:
-                resolve_task(prog, q)
+                kinds[q] = resolve_task(prog, q).get("kind")
             except FuseErrors as e:
                 diags += e.diagnostics
+    for site in find_sites(prog):
+        for t in site.tasks:
+            if kinds.get(t) == "perplexity":
+                diags.append(Diagnostic("E019", f"tune() chooses by accuracy, and '{t.split('::')[-1]}' is a "
+                                        "perplexity() task", site.call.span,
+                                        "choose on classification tasks (classify() or accuracy())"))
     if diags:
         raise FuseErrors(diags)
 

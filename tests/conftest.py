@@ -118,6 +118,50 @@ WORDS = ("the a cat dog sat ran on under mat log red blue big small fast slow an
          "saw was is very quite happy sad one two three four green old new tall short").split()
 
 
+def word_tokenizer():
+    """A word-level tokenizer over WORDS (no network), and its vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+    return fast, vocab
+
+
+def make_causal_family(root: Path, n_experts: int = 2, rows: int = 30, seed: int = 0) -> dict[str, Path]:
+    """Tiny LlamaForCausalLM models (base + noise experts) with the word-level tokenizer,
+    and `lm.jsonl`: `rows` random sentences ("text")."""
+    import json
+    import random
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast, vocab = word_tokenizer()
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(seed)
+    state = LlamaForCausalLM(config).state_dict()
+    out: dict[str, Path] = {}
+    for i, name in enumerate(["base"] + [f"e{k}" for k in range(n_experts)]):
+        g = torch.Generator().manual_seed(seed * 100 + i)
+        m = LlamaForCausalLM(config)
+        m.load_state_dict({k: v + (0.05 * torch.randn(v.shape, generator=g) if i and v.is_floating_point() else 0)
+                           for k, v in state.items()})
+        m.save_pretrained(root / name)
+        fast.save_pretrained(root / name)
+        out[name] = root / name
+    rng = random.Random(seed)
+    with open(root / "lm.jsonl", "w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))}) + "\n")
+    out["lm"] = root / "lm.jsonl"
+    return out
+
+
 def make_classifier_family(root: Path, n_experts: int = 2, rows: int = 80, seed: int = 0, noise: float = 0.05
                            ) -> dict[str, Path]:
     """Tiny BertForSequenceClassification models (3 labels) with a word-level tokenizer
@@ -127,14 +171,9 @@ def make_classifier_family(root: Path, n_experts: int = 2, rows: int = 80, seed:
     import json
     import random
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification
 
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]")
+    fast, vocab = word_tokenizer()
     config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=24, num_labels=3)
     torch.manual_seed(seed)

@@ -42,12 +42,16 @@ def _call_args(prog: ir.Program, call: ir.CallE) -> dict:
 
 
 def resolve_task(prog: ir.Program, qual: str) -> dict:
-    """classify() arguments of a task binding, with the zoo task located (FuseErrors if not)."""
+    """A task binding's arguments: classify()'s, with the zoo task located (`kind`
+    "zoo"), or accuracy()/perplexity()'s on the user's data, checked (`kind` the
+    builtin's name, `data` the data value's description). FuseErrors if not."""
     from ..zoo.errors import ZooError
     from ..zoo.evaluate import find_task
 
     b = prog.bindings[qual]
     args = _call_args(prog, b.value) if isinstance(b.value, ir.CallE) else {}
+    if isinstance(b.value, ir.CallE) and b.value.target in ("accuracy", "perplexity"):
+        return _user_task(b, args)
     zoo = args.get("zoo", "text")
     try:
         spec = find_task(args["task"], zoo)
@@ -79,7 +83,37 @@ def resolve_task(prog: ir.Program, qual: str) -> dict:
                                   else "a batch of e.g. 64 examples"))
     if bad:
         raise FuseErrors(bad)
-    return {**args, "spec": spec, "span": b.span}
+    return {**args, "kind": "zoo", "spec": spec, "span": b.span}
+
+
+def _user_task(b: ir.Binding, args: dict) -> dict:
+    from ..plan.stage_values import DataV
+    from ..stages import data as D
+
+    data, call = args.get("data"), b.value
+    if not isinstance(data, DataV):
+        raise FuseErrors([Diagnostic("E005", f"{call.target}() takes one data value", call.span,
+                                     'e.g. task mine = accuracy(dataset("test.jsonl", text="text", label="label"))')])
+    bs = args.get("batch_size")
+    if bs is not None and (isinstance(bs, bool) or float(bs) != int(bs) or bs < 1):
+        raise FuseErrors([Diagnostic("E006", f"batch_size={bs!r} must be a whole number of at least 1", call.span,
+                                     "e.g. batch_size=32")])
+    try:
+        ex = D.load(data.spec)
+    except D.DataError as e:
+        raise FuseErrors([Diagnostic(e.code, e.message, data.span_of(e.arg), e.hint)]) from None
+    if call.target == "accuracy" and ex.labels is None:
+        raise FuseErrors([Diagnostic("E006", "accuracy() needs labeled data: name the label column with label=",
+                                     data.span, 'e.g. dataset("test.jsonl", text="text", label="label")')])
+    if call.target == "perplexity" and ex.texts is None:
+        raise FuseErrors([Diagnostic("E006", "perplexity() needs text: name the text column with text=", data.span,
+                                     'e.g. dataset("held_out.jsonl", text="text")')])
+    return {"kind": call.target, "data": data.spec, "batch_size": int(bs or (32 if call.target == "accuracy" else 8)),
+            "span": b.span}
+
+
+def is_zoo_task(task: dict) -> bool:
+    return task.get("kind", "zoo") == "zoo"
 
 
 def check_fit(prog: ir.Program) -> None:
@@ -110,7 +144,11 @@ def check_fit(prog: ir.Program) -> None:
                     if config is not None:
                         models.append((short if b.kind == "model" else f"{short}[{i}]", config))
         for t in ev.tasks:
-            spec = resolve_task(prog, t)["spec"]
+            task = resolve_task(prog, t)
+            if not is_zoo_task(task):
+                diags += _user_fit(prog, low, ev, task, t, models_dirs(prog, low, ev))
+                continue
+            spec = task["spec"]
             want = _read_config(str(spec.base_dir)) or {}
             for name, config in models:
                 mine = (config.get("model_type"), config.get("hidden_size"))
@@ -122,6 +160,40 @@ def check_fit(prog: ir.Program) -> None:
                         ev.span, "evaluate it on a task of a zoo with the same architecture, or merge models of that zoo"))
     if diags:
         raise FuseErrors(diags)
+
+
+def models_dirs(prog: ir.Program, low, ev: ir.EvalIR) -> list[tuple[str, str]]:
+    """(row name, model directory whose config describes it) of an eval's models; a
+    merge is described by its reference input."""
+    from ..plan.values import EvalError
+
+    out = []
+    for q in ev.models:
+        b = prog.bindings[q]
+        short = q.split("::")[-1]
+        if b.kind == "merge":
+            try:
+                out.append((short, low.plan.sources[low.domain(b).reference].path))
+            except (EvalError, KeyError):
+                continue
+        else:
+            items = b.value.items if isinstance(b.value, ir.ListE) else [b.value]
+            for i, item in enumerate(items):
+                out.append((short if b.kind == "model" else f"{short}[{i}]", _source_dir(prog, item)))
+    return out
+
+
+def _user_fit(prog, low, ev: ir.EvalIR, task: dict, t: str, models: list[tuple[str, str]]) -> list[Diagnostic]:
+    from ..stages.data import DataError
+    from .user_tasks import check
+
+    diags = []
+    for name, d in models:
+        try:
+            check(task, d, name)
+        except DataError as e:
+            diags.append(Diagnostic(e.code, f"{e.message} (task '{t.split('::')[-1]}')", ev.span, e.hint))
+    return diags
 
 
 def _read_config(model_dir: str) -> dict | None:
@@ -225,8 +297,14 @@ def _reference_name(setup: EvalSetup, model_dir: str, task: str) -> str:
 
 def score_task(model_dir: str, task: dict, device: str, split: str | None = None, on_batch=None) -> dict:
     """evaluate() a model directory on a task (resolve_task's arguments), on the task's
-    own split unless `split` is given; `on_batch(done, total)` after each batch."""
+    own split unless `split` is given (a zoo task; a task on the user's data scores its
+    data value); `on_batch(done, total)` after each batch."""
     from ..zoo.evaluate import evaluate
+
+    if not is_zoo_task(task):
+        from .user_tasks import score
+
+        return score(model_dir, task, device, on_batch)
 
     return evaluate(model_dir, task["spec"], split=split or task.get("split", "test"), device=device,
                     batch_size=int(task.get("batch_size") or 128),
@@ -249,7 +327,8 @@ def run(setup: EvalSetup, device: str, console) -> list[dict]:
 
     cache: dict[tuple[str, str], dict] = {}
     needed = {(d, t) for rows, tasks, _ in setup.reports for t in tasks
-              for d in (*_reference_dirs(setup, t), *(setup.models[r] for r in rows))}
+              for d in (*(_reference_dirs(setup, t) if is_zoo_task(setup.tasks[t]) else ()),
+                        *(setup.models[r] for r in rows))}
     beat = Heartbeat(stderr_writer(console), "evaluating", "evaluations")
     beat.beat(0, len(needed), "starting", force=True)
     names = {d: r for r, d in setup.models.items()}
@@ -266,26 +345,8 @@ def run(setup: EvalSetup, device: str, console) -> list[dict]:
     reports = []
     try:
         for rows, tasks, report_dir in setup.reports:
-            table: dict[str, dict] = {}
-            pre = {t: score(_reference_dirs(setup, t)[0], t)["accuracy"] for t in tasks}
-            fine = {t: score(_reference_dirs(setup, t)[1], t)["accuracy"] for t in tasks}
-            table["pretrained"] = {"accuracy": pre}
-            table["fine-tuned (individual)"] = {"accuracy": fine}
-            for r in rows:
-                res = {t: score(setup.models[r], t) for t in tasks}
-                acc = {t: res[t]["accuracy"] for t in tasks}
-                table[r] = {
-                    "accuracy": acc,
-                    "normalized_accuracy": {t: acc[t] / fine[t] if fine[t] else float("nan") for t in tasks},
-                    "forgetting": sum(max(0.0, pre[t] - acc[t]) for t in tasks) / len(tasks),
-                    "latency_per_batch_s": sum(res[t]["latency_per_batch_s"] for t in tasks) / len(tasks),
-                    "peak_mem_bytes": max(res[t]["peak_mem_bytes"] for t in tasks),
-                }
-            for row in table.values():
-                row["average"] = sum(row["accuracy"].values()) / len(tasks)
-            report = {"tasks": tasks, "device": device, "rows": table,
-                      "definitions": {"normalized_accuracy": "accuracy / fine-tuned accuracy on the task",
-                                      "forgetting": "mean over tasks of max(0, pretrained - model accuracy)"}}
+            report = _table(setup, rows, tasks, score)
+            report["device"] = device
             tuned = [r.to_json() for r in setup.tuning if r.merge in rows]
             if tuned:
                 report["tuning"] = tuned  # how this report's merges got their tune() values
@@ -299,24 +360,70 @@ def run(setup: EvalSetup, device: str, console) -> list[dict]:
     return reports
 
 
+def _table(setup: EvalSetup, rows: list[str], tasks: list[str], score) -> dict:
+    """One `eval`'s report: per row, accuracy on the accuracy tasks (zoo classify() and
+    accuracy()), perplexity on the perplexity() tasks; on zoo tasks also the reference
+    rows (pre-trained, fine-tuned expert), normalized accuracy and forgetting."""
+    zoo = [t for t in tasks if is_zoo_task(setup.tasks[t])]
+    accs = [t for t in tasks if setup.tasks[t].get("kind") != "perplexity"]
+    ppls = [t for t in tasks if setup.tasks[t].get("kind") == "perplexity"]
+    table: dict[str, dict] = {}
+    pre = {t: score(_reference_dirs(setup, t)[0], t)["accuracy"] for t in zoo}
+    fine = {t: score(_reference_dirs(setup, t)[1], t)["accuracy"] for t in zoo}
+    if zoo:
+        table["pretrained"] = {"accuracy": pre}
+        table["fine-tuned (individual)"] = {"accuracy": fine}
+    for r in rows:
+        res = {t: score(setup.models[r], t) for t in tasks}
+        acc = {t: res[t]["accuracy"] for t in accs}
+        row = {"accuracy": acc}
+        if ppls:
+            row["perplexity"] = {t: res[t]["perplexity"] for t in ppls}
+            row["loss"] = {t: res[t]["loss"] for t in ppls}
+        if zoo:
+            row["normalized_accuracy"] = {t: acc[t] / fine[t] if fine[t] else float("nan") for t in zoo}
+            row["forgetting"] = sum(max(0.0, pre[t] - acc[t]) for t in zoo) / len(zoo)
+        row["latency_per_batch_s"] = sum(res[t]["latency_per_batch_s"] for t in tasks) / len(tasks)
+        row["peak_mem_bytes"] = max(res[t]["peak_mem_bytes"] for t in tasks)
+        table[r] = row
+    for row in table.values():
+        a = row["accuracy"]
+        row["average"] = sum(a.values()) / len(a) if a else float("nan")
+    definitions = {"accuracy": "fraction of rows whose predicted class is the label",
+                   "perplexity": "exp(mean next-token cross-entropy over the data's tokens); lower is better"}
+    if zoo:
+        definitions |= {"normalized_accuracy": "accuracy / fine-tuned accuracy on the task",
+                        "forgetting": "mean over zoo tasks of max(0, pretrained - model accuracy)"}
+    return {"tasks": tasks, "accuracy_tasks": accs, "perplexity_tasks": ppls, "rows": table,
+            "definitions": definitions}
+
+
 def _print(console, report: dict) -> None:
     from rich.table import Table
 
     tasks = report["tasks"]
-    t = Table(title="accuracy (%) on the test splits", title_justify="left")
+    ppls = set(report.get("perplexity_tasks", ()))
+    title = "accuracy (%) on the test splits" + (" and perplexity (ppl, lower is better)" if ppls else "")
+    t = Table(title=title, title_justify="left")
     t.add_column("model")
     for name in tasks:
-        t.add_column(name, justify="right")
+        t.add_column(f"{name} (ppl)" if name in ppls else name, justify="right")
     for c in ("avg", "norm. avg", "forgetting", "ms/batch"):
         t.add_column(c, justify="right")
+
+    def cell(row: dict, k: str) -> str:
+        if k in ppls:
+            return f"{row['perplexity'][k]:.2f}" if "perplexity" in row else ""
+        return f"{100 * row['accuracy'][k]:.1f}" if k in row["accuracy"] else ""
+
     for name, row in report["rows"].items():
-        acc = row["accuracy"]
         norm = row.get("normalized_accuracy")
-        t.add_row(name, *[f"{100 * acc[k]:.1f}" for k in tasks], f"{100 * row['average']:.1f}",
+        avg = row["average"]
+        t.add_row(name, *[cell(row, k) for k in tasks], f"{100 * avg:.1f}" if math.isfinite(avg) else "",
                   f"{100 * sum(norm.values()) / len(norm):.1f}" if norm else "",
                   f"{100 * row['forgetting']:.1f}" if "forgetting" in row else "",
                   f"{1000 * row['latency_per_batch_s']:.0f}" if "latency_per_batch_s" in row else "",
-                  style="dim" if norm is None else None)
+                  style="dim" if name in ("pretrained", "fine-tuned (individual)") else None)
     console.print(t)
     for rec in report.get("tuning", ()):
         for n in rec.get("notes", ()):
@@ -349,10 +456,13 @@ def _json_safe(v):
 
 
 def plot_png(report: dict, path: Path) -> None:
-    """Grouped bars: one group per task (+ average), one bar per model row."""
+    """Grouped bars: one group per accuracy task (+ average), one bar per model row; a
+    perplexity task's group shows each row's perplexity relative to the largest."""
     from PIL import Image, ImageDraw
 
-    tasks = report["tasks"] + ["average"]
+    accs = report.get("accuracy_tasks", report["tasks"])
+    ppls = report.get("perplexity_tasks", [])
+    tasks = accs + (["average"] if accs else []) + ppls
     rows = list(report["rows"])
     colors = [(150, 150, 150), (60, 60, 60), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40),
               (148, 103, 189), (140, 86, 75), (227, 119, 194), (23, 190, 207)]
@@ -368,11 +478,15 @@ def plot_png(report: dict, path: Path) -> None:
         x0 = left + ti * (len(rows) * bar + gap)
         for ri, name in enumerate(rows):
             row = report["rows"][name]
-            v = row["average"] if task == "average" else row["accuracy"][task]
-            h = int(max(0.0, min(1.0, v)) * height)
+            if task in ppls:
+                top_ppl = max((r.get("perplexity", {}).get(task, 0.0) for r in report["rows"].values()), default=0.0)
+                v = row.get("perplexity", {}).get(task, 0.0) / top_ppl if top_ppl else 0.0
+            else:
+                v = row["average"] if task == "average" else row["accuracy"].get(task, 0.0)
+            h = int(max(0.0, min(1.0, v)) * height) if math.isfinite(v) else 0
             draw.rectangle([x0 + ri * bar, top + height - h, x0 + (ri + 1) * bar - 2, top + height],
                            fill=colors[ri % len(colors)])
-        draw.text((x0, top + height + 6), task[:12], fill="black")
+        draw.text((x0, top + height + 6), (task[:8] + " ppl") if task in ppls else task[:12], fill="black")
     for ri, name in enumerate(rows):
         y = top + height + 28 + 14 * ri
         draw.rectangle([left, y, left + 10, y + 10], fill=colors[ri % len(colors)])

@@ -1,5 +1,6 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, classify,
-dataset, zoo_data, gram, fisher, covered, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
+dataset, zoo_data, gram, fisher, covered, accuracy,
+perplexity, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
 
@@ -51,6 +52,10 @@ BUILTINS: dict[str, BuiltinSig] = {
                          "model's own predictions, as Fisher-merging weights"),
     "covered": BuiltinSig((("stats", "stats", REQUIRED),), "bool",
                           "whether every statistic of the list has a value for the tensor being merged"),
+    "accuracy": BuiltinSig((("data", "data", REQUIRED), ("batch_size", "int", 32)), "task",
+                           "a task on your own labeled data: the accuracy of each model's own classification head"),
+    "perplexity": BuiltinSig((("data", "data", REQUIRED), ("batch_size", "int", 8)), "task",
+                             "a task on your own text: each causal language model's perplexity (lower is better)"),
     "tune": BuiltinSig((("values", "numbers", REQUIRED), ("on", "any", REQUIRED), ("split", "string", "val")), "number",
                        "a merge argument chosen at run time: the candidate with the best mean accuracy on the "
                        "tasks' validation split"),

@@ -1,0 +1,137 @@
+"""Tasks on the user's own data: `accuracy(data)` scores a model's own classification
+head on labeled rows; `perplexity(data)` a causal language model's loss on text rows.
+
+    accuracy   the fraction of rows whose argmax logit is the row's label, with the model
+               loaded as its config names it (`*ForSequenceClassification`,
+               `*ForImageClassification`) and its own tokenizer / image processor.
+    perplexity exp(mean token loss): the next-token cross-entropy of `AutoModelForCausalLM`
+               summed over every predicted token of every row (padding excluded; rows
+               truncated at the model's max_position_embeddings) and divided by their
+               count. Lower is better. Also reported: `loss` (nats per token), `tokens`.
+
+`check(task, model_dir)` raises DataError (E014) for a model that cannot be scored on the
+task: no head of the right kind, fewer classes than the labels need, no tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+from ..stages import data as D
+from ..stages.data import DataError
+
+KINDS = ("accuracy", "perplexity")
+
+
+def _config(model_dir: str) -> dict:
+    from ..stages.models import read_config
+
+    return read_config(model_dir)
+
+
+def check(task: dict, model_dir: str, name: str) -> None:
+    """DataError (E014) when model `name` (directory `model_dir`) cannot run task `task`."""
+    config = _config(model_dir)
+    archs = config.get("architectures") or []
+    ex = D.load(task["data"])
+    if task["kind"] == "accuracy":
+        if ex.labels is None:
+            raise DataError("E006", "accuracy() needs labeled data: name the label column with label=", "", "data")
+        if not any(a.endswith(("ForSequenceClassification", "ForImageClassification")) for a in archs):
+            raise DataError("E014", f"'{name}' ({', '.join(archs) or config.get('model_type')}) has no classification "
+                            "head to score accuracy() with", "evaluate a model saved with its head "
+                            "(e.g. *ForSequenceClassification)")
+        n_labels = len(config.get("id2label") or {}) or int(config.get("num_labels") or 2)
+        top = max(ex.labels)
+        if top >= n_labels:
+            raise DataError("E014", f"the data has label {top} but '{name}''s head knows {n_labels} classes "
+                            f"(0..{n_labels - 1})", "use labels the model was trained with, or a model with that many classes")
+    else:
+        if ex.texts is None:
+            raise DataError("E006", "perplexity() needs text data: name the text column with text=", "", "data")
+        if not any(a.endswith("ForCausalLM") for a in archs):
+            raise DataError("E014", f"'{name}' ({', '.join(archs) or config.get('model_type')}) is not a causal "
+                            "language model, so it has no perplexity", "evaluate a *ForCausalLM model")
+    if ex.texts is not None and not any((Path(model_dir) / f).is_file()
+                                        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        raise DataError("E014", f"'{name}' has no tokenizer files next to its weights", "save the tokenizer with the "
+                        "model (tokenizer.save_pretrained(dir)); a merge copies its reference model's")
+
+
+def score(model_dir: str, task: dict, device: str, on_batch=None) -> dict:
+    """Score a model directory on a user task. Returns the metric (`accuracy`, or
+    `perplexity` with `loss` and `tokens`), `n`, `latency_per_batch_s`, `peak_mem_bytes`."""
+    import torch
+
+    from ..zoo.evaluate import _peak_mem_bytes
+    from ..zoo.text import _quiet_transformers
+
+    _quiet_transformers()
+    import transformers
+
+    ex = D.load(task["data"])
+    bs = int(task.get("batch_size") or 32)
+    config = _config(model_dir)
+    archs = config.get("architectures") or []
+    if task["kind"] == "perplexity":
+        cls = transformers.AutoModelForCausalLM
+    elif any(a.endswith("ForImageClassification") for a in archs):
+        cls = transformers.AutoModelForImageClassification
+    else:
+        cls = transformers.AutoModelForSequenceClassification
+    model = cls.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).to(device).eval()
+    if ex.texts is not None:
+        tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+    else:
+        proc = transformers.AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+    max_len = int(config.get("max_position_embeddings") or config.get("n_positions") or 512)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    correct, loss_sum, tokens, times = 0, 0.0, 0, []
+    total = -(-len(ex) // bs)
+    with torch.no_grad():
+        for i, start in enumerate(range(0, len(ex), bs)):
+            stop = min(len(ex), start + bs)
+            t0 = time.perf_counter()
+            if ex.texts is not None:
+                batch = tok(list(ex.texts[start:stop]), padding=True, truncation=True, max_length=max_len,
+                            return_tensors="pt")
+            else:
+                batch = proc(images=list(ex.images[start:stop]), return_tensors="pt")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            if task["kind"] == "accuracy":
+                pred = out.logits.argmax(-1).cpu()
+                correct += int((pred == torch.as_tensor(ex.labels[start:stop])).sum())
+            else:
+                logits = out.logits[:, :-1].float()
+                target = batch["input_ids"][:, 1:]
+                mask = batch["attention_mask"][:, 1:].bool()
+                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                        reduction="none").reshape(target.shape)
+                loss_sum += float(nll[mask].double().sum())
+                tokens += int(mask.sum())
+            times.append(time.perf_counter() - t0)
+            if on_batch:
+                on_batch(i + 1, total)
+    res = {"n": len(ex), "latency_per_batch_s": sum(times) / len(times) if times else 0.0,
+           "peak_mem_bytes": _peak_mem_bytes(device), "batch_size": bs}
+    if task["kind"] == "accuracy":
+        res["accuracy"] = correct / len(ex)
+    else:
+        loss = loss_sum / tokens if tokens else float("nan")
+        res.update(loss=loss, perplexity=math.exp(loss) if tokens else float("nan"), tokens=tokens)
+    return res
+
+
+def describe(task: dict) -> str:
+    return f"{task['kind']}({D.describe(task['data'])})"
+
+
+def model_name(model_dir: str) -> str:
+    return os.path.basename(os.path.normpath(model_dir))
