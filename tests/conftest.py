@@ -162,8 +162,8 @@ def make_causal_family(root: Path, n_experts: int = 2, rows: int = 30, seed: int
     return out
 
 
-def make_classifier_family(root: Path, n_experts: int = 2, rows: int = 80, seed: int = 0, noise: float = 0.05
-                           ) -> dict[str, Path]:
+def make_classifier_family(root: Path, n_experts: int = 2, rows: int = 80, seed: int = 0, noise: float = 0.05,
+                           dropout: float = 0.1) -> dict[str, Path]:
     """Tiny BertForSequenceClassification models (3 labels) with a word-level tokenizer
     saved beside them, and a JSON lines file of `rows` random sentences per expert
     (`data0.jsonl`, ... with "text" and "label"): base + noise experts, for the
@@ -175,7 +175,8 @@ def make_classifier_family(root: Path, n_experts: int = 2, rows: int = 80, seed:
 
     fast, vocab = word_tokenizer()
     config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=24, num_labels=3)
+                        intermediate_size=32, max_position_embeddings=24, num_labels=3,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     base = BertForSequenceClassification(config).eval()
     out: dict[str, Path] = {}

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.skipif(not HAVE_FB, reason="fusion-bench not installed 
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):
     root = tmp_path_factory.mktemp("fbdata")
-    return root, make_classifier_family(root, n_experts=3, rows=80)
+    # NOTE: no dropout: FusionBench's AdaMerging puts the model in train mode (CLIP has no
+    # dropout); fusionlang's stages run in eval mode
+    return root, make_classifier_family(root, n_experts=3, rows=80, dropout=0.0)
 
 
 def reference(root: Path, fam: dict, method: str, n: int, batch_size: int, **kw) -> dict[str, torch.Tensor]:
@@ -46,6 +48,7 @@ def reference(root: Path, fam: dict, method: str, n: int, batch_size: int, **kw)
 
 def ours(root: Path, merge: str, name: str, n: int) -> dict[str, torch.Tensor]:
     spec = write_spec(root, f'''use merging
+model base = local("base")
 models experts = [local("e0"), local("e1"), local("e2")]
 data d0 = dataset("data0.jsonl", text="text", n={n})
 data d1 = dataset("data1.jsonl", text="text", n={n})
@@ -90,4 +93,20 @@ def test_fisher_matches_fusionbench(fam, n, batch_size, normalize):
     w = "bert.encoder.layer.1.output.dense.weight"
     avg = sum(load_state(f[f"e{k}"])[w] for k in range(3)) / 3
     assert float((mine[w] - avg).abs().max()) > 1e-4
+    assert_same(mine, ref, 1e-5)
+
+
+@pytest.mark.parametrize("mode,steps,batch_size", [("task", 6, 16), ("layer", 4, 8)])
+def test_adamerging_matches_fusionbench(fam, mode, steps, batch_size):
+    root, f = fam
+    n = 40
+    ref = reference(root, f, "adamerging", n, batch_size, base=str(f["base"]), mode=mode, steps=steps, lr=0.01,
+                    init=0.3, seed=7)
+    mine = ours(root, f'adamerging(base, experts, [d0, d1, d2], mode="{mode}", steps={steps}, lr=0.01, '
+                f"batch_size={batch_size}, seed=7)", f"am_{mode}", n)
+    # the coefficients moved away from their initial value (the test would catch a no-op)
+    base = load_state(f["base"])
+    w = "bert.encoder.layer.0.output.dense.weight"
+    ta = base[w] + 0.3 * sum(load_state(f[f"e{k}"])[w] - base[w] for k in range(3))
+    assert float((mine[w] - ta).abs().max()) > 1e-5
     assert_same(mine, ref, 1e-5)

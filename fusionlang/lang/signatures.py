@@ -1,5 +1,5 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, classify,
-dataset, zoo_data, gram, fisher, covered, accuracy,
+dataset, zoo_data, gram, fisher, adamerging_coefficients, covered, accuracy,
 perplexity, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
@@ -50,6 +50,12 @@ BUILTINS: dict[str, BuiltinSig] = {
                           ("normalize", "bool", True), ("minimal", "number", 1e-6)), "stats",
                          "a model stage: for each model, its diagonal Fisher information over `data` from the "
                          "model's own predictions, as Fisher-merging weights"),
+    "adamerging_coefficients": BuiltinSig(
+        (("base", "model", REQUIRED), ("models", "models", REQUIRED), ("data", "data", REQUIRED),
+         ("mode", "string", "task"), ("steps", "int", 1000), ("lr", "number", 0.001), ("init", "number", 0.3),
+         ("batch_size", "int", 16), ("clamp", "bool", False), ("seed", "int", 0)), "stats",
+        "a model stage: AdaMerging's task-arithmetic coefficients, learned by minimising the entropy of the "
+        "merged model's predictions on `data` (one value per model); per tensor, the vector of n coefficients"),
     "covered": BuiltinSig((("stats", "stats", REQUIRED),), "bool",
                           "whether every statistic of the list has a value for the tensor being merged"),
     "accuracy": BuiltinSig((("data", "data", REQUIRED), ("batch_size", "int", 32)), "task",

@@ -93,3 +93,24 @@ def regmean_solve(models: list[Tensor], grams: list[Tensor], alpha: float = 0.95
     except RuntimeError:  # singular beyond dead inputs: the minimum-norm least-squares fit
         merged = torch.linalg.pinv(lhs, hermitian=True) @ rhs
     return merged.transpose(1, 2).reshape(w0.shape).to(torch.float32)
+
+
+def _coefficient_shapes(shapes: list[list]) -> str | None:
+    models, coefficients = shapes
+    if len(coefficients) != 1:
+        return f"{len(coefficients)} coefficient vectors (one is needed)"
+    c = coefficients[0]
+    if c is not None and tuple(c) != (len(models),):
+        return f"a coefficient vector of shape {list(c)} for {len(models)} models"
+    return None
+
+
+@op(check_shapes=_coefficient_shapes)
+def coefficient_sum(base: Tensor, models: list[Tensor], coefficients: list[Tensor]) -> Tensor:
+    """base + Σ_i c_i (m_i − base): task arithmetic with per-tensor coefficients c [n]
+    from a stage (AdaMerging's learned λ). float32."""
+    c = coefficients[0].to(torch.float32)
+    out = base.to(torch.float32).clone()
+    for i, m in enumerate(models):
+        out.add_(m.to(torch.float32) - base, alpha=float(c[i]))
+    return out

@@ -80,7 +80,8 @@ def stage_line(key: str, stage: dict, n_tensors: int) -> str:
     mb = est.get("peak_bytes", 0) / 1e6
     return (f"stage {key} = {stage['kind']}({stage['model']}, {stage.get('data_text', '')}; {params})  "
             f"# {n_tensors} statistics; {est.get('examples', '?')} examples in {est.get('batches', '?')} "
-            f"{est.get('passes', '')} passes; {est.get('models_resident', 1)} model resident, ~{mb:.0f} MB")
+            f"{est.get('passes', '')} passes; {est.get('models_resident', 1)} model{'s' * (est.get('models_resident', 1) != 1)} "
+            f"resident, ~{mb:.0f} MB")
 
 
 def to_json(plan: Plan) -> str:

@@ -366,8 +366,9 @@ class Evaluator:
         if bad:
             raise EvalError(bad[0].code, bad[0].message, bad[0].span, bad[0].hint, tuple(bad[1:]))
         if len(lists) > 1:  # e.g. models and their statistics: each list is checked on its own
-            for group in lists:
-                self._same_shape(group, self.site or e.span, ctx, f"'{o.name}'")
+            singles = [v for p in o.params if p.type == "tensor" for v in [args.get(p.name)] if isinstance(v, TensorV)]
+            for k, group in enumerate(lists):
+                self._same_shape(singles + group if k == 0 else group, self.site or e.span, ctx, f"'{o.name}'")
             problem = o.check_shapes([[x.shape for x in g] for g in lists]) if o.check_shapes else None
             if problem:
                 raise EvalError("E014", f"{problem} in '{o.name}' for tensor '{ctx.tensor}'", self.site or e.span,

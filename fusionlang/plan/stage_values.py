@@ -20,7 +20,7 @@ from ..lang.diagnostics import Span
 from .graph import SourceSpec
 from .values import EvalError, TensorCtx, TensorV, at
 
-STAGE_BUILTINS = {"dataset", "zoo_data", "gram", "fisher", "covered"}
+STAGE_BUILTINS = {"dataset", "zoo_data", "gram", "fisher", "adamerging_coefficients", "covered"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ def call(ev, e: ir.CallE, args: dict, ctx: TensorCtx):
     if e.target == "covered":
         stats = args["stats"]
         return isinstance(stats, list) and all(isinstance(x, TensorV) for x in stats)
+    if e.target == "adamerging_coefficients":
+        return _adamerging(ev, e, args, ctx)
     return _stats(ev, e, args, ctx)
 
 
@@ -84,9 +86,8 @@ def _check_data(ev, v: DataV):
     return cache[key]
 
 
-def _stats(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
+def _models_and_data(e: ir.CallE, args: dict, arg_span: dict) -> tuple[list, list]:
     models, data = args["models"], args["data"]
-    arg_span = dict(_arg_spans(ev, e))
     if not isinstance(models, list) or not all(isinstance(m, TensorV) for m in models):
         raise EvalError("E005", f"{e.target}() takes a list of models", arg_span.get("models", e.span),
                         "pass a `models` list, or [m] for one model")
@@ -97,6 +98,85 @@ def _stats(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
     if len(datas) != len(models):
         raise EvalError("E006", f"{len(datas)} data values for {len(models)} models in {e.target}()",
                         arg_span.get("data", e.span), "give one data value per model, or a single one for all")
+    return models, datas
+
+
+def _source_key(ev, e: ir.CallE, m: TensorV, span: Span) -> str:
+    node = ev.plan.nodes[m.node]
+    if node.op != "load":
+        raise EvalError("E005", f"{e.target}() computes statistics of models read from files, not of a merge",
+                        span, "save the merge first, or pass the input models")
+    return node.param("source")
+
+
+def _adamerging(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
+    arg_span = dict(_arg_spans(ev, e))
+    models, datas = _models_and_data(e, args, arg_span)
+    base = args["base"]
+    if not isinstance(base, TensorV):
+        raise EvalError("E005", "adamerging_coefficients() takes the pre-trained model as base", e.span,
+                        "pass a model")
+    p = {"mode": str(args.get("mode") or "task"), "steps": args.get("steps", 1000), "lr": args.get("lr", 0.001),
+         "init": args.get("init", 0.3), "batch_size": args.get("batch_size", 16), "clamp": bool(args.get("clamp")),
+         "seed": args.get("seed", 0)}
+    bad = [("mode", p["mode"] not in ("task", "layer"), 'mode="task" (one coefficient per model) or "layer"'),
+           ("steps", not _whole(p["steps"], 1), "e.g. steps=1000"),
+           ("batch_size", not _whole(p["batch_size"], 1), "e.g. batch_size=16"),
+           ("seed", not _whole(p["seed"], 0), "e.g. seed=0"),
+           ("lr", not (isinstance(p["lr"], (int, float)) and p["lr"] > 0), "e.g. lr=0.001")]
+    for name, wrong, hint in bad:
+        if wrong:
+            raise EvalError("E006", f"{name}={p[name]!r} is not valid for adamerging", arg_span.get(name, e.span), hint)
+    p.update(steps=int(p["steps"]), batch_size=int(p["batch_size"]), seed=int(p["seed"]), lr=float(p["lr"]),
+             init=float(p["init"]))
+    if ev.dry:
+        return [TensorV(ev.plan.add("load", (), {"source": e.target, "tensor": ctx.tensor}, group=ctx.group), None, None)]
+    base_key = _source_key(ev, e, base, arg_span.get("base", e.span))
+    keys = [_source_key(ev, e, m, arg_span.get("models", e.span)) for m in models]
+    memo = ev.__dict__.setdefault("_stages", {})
+    mkey = (e.target, base_key, tuple(keys), json.dumps([d.spec for d in datas], sort_keys=True),
+            json.dumps(p, sort_keys=True))
+    if mkey not in memo:
+        memo[mkey] = _register_adamerging(ev, e, base_key, keys, datas, p)
+    sk = memo[mkey]
+    return [ev.load(sk, ctx, e.span) if ctx.tensor in ev.plan.sources[sk].tensors else UNCOVERED]
+
+
+def _whole(v, lo: int) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == int(v) and v >= lo
+
+
+def _register_adamerging(ev, e: ir.CallE, base_key: str, keys: list[str], datas: list, p: dict) -> str:
+    from ..stages import models as M
+    from ..stages.data import DataError, describe
+
+    base = ev.plan.sources[base_key]
+    for d in datas:
+        _check_data(ev, d)
+        try:
+            M.check_fits(base.path, d.spec, needs_logits=True)
+        except DataError as err:
+            raise EvalError(err.code, err.message, d.span_of(err.arg) if err.arg else e.span, err.hint) from None
+    n = len(keys)
+    tensors = {t: ("F32", (n,), "") for t, (dtype, _shape, _f) in base.tensors.items() if dtype in ("F32", "F16", "BF16", "F64")}
+    sk = f"adamerging[{base_key}]"
+    while sk in ev.plan.sources:
+        sk += "'"
+    model_bytes = sum(4 * _numel(s) for _, s, _ in base.tensors.values())
+    estimate = {"examples": p["steps"] * n * p["batch_size"], "batches": p["steps"] * n, "batch_size": p["batch_size"],
+                "passes": "forward+backward", "models_resident": n + 1,
+                "peak_bytes": model_bytes * (n + 3)}
+    stage = {"kind": "adamerging", "model": base_key, "model_dir": base.path,
+             "models": keys, "model_dirs": [ev.plan.sources[k].path for k in keys],
+             "data": [d.spec for d in datas], "data_text": ", ".join(describe(d.spec) for d in datas),
+             "params": p, "estimate": estimate}
+    ev.plan.sources[sk] = SourceSpec(sk, "", tensors, {}, at(e.span), stage)
+    return sk
+
+
+def _stats(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
+    arg_span = dict(_arg_spans(ev, e))
+    models, datas = _models_and_data(e, args, arg_span)
     params = {k: v for k, v in args.items() if k not in ("models", "data")}
     params = {"batch_size": int(params.get("batch_size") or 32), **(
         {"normalize": bool(params.get("normalize", True)), "minimal": float(params.get("minimal", 1e-6))}
@@ -110,11 +190,7 @@ def _stats(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
             out.append(TensorV(ev.plan.add("load", (), {"source": e.target, "tensor": ctx.tensor}, group=ctx.group),
                                None, None))
             continue
-        node = ev.plan.nodes[m.node]
-        if node.op != "load":
-            raise EvalError("E005", f"{e.target}() computes statistics of models read from files, not of a merge",
-                            arg_span.get("models", e.span), "save the merge first, or pass the input models")
-        sk = _register(ev, e, node.param("source"), d, params)
+        sk = _register(ev, e, _source_key(ev, e, m, arg_span.get("models", e.span)), d, params)
         if ctx.tensor in ev.plan.sources[sk].tensors:
             out.append(ev.load(sk, ctx, e.span))
         else:

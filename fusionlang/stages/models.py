@@ -78,15 +78,17 @@ def check_fits(model_dir: str, data: dict, needs_logits: bool) -> None:
                         "use a model saved with its head (e.g. *ForSequenceClassification), or data of a zoo task")
 
 
-def build(model_dir: str, data: dict, device: torch.device, meta: bool = False) -> StageModel:
+def build(model_dir: str, data: dict, device: torch.device, meta: bool = False,
+          module: torch.nn.Module | None = None) -> StageModel:
     """The stage module for `model_dir` on data value `data`; `meta`: structure only
-    (parameters on the meta device, no weights read), for compile-time shapes."""
+    (parameters on the meta device, no weights read), for compile-time shapes;
+    `module`: reuse this already loaded module (another data value's head on it)."""
     if data["kind"] == "zoo":
         task = _zoo_task(data)
         if task.kind == "text":
-            return _zoo_text(model_dir, task, device, meta)
-        return _zoo_vision(model_dir, task, device, meta)
-    return _hf(model_dir, device, meta)
+            return _zoo_text(model_dir, task, device, meta, module)
+        return _zoo_vision(model_dir, task, device, meta, module)
+    return _hf(model_dir, device, meta, module)
 
 
 def _file_names(model_dir: str) -> set[str]:
@@ -118,13 +120,15 @@ def name_map(module: torch.nn.Module, file_names: set[str]) -> dict[str, str]:
     return best
 
 
-def _zoo_text(model_dir: str, task, device, meta: bool) -> StageModel:
+def _zoo_text(model_dir: str, task, device, meta: bool, module=None) -> StageModel:
     from ..zoo import text as T
 
     T._quiet_transformers()
     from transformers import AutoConfig, AutoModel
 
-    if meta:
+    if module is not None:
+        pass
+    elif meta:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         with torch.device("meta"):
             module = AutoModel.from_config(config, add_pooling_layer=False)
@@ -155,10 +159,12 @@ def _head(task, device):
     return w.to(device), b.to(device)
 
 
-def _zoo_vision(model_dir: str, task, device, meta: bool) -> StageModel:
+def _zoo_vision(model_dir: str, task, device, meta: bool, module=None) -> StageModel:
     from ..zoo import vision as V
 
-    if meta:
+    if module is not None:
+        pass
+    elif meta:
         module = V.new_body(read_config(model_dir))
     else:
         module = V.load_body(model_dir, device).eval()
@@ -179,7 +185,7 @@ def _zoo_vision(model_dir: str, task, device, meta: bool) -> StageModel:
     return StageModel(module, name_map(module, _file_names(model_dir)), inputs, run, logits)
 
 
-def _hf(model_dir: str, device, meta: bool) -> StageModel:
+def _hf(model_dir: str, device, meta: bool, module=None) -> StageModel:
     from ..zoo import text as T
 
     T._quiet_transformers()
@@ -199,7 +205,8 @@ def _hf(model_dir: str, device, meta: bool) -> StageModel:
             module = cls.from_config(AutoConfig.from_pretrained(model_dir, local_files_only=True))
         tokenizer = processor = None
     else:
-        module = cls.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).to(device).eval()
+        if module is None:
+            module = cls.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).to(device).eval()
         tokenizer = processor = None
         if cls_name == "AutoModelForImageClassification":
             processor = transformers.AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)

@@ -52,21 +52,32 @@ def model_hash(model_dir: str) -> str:
     return _MODEL_HASHES[ident]
 
 
-def stage_key(stage: dict, ex: D.Examples) -> str:
-    """The content hash naming a stage's cached result."""
+def stage_key(stage: dict) -> str:
+    """The content hash naming a stage's cached result: kind, parameters, every model's
+    files and every data value's rows."""
+    datas = stage["data"] if isinstance(stage["data"], list) else [stage["data"]]
     text = json.dumps({"format": FORMAT, "kind": stage["kind"], "params": stage["params"],
-                       "model": model_hash(stage["model_dir"]), "data": ex.fingerprint}, sort_keys=True)
+                       "model": model_hash(stage["model_dir"]),
+                       "models": [model_hash(d) for d in stage.get("model_dirs", [])],
+                       "data": [D.load(d).fingerprint for d in datas]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def compute(stage: dict, ex: D.Examples, device, on_batch=None) -> dict:
-    """A stage's result tensors (file tensor name -> float32 CPU tensor)."""
+def compute(stage: dict, device, on_batch=None, log=None, names: list[str] | None = None) -> dict:
+    """A stage's result tensors (file tensor name -> float32 CPU tensor); `names`: the
+    tensors the plan reads (AdaMerging writes a coefficient vector for each)."""
     import torch
 
     from . import models as M
     from . import statistics as S
 
     torch.manual_seed(0)
+    if stage["kind"] == "adamerging":
+        from . import adamerging as A
+
+        lam, covered = A.learn(stage, device, log)
+        return A.result(stage, lam, covered, names or [])
+    ex = D.load(stage["data"])
     sm = M.build(stage["model_dir"], stage["data"], device)
     p = stage["params"]
     if stage["kind"] == "gram":
@@ -87,13 +98,12 @@ def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> 
     out.sources = dict(plan.sources)
     for i, (key, src) in enumerate(stages.items()):
         st = src.stage
-        what = f"stage {i + 1}/{len(stages)}: {st['kind']}({st['model']}, {D.describe(st['data'])})"
+        what = f"stage {i + 1}/{len(stages)}: {st['kind']}({st['model']}, {st.get('data_text', '')})"
         try:
-            ex = D.load(st["data"])
-            file = root / f"{stage_key(st, ex)}.safetensors"
+            file = root / f"{stage_key(st)}.safetensors"
             if not _cached(file, src):
                 if log:
-                    log(f"{what}: {len(ex)} examples")
+                    log(f"{what}: {st['estimate']['examples']} examples")
                 t0 = time.perf_counter()
                 last = [t0]
 
@@ -103,7 +113,8 @@ def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> 
                         last[0] = now
                         log(f"{what}: batch {done}/{total} ({now - t0:.1f}s)")
 
-                result = compute(st, ex, device, on_batch)
+                result = compute(st, device, on_batch, (lambda line, what=what: log(f"{what}: {line}")) if log else None,
+                                 list(src.tensors))
                 missing = sorted(set(src.tensors) - set(result))
                 if missing:
                     raise DataError("E014", f"the {st['kind']} stage of '{st['model']}' computed no statistic for "
@@ -112,11 +123,34 @@ def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> 
                 _save(file, result, st)
             elif log:
                 log(f"{what}: cached ({file.name})")
+            if st["kind"] == "adamerging" and log:
+                log(f"{what}: {coefficient_summary(file, st)}")
         except DataError as e:
             raise RunError(e.message, e.hint, e.code, src.at) from None
         tensors = {t: (d, shape, str(file)) for t, (d, shape, _) in src.tensors.items()}
         out.sources[key] = replace(src, path=str(root), tensors=tensors)
     return out
+
+
+def coefficient_summary(file: Path, stage: dict) -> str:
+    """The learned AdaMerging coefficients as a line: per model λ (task mode) or the mean
+    and range of its per-tensor λ (layer mode)."""
+    from safetensors.torch import load_file
+
+    values = load_file(str(file))
+    if not values:
+        return "no coefficients"
+    import torch
+
+    stack = torch.stack(list(values.values()))  # [tensors, n]
+    parts = []
+    for i, m in enumerate(stage["models"]):
+        col = stack[:, i]
+        if stage["params"]["mode"] == "task":
+            parts.append(f"{m}: {float(col[0]):.4f}")
+        else:
+            parts.append(f"{m}: mean {float(col.mean()):.4f} [{float(col.min()):.4f}, {float(col.max()):.4f}]")
+    return "learned coefficients " + "; ".join(parts)
 
 
 def _interval() -> float:

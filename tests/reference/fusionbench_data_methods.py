@@ -2,8 +2,9 @@
 
 Run with the FusionBench venv's python (.ci/install_fusionbench.sh):
     python fusionbench_data_methods.py CONFIG.json
-CONFIG: {"method": "regmean" | "fisher", "models": [dirs], "data": [jsonl per model],
-"n": rows, "batch_size": B, "alpha": reduce_non_diagonal_ratio, "out": file.safetensors}.
+CONFIG: {"method": "regmean" | "fisher" | "adamerging", "models": [dirs], "data": [jsonl per
+model], "n": rows, "batch_size": B, "alpha": reduce_non_diagonal_ratio, "out": file.safetensors;
+adamerging: "base", "mode" (task | layer), "steps", "lr", "init", "seed"}.
 Batches are the first n rows of each data file in order, tokenized per batch with the
 model's tokenizer (padding to the longest row, truncation at max_position_embeddings),
 as a minimal stand-in for the HF Trainer whose three members the functions use."""
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from fusion_bench.method.adamerging.entropy_loss import entropy_loss
 from fusion_bench.method.fisher_merging.fisher_merging import fisher_merging
 from fusion_bench.method.regmean.regmean import regmean_merging
 
@@ -32,8 +34,61 @@ class Batches:
         return inputs
 
 
+def batch_order(n_rows, batch_size, seed, i):
+    """The row order fusionlang's AdaMerging stage documents (a shuffled DataLoader per
+    data value, from a generator seeded with seed * 1_000_003 + i)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+    while True:
+        perm = torch.randperm(n_rows, generator=g).tolist()
+        for start in range(0, n_rows, batch_size):
+            yield perm[start:start + batch_size]
+
+
+def adamerging(cfg) -> dict:
+    """FusionBench's TaskWiseAdaMergingAlgorithm / LayerWise test_time_adaptation loop,
+    with its own merged-model wrappers and entropy loss, on the given batches."""
+    from fusion_bench.models.wrappers.layer_wise_fusion import LayerWiseMergedModel, get_layer_wise_weights
+    from fusion_bench.models.wrappers.task_wise_fusion import TaskWiseMergedModel, get_task_wise_weights
+
+    load = lambda d: AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32)  # noqa: E731
+    pretrained = load(cfg["base"])
+    finetuned = [load(d) for d in cfg["models"]]
+    n = len(finetuned)
+    if cfg["mode"] == "task":
+        module = TaskWiseMergedModel(task_wise_weight=get_task_wise_weights(n, cfg["init"]), pretrained_model=pretrained,
+                                     finetuned_models=finetuned, clamp_weights=False, tie_weights=True, strict=False)
+    else:
+        layers = len([p for p in pretrained.parameters() if p.requires_grad])
+        module = LayerWiseMergedModel(layer_wise_weight=get_layer_wise_weights(n, layers, cfg["init"]),
+                                      pretrained_model=pretrained, finetuned_models=finetuned, clamp_weights=False,
+                                      tie_weights=True, strict=False)
+    tok = AutoTokenizer.from_pretrained(cfg["base"])
+    texts = [[json.loads(line)["text"] for line in open(p) if line.strip()][:cfg["n"]] for p in cfg["data"]]
+    streams = [batch_order(len(t), cfg["batch_size"], cfg["seed"], i) for i, t in enumerate(texts)]
+    maxlen = pretrained.config.max_position_embeddings
+    optimizer = torch.optim.Adam([module.merge_weight], lr=cfg["lr"])
+    module.train()
+    module.merge_weights()
+    for _ in range(cfg["steps"]):
+        for i in range(n):
+            idx = next(streams[i])
+            batch = tok([texts[i][k] for k in idx], padding=True, truncation=True, max_length=maxlen,
+                        return_tensors="pt")
+            logits = module(**batch).logits
+            entropy_loss(logits).backward(retain_graph=True)
+        optimizer.step()
+        optimizer.zero_grad()
+        module.merge_weights()
+    merged = module.merge_and_unload()
+    return dict(merged.named_parameters())
+
+
 def main() -> None:
     cfg = json.load(open(sys.argv[1]))
+    if cfg["method"] == "adamerging":
+        merged = adamerging(cfg)
+        save_file({k: v.detach().contiguous() for k, v in merged.items()}, cfg["out"])
+        return
     n, bs = cfg["n"], cfg["batch_size"]
     models = [AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval() for d in cfg["models"]]
     trainers = []
