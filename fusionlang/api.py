@@ -167,6 +167,11 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
 
                 result.outputs = {o.name: o.path for o in plan.outputs.values()
                                   if display_path(setup, o.path) == o.path}
+            if setup is not None and setup.ensemble_saves:
+                from .eval.ensembles import write_all
+
+                for path, (out_dir, _m) in zip(write_all(setup.ensemble_saves), setup.ensemble_saves):
+                    result.outputs[Path(out_dir).name] = out_dir
             if setup is not None:
                 result.tuning = [r.to_json() for r in setup.tuning]
                 if setup.reports:
@@ -212,6 +217,16 @@ def load(directory: str | os.PathLike, **kwargs: Any):
     import json
 
     d = Path(directory)
+    from .eval.ensembles import module as ensemble_module
+    from .eval.ensembles import read_manifest
+
+    try:
+        manifest = read_manifest(d)
+    except (OSError, ValueError) as e:
+        raise FuseErrors([Diagnostic("E011", f"cannot read the ensemble manifest in '{d}': {e}", _here(d),
+                                     "re-create it (re-run the spec that saved it)")]) from None
+    if manifest is not None:
+        return ensemble_module(manifest, lambda p: load(p, **kwargs))
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise FuseErrors([Diagnostic("E010", f"'{d}' is not a model directory (no config.json)", _here(d),

@@ -211,6 +211,11 @@ def _cmd_run(args, plan_box: list) -> int:
 
         stats = run_plan(plan, args.device, int(args.shard_size * 1024**3), tick) if plan.outputs else None
     setup = getattr(plan, "eval_setup", None)
+    if setup is not None and setup.ensemble_saves:
+        from .eval.ensembles import write_all
+
+        for path in write_all(setup.ensemble_saves):
+            console.print(f"ensemble manifest: {path}")
     if stats is None and setup is not None:
         from .eval.evaluation import run as run_evals
         from .runtime.reader import pick_device

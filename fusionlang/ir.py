@@ -110,7 +110,7 @@ class Binding(IR):
     """A global value: `model`, `models`, `let`, `merge` (with its rule block), `task` or `data`."""
 
     qualname: str
-    kind: Literal["model", "models", "let", "merge", "task", "data"]
+    kind: Literal["model", "models", "let", "merge", "task", "data", "ensemble"]
     type: str
     value: Expr
     rules: tuple[RuleIR, ...] = ()
@@ -157,6 +157,7 @@ class Program(IR):
     defs: dict[str, DefIR]
     saves: tuple[SaveIR, ...]
     evals: tuple[EvalIR, ...] = ()
+    ensemble_saves: tuple[SaveIR, ...] = ()  # `save ENSEMBLE to "dir"`: manifests, written after the plan runs
     warnings: tuple = ()  # the checker's warnings (Diagnostic), shown by check, compile and run
 
 

@@ -153,7 +153,7 @@ def compile_spec(path: str, passes: set[str] | None = None, dump_after: str | No
     setup.tuning = tuning
     prog = setup.program
     lowered = Lowerer(prog).lower()
-    if not prog.saves and not prog.evals:
+    if not prog.saves and not prog.evals and not prog.ensemble_saves:
         raise FuseErrors([Diagnostic("E015", "the spec saves nothing, so there is nothing to run", Span(path, 1, 1),
                                      'add `save NAME to "dir"` for the merge you want written')])
     optimized = run_passes(lowered, passes, dump_after, verify, on_dump)

@@ -110,3 +110,45 @@ def test_adamerging_matches_fusionbench(fam, mode, steps, batch_size):
     ta = base[w] + 0.3 * sum(load_state(f[f"e{k}"])[w] - base[w] for k in range(3))
     assert float((mine[w] - ta).abs().max()) > 1e-5
     assert_same(mine, ref, 1e-5)
+
+
+@pytest.mark.parametrize("members,kw,fb", [
+    ("experts", "", {"mode": "mean"}),
+    ("[e0, e2]", ", weights=[0.7, 0.2]", {"mode": "mean", "weights": [0.7, 0.2]}),
+    ("[e0, e2]", ", weights=[2, -1], normalize=false", {"mode": "mean", "weights": [2.0, -1.0], "normalize": False}),
+    ("experts", ', mode="max"', {"mode": "max"}),
+])
+def test_ensembles_match_fusionbench(fam, members, kw, fb):
+    import fusionlang
+
+    root, f = fam
+    name = f"ens{abs(hash((members, kw))) % 10**6}"
+    spec = write_spec(root, f'''use merging
+model e0 = local("e0")
+model e2 = local("e2")
+models experts = [local("e0"), local("e1"), local("e2")]
+ensemble {name} = ensemble({members}{kw})
+task t = accuracy(dataset("data1.jsonl", text="text", label="label", n=40))
+save {name} to "out/{name}"
+eval {name} on t to "rep_{name}"
+''', f"{name}.fuse")
+    rc, _, err = run_cli("run", str(spec))
+    assert rc == 0, err
+    models = [str(f[k]) for k in (("e0", "e1", "e2") if members == "experts" else ("e0", "e2"))]
+    out = root / f"ref_{name}.safetensors"
+    (root / "ens.json").write_text(json.dumps({"method": "ensemble", "models": models, "data": [str(f["data1"])],
+                                               "n": 40, "out": str(out), **fb}))
+    r = subprocess.run([str(FB_PYTHON), str(REPO / "tests/reference/fusionbench_data_methods.py"), str(root / "ens.json")],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    ref = load_file(str(out))
+    ens = fusionlang.load(root / "out" / name)
+    with torch.no_grad():
+        mine = ens(**{k: v for k, v in ref.items() if k != "logits"})
+    assert torch.allclose(mine, ref["logits"], atol=1e-5)
+    # eval scored the ensemble with the same combined logits
+    labels = torch.tensor([json.loads(x)["label"] for x in (root / "data1.jsonl").read_text().splitlines()][:40])
+    report = json.loads((root / f"rep_{name}" / "report.json").read_text())
+    assert report["rows"][name]["accuracy"]["t"] == pytest.approx(float((ref["logits"].argmax(-1) == labels).float().mean()))

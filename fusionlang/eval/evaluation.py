@@ -32,6 +32,8 @@ class EvalSetup:
     tmpdir: str | None = None
     reports: list[tuple[list[str], list[str], str]] = field(default_factory=list)  # rows, tasks, report dir
     tuning: list = field(default_factory=list)  # tuning.TuneRecord of every tune() chosen before the run
+    ensembles: dict[str, dict] = field(default_factory=dict)  # row name -> {"members": [{name, path}], weights, ...}
+    ensemble_saves: list[tuple[str, dict]] = field(default_factory=list)  # (output dir, manifest) to write
 
 
 def _call_args(prog: ir.Program, call: ir.CallE) -> dict:
@@ -123,30 +125,16 @@ def check_fit(prog: ir.Program) -> None:
     a BERT zoo task. A merge's architecture is that of the model its output takes its
     config from; models without a readable config.json are left to lowering's errors."""
     from ..plan.lower import Lowerer
-    from ..plan.values import EvalError
 
     low = Lowerer(prog)
     diags: list[Diagnostic] = []
     for ev in prog.evals:
-        models: list[tuple[str, dict]] = []
-        for q in ev.models:
-            b = prog.bindings[q]
-            short = q.split("::")[-1]
-            if b.kind == "merge":
-                try:
-                    models.append((short, low.headers[low.domain(b).reference].config))
-                except (EvalError, KeyError):
-                    continue
-            else:
-                items = b.value.items if isinstance(b.value, ir.ListE) else [b.value]
-                for i, item in enumerate(items):
-                    config = _read_config(_source_dir(prog, item))
-                    if config is not None:
-                        models.append((short if b.kind == "model" else f"{short}[{i}]", config))
+        dirs = models_dirs(prog, low, ev)
+        models = [(name, config) for name, d in dirs for config in [_read_config(d)] if config is not None]
         for t in ev.tasks:
             task = resolve_task(prog, t)
             if not is_zoo_task(task):
-                diags += _user_fit(prog, low, ev, task, t, models_dirs(prog, low, ev))
+                diags += _user_fit(prog, low, ev, task, t, dirs)
                 continue
             spec = task["spec"]
             want = _read_config(str(spec.base_dir)) or {}
@@ -164,18 +152,28 @@ def check_fit(prog: ir.Program) -> None:
 
 def models_dirs(prog: ir.Program, low, ev: ir.EvalIR) -> list[tuple[str, str]]:
     """(row name, model directory whose config describes it) of an eval's models; a
-    merge is described by its reference input."""
+    merge is described by its reference input, an ensemble by each member."""
     from ..plan.values import EvalError
+    from .ensembles import members
+
+    def merge_ref(q: str) -> str | None:
+        try:
+            return low.plan.sources[low.domain(prog.bindings[q]).reference].path
+        except (EvalError, KeyError):
+            return None
 
     out = []
     for q in ev.models:
         b = prog.bindings[q]
         short = q.split("::")[-1]
         if b.kind == "merge":
-            try:
-                out.append((short, low.plan.sources[low.domain(b).reference].path))
-            except (EvalError, KeyError):
-                continue
+            if merge_ref(q):
+                out.append((short, merge_ref(q)))
+        elif b.kind == "ensemble":
+            for name, kind, what in members(prog, q):
+                d = merge_ref(what) if kind == "merge" else _source_dir(prog, what)
+                if d:
+                    out.append((f"{short}: {name}", d))
         else:
             items = b.value.items if isinstance(b.value, ir.ListE) else [b.value]
             for i, item in enumerate(items):
@@ -206,26 +204,50 @@ def _read_config(model_dir: str) -> dict | None:
 
 def prepare(prog: ir.Program) -> EvalSetup:
     """Locate every evaluated model (adding outputs for unsaved merges) and task."""
+    from . import ensembles as E
+
     setup = EvalSetup(prog)
-    if not prog.evals:
-        return setup
     saved = {s.name: s.path for s in prog.saves}
     extra: list[ir.SaveIR] = []
+
+    def merge_dir(q: str, span) -> str:
+        if q not in saved:
+            # NOTE: only a name: the run creates it (as an output's parent) and removes it;
+            # `check` and `compile` create nothing
+            setup.tmpdir = setup.tmpdir or os.path.join(
+                tempfile.gettempdir(), f"fusionlang-eval-{os.getpid()}-{secrets.token_hex(4)}")
+            saved[q] = os.path.join(setup.tmpdir, q.split("::")[-1])
+            extra.append(ir.SaveIR(name=q, display=q.split("::")[-1], path=saved[q], dtype=None, span=span,
+                                   path_span=span))
+        return saved[q]
+
+    def ensemble(q: str, span) -> dict:
+        out = []
+        for name, kind, what in E.members(prog, q):
+            out.append({"name": name, "path": merge_dir(what, span) if kind == "merge" else _source_dir(prog, what)})
+        return {"members": out, **E.spec(prog, q)}
+
+    for s in prog.ensemble_saves:
+        unsaved = [n for n, kind, q in E.members(prog, s.name) if kind == "merge" and q not in saved]
+        if unsaved:
+            raise FuseErrors([Diagnostic("E016", f"ensemble '{s.display}' has the member '{unsaved[0]}', a merge no "
+                                         "`save` writes: the manifest names its members' directories", s.span,
+                                         f'save it too, e.g. save {unsaved[0]} to "out/{unsaved[0]}"')])
+        problem = E.check_target(s.path)
+        if problem:
+            raise FuseErrors([Diagnostic("E016", problem, s.path_span, "save the ensemble to a new directory")])
+        setup.ensemble_saves.append((s.path, ensemble(s.name, s.span)))
     for ev in prog.evals:
         rows = []
         for q in ev.models:
             b = prog.bindings[q]
             short = q.split("::")[-1]
             if b.kind == "merge":
-                if q not in saved:
-                    # NOTE: only a name: the run creates it (as an output's parent) and removes it;
-                    # `check` and `compile` create nothing
-                    setup.tmpdir = setup.tmpdir or os.path.join(
-                        tempfile.gettempdir(), f"fusionlang-eval-{os.getpid()}-{secrets.token_hex(4)}")
-                    saved[q] = os.path.join(setup.tmpdir, short)
-                    extra.append(ir.SaveIR(name=q, display=short, path=saved[q], dtype=None, span=ev.span,
-                                           path_span=ev.span))
-                setup.models[short] = saved[q]
+                setup.models[short] = merge_dir(q, ev.span)
+                rows.append(short)
+            elif b.kind == "ensemble":
+                setup.ensembles[short] = ensemble(q, ev.span)
+                setup.models[short] = f"<ensemble {short}>"
                 rows.append(short)
             else:
                 items = b.value.items if isinstance(b.value, ir.ListE) else [b.value]
@@ -295,10 +317,11 @@ def _reference_name(setup: EvalSetup, model_dir: str, task: str) -> str:
     return "pretrained" if model_dir == pre else "fine-tuned"
 
 
-def score_task(model_dir: str, task: dict, device: str, split: str | None = None, on_batch=None) -> dict:
+def score_task(model_dir: str | dict, task: dict, device: str, split: str | None = None, on_batch=None) -> dict:
     """evaluate() a model directory on a task (resolve_task's arguments), on the task's
     own split unless `split` is given (a zoo task; a task on the user's data scores its
-    data value); `on_batch(done, total)` after each batch."""
+    data value); `on_batch(done, total)` after each batch. `model_dir` may be an
+    ensemble (`ensembles`: its members, weights, mode): the members' logits combine."""
     from ..zoo.evaluate import evaluate
 
     if not is_zoo_task(task):
@@ -337,7 +360,8 @@ def run(setup: EvalSetup, device: str, console) -> list[dict]:
         key = (model_dir, task)
         if key not in cache:
             what = f"{names.get(model_dir) or _reference_name(setup, model_dir, task)} on {task}"
-            cache[key] = score_task(model_dir, setup.tasks[task], device,
+            model = setup.ensembles.get(names.get(model_dir), model_dir)
+            cache[key] = score_task(model, setup.tasks[task], device,
                                     on_batch=lambda i, n: beat.beat(len(cache), len(needed), f"{what}: batch {i}/{n}"))
             beat.beat(len(cache), len(needed), what)
         return cache[key]

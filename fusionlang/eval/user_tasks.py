@@ -61,9 +61,10 @@ def check(task: dict, model_dir: str, name: str) -> None:
                         "model (tokenizer.save_pretrained(dir)); a merge copies its reference model's")
 
 
-def score(model_dir: str, task: dict, device: str, on_batch=None) -> dict:
+def score(model_dir: str | dict, task: dict, device: str, on_batch=None) -> dict:
     """Score a model directory on a user task. Returns the metric (`accuracy`, or
-    `perplexity` with `loss` and `tokens`), `n`, `latency_per_batch_s`, `peak_mem_bytes`."""
+    `perplexity` with `loss` and `tokens`), `n`, `latency_per_batch_s`, `peak_mem_bytes`.
+    An ensemble (`model_dir` a dict of members, weights, mode) combines its members' logits."""
     import torch
 
     from ..zoo.evaluate import _peak_mem_bytes
@@ -74,6 +75,9 @@ def score(model_dir: str, task: dict, device: str, on_batch=None) -> dict:
 
     ex = D.load(task["data"])
     bs = int(task.get("batch_size") or 32)
+    ens = model_dir if isinstance(model_dir, dict) else None
+    dirs = [m["path"] for m in ens["members"]] if ens else [model_dir]
+    model_dir = dirs[0]  # tokenizer, processor and config: the first member's
     config = _config(model_dir)
     archs = config.get("architectures") or []
     if task["kind"] == "perplexity":
@@ -82,7 +86,7 @@ def score(model_dir: str, task: dict, device: str, on_batch=None) -> dict:
         cls = transformers.AutoModelForImageClassification
     else:
         cls = transformers.AutoModelForSequenceClassification
-    model = cls.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).to(device).eval()
+    models = [cls.from_pretrained(d, local_files_only=True, dtype=torch.float32).to(device).eval() for d in dirs]
     if ex.texts is not None:
         tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         if tok.pad_token is None:
@@ -104,12 +108,18 @@ def score(model_dir: str, task: dict, device: str, on_batch=None) -> dict:
             else:
                 batch = proc(images=list(ex.images[start:stop]), return_tensors="pt")
             batch = {k: v.to(device) for k, v in batch.items()}
-            out = model(**batch)
+            outs = [m(**batch).logits for m in models]
+            if ens:
+                from .ensembles import combine
+
+                all_logits = combine(outs, ens["weights"], ens["normalize"], ens["mode"])
+            else:
+                all_logits = outs[0]
             if task["kind"] == "accuracy":
-                pred = out.logits.argmax(-1).cpu()
+                pred = all_logits.argmax(-1).cpu()
                 correct += int((pred == torch.as_tensor(ex.labels[start:stop])).sum())
             else:
-                logits = out.logits[:, :-1].float()
+                logits = all_logits[:, :-1].float()
                 target = batch["input_ids"][:, 1:]
                 mask = batch["attention_mask"][:, 1:].bool()
                 nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),

@@ -171,6 +171,12 @@ class DataDecl(Node):
 
 
 @dataclass(frozen=True)
+class EnsembleDecl(Node):
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True)
 class Eval(Node):
     models: tuple[tuple[str, Span], ...]
     tasks: tuple[tuple[str, Span], ...]
@@ -178,7 +184,7 @@ class Eval(Node):
     report_span: Span | None
 
 
-Stmt = Use | ModelDecl | Let | Def | Merge | Save | TaskDecl | DataDecl | Eval
+Stmt = Use | ModelDecl | Let | Def | Merge | Save | TaskDecl | DataDecl | EnsembleDecl | Eval
 
 
 @dataclass(frozen=True)
@@ -221,7 +227,7 @@ def depth(e: Expr) -> tuple[int, Expr]:
 
 def stmt_exprs(s: Stmt) -> tuple[Expr, ...]:
     """The expressions a statement holds (its value, defaults, rule values)."""
-    if isinstance(s, (ModelDecl, Let, TaskDecl, DataDecl)):
+    if isinstance(s, (ModelDecl, Let, TaskDecl, DataDecl, EnsembleDecl)):
         return (s.value,)
     if isinstance(s, Def):
         return tuple(p.default for p in s.params if p.default is not None) + (s.body,)

@@ -52,7 +52,11 @@ class Checker(ExprChecker):
                                       defs={q: d for q, d in self.defs.items() if q not in self._had_errors},
                                       saves=(), evals=())
             return None
+        ensemble_saves = tuple(s for s in saves if self.bindings.get(s.name) is not None
+                               and self.bindings[s.name].kind == "ensemble")
+        saves = [s for s in saves if s not in ensemble_saves]
         return ir.Program(file=file, text=text, module=mod.key, bindings=self.bindings, defs=self.defs, saves=tuple(saves),
+                          ensemble_saves=ensemble_saves,
                           evals=tuple(evals))
 
     def _check_eval_depth(self) -> None:
@@ -84,9 +88,13 @@ class Checker(ExprChecker):
         if sym is None:
             self._unknown(mod, stmt.name, stmt.name_span, {})
             return None
-        if sym.kind not in ("merge", "model"):
+        if sym.kind not in ("merge", "model", "ensemble"):
             self.sink.error("E005", f"cannot save '{stmt.name}': it is a {sym.kind}, not a model", stmt.name_span,
-                            "save takes a merge or a model")
+                            "save takes a merge, a model or an ensemble")
+            return None
+        if sym.kind == "ensemble" and stmt.dtype is not None:
+            self.sink.error("E006", "an ensemble is saved as a manifest of its members; `as DTYPE` does not apply",
+                            stmt.dtype_span or stmt.span, "save the members' merges with a dtype instead")
             return None
         if stmt.dtype is not None and stmt.dtype not in ("bf16", "fp16", "fp32"):
             self.sink.error("E006", f"unknown dtype '{stmt.dtype}'", stmt.dtype_span or stmt.span, "use bf16, fp16 or fp32")
@@ -106,14 +114,15 @@ class Checker(ExprChecker):
 
     def _eval(self, mod: Module, stmt: ast.Eval) -> ir.EvalIR | None:
         models, tasks, ok = [], [], True
-        for names, want, out in ((stmt.models, ("model", "merge", "models"), models), (stmt.tasks, ("task",), tasks)):
+        for names, want, out in ((stmt.models, ("model", "merge", "models", "ensemble"), models),
+                                 (stmt.tasks, ("task",), tasks)):
             for name, span in names:
                 sym = mod.names.get(name)
                 if sym is None:
                     self._unknown(mod, name, span, {})
                     ok = False
                 elif sym.kind not in want:
-                    what = "a model or merge" if "model" in want else "a task"
+                    what = "a model, merge or ensemble" if "model" in want else "a task"
                     self.sink.error("E005", f"'{name}' is a {sym.kind}, not {what}", span,
                                     "eval MODELS on TASKS: models first, then tasks declared with `task NAME = classify(...)`")
                     ok = False
@@ -200,6 +209,11 @@ class Checker(ExprChecker):
                 self.sink.error("E005", f"data '{stmt.name}' must be a data value, not {value.type}", stmt.value.span,
                                 'e.g. data calib = dataset("calib.jsonl", text="text", n=256) or '
                                 'zoo_data("tops", zoo="vision", split="train", n=256)')
+        elif isinstance(stmt, ast.EnsembleDecl):
+            kind = "ensemble"
+            if not type_accepts("ensemble", value.type):
+                self.sink.error("E005", f"ensemble '{stmt.name}' must be an ensemble, not {value.type}", stmt.value.span,
+                                "e.g. ensemble ens = ensemble(experts, weights=[0.6, 0.4])")
         elif isinstance(stmt, ast.Merge):
             kind = "merge"
             if not type_accepts("model", value.type):

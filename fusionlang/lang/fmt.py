@@ -149,6 +149,8 @@ def stmt(s: ast.Stmt) -> str:
         return _body(f"task {s.name} = ", s.value)
     if isinstance(s, ast.DataDecl):
         return _body(f"data {s.name} = ", s.value)
+    if isinstance(s, ast.EnsembleDecl):
+        return _body(f"ensemble {s.name} = ", s.value)
     if isinstance(s, ast.Eval):
         return (f"eval {', '.join(n for n, _ in s.models)} on {', '.join(n for n, _ in s.tasks)}"
                 + (f" to {_string(s.report)}" if s.report is not None else ""))

@@ -150,7 +150,7 @@ class ModuleChecker:
         if isinstance(stmt, (ast.Use, ast.Save, ast.Eval)):
             return
         name = stmt.name
-        kind = {ast.Def: "def", ast.Let: "let", ast.Merge: "merge", ast.TaskDecl: "task", ast.DataDecl: "data"}.get(type(stmt))
+        kind = {ast.Def: "def", ast.Let: "let", ast.Merge: "merge", ast.TaskDecl: "task", ast.DataDecl: "data", ast.EnsembleDecl: "ensemble"}.get(type(stmt))
         if isinstance(stmt, ast.ModelDecl):
             kind = "models" if stmt.plural else "model"
         qual = f"{mod.key}::{name}"

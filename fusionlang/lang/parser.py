@@ -216,6 +216,9 @@ class _ToAst(Transformer_NonRecursive):
     def data_stmt(self, meta, c):
         return ast.DataDecl(self._s(meta), str(c[0]), c[1])
 
+    def ensemble_stmt(self, meta, c):
+        return ast.EnsembleDecl(self._s(meta), str(c[0]), c[1])
+
     def eval_names(self, meta, c):
         return tuple((str(t), _tok_span(self.file, t)) for t in c)
 
@@ -267,7 +270,7 @@ def _syntax_diag(file: str, err: UnexpectedInput) -> Diagnostic:
     return Diagnostic("E001", f"unexpected {text!r}", Span(file, line, col, line, end), hint)
 
 
-_STMT_START = re.compile(r"^(use|model|models|let|def|merge|save|task|data|eval)\b", re.MULTILINE)
+_STMT_START = re.compile(r"^(use|model|models|let|def|merge|save|task|data|ensemble|eval)\b", re.MULTILINE)
 _OPEN = {"(": ")", "[": "]", "{": "}"}
 MAX_SYNTAX_ERRORS = 20
 

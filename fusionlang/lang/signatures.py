@@ -62,6 +62,11 @@ BUILTINS: dict[str, BuiltinSig] = {
                            "a task on your own labeled data: the accuracy of each model's own classification head"),
     "perplexity": BuiltinSig((("data", "data", REQUIRED), ("batch_size", "int", 8)), "task",
                              "a task on your own text: each causal language model's perplexity (lower is better)"),
+    "ensemble": BuiltinSig((("models", "models", REQUIRED), ("weights", "numbers", None), ("normalize", "bool", True),
+                            ("mode", "string", "mean")), "ensemble",
+                           "a prediction-level combination of models (no merged weights): the mean of their outputs, "
+                           "weighted (weights, divided by their sum with normalize), or their elementwise max "
+                           "(mode=\"max\")"),
     "tune": BuiltinSig((("values", "numbers", REQUIRED), ("on", "any", REQUIRED), ("split", "string", "val")), "number",
                        "a merge argument chosen at run time: the candidate with the best mean accuracy on the "
                        "tasks' validation split"),
@@ -82,6 +87,7 @@ _TYPE_OK = {
     "task": {"task"},
     "data": {"data", "list"},  # one data value, or one per model
     "stats": {"stats"},
+    "ensemble": {"ensemble"},
 }
 
 

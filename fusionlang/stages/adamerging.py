@@ -109,7 +109,7 @@ def learn(stage: dict, device, log: Callable[[str], None] | None = None) -> tupl
             batch = sms[i].inputs(_rows(ex, idx), 0, len(idx))
             loss = entropy(torch.func.functional_call(wrap, merged, (batch,)))
             loss.backward(retain_graph=i < n - 1)
-            total += float(loss)
+            total += float(loss.detach())
         opt.step()
         opt.zero_grad()
         if log and (step + 1 == steps or (step + 1) % max(1, steps // 10) == 0):

@@ -170,7 +170,9 @@ def evaluate(
     data = ds.split(split)
     n = len(data) if limit is None else min(limit, len(data))
     weight, bias = spec.head()
-    encoder = _load_model(spec, model, device)
+    # an ensemble (fusionlang.eval.ensembles): every member's logits, combined
+    ens = model if isinstance(model, Mapping) and "members" in model and "mode" in model else None
+    encoders = [_load_model(spec, m["path"], device) for m in ens["members"]] if ens else [_load_model(spec, model, device)]
     weight, bias = weight.to(device), bias.to(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -181,18 +183,27 @@ def evaluate(
         for start in range(0, n, batch_size):
             stop = min(n, start + batch_size)
             t0 = time.perf_counter()
-            if spec.kind == "text":
-                from . import text as T
+            outs = []
+            for encoder in encoders:
+                if spec.kind == "text":
+                    from . import text as T
 
-                batch = T.tokenize(_tokenizer(spec.base_dir), data.texts[start:stop],
-                                   spec.info["max_length"], device)
-                feats = T.pool(encoder, batch, spec.info.get("pooling", "mean"),
-                               spec.info.get("normalize", True))
+                    batch = T.tokenize(_tokenizer(spec.base_dir), data.texts[start:stop],
+                                       spec.info["max_length"], device)
+                    feats = T.pool(encoder, batch, spec.info.get("pooling", "mean"),
+                                   spec.info.get("normalize", True))
+                else:
+                    from . import vision as V
+
+                    feats = V.features(encoder, data.images[start:stop], spec.info, device)
+                outs.append(feats.float() @ weight.T + bias)
+            if ens:
+                from ..eval.ensembles import combine
+
+                logits = combine(outs, ens["weights"], ens["normalize"], ens["mode"])
             else:
-                from . import vision as V
-
-                feats = V.features(encoder, data.images[start:stop], spec.info, device)
-            pred = (feats.float() @ weight.T + bias).argmax(-1).cpu()
+                logits = outs[0]
+            pred = logits.argmax(-1).cpu()
             if device.startswith("cuda"):
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)

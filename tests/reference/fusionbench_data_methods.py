@@ -83,8 +83,32 @@ def adamerging(cfg) -> dict:
     return dict(merged.named_parameters())
 
 
+def ensemble(cfg) -> dict:
+    """FusionBench's EnsembleModule / WeightedEnsembleModule / MaxModelPredictor on the
+    models: their combined outputs' logits for all rows of the first data file, as one batch."""
+    from fusion_bench.models.wrappers.ensemble import EnsembleModule, MaxModelPredictor, WeightedEnsembleModule
+
+    models = [AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval() for d in cfg["models"]]
+    if cfg["mode"] == "max":
+        module = MaxModelPredictor(models)
+    elif cfg.get("weights") is None:
+        module = EnsembleModule(models)
+    else:
+        module = WeightedEnsembleModule(models, weights=cfg["weights"], normalize=cfg.get("normalize", True))
+    tok = AutoTokenizer.from_pretrained(cfg["models"][0])
+    texts = [json.loads(line)["text"] for line in open(cfg["data"][0]) if line.strip()][:cfg["n"]]
+    batch = tok(texts, padding=True, truncation=True, max_length=models[0].config.max_position_embeddings,
+                return_tensors="pt")
+    with torch.no_grad():
+        out = module(**batch)
+    return {"logits": out["logits"], **{k: v for k, v in batch.items()}}
+
+
 def main() -> None:
     cfg = json.load(open(sys.argv[1]))
+    if cfg["method"] == "ensemble":
+        save_file({k: v.contiguous() for k, v in ensemble(cfg).items()}, cfg["out"])
+        return
     if cfg["method"] == "adamerging":
         merged = adamerging(cfg)
         save_file({k: v.detach().contiguous() for k, v in merged.items()}, cfg["out"])
