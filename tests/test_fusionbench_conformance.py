@@ -152,3 +152,42 @@ eval {name} on t to "rep_{name}"
     labels = torch.tensor([json.loads(x)["label"] for x in (root / "data1.jsonl").read_text().splitlines()][:40])
     report = json.loads((root / f"rep_{name}" / "report.json").read_text())
     assert report["rows"][name]["accuracy"]["t"] == pytest.approx(float((ref["logits"].argmax(-1) == labels).float().mean()))
+
+
+@pytest.mark.parametrize("alpha,batch_size", [(0.95, 16), (0.6, 8)])
+def test_regmean_plusplus_matches_fusionbench(fam, alpha, batch_size):
+    root, f = fam
+    import random
+
+    from conftest import WORDS
+
+    # rows of 8 words: one token each, so no row needs padding (FusionBench's layers run
+    # without an attention mask)
+    rng = random.Random(2)
+    for k in range(3):
+        (root / f"even{k}.jsonl").write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(8))})
+                                                     + "\n" for _ in range(32)))
+    fam_even = {**f, **{f"data{k}": root / f"even{k}.jsonl" for k in range(3)}}
+    ref = reference(root, fam_even, "regmean_plusplus", 32, batch_size, alpha=alpha, base=str(f["base"]))
+    spec = write_spec(root, f'''use merging
+model base = local("base")
+models experts = [local("e0"), local("e1"), local("e2")]
+let d = [dataset("even0.jsonl", text="text"), dataset("even1.jsonl", text="text"), dataset("even2.jsonl", text="text")]
+merge rpp = regmean_plusplus(experts, d, alpha={alpha}, batch_size={batch_size}) {{
+    "*pooler*" => base
+    "classifier.*" => base
+}}
+save rpp to "out/rpp_{batch_size}"
+''', f"rpp_{batch_size}.fuse")
+    rc, _, err = run_cli("run", str(spec), "-q")
+    assert rc == 0, err
+    mine = load_state(root / "out" / f"rpp_{batch_size}")
+    # RegMean++ differs from RegMean above the first layer (its inputs come from merged layers)
+    spec2 = write_spec(root, spec.read_text().replace("regmean_plusplus(", "regmean(").replace(
+        f"rpp_{batch_size}\"", f"rm_cmp_{batch_size}\""), f"rm_cmp_{batch_size}.fuse")
+    rc, _, err = run_cli("run", str(spec2), "-q")
+    assert rc == 0, err
+    plain = load_state(root / "out" / f"rm_cmp_{batch_size}")
+    w = "bert.encoder.layer.1.attention.self.query.weight"
+    assert float((mine[w] - plain[w]).abs().max()) > 1e-4
+    assert_same(mine, ref, 1e-5)

@@ -1,5 +1,5 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, classify,
-dataset, zoo_data, gram, fisher, adamerging_coefficients, covered, accuracy,
+dataset, zoo_data, gram, gram_plusplus, fisher, adamerging_coefficients, covered, accuracy,
 perplexity, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ BUILTINS: dict[str, BuiltinSig] = {
                           ("normalize", "bool", True), ("minimal", "number", 1e-6)), "stats",
                          "a model stage: for each model, its diagonal Fisher information over `data` from the "
                          "model's own predictions, as Fisher-merging weights"),
+    "gram_plusplus": BuiltinSig((("models", "models", REQUIRED), ("data", "data", REQUIRED), ("alpha", "number", 0.95),
+                                 ("batch_size", "int", 32)), "stats",
+                                "a model stage: RegMean++'s Gram matrices, each layer's taken on the inputs the merged "
+                                "layers below it produce (one data value per model)"),
     "adamerging_coefficients": BuiltinSig(
         (("base", "model", REQUIRED), ("models", "models", REQUIRED), ("data", "data", REQUIRED),
          ("mode", "string", "task"), ("steps", "int", 1000), ("lr", "number", 0.001), ("init", "number", 0.3),

@@ -78,7 +78,7 @@ def stage_line(key: str, stage: dict, n_tensors: int) -> str:
     est = stage.get("estimate", {})
     params = ", ".join(f"{k}={_fmt_value(v)}" for k, v in stage.get("params", {}).items())
     mb = est.get("peak_bytes", 0) / 1e6
-    return (f"stage {key} = {stage['kind']}({stage['model']}, {stage.get('data_text', '')}; {params})  "
+    return (f"stage {key} = {stage['kind']}({stage.get('of', stage['model'])}, {stage.get('data_text', '')}; {params})  "
             f"# {n_tensors} statistics; {est.get('examples', '?')} examples in {est.get('batches', '?')} "
             f"{est.get('passes', '')} passes; {est.get('models_resident', 1)} model{'s' * (est.get('models_resident', 1) != 1)} "
             f"resident, ~{mb:.0f} MB")

@@ -20,7 +20,7 @@ from ..lang.diagnostics import Span
 from .graph import SourceSpec
 from .values import EvalError, TensorCtx, TensorV, at
 
-STAGE_BUILTINS = {"dataset", "zoo_data", "gram", "fisher", "adamerging_coefficients", "covered"}
+STAGE_BUILTINS = {"dataset", "zoo_data", "gram", "gram_plusplus", "fisher", "adamerging_coefficients", "covered"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ def call(ev, e: ir.CallE, args: dict, ctx: TensorCtx):
         return isinstance(stats, list) and all(isinstance(x, TensorV) for x in stats)
     if e.target == "adamerging_coefficients":
         return _adamerging(ev, e, args, ctx)
+    if e.target == "gram_plusplus":
+        return _gram_plusplus(ev, e, args, ctx)
     return _stats(ev, e, args, ctx)
 
 
@@ -140,6 +142,68 @@ def _adamerging(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
         memo[mkey] = _register_adamerging(ev, e, base_key, keys, datas, p)
     sk = memo[mkey]
     return [ev.load(sk, ctx, e.span) if ctx.tensor in ev.plan.sources[sk].tensors else UNCOVERED]
+
+
+def _gram_plusplus(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
+    arg_span = dict(_arg_spans(ev, e))
+    models, datas = _models_and_data(e, args, arg_span)
+    alpha, bs = args.get("alpha", 0.95), args.get("batch_size", 32)
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise EvalError("E006", f"alpha={alpha!r} must be within [0, 1]", arg_span.get("alpha", e.span), "e.g. alpha=0.95")
+    if not _whole(bs, 1):
+        raise EvalError("E006", f"batch_size={bs!r} must be a whole number of at least 1",
+                        arg_span.get("batch_size", e.span), "e.g. batch_size=32")
+    p = {"alpha": float(alpha), "batch_size": int(bs)}
+    if ev.dry:
+        return [TensorV(ev.plan.add("load", (), {"source": e.target, "tensor": ctx.tensor}, group=ctx.group), None, None)
+                for _ in models]
+    keys = [_source_key(ev, e, m, arg_span.get("models", e.span)) for m in models]
+    memo = ev.__dict__.setdefault("_stages", {})
+    mkey = (e.target, tuple(keys), json.dumps([d.spec for d in datas], sort_keys=True), json.dumps(p, sort_keys=True))
+    if mkey not in memo:
+        memo[mkey] = _register_joint(ev, e, keys, datas, p)
+    return [ev.load(sk, ctx, e.span) if ctx.tensor in ev.plan.sources[sk].tensors else UNCOVERED for sk in memo[mkey]]
+
+
+def _register_joint(ev, e: ir.CallE, keys: list[str], datas: list, p: dict) -> list[str]:
+    """One joint stage computing every model's statistics; one plan source per model."""
+    from ..stages import models as M
+    from ..stages import regmean_pp as R
+    from ..stages.data import DataError, describe
+
+    first = ev.plan.sources[keys[0]]
+    for d in datas:
+        _check_data(ev, d)
+    try:
+        for k, d in zip(keys, datas):
+            M.check_fits(ev.plan.sources[k].path, d.spec, needs_logits=False)
+        sm = M.build(first.path, datas[0].spec, "cpu", meta=True)
+    except DataError as err:
+        raise EvalError(err.code, err.message, e.span, err.hint) from None
+    shapes = R.covered(sm)
+    if not shapes:
+        raise EvalError("E014", f"gram_plusplus() found no Linear or Conv2d layer inside a numbered layer stack of "
+                        f"'{keys[0]}'", e.span, "use regmean() for this model")
+    n = len(keys)
+    layers = len({R.layer_index(t)[1] for t in shapes})
+    rows = sum(len(_check_data(ev, d)) for d in datas)
+    model_bytes = sum(4 * _numel(s) for _, s, _ in first.tensors.values())
+    joint = {"kind": "gram_plusplus", "model": keys[0], "model_dir": first.path, "models": keys,
+             "model_dirs": [ev.plan.sources[k].path for k in keys], "data": [d.spec for d in datas],
+             "data_text": ", ".join(describe(d.spec) for d in datas), "params": p,
+             "estimate": {"examples": rows * layers, "batches": layers * sum(-(-len(_check_data(ev, d)) // p["batch_size"])
+                                                                            for d in datas),
+                          "batch_size": p["batch_size"], "passes": "forward", "models_resident": n,
+                          "peak_bytes": model_bytes * (n + 2)}}
+    out = []
+    for i, k in enumerate(keys):
+        sk = f"gram_plusplus[{k}]"
+        while sk in ev.plan.sources:
+            sk += "'"
+        ev.plan.sources[sk] = SourceSpec(sk, "", {t: ("F32", tuple(s), "") for t, s in shapes.items()}, {}, at(e.span),
+                                         {**joint, "index": i, "of": k})
+        out.append(sk)
+    return out
 
 
 def _whole(v, lo: int) -> bool:

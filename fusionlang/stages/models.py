@@ -97,10 +97,11 @@ def _file_names(model_dir: str) -> set[str]:
     return set(read_model_dir(model_dir).tensors)
 
 
-def name_map(module: torch.nn.Module, file_names: set[str]) -> dict[str, str]:
-    """Module parameter names -> file tensor names: the same names, or the file's names
-    with a common prefix added or removed (e.g. "bert." for a BertFor... checkpoint)."""
-    params = [n for n, _ in module.named_parameters()]
+def name_map(module: torch.nn.Module, file_names: set[str], buffers: bool = False) -> dict[str, str]:
+    """Module parameter names (with `buffers`, every state-dict entry, in module order) ->
+    file tensor names: the same names, or the file's names with a common prefix added or
+    removed (e.g. "bert." for a BertFor... checkpoint)."""
+    params = list(module.state_dict()) if buffers else [n for n, _ in module.named_parameters()]
     best: dict[str, str] = {n: n for n in params if n in file_names}
     for n in params:
         cands = [f for f in file_names if f.endswith("." + n)]

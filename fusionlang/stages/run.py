@@ -77,6 +77,10 @@ def compute(stage: dict, device, on_batch=None, log=None, names: list[str] | Non
 
         lam, covered = A.learn(stage, device, log)
         return A.result(stage, lam, covered, names or [])
+    if stage["kind"] == "gram_plusplus":
+        from . import regmean_pp as R
+
+        return R.grams(stage, device, log)  # one result per model (a joint stage)
     ex = D.load(stage["data"])
     sm = M.build(stage["model_dir"], stage["data"], device)
     p = stage["params"]
@@ -98,10 +102,20 @@ def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> 
     out.sources = dict(plan.sources)
     for i, (key, src) in enumerate(stages.items()):
         st = src.stage
-        what = f"stage {i + 1}/{len(stages)}: {st['kind']}({st['model']}, {st.get('data_text', '')})"
+        what = f"stage {i + 1}/{len(stages)}: {st['kind']}({st.get('of', st['model'])}, {st.get('data_text', '')})"
         try:
-            file = root / f"{stage_key(st)}.safetensors"
-            if not _cached(file, src):
+            joint = "index" in st  # one computation for every model's source; one file each
+            base_key = stage_key({k: v for k, v in st.items() if k not in ("index", "of")})
+            file = root / (f"{base_key}-{st['index']}.safetensors" if joint else f"{base_key}.safetensors")
+            if joint and not _cached(file, src):
+                if log:
+                    log(f"{what}: {st['estimate']['examples']} examples (all models at once)")
+                results = compute(st, device, None, (lambda line, what=what: log(f"{what}: {line}")) if log else None)
+                for j, res in enumerate(results):
+                    _save(root / f"{base_key}-{j}.safetensors", res, st)
+            elif joint and log:
+                log(f"{what}: cached ({file.name})")
+            if not joint and not _cached(file, src):
                 if log:
                     log(f"{what}: {st['estimate']['examples']} examples")
                 t0 = time.perf_counter()
@@ -121,7 +135,7 @@ def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> 
                                     f"{len(missing)} tensor(s), e.g. '{missing[0]}': the forward pass never reached "
                                     "that layer", "treat those tensors with a rule (e.g. \"*.pooler.*\" => base)")
                 _save(file, result, st)
-            elif log:
+            elif not joint and log:
                 log(f"{what}: cached ({file.name})")
             if st["kind"] == "adamerging" and log:
                 log(f"{what}: {coefficient_summary(file, st)}")

@@ -104,8 +104,84 @@ def ensemble(cfg) -> dict:
     return {"logits": out["logits"], **{k: v for k, v in batch.items()}}
 
 
+def regmean_plusplus(cfg) -> dict:
+    """FusionBench's RegMeanAlgorithmPlusPlus.run, through its CLIP subclass (whose hooked
+    get_regmean_weights it reuses) with the model-specific steps written for BERT the way
+    the CLIP ones are: embeddings averaged, the first layer's inputs from the merged
+    embeddings, `bert.encoder.layer` as the stack. Rows must need no padding (the layers
+    run without an attention mask, as FusionBench's CLIP layers do)."""
+    from collections import defaultdict
+
+    from fusion_bench.method.regmean_plusplus.clip_regmean_plusplus import RegMeanAlgorithmForCLIPPlusPlus
+    from fusion_bench.modelpool import BaseModelPool
+
+    tok = AutoTokenizer.from_pretrained(cfg["models"][0])
+    texts = {f"m{i}": [json.loads(line)["text"] for line in open(p) if line.strip()][:cfg["n"]]
+             for i, p in enumerate(cfg["data"])}
+    bs = cfg["batch_size"]
+
+    class Pool(BaseModelPool):
+        def load_train_dataset(self, name, *args, **kwargs):
+            return texts[name]
+
+    from bidict import bidict
+    from fusion_bench.method.regmean_plusplus.regmean_plusplus import RegMeanAlgorithmPlusPlus
+
+    class BertPlusPlus(RegMeanAlgorithmForCLIPPlusPlus):
+        # NOTE: FusionBench 0.2.33's CLIP class declares this mapping as a plain dict, which its
+        # own serialization mixin cannot invert (instantiating it raises AttributeError)
+        _config_mapping = bidict({**RegMeanAlgorithmPlusPlus._config_mapping, "_dataloader_kwargs": "dataloader_kwargs"})
+
+        def on_regmean_start(self):
+            pass
+
+        def merge_embedding_layer(self, models_to_merge_dict):
+            params = defaultdict(list)
+            for m in models_to_merge_dict.values():
+                for k, v in m.state_dict().items():
+                    if k.startswith("bert.embeddings") and v.is_floating_point():
+                        params[k].append(v)
+            return {k: torch.stack(v).mean(dim=0) for k, v in params.items()}
+
+        def get_input_for_first_layer(self, model, train_dataset):
+            out = []
+            for i in range(0, len(train_dataset), bs):
+                batch = tok(train_dataset[i:i + bs], return_tensors="pt")
+                assert bool(batch["attention_mask"].all()), "rows of equal length only"
+                out.append(model.bert.embeddings(input_ids=batch["input_ids"],
+                                                 token_type_ids=batch.get("token_type_ids")).detach())
+            return out
+
+        def get_layers(self, model):
+            return model.bert.encoder.layer
+
+        def update_merged_params_dict(self, merged_params_dict, new_merged_params, layer_idx):
+            for key, value in new_merged_params.items():
+                merged_params_dict[f"bert.encoder.layer.{layer_idx}.{key}"] = value
+            return merged_params_dict
+
+        def layer_batches_forward(self, layer, batches_input):
+            outs = []
+            for b in batches_input:
+                y = layer(b)
+                outs.append((y[0] if isinstance(y, tuple) else y).detach())
+            return outs
+
+    models = {f"m{i}": AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval()
+              for i, d in enumerate(cfg["models"])}
+    models["_pretrained_"] = AutoModelForSequenceClassification.from_pretrained(cfg["base"], dtype=torch.float32).eval()
+    algo = BertPlusPlus(num_regmean_examples=cfg["n"], exclude_param_names_regex=[],
+                        reduce_non_diagonal_ratio=cfg["alpha"], weight_transpose=True,
+                        dataloader_kwargs={"batch_size": bs})
+    merged = algo.run(Pool(models))
+    return dict(merged.named_parameters())
+
+
 def main() -> None:
     cfg = json.load(open(sys.argv[1]))
+    if cfg["method"] == "regmean_plusplus":
+        save_file({k: v.detach().contiguous() for k, v in regmean_plusplus(cfg).items()}, cfg["out"])
+        return
     if cfg["method"] == "ensemble":
         save_file({k: v.contiguous() for k, v in ensemble(cfg).items()}, cfg["out"])
         return
