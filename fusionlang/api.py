@@ -162,6 +162,8 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
                 t0 = time.perf_counter()
                 stats = run_plan(plan, device, shard_bytes, lambda d, n: beat.beat(d, n) if progress else None)
                 result.bytes_read, result.bytes_written = stats.bytes_read, stats.bytes_written
+                if setup is not None:
+                    setup.learned = stats.learned
                 result.seconds = stats.seconds or time.perf_counter() - t0
                 from .eval.evaluation import display_path
 

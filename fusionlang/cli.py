@@ -186,7 +186,7 @@ def _cmd_run(args, plan_box: list) -> int:
         name = prog.file
     import time
 
-    start = time.perf_counter()
+    start = [0.0]  # the first piece written: model stages before it are not merge time
     total_bytes = plan.bytes_written()
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
@@ -199,7 +199,9 @@ def _cmd_run(args, plan_box: list) -> int:
         def tick(done, total):
             # NOTE: `total` counts the pieces written (a tensor split in row blocks is
             # several), so the bar's total is set from it: the count never passes it
-            el = max(time.perf_counter() - start, 1e-9)
+            if not start[0]:
+                start[0] = time.perf_counter()
+            el = max(time.perf_counter() - start[0], 1e-9)
             frac = done / max(total, 1)
             rate = f"{done / el:.1f} tensors/s, {_human(total_bytes * frac / el)}/s"
             progress.update(task, completed=done, total=total, rate=rate)
@@ -211,6 +213,8 @@ def _cmd_run(args, plan_box: list) -> int:
 
         stats = run_plan(plan, args.device, int(args.shard_size * 1024**3), tick) if plan.outputs else None
     setup = getattr(plan, "eval_setup", None)
+    if setup is not None and stats is not None:
+        setup.learned = stats.learned
     if setup is not None and setup.ensemble_saves:
         from .eval.ensembles import write_all
 

@@ -192,3 +192,24 @@ def test_a_saved_plan_runs_its_stages(fam, tmp_path, monkeypatch):
     rc, _, err = run_cli("run", str(spec))
     assert rc == 0 and err.count("cached") == 2, err
     assert all(torch.equal(via_plan[k], v) for k, v in load_state(root / "out" / "p").items())
+
+
+def test_adamerging_coefficients_reach_report_json(fam, tmp_path, monkeypatch):
+    root, f = fam
+    monkeypatch.setenv("FUSIONLANG_CACHE", str(tmp_path / "cache"))
+    spec = write_spec(root, '''use merging
+model base = local("base")
+models experts = [local("e0"), local("e1")]
+let d = [dataset("data0.jsonl", text="text", n=16), dataset("data1.jsonl", text="text", n=16)]
+merge am = adamerging(base, experts, d, steps=3, lr=0.05, batch_size=8)
+task t = accuracy(dataset("data0.jsonl", text="text", label="label", n=16))
+eval am on t to "rep_am"
+''', "am_report.fuse")
+    rc, _, err = run_cli("run", str(spec))
+    assert rc == 0, err
+    line = next(x for x in err.splitlines() if "learned coefficients" in x)
+    learned = json.loads((root / "rep_am" / "report.json").read_text())["learned"]["am"][0]
+    assert learned["mode"] == "task" and set(learned["coefficients"]) == {"experts[0]", "experts[1]"}
+    for m, v in learned["coefficients"].items():
+        assert f"{m}: {v:.4f}" in line
+        assert v != pytest.approx(0.3, abs=1e-4)  # 3 Adam steps of lr 0.05 moved them

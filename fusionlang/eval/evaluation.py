@@ -34,6 +34,7 @@ class EvalSetup:
     tuning: list = field(default_factory=list)  # tuning.TuneRecord of every tune() chosen before the run
     ensembles: dict[str, dict] = field(default_factory=dict)  # row name -> {"members": [{name, path}], weights, ...}
     ensemble_saves: list[tuple[str, dict]] = field(default_factory=list)  # (output dir, manifest) to write
+    learned: dict[str, list] = field(default_factory=dict)  # merge name -> what its model stages learned
 
 
 def _call_args(prog: ir.Program, call: ir.CallE) -> dict:
@@ -374,6 +375,9 @@ def run(setup: EvalSetup, device: str, console) -> list[dict]:
             tuned = [r.to_json() for r in setup.tuning if r.merge in rows]
             if tuned:
                 report["tuning"] = tuned  # how this report's merges got their tune() values
+            learned = {r: setup.learned[r] for r in rows if r in setup.learned}
+            if learned:
+                report["learned"] = learned  # e.g. AdaMerging's coefficients, per merge
             _print(console, report)
             _write(report_dir, report)
             console.print(f"report: {report_dir}/report.json, report.png")

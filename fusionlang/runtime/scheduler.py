@@ -30,6 +30,8 @@ class RunStats:
     bytes_read: int = 0
     seconds: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
+    # what model stages learned (AdaMerging's coefficients), by output name
+    learned: dict[str, list] = field(default_factory=dict)
 
 
 class LocalScheduler:
@@ -151,11 +153,15 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
 
     The plan's model stages run first (`stages.run.run_stages`: one model resident at a
     time, results cached on disk); `log(line)` gets their progress lines (default: stderr)."""
+    learned: dict[str, list] = {}
     if any(s.stage for s in plan.sources.values()):
-        from ..stages.run import run_stages
+        from ..stages.run import learned_by_output, run_stages
 
         plan = run_stages(plan, pick_device(device), log or _stderr_line)
-    return LocalScheduler(plan, device, shard_bytes, progress).run()
+        learned = learned_by_output(plan)
+    stats = LocalScheduler(plan, device, shard_bytes, progress).run()
+    stats.learned = learned
+    return stats
 
 
 def _stderr_line(line: str) -> None:

@@ -146,6 +146,39 @@ def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> 
     return out
 
 
+def learned_by_output(plan: Plan) -> dict[str, list]:
+    """Per output name, what the AdaMerging stages it reads learned: {"stage", "mode",
+    "models", "coefficients"} with one λ per model (task mode) or, per model, its λ per
+    tensor (layer mode). For report.json."""
+    from safetensors.torch import load_file
+
+    info: dict[str, dict] = {}
+    for key, src in plan.sources.items():
+        st = src.stage
+        if not st or st["kind"] != "adamerging":
+            continue
+        files = {f for _, _, f in src.tensors.values()}
+        values = {}
+        for f in files:
+            values.update(load_file(f))
+        if st["params"]["mode"] == "task":
+            coeffs = [float(v) for v in next(iter(values.values()))]
+            per_model = dict(zip(st["models"], coeffs))
+        else:
+            per_model = {m: {t: float(v[i]) for t, v in sorted(values.items())} for i, m in enumerate(st["models"])}
+        info[key] = {"stage": key, "mode": st["params"]["mode"], "models": st["models"], "coefficients": per_model}
+    out: dict[str, list] = {}
+    if not info:
+        return out
+    for o in plan.outputs.values():
+        read = {plan.nodes[n].param("source") for n in plan.ancestors(o.tensors.values())
+                if n in plan.nodes and plan.nodes[n].op == "load"}
+        found = [info[k] for k in sorted(read) if k in info]
+        if found:
+            out[o.name] = found
+    return out
+
+
 def coefficient_summary(file: Path, stage: dict) -> str:
     """The learned AdaMerging coefficients as a line: per model λ (task mode) or the mean
     and range of its per-tensor λ (layer mode)."""
