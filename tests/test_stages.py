@@ -213,3 +213,87 @@ eval am on t to "rep_am"
     for m, v in learned["coefficients"].items():
         assert f"{m}: {v:.4f}" in line
         assert v != pytest.approx(0.3, abs=1e-4)  # 3 Adam steps of lr 0.05 moved them
+
+
+def test_csv_parquet_and_saved_datasets_are_the_same_data(fam, tmp_path):
+    import datasets
+
+    from fusionlang.stages import data as D
+
+    root, f = fam
+    rows = [json.loads(x) for x in (root / "data0.jsonl").read_text().splitlines()]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_csv(str(tmp_path / "d.csv"))
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "saved_dict"))
+    want = D.load({"kind": "files", "path": str(root / "data0.jsonl"), "format": "auto", "text": "text", "image": None,
+                   "label": "label", "split": "train", "n": 20, "seed": 4})
+    assert len(want) == 20 and want.labels is not None
+    for path, split in ((tmp_path / "d.csv", "train"), (tmp_path / "d.parquet", "train"), (tmp_path / "saved", "train"),
+                        (tmp_path / "saved_dict", "test")):
+        got = D.load({"kind": "files", "path": str(path), "format": "auto", "text": "text", "image": None,
+                      "label": "label", "split": split, "n": 20, "seed": 4})
+        assert got.texts == want.texts and got.labels == want.labels and got.fingerprint == want.fingerprint, path
+    # the seed draws a permutation: another seed, other rows; no seed, the first rows
+    other = D.load({**{"kind": "files", "path": str(root / "data0.jsonl"), "format": "auto", "text": "text",
+                       "image": None, "label": None, "split": "train", "n": 20}, "seed": 5})
+    first = D.load({"kind": "files", "path": str(root / "data0.jsonl"), "format": "auto", "text": "text", "image": None,
+                    "label": None, "split": "train", "n": 20, "seed": None})
+    assert other.texts != want.texts and first.texts == tuple(r["text"] for r in rows[:20])
+    # a DatasetDict without the split asked for is a located error
+    spec = write_spec(root, HEAD + f'data d = dataset("{tmp_path / "saved_dict"}", text="text")\n'
+                      "merge rm = regmean(experts, d)\nsave rm to \"out/dd\"\n", "dd.fuse")
+    rc, _, err = run_cli("compile", str(spec))
+    assert rc == 1 and "no split 'train' (splits: test)" in err and _errors(err)[0][2] == "E006", err
+
+
+def test_image_classifiers_on_image_data(tmp_path):
+    """A user's ViT classifiers and image rows (a datasets Image column): Gram matrices
+    (its patch embedding is a Conv2d), Fisher weights and accuracy() all run; accuracy
+    equals the model's own predictions; RegMean of a model with itself is the model."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    config = ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    proc = ViTImageProcessor(size={"height": 16, "width": 16})
+    for k in range(2):
+        torch.manual_seed(k)
+        m = ViTForImageClassification(config).eval()
+        m.save_pretrained(tmp_path / f"v{k}")
+        proc.save_pretrained(tmp_path / f"v{k}")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in range(12)]
+    ds = datasets.Dataset.from_dict({"img": images, "label": [int(x) for x in rng.integers(0, 3, 12)]},
+                                    features=datasets.Features({"img": datasets.Image(),
+                                                                "label": datasets.Value("int64")}))
+    ds.save_to_disk(str(tmp_path / "imgs"))
+    spec = write_spec(tmp_path, '''use merging
+models vits = [local("v0"), local("v1")]
+model v0 = local("v0")
+data imgs = dataset("imgs", image="img", label="label")
+merge rm = regmean(vits, imgs, batch_size=5)
+merge self = regmean([v0, v0], imgs, batch_size=5)
+merge fm = fisher_merging(vits, imgs, batch_size=4)
+task t = accuracy(imgs, batch_size=5)
+save rm to "out/rm"
+save self to "out/self"
+save fm to "out/fm"
+eval rm, fm, v0 on t to "rep"
+''', "vit.fuse")
+    rc, out, err = run_cli("compile", str(spec), "--emit", "text")
+    assert rc == 0, err
+    assert "patch_embeddings.projection.weight" in out or "stage gram" in out
+    rc, _, err = run_cli("run", str(spec))
+    assert rc == 0, err
+    a, b = load_state(tmp_path / "v0"), load_state(tmp_path / "out" / "self")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    m = ViTForImageClassification.from_pretrained(str(tmp_path / "v0")).eval()
+    with torch.no_grad():
+        pred = m(**proc(images=[im.convert("RGB") for im in images], return_tensors="pt")).logits.argmax(-1)
+    acc = float((pred == torch.tensor(ds["label"])).float().mean())
+    assert report["rows"]["v0"]["accuracy"]["t"] == pytest.approx(acc)
