@@ -172,7 +172,8 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
             if setup is not None and setup.ensemble_saves:
                 from .eval.ensembles import write_all
 
-                for path, (out_dir, _m) in zip(write_all(setup.ensemble_saves), setup.ensemble_saves):
+                write_all(setup.ensemble_saves)
+                for out_dir, _manifest in setup.ensemble_saves:
                     result.outputs[Path(out_dir).name] = out_dir
             if setup is not None:
                 result.tuning = [r.to_json() for r in setup.tuning]

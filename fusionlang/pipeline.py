@@ -105,7 +105,6 @@ def _check_tasks(prog: ir.Program) -> None:
     if not any(b.kind == "task" for b in prog.bindings.values()):
         return
     from .eval.evaluation import resolve_task
-
     from .eval.tuning import find_sites
 
     diags = []

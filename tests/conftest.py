@@ -114,8 +114,7 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-WORDS = ("the a cat dog sat ran on under mat log red blue big small fast slow and but then it "
-         "saw was is very quite happy sad one two three four green old new tall short").split()
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "red", "blue", "big", "small", "fast", "slow", "and", "but", "then", "it", "saw", "was", "is", "very", "quite", "happy", "sad", "one", "two", "three", "four", "green", "old", "new", "tall", "short"]
 
 
 def word_tokenizer():
@@ -156,8 +155,7 @@ def make_causal_family(root: Path, n_experts: int = 2, rows: int = 30, seed: int
         out[name] = root / name
     rng = random.Random(seed)
     with open(root / "lm.jsonl", "w") as f:
-        for _ in range(rows):
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))}) + "\n")
+        f.writelines(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 12)))}) + "\n" for _ in range(rows))
     out["lm"] = root / "lm.jsonl"
     return out
 

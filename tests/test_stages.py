@@ -90,7 +90,7 @@ def test_data_count_and_fisher_without_head_are_located(fam, tmp_path):
 
 
 def test_compile_shows_stages_with_cost_and_run_caches_them(fam, tmp_path, monkeypatch):
-    root, f = fam
+    root, _ = fam
     monkeypatch.setenv("FUSIONLANG_CACHE", str(tmp_path / "cache"))
     body = HEAD + ('data d0 = dataset("data0.jsonl", text="text", n=24, seed=1)\n'
                    'data d1 = dataset("data1.jsonl", text="text", n=24, seed=1)\n'
@@ -195,7 +195,7 @@ def test_a_saved_plan_runs_its_stages(fam, tmp_path, monkeypatch):
 
 
 def test_adamerging_coefficients_reach_report_json(fam, tmp_path, monkeypatch):
-    root, f = fam
+    root, _ = fam
     monkeypatch.setenv("FUSIONLANG_CACHE", str(tmp_path / "cache"))
     spec = write_spec(root, '''use merging
 model base = local("base")
@@ -220,7 +220,7 @@ def test_csv_parquet_and_saved_datasets_are_the_same_data(fam, tmp_path):
 
     from fusionlang.stages import data as D
 
-    root, f = fam
+    root, _ = fam
     rows = [json.loads(x) for x in (root / "data0.jsonl").read_text().splitlines()]
     ds = datasets.Dataset.from_list(rows)
     ds.to_csv(str(tmp_path / "d.csv"))
@@ -236,8 +236,8 @@ def test_csv_parquet_and_saved_datasets_are_the_same_data(fam, tmp_path):
                       "label": "label", "split": split, "n": 20, "seed": 4})
         assert got.texts == want.texts and got.labels == want.labels and got.fingerprint == want.fingerprint, path
     # the seed draws a permutation: another seed, other rows; no seed, the first rows
-    other = D.load({**{"kind": "files", "path": str(root / "data0.jsonl"), "format": "auto", "text": "text",
-                       "image": None, "label": None, "split": "train", "n": 20}, "seed": 5})
+    other = D.load({"kind": "files", "path": str(root / "data0.jsonl"), "format": "auto", "text": "text",
+                       "image": None, "label": None, "split": "train", "n": 20, "seed": 5})
     first = D.load({"kind": "files", "path": str(root / "data0.jsonl"), "format": "auto", "text": "text", "image": None,
                     "label": None, "split": "train", "n": 20, "seed": None})
     assert other.texts != want.texts and first.texts == tuple(r["text"] for r in rows[:20])

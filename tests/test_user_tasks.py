@@ -107,7 +107,7 @@ def _errors(text: str) -> list[tuple[int, int, str]]:
 
 @pytest.mark.parametrize("cmd", ["compile", "run"])
 def test_models_that_cannot_run_a_task_are_refused_before_running(cls, lm, cmd):
-    root, f = cls
+    root, _ = cls
     (root / "labels9.jsonl").write_text("\n".join(json.dumps({"text": "the cat", "label": k}) for k in (0, 9)) + "\n")
     spec = write_spec(root, f'''use merging
 models experts = [local("e0"), local("e1")]

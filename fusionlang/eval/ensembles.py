@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .. import ir
 from ..lang.diagnostics import Diagnostic, FuseErrors
+from ..ops.ensemble import combine
 
 MANIFEST = "fusionlang_ensemble.json"
 MODES = ("mean", "max")
@@ -33,7 +34,7 @@ def members(prog: ir.Program, qual: str) -> list[tuple[str, str, ir.Expr]]:
     call = b.value
     arg = dict(zip(("models", "weights", "normalize", "mode"), call.args)) | dict(call.kwargs)
     items = _items(prog, arg["models"])
-    from .evaluation import _source_dir, _source_name
+    from .sources import source_model_dir, source_name
 
     out = []
     for i, e in enumerate(items):
@@ -45,7 +46,7 @@ def members(prog: ir.Program, qual: str) -> list[tuple[str, str, ir.Expr]]:
         elif b is not None and b.kind == "model":
             out.append((e.name.split("::")[-1], "source", b.value))
         elif isinstance(e, ir.CallE) and e.kind == "builtin" and e.target in ("local", "hf", "zoo", "package"):
-            out.append((_source_name(prog, e, _source_dir(prog, e)) or f"member{i}", "source", e))
+            out.append((source_name(prog, e, source_model_dir(prog, e)) or f"member{i}", "source", e))
         else:
             raise FuseErrors([Diagnostic("E005", "an ensemble's members are models and merges by name", e.span,
                                          "declare the member with `merge NAME = ...` and list NAME")])
@@ -65,10 +66,10 @@ def _items(prog: ir.Program, e: ir.Expr) -> list[ir.Expr]:
 
 def spec(prog: ir.Program, qual: str) -> dict:
     """The ensemble's weights, normalize and mode, checked (FuseErrors E006)."""
-    from .evaluation import _call_args
+    from .sources import call_args
 
     call = prog.bindings[qual].value
-    args = _call_args(prog, call)
+    args = call_args(prog, call)
     mode, weights, normalize = str(args.get("mode") or "mean"), args.get("weights"), bool(args.get("normalize", True))
     n = len(members(prog, qual))
     if mode not in MODES:
@@ -86,21 +87,6 @@ def spec(prog: ir.Program, qual: str) -> dict:
             raise FuseErrors([Diagnostic("E006", "the weights sum to 0, so normalize=true cannot divide by their sum",
                                          call.span, "pass normalize=false, or change the weights")])
     return {"weights": weights, "normalize": normalize, "mode": mode}
-
-
-def combine(outputs: list, weights: list[float] | None, normalize: bool, mode: str):
-    """The members' outputs [n × (batch, ...)] combined as the module docstring says."""
-    import torch
-
-    stack = torch.stack([o.float() for o in outputs])
-    if mode == "max":
-        return stack.max(dim=0).values
-    if weights is None:
-        return stack.mean(dim=0)
-    w = torch.tensor(weights, dtype=torch.float32, device=stack.device)
-    if normalize:
-        w = w / w.sum()
-    return (stack * w.view(-1, *([1] * (stack.dim() - 1)))).sum(dim=0)
 
 
 def write_manifest(path: str, ens: dict) -> None:

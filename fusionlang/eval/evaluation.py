@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .. import ir
 from ..lang.diagnostics import Diagnostic, FuseErrors
-from ..runtime.sources import SourceError, is_source_call, source_dir
+from .sources import call_args, source_model_dir, source_name
 
 
 @dataclass
@@ -37,11 +37,6 @@ class EvalSetup:
     learned: dict[str, list] = field(default_factory=dict)  # merge name -> what its model stages learned
 
 
-def _call_args(prog: ir.Program, call: ir.CallE) -> dict:
-    from ..plan.lower import Lowerer
-    from ..plan.values import PROBE, TensorCtx
-
-    return Lowerer(prog, dry=True).call_args(call, (), TensorCtx(PROBE, PROBE, 0, 2))
 
 
 def resolve_task(prog: ir.Program, qual: str) -> dict:
@@ -52,7 +47,7 @@ def resolve_task(prog: ir.Program, qual: str) -> dict:
     from ..zoo.evaluate import find_task
 
     b = prog.bindings[qual]
-    args = _call_args(prog, b.value) if isinstance(b.value, ir.CallE) else {}
+    args = call_args(prog, b.value) if isinstance(b.value, ir.CallE) else {}
     if isinstance(b.value, ir.CallE) and b.value.target in ("accuracy", "perplexity"):
         return _user_task(b, args)
     zoo = args.get("zoo", "text")
@@ -172,13 +167,13 @@ def models_dirs(prog: ir.Program, low, ev: ir.EvalIR) -> list[tuple[str, str]]:
                 out.append((short, merge_ref(q)))
         elif b.kind == "ensemble":
             for name, kind, what in members(prog, q):
-                d = merge_ref(what) if kind == "merge" else _source_dir(prog, what)
+                d = merge_ref(what) if kind == "merge" else source_model_dir(prog, what)
                 if d:
                     out.append((f"{short}: {name}", d))
         else:
             items = b.value.items if isinstance(b.value, ir.ListE) else [b.value]
             for i, item in enumerate(items):
-                out.append((short if b.kind == "model" else f"{short}[{i}]", _source_dir(prog, item)))
+                out.append((short if b.kind == "model" else f"{short}[{i}]", source_model_dir(prog, item)))
     return out
 
 
@@ -225,7 +220,7 @@ def prepare(prog: ir.Program) -> EvalSetup:
     def ensemble(q: str, span) -> dict:
         out = []
         for name, kind, what in E.members(prog, q):
-            out.append({"name": name, "path": merge_dir(what, span) if kind == "merge" else _source_dir(prog, what)})
+            out.append({"name": name, "path": merge_dir(what, span) if kind == "merge" else source_model_dir(prog, what)})
         return {"members": out, **E.spec(prog, q)}
 
     for s in prog.ensemble_saves:
@@ -253,8 +248,8 @@ def prepare(prog: ir.Program) -> EvalSetup:
             else:
                 items = b.value.items if isinstance(b.value, ir.ListE) else [b.value]
                 for i, item in enumerate(items):
-                    path = _source_dir(prog, item)
-                    name = short if b.kind == "model" else _source_name(prog, item, path) or f"{short}[{i}]"
+                    path = source_model_dir(prog, item)
+                    name = short if b.kind == "model" else source_name(prog, item, path) or f"{short}[{i}]"
                     if setup.models.get(name, path) != path or name in rows:
                         name = f"{short}[{i}]"  # another row has this name: the list entry's own
                     setup.models[name] = path
@@ -269,23 +264,6 @@ def prepare(prog: ir.Program) -> EvalSetup:
     return setup
 
 
-def _source_name(prog: ir.Program, e: ir.Expr, path: str) -> str | None:
-    """The name a user knows a listed model by: the `model` binding it refers to, the zoo
-    model (zoo("text", "austen") -> "austen"), the repository (hf("org/m") -> "org/m"),
-    else the name of its directory `path` (local("ft/math") -> "math"); None when it has none."""
-    if isinstance(e, ir.Ref) and e.scope == "global":
-        return e.name.split("::")[-1]
-    if not is_source_call(e):
-        return None
-    try:
-        args = _call_args(prog, e)
-    except FuseErrors:
-        return None
-    if e.target == "zoo":
-        return str(args.get("model") or "base")
-    if e.target == "hf":
-        return str(args["repo"])
-    return os.path.basename(os.path.normpath(os.path.abspath(path))) or None
 
 
 def display_path(setup: EvalSetup | None, path: str) -> str:
@@ -301,16 +279,6 @@ def _default_report(prog: ir.Program) -> str:
     return str(spec.parent / f"{spec.stem}-report")
 
 
-def _source_dir(prog: ir.Program, e: ir.Expr) -> str:
-    if isinstance(e, ir.Ref) and e.scope == "global":
-        return _source_dir(prog, prog.bindings[e.name].value)
-    if is_source_call(e):
-        try:
-            return source_dir(e.target, _call_args(prog, e), e.span.file)
-        except SourceError as err:
-            raise FuseErrors([Diagnostic(err.code, err.message, e.span, err.hint)]) from None
-    raise FuseErrors([Diagnostic("E005", "only merges and models (local(), hf(), zoo(), package()) can be evaluated", e.span,
-                                 "evaluate a merge, or declare the model with `model NAME = local(\"dir\")`")])
 
 
 def _reference_name(setup: EvalSetup, model_dir: str, task: str) -> str:

@@ -110,7 +110,7 @@ def score(model_dir: str | dict, task: dict, device: str, on_batch=None) -> dict
             batch = {k: v.to(device) for k, v in batch.items()}
             outs = [m(**batch).logits for m in models]
             if ens:
-                from .ensembles import combine
+                from ..ops.ensemble import combine
 
                 all_logits = combine(outs, ens["weights"], ens["normalize"], ens["mode"])
             else:

@@ -229,7 +229,7 @@ def _read_files(spec: dict):
         return datasets.load_dataset(fmt, data_files=path, split="train", keep_in_memory=True)
     except DataError:
         raise
-    except Exception as e:  # datasets raises many kinds for a bad file
+    except Exception as e:  # noqa: BLE001 (datasets raises many kinds for a bad file)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError("E011", f"cannot read data file '{path}': {msg[:300]}",
                         "check that the file is valid JSON lines / CSV / parquet (or give format=)", "path") from None

@@ -215,8 +215,8 @@ def _cached(file: Path, src: SourceSpec) -> bool:
         from safetensors import safe_open
 
         with safe_open(str(file), framework="pt") as f:
-            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception:  # a damaged cache entry is recomputed
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open)
+    except Exception:  # noqa: BLE001 (a damaged cache entry, whatever the error, is recomputed)
         return False
     return all(have.get(t) == tuple(shape) for t, (_, shape, _) in src.tensors.items())
 

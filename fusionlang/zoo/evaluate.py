@@ -198,7 +198,7 @@ def evaluate(
                     feats = V.features(encoder, data.images[start:stop], spec.info, device)
                 outs.append(feats.float() @ weight.T + bias)
             if ens:
-                from ..eval.ensembles import combine
+                from ..ops.ensemble import combine
 
                 logits = combine(outs, ens["weights"], ens["normalize"], ens["mode"])
             else:

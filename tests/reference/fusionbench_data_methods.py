@@ -13,12 +13,16 @@ import json
 import sys
 
 import torch
-from safetensors.torch import save_file
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
 from fusion_bench.method.adamerging.entropy_loss import entropy_loss
 from fusion_bench.method.fisher_merging.fisher_merging import fisher_merging
 from fusion_bench.method.regmean.regmean import regmean_merging
+from safetensors.torch import save_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+
+def _lines(path) -> list[str]:
+    with open(path) as f:
+        return [line for line in f if line.strip()]
 
 
 class Batches:
@@ -47,10 +51,16 @@ def batch_order(n_rows, batch_size, seed, i):
 def adamerging(cfg) -> dict:
     """FusionBench's TaskWiseAdaMergingAlgorithm / LayerWise test_time_adaptation loop,
     with its own merged-model wrappers and entropy loss, on the given batches."""
-    from fusion_bench.models.wrappers.layer_wise_fusion import LayerWiseMergedModel, get_layer_wise_weights
-    from fusion_bench.models.wrappers.task_wise_fusion import TaskWiseMergedModel, get_task_wise_weights
+    from fusion_bench.models.wrappers.layer_wise_fusion import (
+        LayerWiseMergedModel,
+        get_layer_wise_weights,
+    )
+    from fusion_bench.models.wrappers.task_wise_fusion import (
+        TaskWiseMergedModel,
+        get_task_wise_weights,
+    )
 
-    load = lambda d: AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32)  # noqa: E731
+    load = lambda d: AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32)
     pretrained = load(cfg["base"])
     finetuned = [load(d) for d in cfg["models"]]
     n = len(finetuned)
@@ -63,7 +73,7 @@ def adamerging(cfg) -> dict:
                                       pretrained_model=pretrained, finetuned_models=finetuned, clamp_weights=False,
                                       tie_weights=True, strict=False)
     tok = AutoTokenizer.from_pretrained(cfg["base"])
-    texts = [[json.loads(line)["text"] for line in open(p) if line.strip()][:cfg["n"]] for p in cfg["data"]]
+    texts = [[json.loads(line)["text"] for line in _lines(p)][:cfg["n"]] for p in cfg["data"]]
     streams = [batch_order(len(t), cfg["batch_size"], cfg["seed"], i) for i, t in enumerate(texts)]
     maxlen = pretrained.config.max_position_embeddings
     optimizer = torch.optim.Adam([module.merge_weight], lr=cfg["lr"])
@@ -86,7 +96,11 @@ def adamerging(cfg) -> dict:
 def ensemble(cfg) -> dict:
     """FusionBench's EnsembleModule / WeightedEnsembleModule / MaxModelPredictor on the
     models: their combined outputs' logits for all rows of the first data file, as one batch."""
-    from fusion_bench.models.wrappers.ensemble import EnsembleModule, MaxModelPredictor, WeightedEnsembleModule
+    from fusion_bench.models.wrappers.ensemble import (
+        EnsembleModule,
+        MaxModelPredictor,
+        WeightedEnsembleModule,
+    )
 
     models = [AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval() for d in cfg["models"]]
     if cfg["mode"] == "max":
@@ -96,7 +110,7 @@ def ensemble(cfg) -> dict:
     else:
         module = WeightedEnsembleModule(models, weights=cfg["weights"], normalize=cfg.get("normalize", True))
     tok = AutoTokenizer.from_pretrained(cfg["models"][0])
-    texts = [json.loads(line)["text"] for line in open(cfg["data"][0]) if line.strip()][:cfg["n"]]
+    texts = [json.loads(line)["text"] for line in _lines(cfg["data"][0])][:cfg["n"]]
     batch = tok(texts, padding=True, truncation=True, max_length=models[0].config.max_position_embeddings,
                 return_tensors="pt")
     with torch.no_grad():
@@ -112,11 +126,13 @@ def regmean_plusplus(cfg) -> dict:
     run without an attention mask, as FusionBench's CLIP layers do)."""
     from collections import defaultdict
 
-    from fusion_bench.method.regmean_plusplus.clip_regmean_plusplus import RegMeanAlgorithmForCLIPPlusPlus
+    from fusion_bench.method.regmean_plusplus.clip_regmean_plusplus import (
+        RegMeanAlgorithmForCLIPPlusPlus,
+    )
     from fusion_bench.modelpool import BaseModelPool
 
     tok = AutoTokenizer.from_pretrained(cfg["models"][0])
-    texts = {f"m{i}": [json.loads(line)["text"] for line in open(p) if line.strip()][:cfg["n"]]
+    texts = {f"m{i}": [json.loads(line)["text"] for line in _lines(p)][:cfg["n"]]
              for i, p in enumerate(cfg["data"])}
     bs = cfg["batch_size"]
 
@@ -178,7 +194,8 @@ def regmean_plusplus(cfg) -> dict:
 
 
 def main() -> None:
-    cfg = json.load(open(sys.argv[1]))
+    with open(sys.argv[1]) as f:
+        cfg = json.load(f)
     if cfg["method"] == "regmean_plusplus":
         save_file({k: v.detach().contiguous() for k, v in regmean_plusplus(cfg).items()}, cfg["out"])
         return
@@ -194,7 +211,7 @@ def main() -> None:
     trainers = []
     for d, path in zip(cfg["models"], cfg["data"]):
         tok = AutoTokenizer.from_pretrained(d)
-        texts = [json.loads(line)["text"] for line in open(path) if line.strip()][:n]
+        texts = [json.loads(line)["text"] for line in _lines(path)][:n]
         maxlen = models[0].config.max_position_embeddings
         batches = [dict(tok(texts[i:i + bs], padding=True, truncation=True, max_length=maxlen, return_tensors="pt"))
                    for i in range(0, n, bs)]
