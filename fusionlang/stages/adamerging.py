@@ -88,6 +88,10 @@ def learn(stage: dict, device, log: Callable[[str], None] | None = None) -> tupl
         tvs.append({n: files[base.names[n]].to(device=device, dtype=torch.float32) - theta0[n].detach()
                     for n in names})
     n = len(tvs)
+    # NOTE: one [n, *shape] stack per tensor: the merge is then two ops per tensor, not 2n
+    # tiny ones (layer mode has n × tensors coefficients; the autograd graph stays small)
+    stacks = {name: torch.stack([tv[name] for tv in tvs]) for name in names}
+    del tvs
     init = float(p["init"])
     lam = torch.full((n,) if p["mode"] == "task" else (n, len(names)), init, dtype=torch.float32, device=device,
                      requires_grad=True)
@@ -99,10 +103,9 @@ def learn(stage: dict, device, log: Callable[[str], None] | None = None) -> tupl
         w = lam.clamp(0, 1) if p["clamp"] else lam
         merged = {}
         for j, name in enumerate(names):
-            t = theta0[name].detach()
-            for i in range(n):
-                t = t + (w[i] if w.dim() == 1 else w[i, j]) * tvs[i][name]
-            merged["inner." + name] = t
+            s = stacks[name]
+            coef = (w if w.dim() == 1 else w[:, j]).view(n, *([1] * (s.dim() - 1)))
+            merged["inner." + name] = theta0[name].detach() + (coef * s).sum(0)
         total = 0.0
         for i, (ex, wrap) in enumerate(zip(exs, wrappers)):
             idx = next(streams[i])
