@@ -80,7 +80,12 @@ def _summary(prog, lowered, plan) -> None:
     t.add_row("phases", str(max(plan.phase_of.values(), default=0) + 1))
     t.add_row("bytes read", _human(plan.bytes_read()))
     t.add_row("bytes written", _human(plan.bytes_written()))
-    t.add_row("est. peak memory", _human(estimate_peak_bytes(plan)) + " (largest tensor group, fp32)")
+    peak = _human(estimate_peak_bytes(plan)) + " (largest tensor group, fp32)"
+    stage_peak = max((s.stage.get("estimate", {}).get("peak_bytes", 0) for s in plan.sources.values() if s.stage),
+                     default=0)
+    if stage_peak:
+        peak += f"; model stages: {_human(stage_peak)} (the largest stage: its resident models and statistics)"
+    t.add_row("est. peak memory", peak)
     from .eval.tuning import find_sites
 
     sites = find_sites(prog)
