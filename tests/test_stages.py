@@ -297,3 +297,19 @@ eval rm, fm, v0 on t to "rep"
         pred = m(**proc(images=[im.convert("RGB") for im in images], return_tensors="pt")).logits.argmax(-1)
     acc = float((pred == torch.tensor(ds["label"])).float().mean())
     assert report["rows"]["v0"]["accuracy"]["t"] == pytest.approx(acc)
+
+
+def test_tune_candidates_reuse_the_stage_results(fam, tmp_path, monkeypatch):
+    root, _ = fam
+    monkeypatch.setenv("FUSIONLANG_CACHE", str(tmp_path / "cache"))
+    spec = write_spec(root, HEAD + '''let d = [dataset("data0.jsonl", text="text", n=16), dataset("data1.jsonl", text="text", n=16)]
+task t = accuracy(dataset("data1.jsonl", text="text", label="label", n=16))
+merge rm = regmean(experts, d, alpha=tune([0.3, 0.6, 0.9], on=[t]), batch_size=8)
+eval rm on t to "rep_tune_rm"
+''', "tune_rm.fuse")
+    rc, _, err = run_cli("run", str(spec))
+    assert rc == 0, err
+    # each model's Gram matrices are computed once (2 stages), then read from the cache by
+    # the other candidates and the final merge (2 stages x 3 more runs)
+    assert err.count("batch 2/2") == 2 and err.count("cached") == 6, err
+    assert len(list((tmp_path / "cache" / "stages").glob("*.safetensors"))) == 2
