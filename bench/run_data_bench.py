@@ -94,6 +94,7 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--methods", default="regmean,fisher,adamerging")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
     fb_python = REPO / ".venv-fusionbench/bin/python"
@@ -105,7 +106,7 @@ def main() -> int:
     try:
         w = make_workload(root, args.experts, args.rows)
         results = []
-        for method in ("regmean", "fisher", "adamerging"):
+        for method in args.methods.split(","):
             spec = fuse_spec(root, w, method, args.rows, args.steps)
             cache = root / f"cache_{method}"
             fl = run_measured([str(REPO / ".venv/bin/fusionlang"), "run", str(spec), "-q"],

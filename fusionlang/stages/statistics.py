@@ -7,7 +7,8 @@ gram   For every `nn.Linear` weight W [out, in]: the mean over the rows x (every
        group (one per output position): G [g, in/g·kh·kw, in/g·kh·kw] ([d, d] when g = 1),
        so a 1×1 convolution is a Linear over channels and a depthwise one gets a kh·kw
        Gram matrix per channel. FusionBench `RegMeanAlgorithm` (hooks on nn.Linear inputs,
-       the running mean over batch·sequence rows), extended to convolutions.
+       the running mean over batch·sequence rows), extended to convolutions. Each batch's
+       product is computed in float32, the sum over batches kept in float64.
 fisher For every parameter on the path to the logits: the diagonal Fisher information
        from the model's own predictive distribution, as FusionBench (after MergeLM)
        computes it: per batch, the squared gradient of Σ_b Σ_c √p_bc · log p_bc (p =
@@ -70,8 +71,9 @@ def gram(sm: StageModel, ex: Examples, batch_size: int, on_batch: Callable[[int,
                 x = _patches(m, x)  # [g, rows, d]
             else:
                 x = x.reshape(1, -1, x.shape[-1])
-            x = x.double()
-            g = torch.bmm(x.transpose(1, 2), x)
+            # NOTE: each batch's product in float32 (a float64 matmul is several times slower
+            # on CPU), summed over batches in float64
+            g = torch.bmm(x.float().transpose(1, 2), x.float()).double()
             sums[name] = g if name not in sums else sums[name].add_(g)
             rows[name] = rows.get(name, 0) + x.shape[1]
         return fn
