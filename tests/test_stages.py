@@ -284,9 +284,12 @@ save self to "out/self"
 save fm to "out/fm"
 eval rm, fm, v0 on t to "rep"
 ''', "vit.fuse")
-    rc, out, err = run_cli("compile", str(spec), "--emit", "text")
+    rc, _, err = run_cli("compile", str(spec), "--emit", "json", "-o", str(tmp_path / "plan.json"))
     assert rc == 0, err
-    assert "patch_embeddings.projection.weight" in out or "stage gram" in out
+    grams = [s for s in json.loads((tmp_path / "plan.json").read_text())["sources"].values()
+             if s["stage"] and s["stage"]["kind"] == "gram"]
+    # the patch embedding is a Conv2d [16, 3, 8, 8]: one Gram matrix over its 3·8·8 patch entries
+    assert grams and grams[0]["tensors"]["vit.embeddings.patch_embeddings.projection.weight"][1] == [192, 192]
     rc, _, err = run_cli("run", str(spec))
     assert rc == 0, err
     a, b = load_state(tmp_path / "v0"), load_state(tmp_path / "out" / "self")
@@ -313,3 +316,12 @@ eval rm on t to "rep_tune_rm"
     # the other candidates and the final merge (2 stages x 3 more runs)
     assert err.count("batch 2/2") == 2 and err.count("cached") == 6, err
     assert len(list((tmp_path / "cache" / "stages").glob("*.safetensors"))) == 2
+
+
+def test_batch_size_zero_is_refused(fam):
+    root, _ = fam
+    spec = write_spec(root, HEAD + 'data d = dataset("data0.jsonl", text="text")\n'
+                      "merge rm = regmean(experts, d, batch_size=0)\nsave rm to \"out/bs0\"\n", "bs0.fuse")
+    rc, _, err = run_cli("compile", str(spec))
+    assert rc == 1 and "batch_size=0 must be a whole number of at least 1" in err, err
+    assert _errors(err) == [(4, 43, "E006")] and "bs0.fuse" in err, err

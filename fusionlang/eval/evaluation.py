@@ -163,8 +163,9 @@ def models_dirs(prog: ir.Program, low, ev: ir.EvalIR) -> list[tuple[str, str]]:
         b = prog.bindings[q]
         short = q.split("::")[-1]
         if b.kind == "merge":
-            if merge_ref(q):
-                out.append((short, merge_ref(q)))
+            ref = merge_ref(q)
+            if ref:
+                out.append((short, ref))
         elif b.kind == "ensemble":
             for name, kind, what in members(prog, q):
                 d = merge_ref(what) if kind == "merge" else source_model_dir(prog, what)

@@ -16,7 +16,6 @@ task: no head of the right kind, fewer classes than the labels need, no tokenize
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -138,10 +137,3 @@ def score(model_dir: str | dict, task: dict, device: str, on_batch=None) -> dict
         res.update(loss=loss, perplexity=math.exp(loss) if tokens else float("nan"), tokens=tokens)
     return res
 
-
-def describe(task: dict) -> str:
-    return f"{task['kind']}({D.describe(task['data'])})"
-
-
-def model_name(model_dir: str) -> str:
-    return os.path.basename(os.path.normpath(model_dir))

@@ -247,7 +247,7 @@ class Evaluator:
             if e.target in SOURCE_BUILTINS:
                 return self.load(self.source(e, args), ctx, e.span)
             if e.target in stage_values.STAGE_BUILTINS:
-                return stage_values.call(self, e, args, ctx)
+                return stage_values.call(self, e, args, ctx, env)
             if e.target == "ramp":
                 a, b = float(args["start"]), float(args["end"])
                 return a + (b - a) * ctx.t

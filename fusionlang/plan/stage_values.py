@@ -43,8 +43,10 @@ class _Uncovered:
 UNCOVERED = _Uncovered()
 
 
-def call(ev, e: ir.CallE, args: dict, ctx: TensorCtx):
-    """Evaluate a stage builtin call `e` (arguments `args`) at tensor `ctx`."""
+def call(ev, e: ir.CallE, args: dict, ctx: TensorCtx, env: tuple = ()):
+    """Evaluate a stage builtin call `e` (arguments `args`) at tensor `ctx`; `env` the
+    enclosing def's locals, so a bad argument is reported where the user wrote it."""
+    ev.__dict__["_stage_env"] = env
     if e.target in ("dataset", "zoo_data"):
         return _data(ev, e, args)
     if e.target == "covered":
@@ -61,7 +63,13 @@ def _arg_spans(ev, e: ir.CallE) -> tuple[tuple[str, Span], ...]:
     from ..lang.signatures import BUILTINS
 
     names = [p[0] for p in BUILTINS[e.target].params]
-    return tuple((n, a.span) for n, a in zip(names, e.args)) + tuple((k, v.span) for k, v in e.kwargs)
+    env = ev.__dict__.get("_stage_env", ())
+
+    def where(a: ir.Expr) -> Span:  # through a def's parameter, the user's argument
+        origin = ev._param_origin(a, env)
+        return origin.span if origin is not None else a.span
+
+    return tuple((n, where(a)) for n, a in zip(names, e.args)) + tuple((k, where(v)) for k, v in e.kwargs)
 
 
 def _data(ev, e: ir.CallE, args: dict) -> DataV:
@@ -82,7 +90,7 @@ def _check_data(ev, v: DataV):
     key = json.dumps(v.spec, sort_keys=True)
     if key not in cache:
         try:
-            cache[key] = D.check(v.spec)
+            cache[key] = D.load(v.spec)
         except D.DataError as err:
             raise EvalError(err.code, err.message, v.span_of(err.arg), err.hint) from None
     return cache[key]
@@ -128,7 +136,7 @@ def _adamerging(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
            ("lr", not (isinstance(p["lr"], (int, float)) and p["lr"] > 0), "e.g. lr=0.001")]
     for name, wrong, hint in bad:
         if wrong:
-            raise EvalError("E006", f"{name}={p[name]!r} is not valid for adamerging", arg_span.get(name, e.span), hint)
+            raise EvalError("E006", f"{name}={_show(p[name])} is not valid for adamerging", arg_span.get(name, e.span), hint)
     p.update(steps=int(p["steps"]), batch_size=int(p["batch_size"]), seed=int(p["seed"]), lr=float(p["lr"]),
              init=float(p["init"]))
     if ev.dry:
@@ -151,7 +159,7 @@ def _gram_plusplus(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
     if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
         raise EvalError("E006", f"alpha={alpha!r} must be within [0, 1]", arg_span.get("alpha", e.span), "e.g. alpha=0.95")
     if not _whole(bs, 1):
-        raise EvalError("E006", f"batch_size={bs!r} must be a whole number of at least 1",
+        raise EvalError("E006", f"batch_size={_show(bs)} must be a whole number of at least 1",
                         arg_span.get("batch_size", e.span), "e.g. batch_size=32")
     p = {"alpha": float(alpha), "batch_size": int(bs)}
     if ev.dry:
@@ -206,6 +214,10 @@ def _register_joint(ev, e: ir.CallE, keys: list[str], datas: list, p: dict) -> l
     return out
 
 
+def _show(v) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else repr(v)
+
+
 def _whole(v, lo: int) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == int(v) and v >= lo
 
@@ -241,13 +253,13 @@ def _register_adamerging(ev, e: ir.CallE, base_key: str, keys: list[str], datas:
 def _stats(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
     arg_span = dict(_arg_spans(ev, e))
     models, datas = _models_and_data(e, args, arg_span)
-    params = {k: v for k, v in args.items() if k not in ("models", "data")}
-    params = {"batch_size": int(params.get("batch_size") or 32), **(
-        {"normalize": bool(params.get("normalize", True)), "minimal": float(params.get("minimal", 1e-6))}
-        if e.target == "fisher" else {})}
-    if params["batch_size"] < 1:
-        raise EvalError("E006", f"batch_size={params['batch_size']} must be at least 1",
+    bs = args.get("batch_size", 32)
+    if not _whole(bs, 1):
+        raise EvalError("E006", f"batch_size={_show(bs)} must be a whole number of at least 1",
                         arg_span.get("batch_size", e.span), "e.g. batch_size=32")
+    params = {"batch_size": int(bs), **(
+        {"normalize": bool(args.get("normalize", True)), "minimal": float(args.get("minimal", 1e-6))}
+        if e.target == "fisher" else {})}
     out = []
     for m, d in zip(models, datas):
         if ev.dry:

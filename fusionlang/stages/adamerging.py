@@ -49,18 +49,6 @@ def entropy(logits: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return -(p * torch.log(p + eps)).sum(-1).mean()
 
 
-class _Logits(torch.nn.Module):
-    """`sm.logits` as a module whose parameters are `sm.module`'s (for functional_call)."""
-
-    def __init__(self, sm: M.StageModel):
-        super().__init__()
-        self.inner = sm.module
-        self.sm = sm
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.sm.logits(batch)
-
-
 def learn(stage: dict, device, log: Callable[[str], None] | None = None) -> tuple[torch.Tensor, list[str]]:
     """Run AdaMerging; returns (λ [n] or [n, P], the P module parameter names of layer
     mode, as tensor names of the files)."""
@@ -96,7 +84,7 @@ def learn(stage: dict, device, log: Callable[[str], None] | None = None) -> tupl
     lam = torch.full((n,) if p["mode"] == "task" else (n, len(names)), init, dtype=torch.float32, device=device,
                      requires_grad=True)
     opt = torch.optim.Adam([lam], lr=float(p["lr"]))
-    wrappers = [_Logits(sm) for sm in sms]
+    wrappers = [M.Bound(sm.module, sm.logits) for sm in sms]
     streams = [batch_order(len(ex), int(p["batch_size"]), int(p["seed"]), i) for i, ex in enumerate(exs)]
     steps = int(p["steps"])
     for step in range(steps):

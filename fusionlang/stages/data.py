@@ -7,7 +7,7 @@ A data value is described by a JSON-able dict (what the plan stores):
      "text": "prompt", "image": None, "label": "label", "n": 256, "seed": None}
 
 `load(spec)` reads it into `Examples` (texts or images, labels when known, and a content
-fingerprint); `check(spec)` does the same and raises `DataError` for what a user can get
+fingerprint) and raises `DataError` for what a user can get
 wrong (a missing file, an unknown column, empty or too small data), so `compile` reports
 it before anything runs. Rows: the first `n`, or with `seed` the first `n` of a
 permutation drawn from `torch.Generator().manual_seed(seed)` (deterministic everywhere).
@@ -50,10 +50,6 @@ class Examples:
     def __len__(self) -> int:
         return len(self.texts) if self.texts is not None else len(self.images)
 
-    @property
-    def modality(self) -> str:
-        return "text" if self.texts is not None else "image"
-
 
 def describe(spec: dict) -> str:
     """How a data value is shown in plans and progress lines."""
@@ -80,11 +76,6 @@ def from_args(builtin: str, args: dict, spec_file: str) -> dict:
         path = os.path.join(os.path.dirname(os.path.abspath(spec_file)), path)
     return {"kind": "files", "path": os.path.normpath(path), "format": str(args.get("format") or "auto"),
             "text": args.get("text"), "image": args.get("image"), "label": args.get("label"), **common}
-
-
-def check(spec: dict) -> Examples:
-    """`load(spec)`, for compile-time checking (same errors)."""
-    return load(spec)
 
 
 def load(spec: dict) -> Examples:

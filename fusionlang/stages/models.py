@@ -240,6 +240,19 @@ def _hf(model_dir: str, device, meta: bool, module=None) -> StageModel:
     return StageModel(module, name_map(module, _file_names(model_dir)), inputs, run, logits)
 
 
+class Bound(torch.nn.Module):
+    """`fn(batch)` computed over `module`, as a module whose parameters are `module`'s
+    (prefixed "inner."), so `torch.func.functional_call` can run `fn` with other tensors."""
+
+    def __init__(self, module: torch.nn.Module, fn: Callable):
+        super().__init__()
+        self.inner = module
+        self.fn = fn
+
+    def forward(self, batch: dict):
+        return self.fn(batch)
+
+
 def batches(ex: Examples, batch_size: int) -> Iterator[tuple[int, int]]:
     """[start, stop) row ranges of consecutive batches (the last one may be short)."""
     for start in range(0, len(ex), batch_size):

@@ -49,18 +49,6 @@ def covered(sm: M.StageModel) -> dict[str, tuple[int, ...]]:
     return {t: s for t, s in covered_shapes("gram", sm).items() if layer_index(t) is not None}
 
 
-class _Bound(torch.nn.Module):
-    """`fn(batch)` over `module`, as a module (so functional_call can swap its tensors)."""
-
-    def __init__(self, module: torch.nn.Module, fn: Callable):
-        super().__init__()
-        self.inner = module
-        self.fn = fn
-
-    def forward(self, batch: dict):
-        return self.fn(batch)
-
-
 def grams(stage: dict, device, log: Callable[[str], None] | None = None) -> list[dict[str, torch.Tensor]]:
     """Every model's Gram matrices (file tensor name -> float32 CPU tensor), measured on the
     inputs the merged lower layers produce (module docstring)."""
@@ -99,7 +87,7 @@ def grams(stage: dict, device, log: Callable[[str], None] | None = None) -> list
                 li = layer_index(f)
                 use_merged = f in merged and (li is None or li[1] < layer)
                 params["inner." + mod_name] = merged[f] if use_merged else states[i][f]
-            bound = _Bound(module, sms[i].run)
+            bound = M.Bound(module, sms[i].run)
             sub = M.StageModel(module, {k: v for k, v in base.names.items() if v in here}, sms[i].inputs,
                                lambda batch, bound=bound, params=params: torch.func.functional_call(
                                    bound, params, (batch,)), None)
