@@ -76,7 +76,9 @@ def assert_same(mine: dict, ref: dict, tol: float) -> None:
 def test_regmean_matches_fusionbench(fam, n, batch_size, alpha, tol):
     root, f = fam
     ref = reference(root, f, "regmean", n, batch_size, alpha=alpha)
-    mine = ours(root, f"regmean(experts, [d0, d1, d2], alpha={alpha}, batch_size={batch_size})", f"rm_{n}_{int(alpha * 100)}", n)
+    # FusionBench counts padded positions as rows of its Gram matrices (include_padding)
+    mine = ours(root, f"regmean(experts, [d0, d1, d2], alpha={alpha}, batch_size={batch_size}, include_padding=true)",
+                f"rm_{n}_{int(alpha * 100)}", n)
     # the Linear weights really differ from the plain average (RegMean did something)
     w = "bert.encoder.layer.0.intermediate.dense.weight"
     avg = sum(load_state(f[f"e{k}"])[w] for k in range(3)) / 3
@@ -88,7 +90,8 @@ def test_regmean_matches_fusionbench(fam, n, batch_size, alpha, tol):
 def test_fisher_matches_fusionbench(fam, n, batch_size, normalize):
     root, f = fam
     ref = reference(root, f, "fisher", n, batch_size, normalize=normalize)
-    mine = ours(root, f"fisher_merging(experts, [d0, d1, d2], batch_size={batch_size}, "
+    # the reference batches the rows in the data's order (batch_order="given")
+    mine = ours(root, f"fisher_merging(experts, [d0, d1, d2], batch_size={batch_size}, batch_order=\"given\", "
                 f"normalize_fisher_weight={'true' if normalize else 'false'})", f"fm_{n}", n)
     w = "bert.encoder.layer.1.output.dense.weight"
     avg = sum(load_state(f[f"e{k}"])[w] for k in range(3)) / 3

@@ -325,3 +325,86 @@ def test_batch_size_zero_is_refused(fam):
     rc, _, err = run_cli("compile", str(spec))
     assert rc == 1 and "batch_size=0 must be a whole number of at least 1" in err, err
     assert _errors(err) == [(4, 43, "E006")] and "bs0.fuse" in err, err
+
+
+def test_unknown_batch_order_is_refused_at_the_argument(fam):
+    root, _ = fam
+    spec = write_spec(root, HEAD + 'data d = dataset("data0.jsonl", text="text")\n'
+                      'merge fm = fisher_merging(experts, d, batch_order="random")\nsave fm to "out/bo"\n', "bo.fuse")
+    rc, _, err = run_cli("compile", str(spec))
+    assert rc == 1 and 'batch_order="random" is neither "length" nor "given"' in err, err
+    assert _errors(err) == [(4, 51, "E006")] and "bo.fuse" in err, err
+
+
+def _stage_model(root, f, model="e0", data="data0"):
+    from fusionlang.stages import data as D
+    from fusionlang.stages import models as M
+
+    spec = D.from_args("dataset", {"path": str(f[data]), "text": "text"}, str(root / "x.fuse"))
+    return M.build(str(f[model]), spec, torch.device("cpu")), D.load(spec)
+
+
+def _worst(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) / (1 + float(b[k].abs().max())) for k in a)
+
+
+def test_gram_leaves_padding_out_whatever_the_batching(fam, monkeypatch):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fusionlang.stages import models as M
+    from fusionlang.stages.statistics import gram
+
+    root, f = fam
+    sm, ex = _stage_model(root, f)
+    g7 = gram(sm, ex, batch_size=7)
+    g3 = gram(sm, ex, batch_size=3)
+    padded = gram(sm, ex, batch_size=7, include_padding=True)
+    monkeypatch.setattr(M, "TOKENS_PER_PASS", 20)  # each batch of 16 rows run in slices of 1-2 rows
+    sliced = gram(sm, ex, batch_size=16)
+    # independent: every row alone (no padding at all), every Linear's input by hooks, float64
+    model = AutoModelForSequenceClassification.from_pretrained(f["e0"]).eval()
+    tok = AutoTokenizer.from_pretrained(f["e0"])
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def hook(name):
+        def fn(_m, args, _o):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+            rows[name] = rows.get(name, 0) + x.shape[0]
+        return fn
+
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(hook(n + ".weight"))
+    texts = [json.loads(x)["text"] for x in f["data0"].read_text().splitlines()]
+    with torch.no_grad():
+        for t in texts:
+            model(**tok(t, return_tensors="pt"))
+    ref = {k: (sums[k] / rows[k]).float() for k in sums}
+    for g in (g7, g3, sliced):
+        assert _worst(g, ref) < 1e-5
+    # counting the padded positions gives other matrices (the test can tell them apart)
+    assert _worst(padded, ref) > 1e-3
+
+
+def test_fisher_batches_by_length_and_slices_exactly(fam, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from fusionlang.stages import models as M
+    from fusionlang.stages.data import Examples
+    from fusionlang.stages.statistics import fisher
+
+    root, f = fam
+    sm, ex = _stage_model(root, f)
+    by_length = fisher(sm, ex, 8)
+    given = fisher(sm, ex, 8, batch_order="given")
+    # "length": the rows in order of their token count (stable), then batched as given
+    tok = AutoTokenizer.from_pretrained(f["e0"])
+    order = sorted(range(len(ex)), key=lambda i: len(tok(ex.texts[i])["input_ids"]))
+    ex_sorted = Examples(tuple(ex.texts[i] for i in order), None, None, "")
+    assert _worst(by_length, fisher(sm, ex_sorted, 8, batch_order="given")) < 1e-5
+    assert _worst(by_length, given) > 1e-4  # which rows share a batch matters to this estimator
+    monkeypatch.setattr(M, "TOKENS_PER_PASS", 20)  # each batch's gradient accumulated over slices
+    assert _worst(fisher(sm, ex, 8, batch_order="given"), given) < 1e-5

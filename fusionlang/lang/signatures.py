@@ -43,15 +43,19 @@ BUILTINS: dict[str, BuiltinSig] = {
     "zoo_data": BuiltinSig((("task", "string", REQUIRED), ("zoo", "string", "text"), ("split", "string", "train"),
                             ("n", "int", None), ("seed", "int", None)), "data",
                            "a split of a zoo task's data (its inputs, labels and frozen head); n rows drawn with seed"),
-    "gram": BuiltinSig((("models", "models", REQUIRED), ("data", "data", REQUIRED), ("batch_size", "int", 32)), "stats",
+    "gram": BuiltinSig((("models", "models", REQUIRED), ("data", "data", REQUIRED), ("batch_size", "int", 32),
+                        ("include_padding", "bool", False)), "stats",
                        "a model stage: for each model, the Gram matrix of every Linear (and Conv2d) layer's input "
-                       "over `data` (one data value, or one per model)"),
+                       "over `data` (one data value, or one per model); padded positions left out unless "
+                       "include_padding (FusionBench counts them)"),
     "fisher": BuiltinSig((("models", "models", REQUIRED), ("data", "data", REQUIRED), ("batch_size", "int", 32),
-                          ("normalize", "bool", True), ("minimal", "number", 1e-6)), "stats",
+                          ("normalize", "bool", True), ("minimal", "number", 1e-6), ("batch_order", "string", "length")),
+                         "stats",
                          "a model stage: for each model, its diagonal Fisher information over `data` from the "
-                         "model's own predictions, as Fisher-merging weights"),
+                         "model's own predictions, as Fisher-merging weights; batches of rows of similar length "
+                         "(batch_order=\"length\") or in the data's order (\"given\")"),
     "gram_plusplus": BuiltinSig((("models", "models", REQUIRED), ("data", "data", REQUIRED), ("alpha", "number", 0.95),
-                                 ("batch_size", "int", 32)), "stats",
+                                 ("batch_size", "int", 32), ("include_padding", "bool", False)), "stats",
                                 "a model stage: RegMean++'s Gram matrices, each layer's taken on the inputs the merged "
                                 "layers below it produce (one data value per model)"),
     "adamerging_coefficients": BuiltinSig(

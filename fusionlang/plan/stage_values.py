@@ -161,7 +161,7 @@ def _gram_plusplus(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
     if not _whole(bs, 1):
         raise EvalError("E006", f"batch_size={_show(bs)} must be a whole number of at least 1",
                         arg_span.get("batch_size", e.span), "e.g. batch_size=32")
-    p = {"alpha": float(alpha), "batch_size": int(bs)}
+    p = {"alpha": float(alpha), "batch_size": int(bs), "include_padding": bool(args.get("include_padding", False))}
     if ev.dry:
         return [TensorV(ev.plan.add("load", (), {"source": e.target, "tensor": ctx.tensor}, group=ctx.group), None, None)
                 for _ in models]
@@ -257,9 +257,15 @@ def _stats(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
     if not _whole(bs, 1):
         raise EvalError("E006", f"batch_size={_show(bs)} must be a whole number of at least 1",
                         arg_span.get("batch_size", e.span), "e.g. batch_size=32")
+    order = args.get("batch_order", "length")
+    if e.target == "fisher" and order not in ("length", "given"):
+        raise EvalError("E006", f"batch_order={json.dumps(order)} is neither \"length\" nor \"given\"",
+                        arg_span.get("batch_order", e.span),
+                        "\"length\" batches rows of similar length together; \"given\" keeps the data's order")
     params = {"batch_size": int(bs), **(
-        {"normalize": bool(args.get("normalize", True)), "minimal": float(args.get("minimal", 1e-6))}
-        if e.target == "fisher" else {})}
+        {"normalize": bool(args.get("normalize", True)), "minimal": float(args.get("minimal", 1e-6)),
+         "batch_order": order}
+        if e.target == "fisher" else {"include_padding": bool(args.get("include_padding", False))})}
     out = []
     for m, d in zip(models, datas):
         if ev.dry:

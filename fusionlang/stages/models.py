@@ -13,6 +13,7 @@ Which module a stage builds depends on the data value:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -30,13 +31,35 @@ class StageModel:
     """`module`: the network (eval mode, float32). `names`: module parameter or module
     name -> the tensor name in the model directory's files. `inputs(examples, start,
     stop)`: the module's keyword inputs for rows [start, stop). `logits(inputs)`:
-    [batch, classes] float32, or None when the model has no classification head."""
+    [batch, classes] float32, or None when the model has no classification head.
+    `lengths(examples)`: each row's number of tokens after truncation (text models), or
+    None for inputs of one size (images)."""
 
     module: torch.nn.Module
     names: dict[str, str]
     inputs: Callable[[Examples, int, int], dict]
     run: Callable[[dict], Any]
     logits: Callable[[dict], torch.Tensor] | None
+    lengths: Callable[[Examples], list[int]] | None = None
+
+
+def by_length(sm: StageModel, ex: Examples) -> Examples:
+    """`ex` with its rows in order of increasing token length (stable: equal lengths keep
+    their order), so consecutive batches need little padding; `ex` itself when the model's
+    inputs have no length (images) or the data holds no text."""
+    if sm.lengths is None or ex.texts is None:
+        return ex
+    lens = sm.lengths(ex)
+    order = sorted(range(len(ex)), key=lens.__getitem__)
+    return dataclasses.replace(ex, texts=tuple(ex.texts[i] for i in order),
+                               labels=tuple(ex.labels[i] for i in order) if ex.labels is not None else None)
+
+
+def _token_lengths(tokenizer, max_length: int) -> Callable[[Examples], list[int]]:
+    def lengths(ex: Examples) -> list[int]:
+        ids = tokenizer(list(ex.texts), truncation=True, max_length=max_length)["input_ids"]
+        return [len(x) for x in ids]
+    return lengths
 
 
 def read_config(model_dir: str) -> dict:
@@ -152,7 +175,8 @@ def _zoo_text(model_dir: str, task, device, meta: bool, module=None) -> StageMod
         feats = T.pool(module, batch, info.get("pooling", "mean"), info.get("normalize", True))
         return feats.float() @ w.T + b
 
-    return StageModel(module, name_map(module, _file_names(model_dir)), inputs, run, logits)
+    return StageModel(module, name_map(module, _file_names(model_dir)), inputs, run, logits,
+                      _token_lengths(tokenizer, info["max_length"]) if tokenizer is not None else None)
 
 
 def _head(task, device):
@@ -237,7 +261,8 @@ def _hf(model_dir: str, device, meta: bool, module=None) -> StageModel:
         def logits(batch: dict) -> torch.Tensor:
             return module(**batch).logits.float()
 
-    return StageModel(module, name_map(module, _file_names(model_dir)), inputs, run, logits)
+    return StageModel(module, name_map(module, _file_names(model_dir)), inputs, run, logits,
+                      _token_lengths(tokenizer, max_length) if tokenizer is not None else None)
 
 
 class Bound(torch.nn.Module):
@@ -251,6 +276,27 @@ class Bound(torch.nn.Module):
 
     def forward(self, batch: dict):
         return self.fn(batch)
+
+
+TOKENS_PER_PASS = 2048
+
+
+def passes(batch: dict, max_tokens: int | None = None) -> Iterator[dict]:
+    """A batch of inputs as consecutive slices of its rows, each with at most `max_tokens`
+    (default TOKENS_PER_PASS) positions (rows × sequence length; at least one row), so a
+    forward (and backward) pass over long sequences holds a bounded amount of activations
+    (BERT-style attention keeps rows × heads × length² scores). Inputs without a sequence
+    (images) come as one slice. Statistics summed over rows, and gradients of a loss
+    summed over rows, are the same over the slices as over the whole batch."""
+    max_tokens = max_tokens or TOKENS_PER_PASS
+    ids = batch.get("input_ids")
+    if ids is None or ids.dim() != 2 or ids.numel() <= max_tokens:
+        yield batch
+        return
+    step = max(1, max_tokens // ids.shape[1])
+    for start in range(0, ids.shape[0], step):
+        yield {k: v[start:start + step] if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == ids.shape[0] else v
+               for k, v in batch.items()}
 
 
 def batches(ex: Examples, batch_size: int) -> Iterator[tuple[int, int]]:

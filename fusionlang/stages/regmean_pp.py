@@ -56,6 +56,7 @@ def grams(stage: dict, device, log: Callable[[str], None] | None = None) -> list
 
     p = stage["params"]
     alpha, bs = float(p["alpha"]), int(p["batch_size"])
+    include_padding = bool(p.get("include_padding", True))  # plans saved before the parameter counted padding
     datas = stage["data"]
     exs = [D.load(d) for d in datas]
     base = M.build(stage["model_dirs"][0], datas[0], device)
@@ -90,8 +91,8 @@ def grams(stage: dict, device, log: Callable[[str], None] | None = None) -> list
             bound = M.Bound(module, sms[i].run)
             sub = M.StageModel(module, {k: v for k, v in base.names.items() if v in here}, sms[i].inputs,
                                lambda batch, bound=bound, params=params: torch.func.functional_call(
-                                   bound, params, (batch,)), None)
-            g = gram(sub, exs[i], bs)
+                                   bound, params, (batch,)), None, sms[i].lengths)
+            g = gram(sub, exs[i], bs, include_padding=include_padding)
             out[i].update(g)
         for f in names.values():  # merge layer `layer` before measuring the next one
             li = layer_index(f)

@@ -85,8 +85,23 @@ def compute(stage: dict, device, on_batch=None, log=None, names: list[str] | Non
     sm = M.build(stage["model_dir"], stage["data"], device)
     p = stage["params"]
     if stage["kind"] == "gram":
-        return S.gram(sm, ex, int(p["batch_size"]), on_batch)
-    return S.fisher(sm, ex, int(p["batch_size"]), bool(p["normalize"]), float(p["minimal"]), on_batch)
+        return S.gram(sm, ex, int(p["batch_size"]), on_batch, bool(p.get("include_padding", True)))
+    return S.fisher(sm, ex, int(p["batch_size"]), bool(p["normalize"]), float(p["minimal"]), on_batch,
+                    str(p.get("batch_order", "given")))
+
+
+def _release() -> None:
+    """Give the memory of a finished stage (its module, activations, results) back to the
+    system before the next one: a collection, then glibc's `malloc_trim`, where it exists
+    (freed heap memory otherwise stays in the process and adds up across stages)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> Plan:
@@ -113,6 +128,8 @@ def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> 
                 results = compute(st, device, None, (lambda line, what=what: log(f"{what}: {line}")) if log else None)
                 for j, res in enumerate(results):
                     _save(root / f"{base_key}-{j}.safetensors", res, st)
+                del results, res
+                _release()
             elif joint and log:
                 log(f"{what}: cached ({file.name})")
             if not joint and not _cached(file, src):
@@ -135,6 +152,8 @@ def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> 
                                     f"{len(missing)} tensor(s), e.g. '{missing[0]}': the forward pass never reached "
                                     "that layer", "treat those tensors with a rule (e.g. \"*.pooler.*\" => base)")
                 _save(file, result, st)
+                del result
+                _release()
             elif not joint and log:
                 log(f"{what}: cached ({file.name})")
             if st["kind"] == "adamerging" and log:

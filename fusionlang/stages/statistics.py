@@ -1,19 +1,27 @@
 """Statistics stages: model-shaped results, one tensor per covered weight.
 
-gram   For every `nn.Linear` weight W [out, in]: the mean over the rows x (every position
-       of every example: batch × sequence, padding included) of its input's outer
-       product, G = (1/N) Σ x xᵀ  [in, in], float32. For an `nn.Conv2d` weight
+gram   For every `nn.Linear` weight W [out, in]: the mean over the rows x (every token
+       position of every example) of its input's outer product, G = (1/N) Σ x xᵀ
+       [in, in], float32. Padded positions are not rows: the batches are formed from
+       rows sorted by token length (little padding) and the positions the attention mask
+       marks as padding are left out, so G does not depend on the batch size or the order
+       of the rows. With `include_padding`, the batches follow the data's order and every
+       position counts, padding included: FusionBench `RegMeanAlgorithm`'s hooks, whose
+       Gram matrices therefore change with the batching (its dataloader shuffles). For an `nn.Conv2d` weight
        [out, in/g, kh, kw] with g groups, x runs over the unfolded input patches of each
        group (one per output position): G [g, in/g·kh·kw, in/g·kh·kw] ([d, d] when g = 1),
        so a 1×1 convolution is a Linear over channels and a depthwise one gets a kh·kw
        Gram matrix per channel. FusionBench `RegMeanAlgorithm` (hooks on nn.Linear inputs,
-       the running mean over batch·sequence rows), extended to convolutions. Each batch's
-       product is computed in float32, the sum over batches kept in float64.
+       the running mean over batch·sequence rows), extended to convolutions. Products and
+       their sum in float32.
 fisher For every parameter on the path to the logits: the diagonal Fisher information
        from the model's own predictive distribution, as FusionBench (after MergeLM)
        computes it: per batch, the squared gradient of Σ_b Σ_c √p_bc · log p_bc (p =
        softmax(logits), √p detached), summed over batches and divided by the number of
-       examples. With `normalize`, each model's values are divided by (‖F‖₂ + minimal)
+       examples. The estimate depends on which rows share a batch: `batch_order="length"`
+       groups rows of similar token length (little padding, about half the forward and
+       backward work on text of mixed lengths), "given" keeps the data's order (FusionBench
+       shuffles its rows instead). With `normalize`, each model's values are divided by (‖F‖₂ + minimal)
        over all its covered parameters, and `minimal` is added first to every entry:
        the weights FusionBench's `merging_with_fisher_weights` multiplies with
        (normalize_fisher_weight, minimal_fisher_weight); up to a factor common to all
@@ -28,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataError, Examples
-from .models import StageModel, batches
+from .models import StageModel, batches, by_length, passes
 
 KINDS = ("gram", "fisher")
 
@@ -55,28 +63,45 @@ def covered_shapes(kind: str, sm: StageModel) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def gram(sm: StageModel, ex: Examples, batch_size: int, on_batch: Callable[[int, int], None] | None = None
-         ) -> dict[str, torch.Tensor]:
+def gram(sm: StageModel, ex: Examples, batch_size: int, on_batch: Callable[[int, int], None] | None = None,
+         include_padding: bool = False) -> dict[str, torch.Tensor]:
     """Gram matrices of every Linear / Conv2d input over all rows of `ex` (see the module
     docstring). Returns file tensor name -> float32 CPU tensor."""
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
     handles = []
     shapes = covered_shapes("gram", sm)
+    keep: list[torch.Tensor | None] = [None]  # the batch's non-padding positions [batch, seq]
+    if not include_padding:
+        ex = by_length(sm, ex)
+
+    last: list = [None, None, 0]  # the last Linear input seen, its product and row count
 
     def hook(name: str, m: torch.nn.Module):
         def fn(_mod, args, _out):
             x = args[0].detach()
             if isinstance(m, torch.nn.Conv2d):
                 x = _patches(m, x)  # [g, rows, d]
+            elif args[0] is last[0]:
+                # NOTE: Linear layers fed by one tensor (an attention block's query, key and
+                # value) share its product
+                _add(name, last[1], last[2])
+                return
+            elif keep[0] is not None and x.dim() == 3 and x.shape[:2] == keep[0].shape:
+                x = x[keep[0]].unsqueeze(0)  # the real tokens' rows only
             else:
                 x = x.reshape(1, -1, x.shape[-1])
-            # NOTE: each batch's product in float32 (a float64 matmul is several times slower
-            # on CPU), summed over batches in float64
-            g = torch.bmm(x.float().transpose(1, 2), x.float()).double()
-            sums[name] = g if name not in sums else sums[name].add_(g)
-            rows[name] = rows.get(name, 0) + x.shape[1]
+            # NOTE: products and their sum in float32 (as FusionBench): a float64 matmul is
+            # several times slower on CPU, and float64 sums would double the stage's memory
+            g = torch.bmm(x.float().transpose(1, 2), x.float())
+            if not isinstance(m, torch.nn.Conv2d):
+                last[:] = [args[0], g, x.shape[1]]
+            _add(name, g, x.shape[1])
         return fn
+
+    def _add(name: str, g: torch.Tensor, n: int) -> None:
+        sums[name] = g.clone() if name not in sums else sums[name].add_(g)
+        rows[name] = rows.get(name, 0) + n
 
     for mname, m in sm.module.named_modules():
         w = sm.names.get(f"{mname}.weight" if mname else "weight")
@@ -86,7 +111,11 @@ def gram(sm: StageModel, ex: Examples, batch_size: int, on_batch: Callable[[int,
         total = -(-len(ex) // batch_size)
         with torch.no_grad():
             for i, (start, stop) in enumerate(batches(ex, batch_size)):
-                sm.run(sm.inputs(ex, start, stop))
+                for part in passes(sm.inputs(ex, start, stop)):
+                    mask = part.get("attention_mask") if not include_padding else None
+                    keep[0] = mask.bool() if mask is not None and mask.dim() == 2 and not bool(mask.all()) else None
+                    sm.run(part)
+                    last[:] = [None, None, 0]
                 if on_batch:
                     on_batch(i + 1, total)
     finally:
@@ -96,7 +125,7 @@ def gram(sm: StageModel, ex: Examples, batch_size: int, on_batch: Callable[[int,
     for name, shape in shapes.items():
         if name not in sums:
             continue  # a layer the forward pass never reached
-        out[name] = (sums[name] / rows[name]).float().reshape(shape).cpu().contiguous()
+        out[name] = sums.pop(name).div_(rows[name]).reshape(shape).cpu().contiguous()
     return out
 
 
@@ -143,22 +172,26 @@ def _same_padding(m: torch.nn.Conv2d) -> tuple[int, int]:
 
 
 def fisher(sm: StageModel, ex: Examples, batch_size: int, normalize: bool = True, minimal: float = 1e-6,
-           on_batch: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+           on_batch: Callable[[int, int], None] | None = None, batch_order: str = "length"
+           ) -> dict[str, torch.Tensor]:
     """Fisher-merging weights of every covered parameter (see the module docstring).
     Parameters that get no gradient keep the value 0 (+ minimal). Returns file tensor
     name -> float32 CPU tensor. Raises DataError when the model has no logits."""
     if sm.logits is None:
         raise DataError("E014", "Fisher weights need the model's predictions, and this model has no classification head",
                         "use a model saved with its head, or data of a zoo task")
+    if batch_order == "length":
+        ex = by_length(sm, ex)
     shapes = covered_shapes("fisher", sm)
     params = {sm.names[n]: p for n, p in sm.module.named_parameters() if sm.names.get(n) in shapes}
     acc = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     total = -(-len(ex) // batch_size)
     for i, (start, stop) in enumerate(batches(ex, batch_size)):
         sm.module.zero_grad(set_to_none=True)
-        logits = sm.logits(sm.inputs(ex, start, stop))
-        probs = torch.softmax(logits, dim=-1).detach()
-        (probs.sqrt() * torch.log_softmax(logits, dim=-1)).sum().backward()
+        for part in passes(sm.inputs(ex, start, stop)):  # the batch's gradient, accumulated over its slices
+            logits = sm.logits(part)
+            probs = torch.softmax(logits, dim=-1).detach()
+            (probs.sqrt() * torch.log_softmax(logits, dim=-1)).sum().backward()
         for k, p in params.items():
             if p.grad is not None:
                 acc[k].add_(p.grad.detach().double() ** 2)
