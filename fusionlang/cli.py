@@ -71,7 +71,8 @@ def _summary(prog, lowered, plan) -> None:
 
         t.add_row("model stages", "\n".join(stage_line(k, s.stage, len(s.tensors))[len("stage "):] for k, s in stages)
                   + "\n[dim](run first; results cached by content hash in $FUSIONLANG_CACHE/stages)[/]")
-    t.add_row("outputs", ", ".join(f"{o.name} -> {o.path}" for o in plan.outputs.values()))
+    t.add_row("outputs", ", ".join(f"{o.name} -> {o.path}" + (f" ({o.note})" if o.note else "")
+                                   for o in plan.outputs.values()))
     t.add_row("tensors", str(sum(len(o.tensors) for o in plan.outputs.values())))
     t.add_row("ops", f"{len(lowered.nodes)} lowered -> {len(plan.nodes)} after passes "
               + " ".join(f"[dim]{n}:{c}[/]" for n, c in plan.history[1:]))

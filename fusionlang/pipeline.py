@@ -151,7 +151,11 @@ def compile_spec(path: str, passes: set[str] | None = None, dump_after: str | No
     setup = prepare(checked)
     setup.tuning = tuning
     prog = setup.program
-    lowered = Lowerer(prog).lower()
+    low = Lowerer(prog)
+    lowered = low.lower()
+    found = tuple(d for d in low.sink.items if d.severity == "warning" and d not in prog.warnings)
+    if found:  # warnings of lowering (e.g. a MoE's expert count), shown with the checker's
+        prog = prog.model_copy(update={"warnings": tuple(prog.warnings) + found})
     if not prog.saves and not prog.evals and not prog.ensemble_saves:
         raise FuseErrors([Diagnostic("E015", "the spec saves nothing, so there is nothing to run", Span(path, 1, 1),
                                      'add `save NAME to "dir"` for the merge you want written')])

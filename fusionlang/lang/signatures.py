@@ -1,4 +1,4 @@
-"""Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, classify,
+"""Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, moe, classify,
 dataset, zoo_data, gram, gram_plusplus, fisher, adamerging_coefficients, covered, accuracy,
 perplexity, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
@@ -75,6 +75,15 @@ BUILTINS: dict[str, BuiltinSig] = {
                            "a prediction-level combination of models (no merged weights): the mean of their outputs, "
                            "weighted (weights, divided by their sum with normalize), or their elementwise max "
                            "(mode=\"max\")"),
+    "moe": BuiltinSig((("base", "model", REQUIRED), ("experts", "models", REQUIRED), ("positive_prompts", "list", None),
+                       ("negative_prompts", "list", None), ("gate_mode", "string", "hidden"),
+                       ("experts_per_token", "int", 2), ("noise_scale", "any", None), ("residual_scale", "any", None),
+                       ("architecture", "string", "mixtral"), ("layout", "string", "auto"),
+                       ("router_dtype", "string", "float32"), ("allow_identical", "bool", False), ("seed", "int", 0)),
+                      "model",
+                      "a mixture of experts built from dense models (mergekit-moe): every tensor of `base` but "
+                      "its MLPs, each layer's MLP replaced by the experts' MLPs and a router initialised from "
+                      "each expert's prompts (gate_mode); the whole value of a merge"),
     "tune": BuiltinSig((("values", "numbers", REQUIRED), ("on", "any", REQUIRED), ("split", "string", "val")), "number",
                        "a merge argument chosen at run time: the candidate with the best mean accuracy on the "
                        "tasks' validation split"),

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from .. import arch, ir
 from ..lang.diagnostics import Span
 from ..runtime.sources import is_source_call
+from . import moe_values
 from .evaluate import Evaluator
 from .values import PROBE, EvalError, SliceV, TensorCtx
 
@@ -21,6 +22,7 @@ class Domain:
     num_layers: int
     source_of: dict[str, tuple[int, str, int | None, int]] = field(default_factory=dict)  # slices: out -> (slice#, src name, src layer, src layers)
     config_overrides: dict = field(default_factory=dict)
+    note: str = ""  # shown with the output in `compile` (a MoE's parameter counts)
 
 
 class Domains(Evaluator):
@@ -36,6 +38,9 @@ class Domains(Evaluator):
         sl = self.slices_call(b)
         if sl is not None and not self.dry:
             return self.eval_slices(sl, ctx)
+        mc = moe_values.moe_call(self, b)
+        if mc is not None and not self.dry:
+            return moe_values.eval_moe(self, mc, ctx)
         return self.eval(b.value, (), ctx)
 
     def eval_slices(self, call: ir.CallE, ctx: TensorCtx):
@@ -102,6 +107,9 @@ class Domains(Evaluator):
         sl = self.slices_call(b)
         if sl is not None:
             return self.slices_domain(sl)
+        mc = moe_values.moe_call(self, b)
+        if mc is not None:
+            return Domain(**moe_values.domain(self, mc))
         call = self.first_source(b.value)
         if call is None:
             raise EvalError("E013", f"'{b.qualname.split('::')[-1]}' reads no model", b.span,

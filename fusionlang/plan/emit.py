@@ -63,7 +63,8 @@ def to_text(plan: Plan) -> str:
         loc = f"  # {n.loc}" if n.loc else ""
         lines.append(f"%{num[nid]} = {body}{loc}")
     for o in plan.outputs.values():
-        lines.append(f"output {o.name} -> {json.dumps(_rel(o.path, plan.spec_file))}  # {len(o.tensors)} tensors, from {o.reference}")
+        lines.append(f"output {o.name} -> {json.dumps(_rel(o.path, plan.spec_file))}  # {len(o.tensors)} tensors, from {o.reference}"
+                     + (f"; {o.note}" if o.note else ""))
         for t in o.tensors:
             parts = o.parts(t)
             if len(parts) == 1:
@@ -76,7 +77,8 @@ def to_text(plan: Plan) -> str:
 def stage_line(key: str, stage: dict, n_tensors: int) -> str:
     """How `compile` shows a model stage: what it computes and what it costs."""
     est = stage.get("estimate", {})
-    params = ", ".join(f"{k}={_fmt_value(v)}" for k, v in stage.get("params", {}).items())
+    params = ", ".join(f"{k}={_fmt_value(v)}" for k, v in stage.get("params", {}).items()
+                       if k not in stage.get("quiet", ()))
     mb = est.get("peak_bytes", 0) / 1e6
     return (f"stage {key} = {stage['kind']}({stage.get('of', stage['model'])}, {stage.get('data_text', '')}; {params})  "
             f"# {n_tensors} statistics; {est.get('examples', '?')} examples in {est.get('batches', '?')} "
@@ -101,7 +103,7 @@ def to_json(plan: Plan) -> str:
                    "phase": plan.phase_of.get(nid, 0)} for nid in order],
         "outputs": [{"name": o.name, "path": o.path, "dtype": o.dtype, "tensors": o.tensors, "dtypes": o.dtypes,
                      "shapes": {k: list(v) for k, v in o.shapes.items()}, "reference": o.reference,
-                     "config_overrides": o.config_overrides,
+                     "config_overrides": o.config_overrides, "note": o.note,
                      # every location of an output under "loc" (display text and span), as for nodes
                      "loc": {"text": o.loc, "at": o.at},
                      "blocks": {t: [[a, nid] for a, nid in parts] for t, parts in o.blocks.items()}}
@@ -165,7 +167,7 @@ def _from_json(text: str) -> Plan:
                                        {k: tuple(v) for k, v in o["shapes"].items()}, o["reference"],
                                        o["config_overrides"], _loc_text(o["loc"]),
                                        {t: [(a, nid) for a, nid in parts] for t, parts in o.get("blocks", {}).items()},
-                                       _at(o["loc"].get("at") if isinstance(o["loc"], dict) else None))
+                                       _at(o["loc"].get("at") if isinstance(o["loc"], dict) else None), o.get("note", ""))
     plan.history = [tuple(h) for h in data.get("history", [])]
     return plan
 

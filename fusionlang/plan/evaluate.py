@@ -240,6 +240,14 @@ class Evaluator:
         if e.kind == "builtin" and e.target == "slices":
             raise EvalError("E005", "slices() must be the whole value of a merge", e.span,
                             "write `merge deep = slices([...])` and use `deep` elsewhere")
+        if e.kind == "builtin" and e.target == "moe":
+            if self.dry:
+                from .moe_values import options
+
+                options(self, e)  # the arguments that need no model files
+                return self.load("model", ctx, e.span)
+            raise EvalError("E005", "moe() must be the whole value of a merge", e.span,
+                            "write `merge m = moe(base, experts, ...)` and use `m` elsewhere")
         if e.kind == "builtin" and e.target == "tune":
             return ir.tune_first_value(self.prog, e)  # `run` substitutes the chosen value before lowering
         args = self.call_args(e, env, ctx)

@@ -67,6 +67,7 @@ class OutputSpec:
     # tensors computed in row blocks (by the split pass): name -> [(first row, node)]
     blocks: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     at: tuple | None = None  # the save's path in the spec (file, line, column, end line, end column)
+    note: str = ""  # what `compile` says about the output besides its tensors (a MoE's parameter counts)
 
     def parts(self, tensor: str) -> list[tuple[int, str]]:
         """(first row, node) pieces that make up an output tensor."""

@@ -77,6 +77,10 @@ def compute(stage: dict, device, on_batch=None, log=None, names: list[str] | Non
 
         lam, covered = A.learn(stage, device, log)
         return A.result(stage, lam, covered, names or [])
+    if stage["kind"] == "router":
+        from . import routers as R
+
+        return R.compute(stage, device, log)
     if stage["kind"] == "gram_plusplus":
         from . import regmean_pp as R
 
@@ -158,6 +162,12 @@ def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> 
                 log(f"{what}: cached ({file.name})")
             if st["kind"] == "adamerging" and log:
                 log(f"{what}: {coefficient_summary(file, st)}")
+            if st["kind"] == "router" and log:  # also when cached: the warning concerns the output
+                from .routers import conditioning_of
+
+                warning = conditioning_of(file, st)
+                if warning:
+                    log(warning)
         except DataError as e:
             raise RunError(e.message, e.hint, e.code, src.at) from None
         tensors = {t: (d, shape, str(file)) for t, (d, shape, _) in src.tensors.items()}

@@ -1,0 +1,31 @@
+"""Layout primitives: tensors of an output whose architecture differs from its inputs'
+(mixture-of-experts layers built from dense models)."""
+
+from __future__ import annotations
+
+from .registry import Tensor, op, torch
+
+
+@op(public=False)
+def stack_experts(xs: list[Tensor], parts: int = 1) -> Tensor:
+    """E experts' tensors as one [E, rows, cols] tensor: `xs` holds `parts` tensors per
+    expert, expert by expert (e.g. gate then up projection, each [I, H]); each expert's
+    parts are concatenated along rows ([parts·I, H]) and the experts stacked on a new
+    first axis. transformers 5.x `MixtralExperts.gate_up_proj` / `down_proj` (its forward
+    splits gate_up into gate, up with `chunk(2, dim=-1)`). Raises ValueError when the
+    count is not a multiple of `parts`."""
+    if parts < 1 or len(xs) % parts:
+        raise ValueError(f"{len(xs)} tensors cannot be grouped by {parts}")
+    groups = [xs[j:j + parts] for j in range(0, len(xs), parts)]
+    return torch.stack([g[0] if parts == 1 else torch.cat(g, dim=0) for g in groups])
+
+
+@op(public=False)
+def gaussian_noise(x: Tensor, scale: float = 0.0, seed: int = 0) -> Tensor:
+    """x + scale · ε, ε ~ N(0, 1) elementwise (float32), drawn from a generator seeded
+    with `seed` (the plan derives it per output tensor, so a run is reproducible and
+    independent of execution order). mergekit-moe's `noise_scale` (which draws from the
+    global, unseeded generator)."""
+    g = torch.Generator().manual_seed(int(seed))
+    eps = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.device)
+    return (x.float() + float(scale) * eps).to(x.dtype)

@@ -1,0 +1,304 @@
+"""`moe(base, experts, ...)`: a mixture of experts built from dense models, as the
+evaluator sees it (mergekit-moe's `MoEMergeConfig`, in the language).
+
+The merge's output tensors are not its inputs' (its domain, `arch.moe.output_tensors`):
+every tensor of `base` but its MLPs; each layer's MLP becomes the experts' MLPs (each
+expert is any model value: a source or a merge, evaluated at that MLP tensor's name) and a
+router whose matrix comes from a model stage (`stages.routers`, kind "router": hidden
+states of the base over each expert's prompts, or seeded random values). The arguments
+are checked at compile time, located at the argument at fault: models that cannot form
+the MoE (with the rule that failed), identical experts or identical prompts (refused
+unless `allow_identical`), a top-k beyond the experts, a layout the installed
+transformers cannot load; a number of experts that is not a power of two is a warning.
+"""
+
+from __future__ import annotations
+
+from .. import arch, ir
+from ..arch import moe as A
+from ..lang.diagnostics import Diagnostic
+from ..lang.signatures import BUILTINS
+from .graph import SourceSpec
+from .values import PROBE, EvalError, TensorCtx, TensorV, at
+
+PARAMS = [name for name, _, _ in BUILTINS["moe"].params]
+PROBE_CTX = TensorCtx(PROBE, PROBE, 0, 2)
+
+
+def moe_call(ev, b: ir.Binding) -> ir.CallE | None:
+    """The `moe(...)` call that is the whole value of merge `b` (through references)."""
+    v = b.value
+    while isinstance(v, ir.Ref) and v.scope == "global" and v.name in ev.prog.bindings:
+        v = ev.prog.bindings[v.name].value
+    return v if isinstance(v, ir.CallE) and v.kind == "builtin" and v.target == "moe" else None
+
+
+def _exprs(call: ir.CallE) -> dict[str, ir.Expr]:
+    return dict(zip(PARAMS, call.args)) | dict(call.kwargs)
+
+
+def options(ev, call: ir.CallE) -> dict:
+    """The call's non-model arguments, evaluated and checked (no model files needed);
+    EvalError (E006) at the argument at fault."""
+    exprs = _exprs(call)
+    defaults = {name: default for name, _, default in BUILTINS["moe"].params}
+    o = {k: (ev.eval(exprs[k], (), PROBE_CTX) if k in exprs else defaults[k]) for k in PARAMS if k not in ("base", "experts")}
+    span = {k: e.span for k, e in exprs.items()}
+
+    def bad(arg: str, message: str, hint: str):
+        raise EvalError("E006", message, span.get(arg, call.span), hint)
+
+    if o["gate_mode"] not in A.GATE_MODES:
+        bad("gate_mode", f"gate_mode={o['gate_mode']!r} is not one of {', '.join(A.GATE_MODES)}",
+            "hidden: the base's hidden states over each expert's prompts (mergekit-moe's default)")
+    if o["architecture"] not in A.OUTPUTS:
+        bad("architecture", f"architecture={o['architecture']!r} is not one of {', '.join(A.OUTPUTS)}",
+            "a Llama or Mistral base and experts become a Mixtral model")
+    if o["layout"] not in ("auto", *A.LAYOUTS):
+        bad("layout", f"layout={o['layout']!r} is not one of auto, {', '.join(A.LAYOUTS)}",
+            "auto writes the per-expert layout when the installed transformers loads it")
+    from ..stages.routers import DTYPES
+
+    if o["router_dtype"] not in DTYPES:
+        bad("router_dtype", f"router_dtype={o['router_dtype']!r} is not one of {', '.join(DTYPES)}",
+            "mergekit-moe runs the base in bfloat16; float32 is more precise")
+    k = o["experts_per_token"]
+    if not isinstance(k, (int, float)) or isinstance(k, bool) or k != int(k) or k < 1:
+        bad("experts_per_token", f"experts_per_token={k!r} must be a whole number of at least 1", "e.g. 2")
+    o["experts_per_token"] = int(k)
+    o["positive"] = _prompts(o.pop("positive_prompts"), "positive_prompts", span, call)
+    o["negative"] = _prompts(o.pop("negative_prompts"), "negative_prompts", span, call)
+    if o["gate_mode"] not in ("random", "uniform_random") and o["positive"] is None:
+        bad("gate_mode", f"gate_mode={o['gate_mode']!r} needs positive_prompts: one list of prompts per expert",
+            'e.g. positive_prompts=[["solve", "equation"], ["def", "class"]], or gate_mode="random"')
+    for arg in ("noise_scale", "residual_scale"):
+        v = o[arg]
+        ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) or (
+            isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
+        if not ok or (arg == "noise_scale" and any(x < 0 for x in (v if isinstance(v, list) else [v or 0]))):
+            bad(arg, f"{arg} must be a number (every expert) or one number per expert"
+                + (", at least 0" if arg == "noise_scale" else ""), f"e.g. {arg}=0.01 or {arg}=[0.01, 0.0]")
+    o["spans"] = span
+    return o
+
+
+def _prompts(v, arg: str, span: dict, call: ir.CallE) -> list[list[str]] | None:
+    """None, or one list of prompts per expert (a single string per expert is allowed)."""
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(x, str) or (isinstance(x, list) and x and all(
+            isinstance(s, str) for s in x)) for x in v) or not v:
+        raise EvalError("E006", f"{arg} must be one list of prompts (strings) per expert", span.get(arg, call.span),
+                        f'e.g. {arg}=[["solve", "equation"], ["def", "class"]]')
+    out = [[x] if isinstance(x, str) else list(x) for x in v]
+    if any(not s.strip() for x in out for s in x):
+        raise EvalError("E006", f"{arg} holds an empty prompt", span.get(arg, call.span), "every prompt needs some text")
+    return out
+
+
+def domain(ev, call: ir.CallE) -> dict:
+    """The output tensors of a `moe(...)` merge (the fields of a `domains.Domain`:
+    names, reference, num_layers, source_of, config_overrides, note), registering the
+    router stage. EvalError for experts that cannot form the MoE."""
+    o = options(ev, call)
+    exprs, span = _exprs(call), o["spans"]
+    base_call = ev.first_source(exprs["base"])
+    if base_call is None:
+        raise EvalError("E005", "moe() needs a base model", call.span, "write moe(base, experts, ...)")
+    base_key = ev.source(base_call, ev.call_args(base_call, (), PROBE_CTX))
+    h = ev.headers[base_key]
+    reason = A.incompatibility(o["architecture"], {base_key: h.config})
+    if reason:
+        raise EvalError("E014", f"these models cannot form a {o['architecture']} MoE: {reason}", call.span,
+                        "build a MoE from a base and experts of one Llama or Mistral architecture and size")
+    layers = A.mlp_layers(h.tensors)
+    if not layers:
+        raise EvalError("E014", f"'{base_key}' has no dense MLP (mlp.gate_proj / up_proj / down_proj) to make experts of",
+                        span.get("base", call.span), "a Mixtral MoE is built from Llama or Mistral models")
+    probe = next(n for n in h.tensors if A.MLP_RE.match(n) and n.endswith("gate_proj.weight"))
+    experts = ev.eval(exprs["experts"], (), TensorCtx(probe, probe, layers[0], len(layers)))
+    if not isinstance(experts, list) or not experts or not all(isinstance(x, TensorV) for x in experts):
+        raise EvalError("E005", "experts must be a non-empty list of models", span.get("experts", call.span),
+                        "pass a `models` list or [a, b, ...]")
+    n = len(experts)
+    configs = {base_key: h.config}
+    for x in experts:
+        for key in _sources_of(ev, x.node):
+            configs.setdefault(key, ev.headers[key].config if key in ev.headers else {})
+    reason = A.incompatibility(o["architecture"], configs)
+    if reason:
+        raise EvalError("E014", f"these models cannot form a {o['architecture']} MoE: {reason}", call.span,
+                        "build a MoE from a base and experts of one Llama or Mistral architecture and size")
+    if o["experts_per_token"] > n:
+        raise EvalError("E006", f"experts_per_token={o['experts_per_token']} but there are {n} experts",
+                        span.get("experts_per_token", call.span), f"route each token to at most {n} experts")
+    sigs = [ev.signature(x.node) for x in experts]
+    same = [(i, j) for i in range(n) for j in range(i + 1, n) if sigs[i] == sigs[j]]
+    if same and not o["allow_identical"]:
+        i, j = same[0]
+        raise EvalError("E006", f"experts {i} and {j} are the same model: the MoE would be bigger and slower and "
+                        "compute nothing new", span.get("experts", call.span),
+                        "pass allow_identical=true to upcycle a model into identical experts (e.g. to train them later)")
+    for arg in ("noise_scale", "residual_scale"):
+        if isinstance(o[arg], list) and len(o[arg]) != n:
+            raise EvalError("E006", f"{arg} has {len(o[arg])} values for {n} experts", span.get(arg, call.span),
+                            "give one number (every expert) or one per expert")
+    for arg in ("positive", "negative"):
+        if o[arg] is not None and len(o[arg]) != n:
+            raise EvalError("E006", f"{arg}_prompts has {len(o[arg])} entries for {n} experts",
+                            span.get(f"{arg}_prompts", call.span), "give one list of prompts per expert")
+    if o["gate_mode"] not in ("random", "uniform_random"):
+        neg = o["negative"] or [[] for _ in range(n)]
+        keys = [(tuple(p), tuple(q)) for p, q in zip(o["positive"], neg)]
+        dup = [(i, j) for i in range(n) for j in range(i + 1, n) if keys[i] == keys[j]]
+        if dup and not o["allow_identical"]:
+            i, j = dup[0]
+            raise EvalError("E006", f"experts {i} and {j} have the same prompts, so their router rows are identical "
+                            "and no token can prefer one of them", span.get("positive_prompts", call.span),
+                            "give each expert prompts of its own domain (or allow_identical=true)")
+    if n & (n - 1):
+        ev._report(Diagnostic("W003", f"{n} experts is not a power of two: llama.cpp cannot run this MoE",
+                              span.get("experts", call.span), "use 2, 4 or 8 experts for llama.cpp", "warning"))
+    installed = A.installed_layouts(o["architecture"])
+    layout = o["layout"]
+    if layout == "auto":
+        layout = "per_expert" if "per_expert" in installed else "fused"
+    elif layout not in installed:
+        raise EvalError("E014", f"the installed transformers does not load the {layout} layout of "
+                        f"{o['architecture']} (it loads: {', '.join(installed) or 'neither'})",
+                        span.get("layout", call.span), "leave layout=\"auto\"")
+    tensors = A.output_tensors(list(h.tensors), n, layout)
+    router = _register_router(ev, call, base_key, o, n, len(layers))
+    num_layers = max(layers) + 1
+    ev.__dict__.setdefault("_moe", {})[id(call)] = (tensors, router, o)
+    dtype = h.tensors[probe].dtype
+    ev.__dict__.setdefault("_moe_dtype", {})[id(call)] = dtype
+    source_of = {}
+    for name, t in tensors.items():
+        layer = t.layer if t.kind == "router" else arch.layer_of(t.source or (t.sources[0] if t.sources else name))
+        source_of[name] = (0, name, layer, num_layers)
+    overrides = A.output_config(h.config, o["architecture"], n, o["experts_per_token"])
+    return {"names": list(tensors), "reference": base_key, "num_layers": num_layers, "source_of": source_of,
+            "config_overrides": overrides, "note": _param_counts(h, tensors, n, o["experts_per_token"])}
+
+
+def _sources_of(ev, nid: str) -> set[str]:
+    out, stack, seen = set(), [nid], set()
+    while stack:
+        k = stack.pop()
+        if k in seen or k not in ev.plan.nodes:
+            continue
+        seen.add(k)
+        node = ev.plan.nodes[k]
+        if node.op == "load":
+            out.add(node.param("source"))
+        stack.extend(node.inputs)
+    return out
+
+
+def _register_router(ev, call: ir.CallE, base_key: str, o: dict, n: int, layers: int) -> str:
+    src = ev.plan.sources[base_key]
+    hidden = int(src.config.get("hidden_size") or 0)
+    embed = next((t for t in src.tensors if t.endswith("embed_tokens.weight")), "")
+    params = {"mode": o["gate_mode"], "positive": o["positive"] or [[] for _ in range(n)],
+              "negative": o["negative"] or [[] for _ in range(n)], "num_layers": layers, "hidden_size": hidden,
+              "dtype": o["router_dtype"], "seed": int(o["seed"]), "embed": embed}
+    prompts = sum(len(p) + len(q) for p, q in zip(params["positive"], params["negative"]))
+    forward = o["gate_mode"] in ("hidden", "hidden_avg")
+    model_bytes = sum(4 * _numel(s) for _, s, _ in src.tensors.values())
+    passes = n + sum(1 for q in params["negative"] if q)
+    estimate = {"examples": prompts, "batches": passes if forward else 0, "batch_size": 0,
+                "passes": "forward" if forward else "no", "models_resident": 1 if forward else 0,
+                "peak_bytes": model_bytes if forward else 0}
+    stage = {"kind": "router", "model": base_key, "model_dir": src.path, "data": [],
+             "data_text": f"{n} experts' prompts" if prompts else f"{o['gate_mode']}, seed={o['seed']}",
+             "params": params, "estimate": estimate,
+             "quiet": ["positive", "negative", "num_layers", "hidden_size", "embed"]}  # not shown by `compile`
+    sk = f"router[{base_key}]"
+    while sk in ev.plan.sources:
+        sk += "'"
+    ev.plan.sources[sk] = SourceSpec(sk, "", {f"router.{i}": ("F32", (n, hidden), "") for i in range(layers)}, {},
+                                     at(call.span), stage)
+    return sk
+
+
+def _numel(shape) -> int:
+    k = 1
+    for d in shape:
+        k *= int(d)
+    return k
+
+
+def _param_counts(h, tensors: dict, n: int, top_k: int) -> str:
+    """'total N parameters, M active per token': the experts count once each in the total
+    and top_k times in the active count."""
+    total = active = 0
+    for name, t in tensors.items():
+        if t.kind == "base":
+            k = _numel(h.tensors[name].shape)
+            total, active = total + k, active + k
+        elif t.kind == "router":
+            k = n * int(h.config.get("hidden_size") or 0)
+            total, active = total + k, active + k
+        elif t.kind == "expert":
+            k = _numel(h.tensors[t.source].shape)
+            total, active = total + k, active + (k * top_k) // n
+        else:
+            k = sum(_numel(h.tensors[s].shape) for s in t.sources)
+            total, active = total + n * k, active + top_k * k
+    return f"{n} experts, top-{top_k}: {_human(total)} parameters, {_human(active)} active per token"
+
+
+def _human(k: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if k >= div:
+            return f"{k / div:.2f}{unit}"
+    return str(k)
+
+
+def eval_moe(ev, call: ir.CallE, ctx: TensorCtx) -> TensorV:
+    """Output tensor `ctx.group` of the MoE (see `arch.moe.ExpertTensor`)."""
+    if id(call) not in ev.__dict__.get("_moe", {}):
+        domain(ev, call)
+    tensors, router, o = ev._moe[id(call)]
+    t = tensors[ctx.group]
+    exprs = _exprs(call)
+    loc = ev._loc(call.span)
+    if t.kind == "base":
+        return ev.eval(exprs["base"], (), TensorCtx(t.source, ctx.group, ctx.layer, ctx.num_layers))
+    if t.kind == "router":
+        v = ev.load(router, TensorCtx(f"router.{t.layer}", ctx.group, ctx.layer, ctx.num_layers), call.span)
+        return TensorV(v.node, v.shape, ev._moe_dtype[id(call)])  # written in the base's dtype
+    parts = []
+    for j in t.experts:
+        for s in (t.sources or (t.source,)):
+            x = ev.eval(exprs["experts"], (), TensorCtx(s, ctx.group, ctx.layer, ctx.num_layers))[j]
+            parts.append(_noise_and_scale(ev, x, j, s, t.residual, o, ctx, loc))
+    if t.kind == "expert":
+        return parts[0]
+    rows = sum(p.shape[0] for p in parts[:len(t.sources)])
+    shape = (len(t.experts), rows, parts[0].shape[1])
+    nid = ev.plan.add("stack_experts", tuple(p.node for p in parts), {"parts": len(t.sources)}, group=ctx.group,
+                      loc=loc, shape=shape)
+    return TensorV(nid, shape, parts[0].dtype)
+
+
+def _per_expert(v, j: int):
+    return v[j] if isinstance(v, list) else v
+
+
+def _noise_and_scale(ev, x: TensorV, j: int, source: str, residual: bool, o: dict, ctx: TensorCtx, loc: str) -> TensorV:
+    """mergekit-moe's per-expert noise_scale (Gaussian noise, seeded per tensor here) and
+    residual_scale (multiplies the down projection)."""
+    from ..ops.sparsify import tensor_seed
+
+    noise = _per_expert(o["noise_scale"], j)
+    if noise:
+        seed = tensor_seed(int(o["seed"]), ctx.group, source, str(j))
+        x = TensorV(ev.plan.add("gaussian_noise", (x.node,), {"scale": float(noise), "seed": seed}, group=ctx.group,
+                                loc=loc, shape=x.shape), x.shape, x.dtype)
+    scale = _per_expert(o["residual_scale"], j)
+    if residual and scale is not None and float(scale) != 1.0:
+        x = TensorV(ev.plan.add("scale", (x.node,), {"k": float(scale)}, group=ctx.group, loc=loc, shape=x.shape),
+                    x.shape, x.dtype)
+    return x

@@ -1,0 +1,207 @@
+"""Mixtures of experts from dense models (`moe(...)`): conformance with mergekit-moe 0.1.5
+(its own venv, .ci/install_mergekit.sh) on tiny Llama experts, routers from prompts
+included; the upcycling invariant (a model made into identical experts computes the
+base's logits) in every layout the installed transformers loads; located errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, load_state, make_causal_family, run_cli, write_spec
+
+MERGEKIT_MOE = REPO / ".venv-mergekit/bin/mergekit-moe"
+if not MERGEKIT_MOE.is_file() and os.environ.get("CI"):
+    raise RuntimeError("MergeKit is required on CI: run `bash .ci/install_mergekit.sh`")
+needs_mergekit = pytest.mark.skipif(not MERGEKIT_MOE.is_file(), reason="mergekit not installed")
+
+PROMPTS = [["the cat sat", "a dog ran"], ["red and blue", "big and small"], ["fast then slow", "it sat on"],
+           ["under the mat", "on the log"]]  # three words each: no prompt is padded
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("moe")
+    f = make_causal_family(root, n_experts=4, seed=5)
+    for k in ("base", "e0", "e1", "e2", "e3"):  # a BOS token, as Llama tokenizers have
+        tok = AutoTokenizer.from_pretrained(f[k])
+        tok.bos_token, tok.eos_token = "[CLS]", "[SEP]"
+        tok.save_pretrained(f[k])
+    return root, f
+
+
+def _fuse(root: Path, merge: str, name: str, experts: str = '[local("e0"), local("e1"), local("e2"), local("e3")]'):
+    spec = write_spec(root, f'''model base = local("base")
+models experts = {experts}
+merge {name} = {merge}
+save {name} to "out/{name}"
+''', f"{name}.fuse")
+    return run_cli("run", str(spec))
+
+
+def _prompts_fuse(prompts=PROMPTS) -> str:
+    return "[" + ", ".join("[" + ", ".join(f'"{p}"' for p in ps) + "]" for ps in prompts) + "]"
+
+
+def _mergekit_moe(root: Path, name: str, gate_mode: str, extra: dict[int, str] | None = None) -> dict:
+    lines = ["base_model: ./base", f"gate_mode: {gate_mode}", "dtype: float32", "experts_per_token: 2", "experts:"]
+    for k, ps in enumerate(PROMPTS):
+        lines.append(f"  - source_model: ./e{k}")
+        lines.append("    positive_prompts: [" + ", ".join(f'"{p}"' for p in ps) + "]")
+        if extra and k in extra:
+            lines.append(f"    {extra[k]}")
+    cfg = root / f"{name}.yml"
+    cfg.write_text("\n".join(lines) + "\n")
+    out = root / "mk" / name
+    r = subprocess.run([str(MERGEKIT_MOE), str(cfg), str(out), "--quiet", "--random-seed", "0"], cwd=root,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, capture_output=True,
+                       text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_state(out)
+
+
+def _worst(mine: dict, ref: dict) -> tuple[float, str]:
+    assert set(mine) == set(ref), (sorted(set(mine) ^ set(ref)))[:6]
+    return max((float((mine[k].double() - ref[k].double()).abs().max()), k) for k in ref)
+
+
+@needs_mergekit
+@pytest.mark.parametrize("gate_mode,router_dtype", [("cheap_embed", "float32"), ("hidden", "bfloat16"),
+                                                     ("hidden_avg", "bfloat16")])
+def test_fused_layout_matches_mergekit_moe(fam, gate_mode, router_dtype):
+    root, _ = fam
+    name = f"mx_{gate_mode}"
+    rc, _, err = _fuse(root, f'moe(base, experts, positive_prompts={_prompts_fuse()}, gate_mode="{gate_mode}", '
+                             f'layout="fused", router_dtype="{router_dtype}", residual_scale=[1.0, 0.5, 1.0, 1.0])', name)
+    assert rc == 0, err
+    mine = load_state(root / "out" / name)
+    ref = _mergekit_moe(root, name, gate_mode, {1: "residual_scale: 0.5"})
+    worst, where = _worst(mine, ref)
+    assert worst <= 1e-5, (worst, where)
+    # the routers really come from the prompts: rows of unit length, different per expert
+    gate = mine["model.layers.1.mlp.gate.weight"]
+    assert torch.allclose(gate.norm(dim=-1), torch.ones(4), atol=5e-3)  # bfloat16 rows
+    assert float((gate[0] - gate[1]).abs().max()) > 1e-2
+
+
+@needs_mergekit
+def test_per_expert_layout_holds_the_same_tensors(fam):
+    root, _ = fam
+    rc, _, err = _fuse(root, f'moe(base, experts, positive_prompts={_prompts_fuse()}, gate_mode="cheap_embed")', "mx_pe")
+    assert rc == 0, err
+    mine = load_state(root / "out" / "mx_pe")
+    ref = _mergekit_moe(root, "mx_pe", "cheap_embed")
+    for layer in range(2):
+        p = f"model.layers.{layer}"
+        gate_up = torch.stack([torch.cat([mine[f"{p}.block_sparse_moe.experts.{j}.w1.weight"],
+                                          mine[f"{p}.block_sparse_moe.experts.{j}.w3.weight"]]) for j in range(4)])
+        down = torch.stack([mine[f"{p}.block_sparse_moe.experts.{j}.w2.weight"] for j in range(4)])
+        assert torch.equal(gate_up, ref[f"{p}.mlp.experts.gate_up_proj"])
+        assert torch.equal(down, ref[f"{p}.mlp.experts.down_proj"])
+        assert torch.allclose(mine[f"{p}.block_sparse_moe.gate.weight"], ref[f"{p}.mlp.gate.weight"], atol=1e-6)
+    assert not any(".mlp." in k for k in mine)  # no dense MLP tensor is left behind
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_upcycling_identical_experts_computes_the_base(fam, layout):
+    from transformers import AutoModelForCausalLM
+
+    root, f = fam
+    name = f"up_{layout}"
+    rc, _out, err = _fuse(root, f'moe(base, [base, base, base, base], gate_mode="random", layout="{layout}", '
+                               'allow_identical=true, seed=3)', name)
+    assert rc == 0, err
+    moe = AutoModelForCausalLM.from_pretrained(root / "out" / name).eval()
+    base = AutoModelForCausalLM.from_pretrained(f["base"]).eval()
+    assert type(moe).__name__ == "MixtralForCausalLM"
+    ids = torch.tensor([[2, 5, 9, 14, 7, 30, 11]])
+    with torch.no_grad():
+        a, b = moe(ids).logits, base(ids).logits
+        assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+        g1 = moe.generate(ids, max_new_tokens=6, do_sample=False)
+        g2 = base.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(g1, g2)
+    # the random router is seeded: the same spec writes the same router
+    gate = load_state(root / "out" / name)
+    key = next(k for k in gate if k.endswith("gate.weight"))
+    rc, _, err = _fuse(root, f'moe(base, [base, base, base, base], gate_mode="random", layout="{layout}", '
+                             'allow_identical=true, seed=3)', name + "_again")
+    assert rc == 0, err
+    assert torch.equal(gate[key], load_state(root / "out" / (name + "_again"))[key])
+
+
+def test_compile_shows_the_router_stage_and_parameter_counts(fam):
+    root, _ = fam
+    spec = write_spec(root, f'''model base = local("base")
+models experts = [local("e0"), local("e1"), local("e2"), local("e3")]
+merge mx = moe(base, experts, positive_prompts={_prompts_fuse()}, experts_per_token=1)
+save mx to "out/cmp"
+''', "cmp.fuse")
+    rc, text, err = run_cli("compile", str(spec), "--emit", "text")
+    assert rc == 0, err
+    assert 'router(base, 4 experts\' prompts; mode="hidden", dtype="float32", seed=0)' in text, text
+    # every expert counts in the total, one expert's MLP per token in the active count
+    from conftest import load_state as ls
+
+    base = ls(root / "base")
+    mlp = sum(v.numel() for k, v in base.items() if ".mlp." in k)
+    rest = sum(v.numel() for k, v in base.items() if ".mlp." not in k) + 2 * 4 * 16
+    m = re.search(r"4 experts, top-1: ([\d.]+)K parameters, ([\d.]+)K active", text)
+    assert m, text
+    assert float(m.group(1)) == pytest.approx((rest + 4 * mlp) / 1e3, abs=0.01)
+    assert float(m.group(2)) == pytest.approx((rest + mlp) / 1e3, abs=0.01)
+
+
+def _errors(text: str) -> list[tuple[int, int, str]]:
+    return [(int(m[1]), int(m[2]), m[3]) for m in re.finditer(r"\.fuse:(\d+):(\d+): (?:error|warning)\[([EW]\d+)\]", text)]
+
+
+# `at`: the text the error points at (its first character)
+@pytest.mark.parametrize("merge,at,code,words", [
+    ('moe(base, [base, base], gate_mode="random")', "[base", "E006", "experts 0 and 1 are the same model"),
+    ('moe(base, experts, positive_prompts=[["the cat"], ["the cat"], ["a"], ["b"]])', "[[", "E006",
+     "experts 0 and 1 have the same prompts"),
+    ('moe(base, experts, positive_prompts=[["a"], ["b"]])', "[[", "E006", "2 entries for 4 experts"),
+    ('moe(base, experts, gate_mode="random", experts_per_token=5)', "5", "E006", "there are 4 experts"),
+    ('moe(base, experts, gate_mode="hiden")', '"hiden"', "E006", "gate_mode='hiden' is not one of"),
+    ('moe(base, experts)', "moe(", "E006", "needs positive_prompts"),
+    ('moe(base, experts, gate_mode="random", noise_scale=[0.1])', "[0.1]", "E006", "1 values for 4 experts"),
+    ('moe(base, experts, gate_mode="random", layout="packed")', '"packed"', "E006", "layout='packed'"),
+    ('moe(local("bert"), experts, gate_mode="random")', "moe(", "E014",
+     "'bert' is a bert model, and a mixtral MoE is built from llama or mistral models"),
+    ('moe(base, experts, gate_mode="random") + base', "moe(", "E005", "whole value of a merge"),
+])
+def test_bad_moe_is_a_located_error(fam, merge, at, code, words):
+    root, _ = fam
+    if "bert" in merge and not (root / "bert").exists():
+        from conftest import make_classifier_family
+
+        sub = root / "bertfam"
+        sub.mkdir()
+        (root / "bert").symlink_to(make_classifier_family(sub, n_experts=1)["base"])
+    spec = write_spec(root, f'''model base = local("base")
+models experts = [local("e0"), local("e1"), local("e2"), local("e3")]
+merge bad = {merge}
+save bad to "out/bad"
+''', "bad.fuse")
+    rc, _, err = run_cli("compile", str(spec))
+    assert rc == 1 and words in err, err
+    assert _errors(err)[0] == (3, len("merge bad = ") + merge.index(at) + 1, code), err
+    assert "Traceback" not in err
+    assert not (root / "out" / "bad").exists()
+
+
+def test_three_experts_warn_and_nearly_parallel_routers_warn(fam):
+    root, _ = fam
+    prompts = [["the cat sat"], ["a dog sat"], ["red and blue"]]  # the same last token: one layer-0 row
+    rc, _out, err = _fuse(root, f'moe(base, experts, positive_prompts={_prompts_fuse(prompts)})', "three",
+                         experts='[local("e0"), local("e1"), local("e2")]')
+    assert rc == 0, err
+    assert "warning[W003]: 3 experts is not a power of two" in err
+    assert "the router is badly conditioned" in err and "'the cat sat'" in err, err
