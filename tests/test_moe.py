@@ -205,3 +205,86 @@ def test_three_experts_warn_and_nearly_parallel_routers_warn(fam):
     assert rc == 0, err
     assert "warning[W003]: 3 experts is not a power of two" in err
     assert "the router is badly conditioned" in err and "'the cat sat'" in err, err
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """Tiny Qwen2ForCausalLM models (q/k/v biases): base + 4 noise experts, with the
+    word-level tokenizer (BOS [CLS])."""
+    from conftest import word_tokenizer
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("qwen")
+    fast, vocab = word_tokenizer()
+    fast.bos_token, fast.eos_token = "[CLS]", "[SEP]"
+    config = Qwen2Config(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
+                         bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    torch.manual_seed(8)
+    state = Qwen2ForCausalLM(config).state_dict()
+    for i, name in enumerate(["base", "e0", "e1", "e2", "e3"]):
+        g = torch.Generator().manual_seed(800 + i)
+        m = Qwen2ForCausalLM(config)
+        m.load_state_dict({k: v + (0.05 * torch.randn(v.shape, generator=g) if i and v.is_floating_point() else 0)
+                           for k, v in state.items()})
+        m.save_pretrained(root / name)
+        fast.save_pretrained(root / name)
+    return root
+
+
+SHARED = ["the big dog", "a small cat"]
+
+
+def _mergekit_qwen(root: Path, name: str, gate_mode: str) -> dict:
+    lines = ["base_model: ./base", f"gate_mode: {gate_mode}", "dtype: float32", "experts_per_token: 2",
+             "architecture: Qwen MoE", "shared_experts:", "  - source_model: ./base",
+             "    positive_prompts: [" + ", ".join(f'"{p}"' for p in SHARED) + "]", "experts:"]
+    for k, ps in enumerate(PROMPTS):
+        lines += [f"  - source_model: ./e{k}", "    positive_prompts: [" + ", ".join(f'"{p}"' for p in ps) + "]"]
+    (root / f"{name}.yml").write_text("\n".join(lines) + "\n")
+    r = subprocess.run([str(MERGEKIT_MOE), f"{name}.yml", f"mk/{name}", "--quiet"], cwd=root,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, capture_output=True,
+                       text=True, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_state(root / "mk" / name)
+
+
+@needs_mergekit
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_qwen2_moe_with_a_shared_expert_matches_mergekit_moe(fam, qwen, family):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    root = qwen if family == "qwen2" else fam[0]
+    name = f"q_{family}"
+    shared = "[" + ", ".join(f'"{p}"' for p in SHARED) + "]"
+    rc, _, err = _fuse(root, f'moe(base, experts, positive_prompts={_prompts_fuse()}, gate_mode="hidden", '
+                             f'router_dtype="bfloat16", shared_expert=base, shared_prompts={shared})', name)
+    assert rc == 0, err
+    mine = load_state(root / "out" / name)
+    ref = _mergekit_qwen(root, name, "hidden")
+    worst, where = _worst(mine, ref)
+    assert worst <= 1e-5, (worst, where)
+    if family == "llama":  # Qwen2-MoE has q/k/v biases; a Llama base has none: zeros, as mergekit-moe
+        assert float(mine["model.layers.0.self_attn.q_proj.bias"].abs().max()) == 0.0
+    cfg, ref_cfg = (json.loads((d / "config.json").read_text()) for d in (root / "out" / name, root / "mk" / name))
+    for k in ("model_type", "num_experts", "num_experts_per_tok", "norm_topk_prob", "decoder_sparse_step",
+              "shared_expert_intermediate_size", "moe_intermediate_size"):
+        assert cfg[k] == ref_cfg[k], k
+    model = AutoModelForCausalLM.from_pretrained(root / "out" / name).eval()
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    with torch.no_grad():
+        out = model.generate(torch.tensor([[2, 5, 9, 14]]), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 8)
+
+
+def test_a_qwen2_base_without_a_shared_expert_says_why(qwen):
+    spec = write_spec(qwen, '''model base = local("base")
+models experts = [local("e0"), local("e1")]
+merge mx = moe(base, experts, gate_mode="random")
+save mx to "out/noshared"
+''', "noshared.fuse")
+    rc, _, err = run_cli("compile", str(spec))
+    assert rc == 1 and "'base' is a qwen2 model, and a mixtral MoE is built from llama or mistral models" in err, err
+    assert "pass shared_expert=MODEL" in err and "error[E014]" in err

@@ -1,7 +1,7 @@
 """Mixture-of-experts layouts as data: which dense models can become which MoE class, how
 each dense MLP tensor becomes an expert tensor, the router's tensor, and the output config.
 
-A dense Llama / Mistral decoder layer has an MLP of three Linear weights
+A dense Llama / Mistral / Qwen2 decoder layer has an MLP of three Linear weights
 (`mlp.gate_proj`, `mlp.up_proj`, `mlp.down_proj`). Its Mixtral counterpart keeps every
 other tensor and replaces the MLP by E experts (each a copy of some model's MLP) and a
 router (`gate`, a Linear [E, hidden] without bias). transformers stores the experts in
@@ -16,6 +16,11 @@ one of two layouts:
   `mlp.gate.weight`: the parameters of transformers 5.x's `MixtralExperts`, and what
   mergekit-moe 0.1.5 writes.
 
+Qwen2-MoE (`qwen2_moe`) names its experts `mlp.experts.{j}.gate_proj / up_proj /
+down_proj` (per_expert) or fuses them the same way, and adds a shared expert
+(`mlp.shared_expert.*`, a dense MLP every token uses) weighted by a sigmoid gate
+(`mlp.shared_expert_gate.weight` [1, hidden]).
+
 `installed_layouts()` asks the installed transformers which of them it loads (the module's
 own parameter names, and its checkpoint conversion table) instead of assuming a version.
 """
@@ -27,7 +32,10 @@ import re
 from dataclasses import dataclass
 
 # output architecture -> (model_type of the inputs it accepts, config class, causal LM class)
-OUTPUTS = {"mixtral": (("llama", "mistral"), "MixtralConfig", "MixtralForCausalLM")}
+OUTPUTS = {"mixtral": (("llama", "mistral"), "MixtralConfig", "MixtralForCausalLM"),
+           "qwen2_moe": (("llama", "mistral", "qwen2"), "Qwen2MoeConfig", "Qwen2MoeForCausalLM")}
+# the config key holding the number of experts
+NUM_EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts"}
 LAYOUTS = ("per_expert", "fused")
 GATE_MODES = ("hidden", "hidden_avg", "cheap_embed", "random", "uniform_random")
 
@@ -45,11 +53,12 @@ class ExpertTensor:
     projection (what mergekit-moe's residual_scale multiplies)."""
 
     kind: str
-    source: str = ""
+    source: str = ""  # "shared": the shared expert's tensor; "zeros": a bias the base lacks, `shape`
     experts: tuple[int, ...] = ()
     sources: tuple[str, ...] = ()
     layer: int = -1
     residual: bool = False
+    shape: tuple[int, ...] = ()
 
 
 def incompatibility(architecture: str, configs: dict[str, dict]) -> str | None:
@@ -70,7 +79,7 @@ def incompatibility(architecture: str, configs: dict[str, dict]) -> str | None:
             shown = ", ".join(f"'{k}' {v}" for k, v in values.items())
             return f"the inputs differ in {key} ({shown}); every expert must have the base's shape"
     for k, c in configs.items():
-        for flag in ("attention_bias", "mlp_bias"):
+        for flag in ("attention_bias", "mlp_bias"):  # (Qwen2's q/k/v biases are not attention_bias)
             if c.get(flag):
                 return (f"'{k}' has {flag}=true, and {OUTPUTS[architecture][2]} has no such biases "
                         "(its weights would be dropped)")
@@ -78,47 +87,73 @@ def incompatibility(architecture: str, configs: dict[str, dict]) -> str | None:
 
 
 def output_config(base: dict, architecture: str, num_experts: int, experts_per_token: int) -> dict:
-    """The output's config.json: the base's, with the keys of the MoE class (as
-    mergekit-moe writes them: no sliding window, the router picks `experts_per_token`)."""
+    """The keys of the output's config.json that differ from the base's (as mergekit-moe
+    writes them: no sliding window, the router picks `experts_per_token`; Qwen2-MoE:
+    every layer sparse, top-k weights renormalised, experts and shared expert of the
+    base's MLP width, q/k/v biases)."""
     _, _, cls = OUTPUTS[architecture]
-    out = dict(base)
-    out.update({"architectures": [cls], "model_type": architecture, "num_local_experts": num_experts,
-                "num_experts_per_tok": experts_per_token, "sliding_window": None})
-    for k in ("mlp_bias", "pretraining_tp"):  # Llama-only keys the MoE class does not read
-        out.pop(k, None)
+    out = {"architectures": [cls], "model_type": architecture, NUM_EXPERTS_KEY[architecture]: num_experts,
+           "num_experts_per_tok": experts_per_token, "sliding_window": None}
+    if architecture == "qwen2_moe":
+        width = base.get("intermediate_size")
+        out.update({"decoder_sparse_step": 1, "norm_topk_prob": True, "use_sliding_window": False,
+                    "shared_expert_intermediate_size": width, "moe_intermediate_size": width, "qkv_bias": True,
+                    "mlp_only_layers": []})
     return out
 
 
-def output_tensors(base_names: list[str], num_experts: int, layout: str) -> dict[str, ExpertTensor]:
-    """Output tensor name -> how to make it, in the base's order with each layer's MLP
-    replaced (at the place of its first MLP tensor) by the experts and the router."""
+QKV_RE = re.compile(r"^(?P<attn>.*\.layers\.\d+\.self_attn)\.(?P<proj>[qkv]_proj)\.weight$")
+
+
+def output_tensors(base_shapes: dict[str, tuple], num_experts: int, layout: str, architecture: str = "mixtral"
+                   ) -> dict[str, ExpertTensor]:
+    """Output tensor name -> how to make it, in the base's order (`base_shapes`: its
+    tensor names and shapes) with each layer's MLP replaced (at the place of its first
+    MLP tensor) by the experts and the router; Qwen2-MoE adds the shared expert, its
+    gate, and zero q/k/v biases where the base has none (as mergekit-moe)."""
     out: dict[str, ExpertTensor] = {}
     done: set[tuple[str, int]] = set()
-    for name in base_names:
+    for name in base_shapes:
         m = MLP_RE.match(name)
         if not m:
             out[name] = ExpertTensor("base", name)
+            q = QKV_RE.match(name)
+            bias = name[: -len("weight")] + "bias"
+            if architecture == "qwen2_moe" and q and bias not in base_shapes:
+                out[bias] = ExpertTensor("zeros", shape=(int(base_shapes[name][0]),))
             continue
         prefix, layer = m.group("prefix"), int(m.group("layer"))
         if (prefix, layer) in done:
             continue
         done.add((prefix, layer))
         src = {role: f"{prefix}.{layer}.mlp.{role}.weight" for role in PER_EXPERT}
-        if layout == "per_expert":
-            moe = f"{prefix}.{layer}.block_sparse_moe"
-            for j in range(num_experts):
-                for role in ("gate_proj", "down_proj", "up_proj"):
-                    out[f"{moe}.experts.{j}.{PER_EXPERT[role]}.weight"] = ExpertTensor(
-                        "expert", src[role], (j,), residual=role == "down_proj")
-            out[f"{moe}.gate.weight"] = ExpertTensor("router", layer=layer)
-        else:
-            mlp = f"{prefix}.{layer}.mlp"
-            out[f"{mlp}.experts.gate_up_proj"] = ExpertTensor(
-                "stack", experts=tuple(range(num_experts)), sources=(src["gate_proj"], src["up_proj"]))
-            out[f"{mlp}.experts.down_proj"] = ExpertTensor(
-                "stack", experts=tuple(range(num_experts)), sources=(src["down_proj"],), residual=True)
+        mlp = f"{prefix}.{layer}.mlp"
+        if architecture == "qwen2_moe":
+            _experts(out, mlp, src, num_experts, layout, mixtral_names=False)
             out[f"{mlp}.gate.weight"] = ExpertTensor("router", layer=layer)
+            for role in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{mlp}.shared_expert.{role}.weight"] = ExpertTensor("shared", src[role])
+            out[f"{mlp}.shared_expert_gate.weight"] = ExpertTensor("shared_router", layer=layer)
+        else:  # Mixtral's per-expert layout lives under block_sparse_moe, with w1 / w2 / w3
+            moe = f"{prefix}.{layer}.block_sparse_moe" if layout == "per_expert" else mlp
+            _experts(out, moe, src, num_experts, layout, mixtral_names=True)
+            out[f"{moe}.gate.weight"] = ExpertTensor("router", layer=layer)
     return out
+
+
+def _experts(out: dict, mlp: str, src: dict, n: int, layout: str, mixtral_names: bool) -> None:
+    """Expert tensors of one layer under `mlp` (their dense sources `src` by role)."""
+    if layout == "per_expert":
+        for j in range(n):
+            for role in ("gate_proj", "up_proj", "down_proj"):
+                name = PER_EXPERT[role] if mixtral_names else role
+                out[f"{mlp}.experts.{j}.{name}.weight"] = ExpertTensor("expert", src[role], (j,),
+                                                                      residual=role == "down_proj")
+    else:
+        out[f"{mlp}.experts.gate_up_proj"] = ExpertTensor(
+            "stack", experts=tuple(range(n)), sources=(src["gate_proj"], src["up_proj"]))
+        out[f"{mlp}.experts.down_proj"] = ExpertTensor(
+            "stack", experts=tuple(range(n)), sources=(src["down_proj"],), residual=True)
 
 
 def mlp_layers(names) -> list[int]:
@@ -141,11 +176,12 @@ def installed_layouts(architecture: str) -> tuple[str, ...]:
 
     _, cfg_name, cls_name = OUTPUTS[architecture]
     cfg = getattr(transformers, cfg_name)(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=1, num_local_experts=2)
+                                          num_attention_heads=2, num_key_value_heads=1,
+                                          **{NUM_EXPERTS_KEY[architecture]: 2})
     with torch.device("meta"):
         names = set(getattr(transformers, cls_name)(cfg).state_dict())
     out = []
-    if any(n.endswith("experts.0.w1.weight") for n in names):
+    if any(n.endswith(("experts.0.w1.weight", "experts.0.gate_proj.weight")) for n in names):
         return ("per_expert",)
     if any(n.endswith("experts.gate_up_proj") for n in names):
         try:

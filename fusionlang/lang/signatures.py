@@ -78,7 +78,8 @@ BUILTINS: dict[str, BuiltinSig] = {
     "moe": BuiltinSig((("base", "model", REQUIRED), ("experts", "models", REQUIRED), ("positive_prompts", "list", None),
                        ("negative_prompts", "list", None), ("gate_mode", "string", "hidden"),
                        ("experts_per_token", "int", 2), ("noise_scale", "any", None), ("residual_scale", "any", None),
-                       ("architecture", "string", "mixtral"), ("layout", "string", "auto"),
+                       ("shared_expert", "model", None), ("shared_prompts", "list", None),
+                       ("architecture", "string", "auto"), ("layout", "string", "auto"),
                        ("router_dtype", "string", "float32"), ("allow_identical", "bool", False), ("seed", "int", 0)),
                       "model",
                       "a mixture of experts built from dense models (mergekit-moe): every tensor of `base` but "

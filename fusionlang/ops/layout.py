@@ -29,3 +29,11 @@ def gaussian_noise(x: Tensor, scale: float = 0.0, seed: int = 0) -> Tensor:
     g = torch.Generator().manual_seed(int(seed))
     eps = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.device)
     return (x.float() + float(scale) * eps).to(x.dtype)
+
+
+@op(public=False)
+def zeros(shape: list[float]) -> Tensor:
+    """A float32 tensor of zeros of `shape` (whole numbers): a tensor the output's class
+    has and no input does, e.g. the q/k/v biases of a Qwen2-MoE built from Llama models
+    (mergekit-moe writes zeros too, so the biases change nothing)."""
+    return torch.zeros([int(d) for d in shape], dtype=torch.float32)

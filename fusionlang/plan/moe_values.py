@@ -42,7 +42,9 @@ def options(ev, call: ir.CallE) -> dict:
     EvalError (E006) at the argument at fault."""
     exprs = _exprs(call)
     defaults = {name: default for name, _, default in BUILTINS["moe"].params}
-    o = {k: (ev.eval(exprs[k], (), PROBE_CTX) if k in exprs else defaults[k]) for k in PARAMS if k not in ("base", "experts")}
+    models = ("base", "experts", "shared_expert")
+    o = {k: (ev.eval(exprs[k], (), PROBE_CTX) if k in exprs else defaults[k]) for k in PARAMS if k not in models}
+    o["has_shared"] = "shared_expert" in exprs
     span = {k: e.span for k, e in exprs.items()}
 
     def bad(arg: str, message: str, hint: str):
@@ -51,9 +53,16 @@ def options(ev, call: ir.CallE) -> dict:
     if o["gate_mode"] not in A.GATE_MODES:
         bad("gate_mode", f"gate_mode={o['gate_mode']!r} is not one of {', '.join(A.GATE_MODES)}",
             "hidden: the base's hidden states over each expert's prompts (mergekit-moe's default)")
-    if o["architecture"] not in A.OUTPUTS:
-        bad("architecture", f"architecture={o['architecture']!r} is not one of {', '.join(A.OUTPUTS)}",
-            "a Llama or Mistral base and experts become a Mixtral model")
+    if o["architecture"] not in ("auto", *A.OUTPUTS):
+        bad("architecture", f"architecture={o['architecture']!r} is not one of auto, {', '.join(A.OUTPUTS)}",
+            "auto: qwen2_moe when there is a shared_expert, else mixtral")
+    if o["architecture"] == "auto":
+        o["architecture"] = "qwen2_moe" if o["has_shared"] else "mixtral"
+    if o["architecture"] == "mixtral" and o["has_shared"]:
+        bad("shared_expert", "a Mixtral MoE has no shared expert", 'leave architecture="auto" (a qwen2_moe MoE)')
+    if o["architecture"] == "qwen2_moe" and not o["has_shared"]:
+        bad("architecture", "a qwen2_moe MoE needs a shared_expert (a dense MLP every token also goes through)",
+            "pass shared_expert=MODEL (e.g. the base), or architecture=\"mixtral\"")
     if o["layout"] not in ("auto", *A.LAYOUTS):
         bad("layout", f"layout={o['layout']!r} is not one of auto, {', '.join(A.LAYOUTS)}",
             "auto writes the per-expert layout when the installed transformers loads it")
@@ -68,9 +77,15 @@ def options(ev, call: ir.CallE) -> dict:
     o["experts_per_token"] = int(k)
     o["positive"] = _prompts(o.pop("positive_prompts"), "positive_prompts", span, call)
     o["negative"] = _prompts(o.pop("negative_prompts"), "negative_prompts", span, call)
+    shared = o.pop("shared_prompts")
+    o["shared"] = _prompts([shared] if shared is not None and all(isinstance(x, str) for x in shared) else shared,
+                           "shared_prompts", span, call)
     if o["gate_mode"] not in ("random", "uniform_random") and o["positive"] is None:
         bad("gate_mode", f"gate_mode={o['gate_mode']!r} needs positive_prompts: one list of prompts per expert",
             'e.g. positive_prompts=[["solve", "equation"], ["def", "class"]], or gate_mode="random"')
+    if o["gate_mode"] not in ("random", "uniform_random") and o["has_shared"] and o["shared"] is None:
+        bad("shared_expert", f"gate_mode={o['gate_mode']!r} needs shared_prompts for the shared expert's gate",
+            'e.g. shared_prompts=["hello", "tell me"]')
     for arg in ("noise_scale", "residual_scale"):
         v = o[arg]
         ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) or (
@@ -110,7 +125,7 @@ def domain(ev, call: ir.CallE) -> dict:
     reason = A.incompatibility(o["architecture"], {base_key: h.config})
     if reason:
         raise EvalError("E014", f"these models cannot form a {o['architecture']} MoE: {reason}", call.span,
-                        "build a MoE from a base and experts of one Llama or Mistral architecture and size")
+                        _arch_hint(h.config))
     layers = A.mlp_layers(h.tensors)
     if not layers:
         raise EvalError("E014", f"'{base_key}' has no dense MLP (mlp.gate_proj / up_proj / down_proj) to make experts of",
@@ -122,13 +137,18 @@ def domain(ev, call: ir.CallE) -> dict:
                         "pass a `models` list or [a, b, ...]")
     n = len(experts)
     configs = {base_key: h.config}
-    for x in experts:
+    shared = None
+    if o["has_shared"]:
+        shared = ev.eval(exprs["shared_expert"], (), TensorCtx(probe, probe, layers[0], len(layers)))
+        if not isinstance(shared, TensorV):
+            raise EvalError("E005", "shared_expert must be a model", span["shared_expert"], "pass one model")
+    for x in experts + ([shared] if shared is not None else []):
         for key in _sources_of(ev, x.node):
             configs.setdefault(key, ev.headers[key].config if key in ev.headers else {})
     reason = A.incompatibility(o["architecture"], configs)
     if reason:
         raise EvalError("E014", f"these models cannot form a {o['architecture']} MoE: {reason}", call.span,
-                        "build a MoE from a base and experts of one Llama or Mistral architecture and size")
+                        _arch_hint(h.config))
     if o["experts_per_token"] > n:
         raise EvalError("E006", f"experts_per_token={o['experts_per_token']} but there are {n} experts",
                         span.get("experts_per_token", call.span), f"route each token to at most {n} experts")
@@ -167,7 +187,7 @@ def domain(ev, call: ir.CallE) -> dict:
         raise EvalError("E014", f"the installed transformers does not load the {layout} layout of "
                         f"{o['architecture']} (it loads: {', '.join(installed) or 'neither'})",
                         span.get("layout", call.span), "leave layout=\"auto\"")
-    tensors = A.output_tensors(list(h.tensors), n, layout)
+    tensors = A.output_tensors({k: t.shape for k, t in h.tensors.items()}, n, layout, o["architecture"])
     router = _register_router(ev, call, base_key, o, n, len(layers))
     num_layers = max(layers) + 1
     ev.__dict__.setdefault("_moe", {})[id(call)] = (tensors, router, o)
@@ -200,9 +220,13 @@ def _register_router(ev, call: ir.CallE, base_key: str, o: dict, n: int, layers:
     src = ev.plan.sources[base_key]
     hidden = int(src.config.get("hidden_size") or 0)
     embed = next((t for t in src.tensors if t.endswith("embed_tokens.weight")), "")
-    params = {"mode": o["gate_mode"], "positive": o["positive"] or [[] for _ in range(n)],
-              "negative": o["negative"] or [[] for _ in range(n)], "num_layers": layers, "hidden_size": hidden,
-              "dtype": o["router_dtype"], "seed": int(o["seed"]), "embed": embed}
+    positive = o["positive"] or [[] for _ in range(n)]
+    negative = o["negative"] or [[] for _ in range(n)]
+    if o["has_shared"]:  # the shared expert's gate: one more row, computed like the experts'
+        positive, negative = positive + [(o["shared"] or [[]])[0]], negative + [[]]
+    params = {"mode": o["gate_mode"], "positive": positive, "negative": negative, "num_layers": layers,
+              "hidden_size": hidden, "dtype": o["router_dtype"], "seed": int(o["seed"]), "embed": embed,
+              "shared": bool(o["has_shared"])}
     prompts = sum(len(p) + len(q) for p, q in zip(params["positive"], params["negative"]))
     forward = o["gate_mode"] in ("hidden", "hidden_avg")
     model_bytes = sum(4 * _numel(s) for _, s, _ in src.tensors.values())
@@ -213,13 +237,21 @@ def _register_router(ev, call: ir.CallE, base_key: str, o: dict, n: int, layers:
     stage = {"kind": "router", "model": base_key, "model_dir": src.path, "data": [],
              "data_text": f"{n} experts' prompts" if prompts else f"{o['gate_mode']}, seed={o['seed']}",
              "params": params, "estimate": estimate,
-             "quiet": ["positive", "negative", "num_layers", "hidden_size", "embed"]}  # not shown by `compile`
+             "quiet": ["positive", "negative", "num_layers", "hidden_size", "embed", "shared"]}  # not shown by `compile`
     sk = f"router[{base_key}]"
     while sk in ev.plan.sources:
         sk += "'"
-    ev.plan.sources[sk] = SourceSpec(sk, "", {f"router.{i}": ("F32", (n, hidden), "") for i in range(layers)}, {},
-                                     at(call.span), stage)
+    tensors = {f"router.{i}": ("F32", (n, hidden), "") for i in range(layers)}
+    if o["has_shared"]:
+        tensors.update({f"shared_router.{i}": ("F32", (1, hidden), "") for i in range(layers)})
+    ev.plan.sources[sk] = SourceSpec(sk, "", tensors, {}, at(call.span), stage)
     return sk
+
+
+def _arch_hint(config: dict) -> str:
+    if config.get("model_type") == "qwen2":
+        return "a Qwen2 base becomes a qwen2_moe MoE: pass shared_expert=MODEL (mergekit-moe's shared_experts)"
+    return "build a MoE from a base and experts of one Llama, Mistral or Qwen2 architecture and size"
 
 
 def _numel(shape) -> int:
@@ -237,8 +269,11 @@ def _param_counts(h, tensors: dict, n: int, top_k: int) -> str:
         if t.kind == "base":
             k = _numel(h.tensors[name].shape)
             total, active = total + k, active + k
-        elif t.kind == "router":
-            k = n * int(h.config.get("hidden_size") or 0)
+        elif t.kind in ("router", "shared_router"):
+            k = (n if t.kind == "router" else 1) * int(h.config.get("hidden_size") or 0)
+            total, active = total + k, active + k
+        elif t.kind in ("shared", "zeros"):
+            k = _numel(h.tensors[t.source].shape) if t.kind == "shared" else _numel(t.shape)
             total, active = total + k, active + k
         elif t.kind == "expert":
             k = _numel(h.tensors[t.source].shape)
@@ -266,9 +301,14 @@ def eval_moe(ev, call: ir.CallE, ctx: TensorCtx) -> TensorV:
     loc = ev._loc(call.span)
     if t.kind == "base":
         return ev.eval(exprs["base"], (), TensorCtx(t.source, ctx.group, ctx.layer, ctx.num_layers))
-    if t.kind == "router":
-        v = ev.load(router, TensorCtx(f"router.{t.layer}", ctx.group, ctx.layer, ctx.num_layers), call.span)
+    if t.kind in ("router", "shared_router"):
+        v = ev.load(router, TensorCtx(f"{t.kind}.{t.layer}", ctx.group, ctx.layer, ctx.num_layers), call.span)
         return TensorV(v.node, v.shape, ev._moe_dtype[id(call)])  # written in the base's dtype
+    if t.kind == "shared":
+        return ev.eval(exprs["shared_expert"], (), TensorCtx(t.source, ctx.group, ctx.layer, ctx.num_layers))
+    if t.kind == "zeros":
+        nid = ev.plan.add("zeros", (), {"shape": [float(d) for d in t.shape]}, group=ctx.group, loc=loc, shape=t.shape)
+        return TensorV(nid, t.shape, ev._moe_dtype[id(call)])
     parts = []
     for j in t.experts:
         for s in (t.sources or (t.source,)):

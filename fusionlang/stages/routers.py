@@ -35,7 +35,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def compute(stage: dict, device, log: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
     """The router matrices of `stage` (params: mode, positive, negative, num_layers,
-    hidden_size, dtype, seed): "router.{l}" -> [E, hidden] float32 CPU tensor."""
+    hidden_size, dtype, seed, shared): "router.{l}" -> [E, hidden] float32 CPU tensor;
+    with `shared`, the last prompt list is the shared expert's and "shared_router.{l}"
+    [1, hidden] its gate (Qwen2-MoE's shared_expert_gate)."""
     p = stage["params"]
     mode, layers, hidden = p["mode"], int(p["num_layers"]), int(p["hidden_size"])
     experts = len(p["positive"])
@@ -48,7 +50,11 @@ def compute(stage: dict, device, log: Callable[[str], None] | None = None) -> di
             gates = torch.rand((layers, experts, hidden), generator=g) * 2 * scale - scale
     else:
         gates = _from_prompts(stage, mode, layers, device, log)
-    return {f"router.{layer}": gates[layer].float().cpu().contiguous() for layer in range(layers)}
+    n = experts - 1 if p.get("shared") else experts  # the last row: the shared expert's gate
+    out = {f"router.{layer}": gates[layer, :n].float().cpu().contiguous() for layer in range(layers)}
+    if p.get("shared"):
+        out.update({f"shared_router.{layer}": gates[layer, n:].float().cpu().contiguous() for layer in range(layers)})
+    return out
 
 
 def _from_prompts(stage: dict, mode: str, layers: int, device, log) -> torch.Tensor:
@@ -68,12 +74,14 @@ def _from_prompts(stage: dict, mode: str, layers: int, device, log) -> torch.Ten
         tok.pad_token = tok.eos_token or tok.unk_token
     dtype = DTYPES[p["dtype"]]
     if mode == "cheap_embed":
+        from pathlib import Path
+
         from safetensors import safe_open
 
         embed = None
-        for f in sorted(__import__("pathlib").Path(model_dir).glob("*.safetensors")):
+        for f in sorted(Path(model_dir).glob("*.safetensors")):
             with safe_open(str(f), "pt") as fh:
-                if p["embed"] in fh:
+                if p["embed"] in set(fh.keys()):
                     embed = fh.get_tensor(p["embed"]).float()
         assert embed is not None, p["embed"]  # the plan checked the base has it
 
@@ -151,7 +159,7 @@ def conditioning_of(file, stage: dict) -> str:
     from safetensors.torch import load_file
 
     values = load_file(str(file))
-    gates = torch.stack([values[f"router.{i}"] for i in range(len(values))])
+    gates = torch.stack([values[f"router.{i}"] for i in range(stage["params"]["num_layers"])])
     return conditioning(gates, stage["params"]["positive"])
 
 
