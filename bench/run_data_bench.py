@@ -9,7 +9,10 @@ and `rows` training texts of each expert's task as JSON lines. Each method runs 
 each tool, as a fresh process, on the same models, rows and batches:
 
 - RegMean (batch 32, alpha 0.95), Fisher merging (batch 32), task-wise AdaMerging
-  (`steps` steps, batch 16, lr 1e-3).
+  (`steps` steps, batch 16, lr 1e-3). fusionlang's defaults leave padded positions out of
+  the Gram matrices and batch rows of similar length; `regmean_padded`
+  (include_padding=true) and `fisher_given` (batch_order="given") are FusionBench's own
+  computation, each against the same FusionBench run as its default.
 - fusionlang: `fusionlang run` of a spec (a fresh, empty stage cache each time), which
   also writes the merged model.
 - FusionBench 0.2.33 (.ci/install_fusionbench.sh): its `regmean_merging`,
@@ -81,7 +84,9 @@ def fuse_spec(root: Path, w: dict, method: str, rows: int, steps: int) -> Path:
     names = [f"local({json.dumps(m)})" for m in w["models"]]
     datas = [f'dataset({json.dumps(d)}, text="text", n={rows})' for d in w["data"]]
     merge = {"regmean": "regmean(experts, calib, alpha=0.95, batch_size=32)",
+             "regmean_padded": "regmean(experts, calib, alpha=0.95, batch_size=32, include_padding=true)",
              "fisher": "fisher_merging(experts, calib, batch_size=32)",
+             "fisher_given": 'fisher_merging(experts, calib, batch_size=32, batch_order="given")',
              "adamerging": f"adamerging(base, experts, calib, steps={steps}, lr=0.001, batch_size=16)"}[method]
     spec = root / f"{method}.fuse"
     spec.write_text(f"use merging\nmodel base = local({json.dumps(w['base'])})\nmodels experts = [{', '.join(names)}]\n"
@@ -94,7 +99,7 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--methods", default="regmean,fisher,adamerging")
+    ap.add_argument("--methods", default="regmean,regmean_padded,fisher,fisher_given,adamerging")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
     fb_python = REPO / ".venv-fusionbench/bin/python"
@@ -111,7 +116,7 @@ def main() -> int:
             cache = root / f"cache_{method}"
             fl = run_measured([str(REPO / ".venv/bin/fusionlang"), "run", str(spec), "-q"],
                               {**env, "FUSIONLANG_CACHE": str(cache)}, root / f"fl_{method}.log", 3600)
-            cfg = {"method": method if method != "adamerging" else "adamerging", "models": w["models"],
+            cfg = {"method": method.split("_")[0], "models": w["models"],
                    "data": w["data"], "n": args.rows, "batch_size": 16 if method == "adamerging" else 32,
                    "alpha": 0.95, "out": str(root / f"fb_{method}.safetensors"), "base": w["base"], "mode": "task",
                    "steps": args.steps, "lr": 0.001, "init": 0.3, "seed": 0}

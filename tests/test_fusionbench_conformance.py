@@ -70,7 +70,7 @@ def assert_same(mine: dict, ref: dict, tol: float) -> None:
 
 # NOTE: alpha=1 (no regularisation) solves with the raw Gram sums, whose condition number
 # (the pooler's: 40 rows of [CLS] states) amplifies FusionBench's float32 running means to
-# ~4e-5; fusionlang accumulates and solves in float64. Hence the looser bound there.
+# ~4e-5; fusionlang sums in float32 but solves in float64. Hence the looser bound there.
 @pytest.mark.parametrize("n,batch_size,alpha,tol", [(64, 32, 0.95, 1e-5), (48, 16, 0.5, 1e-5), (40, 8, 0.8, 1e-5),
                                                     (40, 8, 1.0, 1e-4)])
 def test_regmean_matches_fusionbench(fam, n, batch_size, alpha, tol):

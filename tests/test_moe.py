@@ -288,3 +288,38 @@ save mx to "out/noshared"
     rc, _, err = run_cli("compile", str(spec))
     assert rc == 1 and "'base' is a qwen2 model, and a mixtral MoE is built from llama or mistral models" in err, err
     assert "pass shared_expert=MODEL" in err and "error[E014]" in err
+
+
+def test_a_moe_is_evaluated_and_runs_from_a_saved_plan(fam):
+    """`eval` scores a MoE like any model (an upcycled base has the base's perplexity),
+    and a compiled JSON plan with the router stage runs to the same output."""
+    import json
+
+    root, _ = fam
+    spec = write_spec(root, f'''model base = local("base")
+models experts = [local("e0"), local("e1"), local("e2"), local("e3")]
+data held_out = dataset("lm.jsonl", text="text")
+task ppl = perplexity(held_out, batch_size=5)
+merge up = moe(base, [base, base], gate_mode="uniform_random", allow_identical=true)
+merge mx = moe(base, experts, positive_prompts={_prompts_fuse()}, experts_per_token=1)
+save mx to "out/plan_mx"
+eval up, mx, base on ppl to "rep_moe"
+''', "evalmoe.fuse")
+    rc, out, err = run_cli("run", str(spec))
+    assert rc == 0, err
+    rows = json.loads((root / "rep_moe" / "report.json").read_text())["rows"]
+    base_ppl = rows["base"]["perplexity"]["ppl"]
+    assert abs(rows["up"]["perplexity"]["ppl"] - base_ppl) <= 1e-6 * base_ppl
+    assert abs(rows["mx"]["perplexity"]["ppl"] - base_ppl) > 2e-5 * base_ppl  # (tiny random models: close to each other)
+    first = load_state(root / "out" / "plan_mx")
+    plan_spec = write_spec(root, f'''model base = local("base")
+models experts = [local("e0"), local("e1"), local("e2"), local("e3")]
+merge mx = moe(base, experts, positive_prompts={_prompts_fuse()}, experts_per_token=1)
+save mx to "out/plan_mx2"
+''', "planmoe.fuse")
+    rc, _, err = run_cli("compile", str(plan_spec), "--emit", "json", "-o", str(root / "moe_plan.json"))
+    assert rc == 0, err
+    rc, _, err = run_cli("run", str(root / "moe_plan.json"), "-q")
+    assert rc == 0, err
+    second = load_state(root / "out" / "plan_mx2")
+    assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)

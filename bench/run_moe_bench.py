@@ -1,0 +1,164 @@
+"""Benchmark MoE construction: fusionlang's `moe()` against mergekit-moe 0.1.5.
+
+    python bench/run_moe_bench.py [--params 0.5B] [--experts 4] [--gate-modes hidden,random]
+
+The workload: bench/make_workload.py's Llama base and experts (bf16; 0.5B: hidden 1536,
+16 layers) with a word-level tokenizer (its 32000 tokens "t0".."t31995" and four special
+tokens) saved beside each model, and two 8-token prompts per expert. Each tool builds the
+same Mixtral model once per gate mode, as a fresh process: mergekit-moe
+(`.venv-mergekit`, `dtype: bfloat16`) and `fusionlang run` of a spec with
+`layout="fused"` (mergekit-moe's output layout) and `router_dtype="bfloat16"` (the
+dtype mergekit-moe runs the base in), with an empty stage cache. Recorded: wall time
+and peak anonymous RSS of the process tree (bench/run_bench.py's `run_measured`), as
+ratios fusionlang / mergekit-moe, and whether the two outputs hold the same tensors.
+Results: bench/results/moe.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from make_workload import make_workload, parse_params
+from run_bench import run_measured
+
+SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
+
+
+def add_tokenizer(model_dirs: list[Path], vocab: int) -> None:
+    """A WordLevel tokenizer over `vocab` ids (specials first) in every model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {w: i for i, w in enumerate(SPECIALS + [f"t{i}" for i in range(vocab - len(SPECIALS))])}
+    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                                   unk_token="[UNK]")
+    for d in model_dirs:
+        fast.save_pretrained(d)
+
+
+def prompts(n_experts: int) -> list[list[str]]:
+    return [[" ".join(f"t{(97 * e + 13 * p + 7 * k) % 30000 + 10}" for k in range(8)) for p in range(2)]
+            for e in range(n_experts)]
+
+
+def mergekit_config(wl: Path, n: int, gate_mode: str) -> str:
+    lines = [f"base_model: {wl / 'base'}", f"gate_mode: {gate_mode}", "dtype: bfloat16", "experts_per_token: 2",
+             "experts:"]
+    for e, ps in enumerate(prompts(n), start=1):
+        lines += [f"  - source_model: {wl / f'expert_{e}'}", "    positive_prompts: " + json.dumps(ps)]
+    return "\n".join(lines) + "\n"
+
+
+def fuse_spec(wl: Path, n: int, gate_mode: str, out: Path) -> str:
+    experts = ", ".join(f'local("{wl / f"expert_{e}"}")' for e in range(1, n + 1))
+    return (f'model base = local("{wl / "base"}")\nmodels experts = [{experts}]\n'
+            f"merge mx = moe(base, experts, positive_prompts={json.dumps(prompts(n))}, gate_mode=\"{gate_mode}\", "
+            f'router_dtype="bfloat16", layout="fused")\nsave mx to "{out}"\n')
+
+
+def same_tensors(a: Path, b: Path, skip_router: bool) -> tuple[bool, float]:
+    """Whether two model directories hold the same tensor names, and the largest
+    absolute difference of their tensors (without the routers with `skip_router`: the
+    routers of random modes differ, mergekit-moe draws them unseeded)."""
+    from safetensors import safe_open
+
+    def read(d: Path) -> dict:
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+                    out[k] = h.get_tensor(k)
+        return out
+
+    x, y = read(a), read(b)
+    if set(x) != set(y):
+        return False, float("inf")
+    worst = max(float((x[k].float() - y[k].float()).abs().max()) for k in x
+                if not (skip_router and k.endswith("gate.weight")))
+    return True, worst
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="0.5B")
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--gate-modes", default="hidden,random")
+    ap.add_argument("--workdir", type=Path, default=HERE / "work")
+    ap.add_argument("--out", default=str(HERE / "results"))
+    a = ap.parse_args()
+    mk = REPO / ".venv-mergekit/bin/mergekit-moe"
+    if not mk.is_file():
+        print("mergekit is not installed: bash .ci/install_mergekit.sh", file=sys.stderr)
+        return 1
+    wl = (a.workdir / f"workload-{a.params}-seed0").resolve()
+    info = make_workload(wl, parse_params(a.params), a.experts, seed=0)
+    add_tokenizer([wl / "base"] + [wl / f"expert_{e}" for e in range(1, a.experts + 1)], info["config"]["vocab_size"])
+    runs = (a.workdir / "runs-moe").resolve()
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    results = []
+    for mode in a.gate_modes.split(","):
+        (runs / f"{mode}.yml").write_text(mergekit_config(wl, a.experts, mode))
+        (runs / f"{mode}.fuse").write_text(fuse_spec(wl, a.experts, mode, runs / f"fl_{mode}"))
+        fl = run_measured([str(REPO / ".venv/bin/fusionlang"), "run", str(runs / f"{mode}.fuse"), "-q"],
+                          {**env, "FUSIONLANG_CACHE": str(runs / f"cache_{mode}")}, runs / f"fl_{mode}.log", 3600)
+        mkr = run_measured([str(mk), str(runs / f"{mode}.yml"), str(runs / f"mk_{mode}"), "--quiet"], env,
+                           runs / f"mk_{mode}.log", 3600)
+        ok = fl["rc"] == 0 and mkr["rc"] == 0
+        same, worst = (same_tensors(runs / f"fl_{mode}", runs / f"mk_{mode}", mode.endswith("random")) if ok
+                       else (False, float("nan")))
+        rec = {"gate_mode": mode, "fusionlang": fl, "mergekit_moe": mkr, "same_tensor_names": same,
+               "max_abs_diff_non_router": worst,
+               "time_ratio": round(fl["wall_s"] / mkr["wall_s"], 3) if ok else None,
+               "mem_ratio": round(fl["peak_anon_mb"] / mkr["peak_anon_mb"], 3) if ok else None}
+        for tool, r in (("fl", fl), ("mk", mkr)):
+            if r["rc"] != 0:
+                rec[f"{tool}_error"] = (runs / f"{tool}_{mode}.log").read_text()[-2000:]
+        results.append(rec)
+        print(f"{mode:8s} fusionlang {fl['wall_s']:6.1f}s {fl['peak_anon_mb']:6.0f} MB | mergekit-moe "
+              f"{mkr['wall_s']:6.1f}s {mkr['peak_anon_mb']:6.0f} MB | ratios {rec['time_ratio']} {rec['mem_ratio']} "
+              f"| same names {same}, max diff {worst:.3g}", flush=True)
+        for d in ("fl", "mk"):
+            shutil.rmtree(runs / f"{d}_{mode}", ignore_errors=True)
+    cfg = info["config"]
+    meta = {"date": _dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "params": info["params"], "experts": a.experts,
+            "command": "python bench/run_moe_bench.py " + " ".join(sys.argv[1:])}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "moe.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    intro = (f"`{meta['command']}`: a Llama base and {a.experts} experts of {info['params'] / 1e6:.0f}M parameters "
+             f"(hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, bf16) into one Mixtral model, "
+             "top-2, two 8-token prompts per expert. Wall time of the whole process and peak anonymous RSS of the "
+             "process tree; ratios < 1 favour fusionlang. Both write the fused layout in bf16; the routers of the "
+             "random mode differ (mergekit-moe draws them unseeded) and are left out of its comparison.")
+    header = ("| gate mode | fusionlang s | mergekit-moe s | time ratio | fusionlang MB | mergekit-moe MB | memory ratio "
+              "| same tensors (max diff) |")
+    lines = [f"# MoE construction: fusionlang vs mergekit-moe 0.1.5 ({meta['date']}, {meta['cpus']} CPUs)", "",
+             intro, "", header, "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        f, m = r["fusionlang"], r["mergekit_moe"]
+        lines.append(f"| {r['gate_mode']} | {f['wall_s']:.1f} | {m['wall_s']:.1f} | {r['time_ratio']} | "
+                     f"{f['peak_anon_mb']:.0f} | {m['peak_anon_mb']:.0f} | {r['mem_ratio']} | "
+                     f"{r['same_tensor_names']} ({r['max_abs_diff_non_router']:.3g}) |")
+    (out / "moe.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
