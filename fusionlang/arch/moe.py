@@ -28,6 +28,7 @@ own parameter names, and its checkpoint conversion table) instead of assuming a 
 from __future__ import annotations
 
 import functools
+import os
 import re
 from dataclasses import dataclass
 
@@ -170,7 +171,37 @@ def mlp_layers(names) -> list[int]:
 def installed_layouts(architecture: str) -> tuple[str, ...]:
     """The layouts of `architecture` the installed transformers loads: "fused" when its
     module's parameters are the fused expert tensors, "per_expert" when they are the
-    per-expert Linear weights or its checkpoint conversion table maps those onto them."""
+    per-expert Linear weights or its checkpoint conversion table maps those onto them.
+    Remembered in the cache directory per transformers version (asking imports
+    transformers' model code and builds a model on the meta device: seconds)."""
+    import json
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..zoo.paths import cache_dir
+
+    try:
+        memo = cache_dir() / f"moe-layouts-transformers-{version('transformers')}.json"
+    except PackageNotFoundError:
+        memo = None
+    try:
+        known = json.loads(memo.read_text()) if memo and memo.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(architecture), list):
+        return tuple(known[architecture])
+    found = _ask_transformers(architecture)
+    if memo is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**known, architecture: list(found)}))
+            os.replace(tmp, memo)
+        except OSError:
+            pass  # an unwritable cache only costs the seconds again
+    return found
+
+
+def _ask_transformers(architecture: str) -> tuple[str, ...]:
     import torch
     import transformers
 
