@@ -229,6 +229,7 @@ def _register_router(ev, call: ir.CallE, base_key: str, o: dict, n: int, layers:
               "shared": bool(o["has_shared"])}
     prompts = sum(len(p) + len(q) for p, q in zip(params["positive"], params["negative"]))
     forward = o["gate_mode"] in ("hidden", "hidden_avg")
+    random = o["gate_mode"] in ("random", "uniform_random")
     model_bytes = sum(4 * _numel(s) for _, s, _ in src.tensors.values())
     passes = n + sum(1 for q in params["negative"] if q)
     estimate = {"examples": prompts, "batches": passes if forward else 0, "batch_size": 0,
@@ -237,7 +238,8 @@ def _register_router(ev, call: ir.CallE, base_key: str, o: dict, n: int, layers:
     stage = {"kind": "router", "model": base_key, "model_dir": src.path, "data": [],
              "data_text": f"{n} experts' prompts" if prompts else f"{o['gate_mode']}, seed={o['seed']}",
              "params": params, "estimate": estimate,
-             "quiet": ["positive", "negative", "num_layers", "hidden_size", "embed", "shared"]}  # not shown by `compile`
+             "quiet": ["positive", "negative", "num_layers", "hidden_size", "embed", "shared"],  # not shown by `compile`
+             "reads_weights": not random}  # a seeded random router does not depend on the weights
     sk = f"router[{base_key}]"
     while sk in ev.plan.sources:
         sk += "'"

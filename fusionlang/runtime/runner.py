@@ -106,6 +106,10 @@ class Runner:
         `shared` and `reduce_values` hold the unit's outside values (by node id). `owned`:
         nothing writes into the value's memory afterwards (a tile output buffer), so a
         sink may write it in the background."""
+        copied = self._copy(unit)
+        if copied is not None:
+            yield copied
+            return
         numel = self.tileable(unit, shared, reduce_values)
         if numel:
             for nid, value in self._run_tiled(unit.nodes, unit.targets, numel, shared, reduce_values):
@@ -131,6 +135,34 @@ class Runner:
             if nid in keep:
                 yield nid, vals[nid], False
         vals.clear()
+
+    def _copy(self, unit: Unit) -> tuple[str, torch.Tensor, bool] | None:
+        """A unit that writes input tensors unchanged: a cast of a load to the dtype it has
+        on disk (a rule `=> base`, a `slices` layer, a MoE expert), or of `stack_experts`
+        over such loads (a fused MoE layer), as one copy of their bytes: no float32 round
+        trip, which gives the same bits at three times the memory traffic. None for any
+        other unit. Raises BadValue as the cast would."""
+        if self.device.type != "cpu" or len(unit.targets) != 1 or unit.targets[0] != unit.nodes[-1]:
+            return None
+        nodes = [self.plan.nodes[n] for n in unit.nodes]
+        cast, loads = nodes[-1], nodes[:-1]
+        stack = loads.pop() if loads and loads[-1].op == "stack_experts" else None
+        if cast.op != "cast" or not loads or any(n.op != "load" for n in loads):
+            return None
+        if cast.inputs != ((unit.nodes[-2],) if stack is not None else (unit.nodes[0],)) or (
+                stack is None and len(loads) != 1):
+            return None
+        if stack is not None and set(stack.inputs) != set(unit.nodes[:-2]):
+            return None
+        dtype = TORCH_DTYPES[cast.param("dtype")]
+        views = {nid: self.reader.view(n.param("source"), n.param("tensor"), n.param("rows"))
+                 for nid, n in zip(unit.nodes, loads)}
+        if any(v.dtype != dtype or v.itemsize == 1 for v in views.values()):
+            return None  # a real cast (or fp8, whose range check needs the float32 values)
+        value = (OPS["stack_experts"].fn([views[i] for i in stack.inputs], **op_kwargs(stack)) if stack is not None
+                 else next(iter(views.values())).clone())
+        check_cast(unit.nodes[-1], value, value)
+        return unit.nodes[-1], value, True
 
     def nonfinite_input(self, nodes, name: str | None = None, at: tuple | None = None) -> RunError | None:
         """E031 at the source call of the first input tensor read by `nodes` that holds

@@ -54,10 +54,11 @@ def model_hash(model_dir: str) -> str:
 
 def stage_key(stage: dict) -> str:
     """The content hash naming a stage's cached result: kind, parameters, every model's
-    files and every data value's rows."""
+    files (unless the stage says `reads_weights: false`, e.g. a seeded random router)
+    and every data value's rows."""
     datas = stage["data"] if isinstance(stage["data"], list) else [stage["data"]]
     text = json.dumps({"format": FORMAT, "kind": stage["kind"], "params": stage["params"],
-                       "model": model_hash(stage["model_dir"]),
+                       "model": model_hash(stage["model_dir"]) if stage.get("reads_weights", True) else "",
                        "models": [model_hash(d) for d in stage.get("model_dirs", [])],
                        "data": [D.load(d).fingerprint for d in datas]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
