@@ -129,7 +129,7 @@ def domain(ev, call: ir.CallE) -> dict:
     layers = A.mlp_layers(h.tensors)
     if not layers:
         raise EvalError("E014", f"'{base_key}' has no dense MLP (mlp.gate_proj / up_proj / down_proj) to make experts of",
-                        span.get("base", call.span), "a Mixtral MoE is built from Llama or Mistral models")
+                        span.get("base", call.span), "a MoE is built from Llama, Mistral or Qwen2 models")
     probe = next(n for n in h.tensors if A.MLP_RE.match(n) and n.endswith("gate_proj.weight"))
     experts = ev.eval(exprs["experts"], (), TensorCtx(probe, probe, layers[0], len(layers)))
     if not isinstance(experts, list) or not experts or not all(isinstance(x, TensorV) for x in experts):
@@ -188,8 +188,8 @@ def domain(ev, call: ir.CallE) -> dict:
                         f"{o['architecture']} (it loads: {', '.join(installed) or 'neither'})",
                         span.get("layout", call.span), "leave layout=\"auto\"")
     tensors = A.output_tensors({k: t.shape for k, t in h.tensors.items()}, n, layout, o["architecture"])
-    router = _register_router(ev, call, base_key, o, n, len(layers))
     num_layers = max(layers) + 1
+    router = _register_router(ev, call, base_key, o, n, num_layers)
     ev.__dict__.setdefault("_moe", {})[id(call)] = (tensors, router, o)
     dtype = h.tensors[probe].dtype
     ev.__dict__.setdefault("_moe_dtype", {})[id(call)] = dtype
