@@ -16,6 +16,30 @@ os.environ.setdefault("NO_COLOR", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """A cache directory of the test session's own for model-stage results (and the
+    remembered MoE layouts), so a stage is computed by the code under test instead of
+    read from an earlier run's cache (the tiny models are seeded: their content hashes
+    repeat across runs). The built zoos and fetched packages of the user's cache are
+    linked in (building them takes minutes); tests that need another cache set
+    FUSIONLANG_CACHE themselves."""
+    from fusionlang.zoo.paths import cache_dir
+
+    real = cache_dir()
+    mine = tmp_path_factory.mktemp("fusionlang-cache")
+    for sub in ("zoo", "packages"):
+        if (real / sub).exists():
+            (mine / sub).symlink_to(real / sub, target_is_directory=True)
+    old = os.environ.get("FUSIONLANG_CACHE")
+    os.environ["FUSIONLANG_CACHE"] = str(mine)
+    yield mine
+    if old is None:
+        os.environ.pop("FUSIONLANG_CACHE", None)
+    else:
+        os.environ["FUSIONLANG_CACHE"] = old
+
+
 def tiny_config(arch: str, **overrides):
     import transformers as tf
 

@@ -323,3 +323,34 @@ save mx to "out/plan_mx2"
     assert rc == 0, err
     second = load_state(root / "out" / "plan_mx2")
     assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("gate_mode", ["hidden", "hidden_avg"])
+def test_router_rows_of_prompts_of_different_lengths_are_each_prompts_own(fam, gate_mode):
+    """Padding changes nothing: each router row is computed as if every prompt ran alone
+    (independently here: transformers on one prompt at a time, hidden states at each
+    layer's input, last token or mean over tokens, averaged over the prompts, normalised)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, f = fam
+    prompts = [["the cat sat on the mat", "a dog"], ["red", "big and small then fast"],
+               ["under the log", "it ran"], ["slow", "on the mat and the log"]]
+    name = f"pad_{gate_mode}"
+    rc, _, err = _fuse(root, f'moe(base, experts, positive_prompts={_prompts_fuse(prompts)}, gate_mode="{gate_mode}")',
+                       name)
+    assert rc == 0, err
+    mine = load_state(root / "out" / name)
+    model = AutoModelForCausalLM.from_pretrained(f["base"]).eval()
+    tok = AutoTokenizer.from_pretrained(f["base"])
+    for j, ps in enumerate(prompts):
+        vecs = []
+        for p in ps:
+            ids = tok(tok.bos_token + p, return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                hs = model(**ids, output_hidden_states=True).hidden_states[:-1]
+            vecs.append(torch.stack([h[0, -1] if gate_mode == "hidden" else h[0].mean(0) for h in hs]))
+        v = torch.stack(vecs).mean(0)  # [layers, hidden]
+        v = v / v.norm(dim=-1, keepdim=True)
+        for layer in range(2):
+            got = mine[f"model.layers.{layer}.block_sparse_moe.gate.weight"][j]
+            assert torch.allclose(got, v[layer], atol=1e-5), (j, layer, float((got - v[layer]).abs().max()))

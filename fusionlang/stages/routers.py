@@ -14,10 +14,11 @@ random       N(0, 1) entries; uniform_random: U(−1/√hidden, 1/√hidden) (nn
              initialisation), both from a generator seeded with `seed`.
 
 Each prompt is the tokenizer's BOS token text followed by the prompt, tokenized without
-other special tokens, as mergekit-moe 0.1.5 (`moe/router.py`). mergekit-moe pads on the
-left, so its position −1 is each prompt's last token, but its average over positions
-counts the padding; this stage averages over each prompt's real tokens (the same numbers
-when no prompt is padded). The forward pass runs in `dtype`
+other special tokens, as mergekit-moe 0.1.5 (`moe/router.py`). Prompts of different
+lengths are padded and only real tokens count, so each prompt's vectors are those of the
+prompt run alone (tested); mergekit-moe's average over positions counts the padding (its
+`hidden_avg` of prompts of different lengths differs). Both give the same numbers when no
+prompt is padded. The forward pass runs in `dtype`
 (mergekit-moe: bfloat16; "float32" is more precise).
 """
 
@@ -72,6 +73,9 @@ def _from_prompts(stage: dict, mode: str, layers: int, device, log) -> torch.Ten
                         "save the tokenizer files next to the base model, or use gate_mode=\"random\"") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
+    # NOTE: padding on the right keeps each prompt's positions 0..n-1, as when it runs
+    # alone (the rotary models this serves would not mind left padding's uniform shift)
+    tok.padding_side = "right"
     dtype = DTYPES[p["dtype"]]
     if mode == "cheap_embed":
         from pathlib import Path
