@@ -305,7 +305,7 @@ merge mx = moe(base, experts, positive_prompts={_prompts_fuse()}, experts_per_to
 save mx to "out/plan_mx"
 eval up, mx, base on ppl to "rep_moe"
 ''', "evalmoe.fuse")
-    rc, out, err = run_cli("run", str(spec))
+    rc, _, err = run_cli("run", str(spec))
     assert rc == 0, err
     rows = json.loads((root / "rep_moe" / "report.json").read_text())["rows"]
     base_ppl = rows["base"]["perplexity"]["ppl"]

@@ -14,7 +14,9 @@ def main() -> None:
     with open(sys.argv[1]) as f:
         cfg = json.load(f)
     if cfg["method"] == "depth_upscaling":
-        from fusion_bench.method.depth_upscaling.depth_upscaling_for_llama import DepthUpscalingForLlama
+        from fusion_bench.method.depth_upscaling.depth_upscaling_for_llama import (
+            DepthUpscalingForLlama,
+        )
         from fusion_bench.modelpool import CausalLMPool
 
         pool = CausalLMPool(models={"_pretrained_": cfg["model"]}, tokenizer=cfg["model"])
