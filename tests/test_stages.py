@@ -408,3 +408,34 @@ def test_fisher_batches_by_length_and_slices_exactly(fam, monkeypatch):
     assert _worst(by_length, given) > 1e-4  # which rows share a batch matters to this estimator
     monkeypatch.setattr(M, "TOKENS_PER_PASS", 20)  # each batch's gradient accumulated over slices
     assert _worst(fisher(sm, ex, 8, batch_order="given"), given) < 1e-5
+
+
+def test_model_hash_is_remembered_and_sees_any_rewrite(tmp_path):
+    """The per-file digests are remembered across runs (a memo in the cache), and a file
+    rewritten with the same size and modification time still gets a new hash."""
+    import os
+
+    from fusionlang.stages import run as R
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    w = d / "model.safetensors"
+    w.write_bytes(b"a" * 1000)
+    first = R.model_hash(str(d))
+    memo = json.loads(R._memo_file().read_text())
+    assert any(k.startswith(str(w.resolve()) + "|") for k in memo)
+    R._MODEL_HASHES.clear()  # a new process: the memo on disk answers
+    assert R.model_hash(str(d)) == first
+    st = w.stat()
+    w.write_bytes(b"b" * 1000)  # same size; the modification time put back
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    R._MODEL_HASHES.clear()
+    second = R.model_hash(str(d))
+    assert second != first
+    import hashlib
+
+    expect = hashlib.sha256()
+    for name, data in (("config.json", b"{}"), ("model.safetensors", b"b" * 1000)):
+        expect.update(name.encode() + b"\0" + hashlib.sha256(data).hexdigest().encode())
+    assert second == expect.hexdigest()

@@ -2,7 +2,8 @@
 
 A stage's result is a safetensors file named by a content hash of everything it depends
 on: the stage kind and parameters, the model's files (config.json and every
-*.safetensors, byte for byte) and the data's fingerprint (a hash of the selected rows).
+*.safetensors, byte for byte: each file's digest is remembered by file identity, see
+`model_hash`) and the data's fingerprint (a hash of the selected rows).
 It lives in `$FUSIONLANG_CACHE/stages/` (default `~/.cache/fusionlang/stages/`) and is
 reused by later runs and by every `tune()` candidate of a run. A stage holds one model in
 memory at a time. Writes are atomic (a temporary file renamed into place), so an
@@ -36,20 +37,57 @@ _MODEL_HASHES: dict[tuple, str] = {}
 
 
 def model_hash(model_dir: str) -> str:
-    """sha256 over the model's config.json and *.safetensors files (names and bytes);
-    memoised per file identity (path, size, mtime, inode) within a process."""
+    """sha256 over the model's config.json and *.safetensors files (each file's name and
+    the sha256 of its bytes). A file's digest is remembered in the cache directory under
+    its identity (path, size, modification and change times in ns, inode): a later run
+    reads an unchanged multi-GB model again only if that memo is gone. Any write to a
+    file changes its change time (which a user cannot set), so the memo cannot go stale."""
     d = Path(model_dir)
     files = sorted([d / "config.json", *d.glob("*.safetensors")])
-    ident = tuple((str(f), st.st_size, st.st_mtime_ns, st.st_ino) for f in files for st in [f.stat()])
-    if ident not in _MODEL_HASHES:
+    idents = [f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+              for f in files for st in [f.stat()]]
+    key = tuple(idents)
+    if key not in _MODEL_HASHES:
+        memo = _digest_memo()
         h = hashlib.sha256()
-        for f in files:
-            h.update(f.name.encode() + b"\0")
-            with open(f, "rb") as fh:
-                while chunk := fh.read(1 << 22):
-                    h.update(chunk)
-        _MODEL_HASHES[ident] = h.hexdigest()
-    return _MODEL_HASHES[ident]
+        for f, ident in zip(files, idents):
+            if ident not in memo:
+                fh_hash = hashlib.sha256()
+                with open(f, "rb") as fh:
+                    while chunk := fh.read(1 << 22):
+                        fh_hash.update(chunk)
+                memo[ident] = fh_hash.hexdigest()
+                _remember_digest(ident, memo[ident])
+            h.update(f.name.encode() + b"\0" + memo[ident].encode())
+        _MODEL_HASHES[key] = h.hexdigest()
+    return _MODEL_HASHES[key]
+
+
+def _memo_file() -> Path:
+    return cache_root() / "file-digests.json"
+
+
+def _digest_memo() -> dict[str, str]:
+    try:
+        memo = json.loads(_memo_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _remember_digest(ident: str, digest: str) -> None:
+    """Add one file's digest to the memo (read again first: another run may have added
+    some; written to a temporary file and renamed, so a reader never sees half)."""
+    path = _memo_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        memo = _digest_memo()
+        memo[ident] = digest
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only costs reading the file again next time
 
 
 def stage_key(stage: dict) -> str:
