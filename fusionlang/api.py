@@ -211,7 +211,10 @@ def auto_class_name(config: dict) -> str:
 
 def load(directory: str | os.PathLike, **kwargs: Any):
     """Load a model fusionlang wrote (or any transformers model directory) with the
-    transformers Auto class its config.json names (`auto_class_name`), in eval mode.
+    transformers Auto class its config.json names (`auto_class_name`), in eval mode;
+    an upscaled model (SMILE: a `fusionlang_model.json` next to the weights) is that
+    class with its Linear layers replaced by `arch.smile_module.SmileLinear`; an
+    ensemble's manifest gives an `EnsembleModule`.
     ``kwargs`` go to ``from_pretrained`` (e.g. ``torch_dtype=torch.bfloat16``); the
     weights keep the dtype they were saved in unless told otherwise. Never downloads,
     never runs remote code.
@@ -244,11 +247,13 @@ def load(directory: str | os.PathLike, **kwargs: Any):
                                      "re-create the model directory (re-run the spec that saved it)")])
     import transformers
 
+    from .arch.upscaled import from_pretrained
+
     cls = getattr(transformers, auto_class_name(config))
     kwargs.setdefault("local_files_only", True)
     kwargs.setdefault("trust_remote_code", False)
-    try:
-        model = cls.from_pretrained(str(d), **kwargs)
+    try:  # a SMILE model (fusionlang_model.json): the base class, its modules replaced
+        model = from_pretrained(cls, d, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise FuseErrors([Diagnostic("E011", f"transformers cannot load '{d}' with {cls.__name__}: {e}", _here(cfg_path),
                                      "check that config.json matches the weights (re-run the spec that saved it)")]) from None

@@ -85,7 +85,9 @@ def score(model_dir: str | dict, task: dict, device: str, on_batch=None) -> dict
         cls = transformers.AutoModelForImageClassification
     else:
         cls = transformers.AutoModelForSequenceClassification
-    models = [cls.from_pretrained(d, local_files_only=True, dtype=torch.float32).to(device).eval() for d in dirs]
+    from ..arch.upscaled import from_pretrained  # a SMILE model: its upscaled layers
+
+    models = [from_pretrained(cls, d, local_files_only=True, dtype=torch.float32).to(device).eval() for d in dirs]
     if ex.texts is not None:
         tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         if tok.pad_token is None:

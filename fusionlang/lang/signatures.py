@@ -85,6 +85,13 @@ BUILTINS: dict[str, BuiltinSig] = {
                       "a mixture of experts built from dense models (mergekit-moe): every tensor of `base` but "
                       "its MLPs, each layer's MLP replaced by the experts' MLPs and a router initialised from "
                       "each expert's prompts (gate_mode); the whole value of a merge"),
+    "smile": BuiltinSig((("base", "model", REQUIRED), ("experts", "models", REQUIRED), ("k", "int", 128),
+                         ("gate_k", "int", 1), ("top_k", "int", 1), ("routing_use_diff", "bool", True),
+                         ("average_experts", "bool", False), ("linears", "list", None)),
+                        "model",
+                        "SMILE upscaling (FusionBench smile_upscaling): each Linear layer of `base` keeps its weights "
+                        "and gains the experts' task vectors as rank-k experts with an SVD router (top_k per token); "
+                        "data-free; the whole value of a merge, loaded with fusionlang.load"),
     "tune": BuiltinSig((("values", "numbers", REQUIRED), ("on", "any", REQUIRED), ("split", "string", "val")), "number",
                        "a merge argument chosen at run time: the candidate with the best mean accuracy on the "
                        "tasks' validation split"),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .. import arch, ir
 from ..lang.diagnostics import Span
 from ..runtime.sources import is_source_call
-from . import moe_values
+from . import moe_values, smile_values
 from .evaluate import Evaluator
 from .values import PROBE, EvalError, SliceV, TensorCtx
 
@@ -23,6 +23,8 @@ class Domain:
     source_of: dict[str, tuple[int, str, int | None, int]] = field(default_factory=dict)  # slices: out -> (slice#, src name, src layer, src layers)
     config_overrides: dict = field(default_factory=dict)
     note: str = ""  # shown with the output in `compile` (a MoE's parameter counts)
+    group_of: dict[str, str] = field(default_factory=dict)  # out -> the tensor group computing it, when shared
+    description: dict = field(default_factory=dict)  # written next to the weights (`arch.upscaled`): SMILE
 
 
 class Domains(Evaluator):
@@ -41,6 +43,9 @@ class Domains(Evaluator):
         mc = moe_values.moe_call(self, b)
         if mc is not None and not self.dry:
             return moe_values.eval_moe(self, mc, ctx)
+        sc = moe_values.moe_call(self, b, "smile")
+        if sc is not None and not self.dry:
+            return smile_values.eval_smile(self, sc, ctx)
         return self.eval(b.value, (), ctx)
 
     def eval_slices(self, call: ir.CallE, ctx: TensorCtx):
@@ -110,6 +115,9 @@ class Domains(Evaluator):
         mc = moe_values.moe_call(self, b)
         if mc is not None:
             return Domain(**moe_values.domain(self, mc))
+        sc = moe_values.moe_call(self, b, "smile")
+        if sc is not None:
+            return Domain(**smile_values.domain(self, sc))
         call = self.first_source(b.value)
         if call is None:
             raise EvalError("E013", f"'{b.qualname.split('::')[-1]}' reads no model", b.span,

@@ -103,7 +103,7 @@ def to_json(plan: Plan) -> str:
                    "phase": plan.phase_of.get(nid, 0)} for nid in order],
         "outputs": [{"name": o.name, "path": o.path, "dtype": o.dtype, "tensors": o.tensors, "dtypes": o.dtypes,
                      "shapes": {k: list(v) for k, v in o.shapes.items()}, "reference": o.reference,
-                     "config_overrides": o.config_overrides, "note": o.note,
+                     "config_overrides": o.config_overrides, "note": o.note, "description": o.description,
                      # every location of an output under "loc" (display text and span), as for nodes
                      "loc": {"text": o.loc, "at": o.at},
                      "blocks": {t: [[a, nid] for a, nid in parts] for t, parts in o.blocks.items()}}
@@ -167,7 +167,8 @@ def _from_json(text: str) -> Plan:
                                        {k: tuple(v) for k, v in o["shapes"].items()}, o["reference"],
                                        o["config_overrides"], _loc_text(o["loc"]),
                                        {t: [(a, nid) for a, nid in parts] for t, parts in o.get("blocks", {}).items()},
-                                       _at(o["loc"].get("at") if isinstance(o["loc"], dict) else None), o.get("note", ""))
+                                       _at(o["loc"].get("at") if isinstance(o["loc"], dict) else None), o.get("note", ""),
+                                       o.get("description") or {})
     plan.history = [tuple(h) for h in data.get("history", [])]
     return plan
 

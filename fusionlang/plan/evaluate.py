@@ -240,14 +240,15 @@ class Evaluator:
         if e.kind == "builtin" and e.target == "slices":
             raise EvalError("E005", "slices() must be the whole value of a merge", e.span,
                             "write `merge deep = slices([...])` and use `deep` elsewhere")
-        if e.kind == "builtin" and e.target == "moe":
+        if e.kind == "builtin" and e.target in ("moe", "smile"):
             if self.dry:
-                from .moe_values import options
+                from .moe_values import options as moe_options
+                from .smile_values import options as smile_options
 
-                options(self, e)  # the arguments that need no model files
+                (moe_options if e.target == "moe" else smile_options)(self, e)  # the arguments that need no model files
                 return self.load("model", ctx, e.span)
-            raise EvalError("E005", "moe() must be the whole value of a merge", e.span,
-                            "write `merge m = moe(base, experts, ...)` and use `m` elsewhere")
+            raise EvalError("E005", f"{e.target}() must be the whole value of a merge", e.span,
+                            f"write `merge m = {e.target}(base, experts, ...)` and use `m` elsewhere")
         if e.kind == "builtin" and e.target == "tune":
             return ir.tune_first_value(self.prog, e)  # `run` substitutes the chosen value before lowering
         args = self.call_args(e, env, ctx)

@@ -68,6 +68,7 @@ class OutputSpec:
     blocks: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
     at: tuple | None = None  # the save's path in the spec (file, line, column, end line, end column)
     note: str = ""  # what `compile` says about the output besides its tensors (a MoE's parameter counts)
+    description: dict = field(default_factory=dict)  # an upscaled model's fusionlang_model.json (`arch.upscaled`)
 
     def parts(self, tensor: str) -> list[tuple[int, str]]:
         """(first row, node) pieces that make up an output tensor."""

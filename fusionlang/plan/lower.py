@@ -162,13 +162,13 @@ class Lowerer(Domains):
         dom = self.domain(b)
         ref = self.plan.sources[dom.reference]
         out = OutputSpec(save.display, save.path, save.dtype, {}, {}, {}, dom.reference, dom.config_overrides,
-                         self._loc(save.span), at=at(save.path_span), note=dom.note)
+                         self._loc(save.span), at=at(save.path_span), note=dom.note, description=dom.description)
         self._check_output_path(save)
         first_missing: MissingTensor | None = None
         for name in dom.names:
             if name in dom.source_of:
                 _si, src_name, layer, n = dom.source_of[name]
-                ctx = TensorCtx(src_name, name, layer, n)
+                ctx = TensorCtx(src_name, dom.group_of.get(name, name), layer, n, name)
             else:
                 ctx = TensorCtx(name, name, arch.layer_of(name), dom.num_layers)
             try:
@@ -183,7 +183,7 @@ class Lowerer(Domains):
             dtype = SAVE_DTYPES[save.dtype] if save.dtype else src_dtype
             if dtype not in FLOAT_DTYPES:
                 dtype = src_dtype
-            node = self.plan.add("cast", (v.node,), {"dtype": dtype}, group=name, loc=out.loc, shape=v.shape)
+            node = self.plan.add("cast", (v.node,), {"dtype": dtype}, group=ctx.group, loc=out.loc, shape=v.shape)
             out.tensors[name] = node
             out.dtypes[name] = dtype
             out.shapes[name] = v.shape or ()

@@ -25,12 +25,13 @@ PARAMS = [name for name, _, _ in BUILTINS["moe"].params]
 PROBE_CTX = TensorCtx(PROBE, PROBE, 0, 2)
 
 
-def moe_call(ev, b: ir.Binding) -> ir.CallE | None:
-    """The `moe(...)` call that is the whole value of merge `b` (through references)."""
+def moe_call(ev, b: ir.Binding, builtin: str = "moe") -> ir.CallE | None:
+    """The `moe(...)` (or other `builtin`) call that is the whole value of merge `b`
+    (through references)."""
     v = b.value
     while isinstance(v, ir.Ref) and v.scope == "global" and v.name in ev.prog.bindings:
         v = ev.prog.bindings[v.name].value
-    return v if isinstance(v, ir.CallE) and v.kind == "builtin" and v.target == "moe" else None
+    return v if isinstance(v, ir.CallE) and v.kind == "builtin" and v.target == builtin else None
 
 
 def _exprs(call: ir.CallE) -> dict[str, ir.Expr]:

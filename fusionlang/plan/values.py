@@ -74,6 +74,7 @@ class TensorCtx:
     group: str  # the output tensor this computation belongs to
     layer: int | None
     num_layers: int
+    output: str = ""  # the output tensor, when several share one group (a SMILE layer's factors)
 
     @property
     def t(self) -> float:

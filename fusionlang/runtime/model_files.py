@@ -23,7 +23,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def finish_output(plan: Plan, o: OutputSpec, d: Path) -> None:
     """Write into directory `d` everything of output `o` but its weights: config.json
     from the reference input with the output's overrides and dtype, the reference's
-    companion files and modules, and the model card."""
+    companion files and modules, an upscaled model's description, and the model card."""
     src = plan.sources[o.reference]
     config = dict(src.config)
     config.update(o.config_overrides)
@@ -42,6 +42,10 @@ def finish_output(plan: Plan, o: OutputSpec, d: Path) -> None:
         shutil.copytree(Path(src.path) / m, d / m)
     if (Path(src.path) / "additional_chat_templates").is_dir():
         shutil.copytree(Path(src.path) / "additional_chat_templates", d / "additional_chat_templates")
+    if o.description:  # an upscaled model (SMILE): what `fusionlang.load` rebuilds it from
+        from ..arch.upscaled import DESCRIPTION
+
+        (d / DESCRIPTION).write_text(json.dumps(o.description, indent=1) + "\n")
     (d / "README.md").write_text(model_card(plan, o, src, config))
 
 

@@ -45,16 +45,17 @@ def _quiet_transformers():
 
 
 def load_encoder(model_dir: str | Path, device: str = "cpu"):
-    """``transformers.AutoModel`` from a directory (no network)."""
+    """``transformers.AutoModel`` from a directory (no network); a SMILE model
+    (`fusionlang.arch.upscaled`) with its upscaled layers."""
     _quiet_transformers()
     from transformers import AutoModel
 
+    from ..arch.upscaled import from_pretrained
+
     try:  # float32 whatever the files hold (a merge may be saved as bf16)
-        model = AutoModel.from_pretrained(str(model_dir), local_files_only=True,
-                                          dtype=torch.float32)
+        model = from_pretrained(AutoModel, model_dir, local_files_only=True, dtype=torch.float32)
     except TypeError:  # transformers < 4.56 calls it torch_dtype
-        model = AutoModel.from_pretrained(str(model_dir), local_files_only=True,
-                                          torch_dtype=torch.float32)
+        model = from_pretrained(AutoModel, model_dir, local_files_only=True, torch_dtype=torch.float32)
     return model.to(device).eval()
 
 

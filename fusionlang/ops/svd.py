@@ -1,0 +1,64 @@
+"""Singular-value primitives: low-rank factors of task vectors (SMILE upscaling).
+
+SMILE (Tang et al., "SMILE: Zero-Shot Sparse Mixture of Low-Rank Experts Construction
+From Pre-Trained Foundation Models", 2024; FusionBench `SmileMoELinear`) turns each
+Linear layer's task vector Δ_i = W_i − W_0 ([out, in]) into a rank-k expert
+U_k·diag(S_k)·V_kᵀ and a router from the leading right singular vectors.
+"""
+
+from __future__ import annotations
+
+from .registry import Tensor, op, torch
+
+
+def smile_sizes(out_features: int, in_features: int, k: int, gate_k: int) -> tuple[int, int]:
+    """The ranks SMILE keeps for a [out, in] weight: (k, gate_k), each at most the
+    matrix's rank bound min(out, in); k ≤ 0 means the whole rank (FusionBench's k < 0:
+    the expert is the whole task vector)."""
+    r = min(int(out_features), int(in_features))
+    k = r if k <= 0 else min(int(k), r)
+    return k, max(1, min(int(gate_k), r))
+
+
+@op(public=False)
+def smile_factors(base: Tensor, finetuned: Tensor, k: int = 128, gate_k: int = 1,
+                  routing_use_diff: bool = True) -> Tensor:
+    """SMILE's factors of one expert's Linear weight, packed into one float32 vector
+    `[u | svh | gate]`:
+
+        Δ = finetuned − base  ([out, in]),  Δ = U·diag(S)·Vᵀ  (torch.linalg.svd)
+        u    = U[:, :k]                     [out, k]
+        svh  = (S[:k] · V[:, :k])ᵀ          [k, in]     (the expert is x ↦ u·(svh·x))
+        gate = V[:, :gate_k]ᵀ               [gate_k, in] (the router's rows for this expert)
+
+    With `routing_use_diff=false` the gate rows come from the SVD of `finetuned` itself
+    (FusionBench's option of that name). k and gate_k are capped at min(out, in)
+    (`smile_sizes`). Computed in float32 whatever the inputs' dtype; singular vectors
+    are defined up to a common sign per (u, v) pair, and every use of them (u·svh, the
+    norm of gate·x) is invariant to it. Follows FusionBench 0.2.33 `SmileMoELinear` /
+    `SmileCompressedLinear` / `SmileGate`."""
+    w0, w = base.float(), finetuned.float()
+    if w.dim() != 2:
+        raise ValueError(f"SMILE factors a Linear weight [out, in], not a tensor of shape {tuple(w.shape)}")
+    k, gate_k = smile_sizes(w.shape[0], w.shape[1], k, gate_k)
+    u, s, vh = torch.linalg.svd(w - w0, full_matrices=False)
+    parts = [u[:, :k], s[:k, None] * vh[:k]]
+    if routing_use_diff:
+        parts.append(vh[:gate_k])
+    else:
+        parts.append(torch.linalg.svd(w, full_matrices=False)[2][:gate_k])
+    return torch.cat([p.reshape(-1) for p in parts])
+
+
+@op(public=False)
+def unpack(x: Tensor, offset: int = 0, shape: list[float] | None = None) -> Tensor:
+    """The `shape`-shaped piece of a packed float32 vector `x` that starts at element
+    `offset` (a copy, so the packed vector can be freed). Raises ValueError when the
+    piece runs past the end of `x`."""
+    dims = [int(d) for d in (shape or [])]
+    n = 1
+    for d in dims:
+        n *= d
+    if offset + n > x.numel():
+        raise ValueError(f"piece [{offset}, {offset + n}) runs past a packed vector of {x.numel()} elements")
+    return x.reshape(-1)[offset:offset + n].reshape(dims).clone()

@@ -1,0 +1,179 @@
+"""`smile(base, experts, ...)`: SMILE upscaling (a sparse mixture of low-rank experts
+from fine-tuned models, data-free), as the evaluator sees it.
+
+The output has every tensor of `base` (or, with `average_experts`, the experts' mean for
+tensors that are not in an upscaled Linear) and, for each Linear layer the base's class
+has (`arch.upscaled.linear_modules`, FusionBench's `isinstance(m, nn.Linear)`, narrowed
+by `linears=` patterns), the SMILE tensors of `arch.smile`. The three factor tensors of
+one layer are computed in one tensor group, so each expert's task vector is decomposed
+once. The output is written with a description (`arch.upscaled`) that
+`fusionlang.load(dir)` and `eval` rebuild it from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from .. import arch, ir
+from ..arch import smile as S
+from ..arch import upscaled as U
+from ..lang.signatures import BUILTINS, pattern_regex
+from ..ops.svd import smile_sizes
+from .values import PROBE, EvalError, TensorCtx, TensorV
+
+PARAMS = [name for name, _, _ in BUILTINS["smile"].params]
+PROBE_CTX = TensorCtx(PROBE, PROBE, 0, 2)
+
+
+def _exprs(call: ir.CallE) -> dict[str, ir.Expr]:
+    return dict(zip(PARAMS, call.args)) | dict(call.kwargs)
+
+
+def options(ev, call: ir.CallE) -> dict:
+    """The call's non-model arguments, evaluated and checked; EvalError (E006) at the
+    argument at fault."""
+    exprs = _exprs(call)
+    defaults = {name: default for name, _, default in BUILTINS["smile"].params}
+    o = {k: (ev.eval(exprs[k], (), PROBE_CTX) if k in exprs else defaults[k]) for k in PARAMS
+         if k not in ("base", "experts")}
+    span = {k: e.span for k, e in exprs.items()}
+    for arg, least in (("k", None), ("gate_k", 1), ("top_k", 1)):
+        v = o[arg]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != int(v) or (least and v < least):
+            raise EvalError("E006", f"{arg}={v!r} must be a whole number" + (f" of at least {least}" if least else ""),
+                            span.get(arg, call.span),
+                            "k: the rank of each expert (k ≤ 0: the whole task vector); gate_k: router rows per "
+                            "expert; top_k: experts per token")
+        o[arg] = int(v)
+    pats = o["linears"]
+    if pats is not None and (not isinstance(pats, list) or not pats or not all(isinstance(p, str) and p for p in pats)):
+        raise EvalError("E006", "linears must be a list of tensor-name patterns", span.get("linears", call.span),
+                        'e.g. linears=["*.mlp.*", "*.intermediate.dense", "*.output.dense"]')
+    o["spans"] = span
+    return o
+
+
+def domain(ev, call: ir.CallE) -> dict:
+    """The output tensors of a `smile(...)` merge (the fields of a `domains.Domain`),
+    with the description written next to the weights. EvalError for a base with no
+    Linear layer, patterns that select none, experts that are not models, a top_k
+    beyond the experts."""
+    o = options(ev, call)
+    exprs, span = _exprs(call), o["spans"]
+    base_call = ev.first_source(exprs["base"])
+    if base_call is None:
+        raise EvalError("E005", "smile() needs a base model", call.span, "write smile(base, experts, ...)")
+    base_key = ev.source(base_call, ev.call_args(base_call, (), PROBE_CTX))
+    h = ev.headers[base_key]
+    try:
+        modules = U.linear_modules(json.dumps(h.config, sort_keys=True))
+    except ValueError as e:
+        raise EvalError("E014", f"cannot list the Linear layers of '{base_key}': {e}", span.get("base", call.span),
+                        "SMILE upscales a transformers model whose config.json names its architecture") from None
+    shapes = {k: tuple(t.shape) for k, t in h.tensors.items()}
+    linears = _linears(modules, shapes)
+    if o["linears"] is not None:
+        regexes = [re.compile(pattern_regex(p)[0]) for p in o["linears"]]
+        chosen = [m for m in linears if any(r.match(m) or r.match(f"{m}.weight") for r in regexes)]
+        if not chosen:
+            raise EvalError("E008", f"linears={o['linears']} matches none of the {len(linears)} Linear layers of "
+                            f"'{base_key}'", span.get("linears", call.span),
+                            f"e.g. {', '.join(linears[:3])}" if linears else "this model has no Linear layer")
+        linears = chosen
+    if not linears:
+        raise EvalError("E014", f"'{base_key}' has no Linear layer to upscale (SMILE replaces torch.nn.Linear layers)",
+                        span.get("base", call.span), "SMILE needs a model with Linear layers (transformers, MLPs)")
+    probe = f"{linears[0]}.weight"
+    experts = ev.eval(exprs["experts"], (), TensorCtx(probe, probe, arch.layer_of(probe), arch.count_layers(h.config, h.tensors)))
+    if not isinstance(experts, list) or not experts or not all(isinstance(x, TensorV) for x in experts):
+        raise EvalError("E005", "experts must be a non-empty list of models", span.get("experts", call.span),
+                        "pass a `models` list or [a, b, ...]")
+    n = len(experts)
+    if o["top_k"] > n:
+        raise EvalError("E006", f"top_k={o['top_k']} but there are {n} experts", span.get("top_k", call.span),
+                        f"route each token to at most {n} experts")
+    tensors = S.output_tensors(shapes, linears, n, o["k"], o["gate_k"])
+    ev.__dict__.setdefault("_smile", {})[id(call)] = (tensors, o, h.tensors[probe].dtype)
+    num_layers = arch.count_layers(h.config, h.tensors)
+    source_of, group_of = {}, {}
+    for name, (kind, mod, _shape) in tensors.items():
+        src = name if kind in ("base", "weight", "bias") else f"{mod}.weight"
+        source_of[name] = (0, src, arch.layer_of(src), num_layers)
+        if kind in S.SUFFIXES[:3]:
+            group_of[name] = f"{mod}.smile"  # one unit: each expert's SVD once for gate, u, svh
+    cls = U.model_class(h.config)
+    desc = U.description("smile", cls.__name__ if cls is not None else "AutoModel", S.module_specs(tensors, n, o["top_k"]))
+    return {"names": list(tensors), "reference": base_key, "num_layers": num_layers, "source_of": source_of,
+            "group_of": group_of, "description": desc, "note": _param_counts(tensors, n, o["top_k"])}
+
+
+def _linears(modules: tuple[str, ...], shapes: dict) -> list[str]:
+    """The Linear modules by the names their tensors have in the checkpoint (a module
+    whose weight the checkpoint does not hold, e.g. a head tied to the embeddings, is
+    not upscaled), in checkpoint order."""
+    found = set()
+    for m in modules:
+        for cand in (m, m.split(".", 1)[1] if "." in m else None):
+            if cand and len(shapes.get(f"{cand}.weight", ())) == 2:
+                found.add(cand)
+                break
+    return [n.rsplit(".", 1)[0] for n in shapes if n.endswith(".weight") and n.rsplit(".", 1)[0] in found]
+
+
+def _param_counts(tensors: dict, n: int, top_k: int) -> str:
+    """'total N parameters, M active per token': each expert's factors count once in the
+    total and top_k of n times in the active count (the gates always)."""
+    total = active = 0
+    for _name, (kind, _mod, shape) in tensors.items():
+        k = 1
+        for d in shape:
+            k *= int(d)
+        total += k
+        active += k * top_k // n if kind in ("smile_u", "smile_svh", "smile_bias") else k
+    from .moe_values import _human
+
+    return f"SMILE, {n} experts, top-{top_k}: {_human(total)} parameters, {_human(active)} active per token"
+
+
+def eval_smile(ev, call: ir.CallE, ctx: TensorCtx) -> TensorV:
+    """Output tensor `ctx.group`'s value (see `arch.smile`)."""
+    if id(call) not in ev.__dict__.get("_smile", {}):
+        domain(ev, call)
+    tensors, o, dtype = ev._smile[id(call)]
+    kind, mod, shape = tensors[ctx.output or ctx.group]
+    exprs = _exprs(call)
+    loc = ev._loc(call.span)
+    if kind in ("weight", "bias") or (kind == "base" and not o["average_experts"]):
+        return ev.eval(exprs["base"], (), ctx)
+    if kind == "base":
+        xs = ev.eval(exprs["experts"], (), ctx)
+        if xs and xs[0].dtype not in ("F32", "F16", "BF16", "F64"):
+            return ev.eval(exprs["base"], (), ctx)  # integer buffers are not averaged
+        ev._same_shape(xs, call.span, ctx, "smile() average_experts")
+        nid = ev.plan.add("mean", tuple(x.node for x in xs), {}, group=ctx.group, loc=loc, shape=xs[0].shape)
+        return TensorV(nid, xs[0].shape, xs[0].dtype)
+    base = ev.eval(exprs["base"], (), ctx)
+    experts = ev.eval(exprs["experts"], (), ctx)
+    ev._same_shape([base, *experts], call.span, ctx, "smile()")
+    parts = []
+    if kind == "smile_bias":
+        bctx = TensorCtx(f"{mod}.bias", ctx.group, ctx.layer, ctx.num_layers)
+        b0, bs = ev.eval(exprs["base"], (), bctx), ev.eval(exprs["experts"], (), bctx)
+        ev._same_shape([b0, *bs], call.span, bctx, "smile()")
+        parts = [ev.plan.add("sub", (b.node, b0.node), {}, group=ctx.group, loc=loc, shape=b0.shape) for b in bs]
+    else:
+        out_f, in_f = base.shape
+        k, gk = smile_sizes(out_f, in_f, o["k"], o["gate_k"])
+        sizes = {"smile_u": (0, (out_f, k)), "smile_svh": (out_f * k, (k, in_f)),
+                 "smile_gate": (out_f * k + k * in_f, (gk, in_f))}
+        offset, piece = sizes[kind]
+        total = out_f * k + k * in_f + gk * in_f
+        for x in experts:
+            packed = ev.plan.add("smile_factors", (base.node, x.node),
+                                 {"k": k, "gate_k": gk, "routing_use_diff": bool(o["routing_use_diff"])},
+                                 group=ctx.group, loc=loc, shape=(total,))
+            parts.append(ev.plan.add("unpack", (packed,), {"offset": offset, "shape": [float(d) for d in piece]},
+                                     group=ctx.group, loc=loc, shape=piece))
+    nid = ev.plan.add("stack_experts", tuple(parts), {"parts": 1}, group=ctx.group, loc=loc, shape=shape)
+    return TensorV(nid, shape, dtype)
