@@ -35,7 +35,7 @@ models experts = {experts}
 merge {name} = smile(base, experts{args})
 save {name} to "out/{name}"
 ''', f"{name}.fuse")
-    rc, out, err = run_cli("run", str(spec))
+    rc, _, err = run_cli("run", str(spec))
     assert rc == 0, err
     return root / "out" / name
 

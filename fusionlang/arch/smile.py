@@ -69,13 +69,13 @@ def output_tensors(shapes: dict[str, tuple[int, ...]], linears: list[str], n: in
 def module_specs(tensors: dict[str, tuple[str, str, tuple[int, ...]]], n: int, top_k: int) -> dict[str, dict]:
     """The description entries (`arch.upscaled`) of the SMILE Linears of `tensors`."""
     specs: dict[str, dict] = {}
-    for _name, (kind, mod, shape) in tensors.items():
+    for kind, mod, shape in tensors.values():
         if kind == "smile_u":
             specs.setdefault(mod, {}).update({"type": SMILE_LINEAR, "num_experts": n, "k": shape[2], "top_k": top_k})
         if kind == "smile_gate":
             specs.setdefault(mod, {})["gate_k"] = shape[1]
-    for mod in specs:
-        specs[mod]["bias"] = f"{mod}.smile_bias" in tensors
+    for mod, spec in specs.items():
+        spec["bias"] = f"{mod}.smile_bias" in tensors
     return specs
 
 

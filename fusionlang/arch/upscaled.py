@@ -130,7 +130,7 @@ def read_tensors(model_dir: str | os.PathLike, names: set[str]) -> dict:
                     out[k] = fh.get_tensor(k)
     missing = names - set(out)
     if missing:
-        raise ValueError(f"the model files lack {len(missing)} tensors of the description, e.g. {sorted(missing)[0]}")
+        raise ValueError(f"the model files lack {len(missing)} tensors of the description, e.g. {min(missing)}")
     return out
 
 

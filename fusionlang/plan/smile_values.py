@@ -125,7 +125,7 @@ def _param_counts(tensors: dict, n: int, top_k: int) -> str:
     """'total N parameters, M active per token': each expert's factors count once in the
     total and top_k of n times in the active count (the gates always)."""
     total = active = 0
-    for _name, (kind, _mod, shape) in tensors.items():
+    for kind, _mod, shape in tensors.values():
         k = 1
         for d in shape:
             k *= int(d)

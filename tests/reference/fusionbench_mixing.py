@@ -29,10 +29,9 @@ def main() -> None:
         return
     if cfg["method"] == "smile":
         import torch
+        from fusion_bench.method.smile_upscaling.smile_upscaling import SmileUpscalingAlgorithm
         from safetensors.torch import save_file
         from transformers import AutoModel
-
-        from fusion_bench.method.smile_upscaling.smile_upscaling import SmileUpscalingAlgorithm
 
         base = AutoModel.from_pretrained(cfg["base"]).eval()
         experts = [AutoModel.from_pretrained(d).eval() for d in cfg["experts"]]
