@@ -62,6 +62,34 @@ save ta to "out/ta"
     assert not (tmp_path / "out/soup").exists()
 
 
+def test_eval_scores_a_smile_model_like_any_other(zoo_cache, tmp_path, monkeypatch):
+    """A SMILE model has no transformers class: `eval` rebuilds it from its description,
+    and its row is evaluate() of the saved directory, whose layers are SmileLinear."""
+    monkeypatch.setenv("FUSIONLANG_CACHE", str(zoo_cache))
+    spec = write_spec(tmp_path, '''model base = zoo("text-tiny")
+models experts = [zoo("text-tiny", "austen"), zoo("text-tiny", "pos")]
+merge up = smile(base, experts, k=16, top_k=1)
+task austen = classify("austen", zoo="text-tiny", limit=64)
+task pos = classify("pos", zoo="text-tiny", limit=64)
+eval up on austen, pos to "report"
+save up to "out/up"
+''')
+    rc, _, err = run_cli("run", str(spec), "-q", "--device", "cpu")
+    assert rc == 0, err
+    rows = json.loads((tmp_path / "report/report.json").read_text())["rows"]
+    import fusionlang
+    from fusionlang.arch.smile_module import SmileLinear
+    from fusionlang.zoo.evaluate import evaluate, find_task
+
+    model = fusionlang.load(tmp_path / "out/up")
+    assert sum(isinstance(m, SmileLinear) for m in model.modules()) >= 6 * 6  # every Linear of MiniLM's 6 layers
+    for t in ("austen", "pos"):
+        want = evaluate(str(tmp_path / "out/up"), find_task(t, "text-tiny", zoo_cache), limit=64)["accuracy"]
+        assert rows["up"]["accuracy"][t] == want
+    # not the base's accuracy: the experts' layers route
+    assert rows["up"]["accuracy"] != rows["pretrained"]["accuracy"]
+
+
 def test_unknown_task_and_unbuilt_zoo_are_user_errors(zoo_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("FUSIONLANG_CACHE", str(zoo_cache))
     spec = write_spec(tmp_path, '''model base = zoo("text-tiny")
