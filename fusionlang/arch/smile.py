@@ -79,7 +79,7 @@ def module_specs(tensors: dict[str, tuple[str, str, tuple[int, ...]]], n: int, t
     return specs
 
 
-def smile_linear(base, tensors: dict, spec: dict):
+def smile_linear(base, tensors: dict, spec: dict, _shared: dict | None = None):
     """A `SmileLinear` (`arch.smile_module`) from a loaded base `nn.Linear` and its
     SMILE tensors."""
     from .smile_module import SmileLinear

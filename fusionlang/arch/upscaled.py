@@ -1,4 +1,4 @@
-"""Models with no transformers class of their own (SMILE, later WEMoE): a transformers
+"""Models with no transformers class of their own (SMILE, WEMoE): a transformers
 base model in which some modules are replaced, saved as ordinary safetensors plus a
 JSON description, and rebuilt by `fusionlang.load(dir)` with no remote code and no
 pickle.
@@ -14,7 +14,8 @@ On disk (`DESCRIPTION` in the model directory):
 The base's own tensors keep their names (so the weights of the replaced modules'
 pretrained part load into the base class as usual); each replaced module adds tensors
 under its name (`<module>.smile_u`, ...: see the module type's class). The module
-types are `MODULE_TYPES`; each is built by a function (base module, tensors, spec)."""
+types are `_type`'s; each is built by a function (base module, its tensors, its spec,
+a dict the modules of one model share)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,19 @@ def linear_modules(config_json: str) -> tuple[str, ...]:
     except OSError:
         pass  # an unwritable cache only costs the seconds again
     return names
+
+
+def checkpoint_linears(modules: tuple[str, ...], shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The Linear modules by the names their tensors have in the checkpoint (a module
+    whose weight the checkpoint does not hold, e.g. a head tied to the embeddings, is
+    not upscaled), in checkpoint order."""
+    found = set()
+    for m in modules:
+        for cand in (m, m.split(".", 1)[1] if "." in m else None):
+            if cand and len(shapes.get(f"{cand}.weight", ())) == 2:
+                found.add(cand)
+                break
+    return [n.rsplit(".", 1)[0] for n in shapes if n.endswith(".weight") and n.rsplit(".", 1)[0] in found]
 
 
 def model_class(config: dict):
@@ -159,6 +173,7 @@ def load(model_dir: str | os.PathLike, desc: dict, cls=None, **kwargs):
     wanted = {f"{name}.{t}" for name, spec in specs.items() for t in _type(spec)[1](spec)}
     tensors = read_tensors(model_dir, wanted)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    shared: dict = {}  # what modules of one model share (a WEMoE MLP's routing weights)
     for name, spec in specs.items():
         path, base = module_for_tensor_prefix(model, name)
         if base is None:
@@ -166,14 +181,19 @@ def load(model_dir: str | os.PathLike, desc: dict, cls=None, **kwargs):
         build, names = _type(spec)
         own = {t: tensors[f"{name}.{t}"].to(device=base.weight.device, dtype=dtype) for t in names(spec)}
         parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, build(base, own, spec))
+        setattr(model.get_submodule(parent) if parent else model, child, build(base, own, spec, shared))
+    if shared:
+        from .wemoe_module import capture_mask
+
+        capture_mask(model, shared)
     return model.eval()
 
 
 def _type(spec: dict):
     from .smile import SMILE_LINEAR, smile_linear, smile_tensor_names
+    from .wemoe import WEMOE_LINEAR, wemoe_linear, wemoe_tensor_names
 
-    types = {SMILE_LINEAR: (smile_linear, smile_tensor_names)}
+    types = {SMILE_LINEAR: (smile_linear, smile_tensor_names), WEMOE_LINEAR: (wemoe_linear, wemoe_tensor_names)}
     t = spec.get("type") if isinstance(spec, dict) else None
     if t not in types:
         raise ValueError(f"unknown module type {t!r} (this fusionlang knows: {', '.join(types)})")

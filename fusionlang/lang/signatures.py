@@ -1,5 +1,5 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, moe, classify,
-dataset, zoo_data, gram, gram_plusplus, fisher, adamerging_coefficients, covered, accuracy,
+dataset, zoo_data, gram, gram_plusplus, smile, wemoe, fisher, adamerging_coefficients, covered, accuracy,
 perplexity, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
@@ -92,6 +92,15 @@ BUILTINS: dict[str, BuiltinSig] = {
                         "SMILE upscaling (FusionBench smile_upscaling): each Linear layer of `base` keeps its weights "
                         "and gains the experts' task vectors as rank-k experts with an SVD router (top_k per token); "
                         "data-free; the whole value of a merge, loaded with fusionlang.load"),
+    "wemoe": BuiltinSig((("base", "model", REQUIRED), ("experts", "models", REQUIRED), ("data", "data", REQUIRED),
+                         ("init_lambda", "number", 0.3), ("router_hidden_layers", "int", 2), ("lr", "number", 1e-4),
+                         ("steps", "int", 1000), ("batch_size", "int", 16), ("batch_reduce", "bool", True),
+                         ("seed", "int", 0)),
+                        "model",
+                        "a weight-ensembling mixture of experts (FusionBench weight_ensembling_moe): task arithmetic "
+                        "outside the MLPs; each MLP's weights merged per input from the experts' task vectors by a "
+                        "router trained on the unlabeled `data`; the whole value of a merge, loaded with "
+                        "fusionlang.load"),
     "tune": BuiltinSig((("values", "numbers", REQUIRED), ("on", "any", REQUIRED), ("split", "string", "val")), "number",
                        "a merge argument chosen at run time: the candidate with the best mean accuracy on the "
                        "tasks' validation split"),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .. import arch, ir
 from ..lang.diagnostics import Span
 from ..runtime.sources import is_source_call
-from . import moe_values, smile_values
+from . import moe_values, smile_values, wemoe_values
 from .evaluate import Evaluator
 from .values import PROBE, EvalError, SliceV, TensorCtx
 
@@ -46,6 +46,9 @@ class Domains(Evaluator):
         sc = moe_values.moe_call(self, b, "smile")
         if sc is not None and not self.dry:
             return smile_values.eval_smile(self, sc, ctx)
+        wc = moe_values.moe_call(self, b, "wemoe")
+        if wc is not None and not self.dry:
+            return wemoe_values.eval_wemoe(self, wc, ctx)
         return self.eval(b.value, (), ctx)
 
     def eval_slices(self, call: ir.CallE, ctx: TensorCtx):
@@ -118,6 +121,9 @@ class Domains(Evaluator):
         sc = moe_values.moe_call(self, b, "smile")
         if sc is not None:
             return Domain(**smile_values.domain(self, sc))
+        wc = moe_values.moe_call(self, b, "wemoe")
+        if wc is not None:
+            return Domain(**wemoe_values.domain(self, wc))
         call = self.first_source(b.value)
         if call is None:
             raise EvalError("E013", f"'{b.qualname.split('::')[-1]}' reads no model", b.span,

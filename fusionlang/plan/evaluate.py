@@ -240,12 +240,14 @@ class Evaluator:
         if e.kind == "builtin" and e.target == "slices":
             raise EvalError("E005", "slices() must be the whole value of a merge", e.span,
                             "write `merge deep = slices([...])` and use `deep` elsewhere")
-        if e.kind == "builtin" and e.target in ("moe", "smile"):
+        if e.kind == "builtin" and e.target in ("moe", "smile", "wemoe"):
             if self.dry:
                 from .moe_values import options as moe_options
                 from .smile_values import options as smile_options
+                from .wemoe_values import options as wemoe_options
 
-                (moe_options if e.target == "moe" else smile_options)(self, e)  # the arguments that need no model files
+                options = {"moe": moe_options, "smile": smile_options, "wemoe": wemoe_options}[e.target]
+                options(self, e)  # the arguments that need no model files
                 return self.load("model", ctx, e.span)
             raise EvalError("E005", f"{e.target}() must be the whole value of a merge", e.span,
                             f"write `merge m = {e.target}(base, experts, ...)` and use `m` elsewhere")

@@ -66,13 +66,8 @@ def domain(ev, call: ir.CallE) -> dict:
         raise EvalError("E005", "smile() needs a base model", call.span, "write smile(base, experts, ...)")
     base_key = ev.source(base_call, ev.call_args(base_call, (), PROBE_CTX))
     h = ev.headers[base_key]
-    try:
-        modules = U.linear_modules(json.dumps(h.config, sort_keys=True))
-    except ValueError as e:
-        raise EvalError("E014", f"cannot list the Linear layers of '{base_key}': {e}", span.get("base", call.span),
-                        "SMILE upscales a transformers model whose config.json names its architecture") from None
     shapes = {k: tuple(t.shape) for k, t in h.tensors.items()}
-    linears = _linears(modules, shapes)
+    linears = linears_of(base_key, h, span.get("base", call.span), "SMILE")
     if o["linears"] is not None:
         regexes = [re.compile(pattern_regex(p)[0]) for p in o["linears"]]
         chosen = [m for m in linears if any(r.match(m) or r.match(f"{m}.weight") for r in regexes)]
@@ -108,17 +103,15 @@ def domain(ev, call: ir.CallE) -> dict:
             "group_of": group_of, "description": desc, "note": _param_counts(tensors, n, o["top_k"])}
 
 
-def _linears(modules: tuple[str, ...], shapes: dict) -> list[str]:
-    """The Linear modules by the names their tensors have in the checkpoint (a module
-    whose weight the checkpoint does not hold, e.g. a head tied to the embeddings, is
-    not upscaled), in checkpoint order."""
-    found = set()
-    for m in modules:
-        for cand in (m, m.split(".", 1)[1] if "." in m else None):
-            if cand and len(shapes.get(f"{cand}.weight", ())) == 2:
-                found.add(cand)
-                break
-    return [n.rsplit(".", 1)[0] for n in shapes if n.endswith(".weight") and n.rsplit(".", 1)[0] in found]
+def linears_of(key: str, h, span, method: str) -> list[str]:
+    """The Linear layers of model `key` (header `h`) by their names in its files;
+    EvalError (E014) when transformers cannot build the model from its config."""
+    try:
+        modules = U.linear_modules(json.dumps(h.config, sort_keys=True))
+    except ValueError as e:
+        raise EvalError("E014", f"cannot list the Linear layers of '{key}': {e}", span,
+                        f"{method} upscales a transformers model whose config.json names its architecture") from None
+    return U.checkpoint_linears(modules, {k: tuple(t.shape) for k, t in h.tensors.items()})
 
 
 def _param_counts(tensors: dict, n: int, top_k: int) -> str:

@@ -120,6 +120,10 @@ def compute(stage: dict, device, on_batch=None, log=None, names: list[str] | Non
         from . import routers as R
 
         return R.compute(stage, device, log)
+    if stage["kind"] == "wemoe":
+        from . import wemoe as W
+
+        return W.train(stage, device, log)
     if stage["kind"] == "gram_plusplus":
         from . import regmean_pp as R
 
