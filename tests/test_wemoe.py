@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, WORDS, load_state, make_classifier_family, run_cli, word_tokenizer, write_spec
+from conftest import (
+    REPO,
+    WORDS,
+    load_state,
+    make_classifier_family,
+    run_cli,
+    word_tokenizer,
+    write_spec,
+)
 
 FB_PYTHON = REPO / ".venv-fusionbench/bin/python"
 if not FB_PYTHON.is_file() and os.environ.get("CI"):
@@ -134,8 +142,9 @@ def test_wemoe_matches_fusionbench(llama_fam):
         assert float((a - b).abs().max()) < 1e-5, key
         moved = max(moved, float((b - init[key]).abs().max()))
     assert moved > 1e-3  # the routers did train
-    import fusionlang
     from transformers import AutoTokenizer
+
+    import fusionlang
 
     model = fusionlang.load(out)
     with torch.no_grad():

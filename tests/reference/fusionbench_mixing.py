@@ -65,11 +65,10 @@ def _wemoe(cfg: dict) -> None:
     from copy import deepcopy
 
     import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     from fusion_bench.method.we_moe.we_moe import entropy_loss
     from fusion_bench.models.we_moe import WeightEnsemblingMoE
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     def load(d):
         return AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval()
