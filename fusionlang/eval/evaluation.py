@@ -50,6 +50,8 @@ def resolve_task(prog: ir.Program, qual: str) -> dict:
     args = call_args(prog, b.value) if isinstance(b.value, ir.CallE) else {}
     if isinstance(b.value, ir.CallE) and b.value.target in ("accuracy", "perplexity"):
         return _user_task(b, args)
+    if isinstance(b.value, ir.CallE) and b.value.target == "lm_eval":
+        return _lm_eval_task(b, args)
     zoo = args.get("zoo", "text")
     try:
         spec = find_task(args["task"], zoo)
@@ -108,6 +110,43 @@ def _user_task(b: ir.Binding, args: dict) -> dict:
                                      'e.g. dataset("held_out.jsonl", text="text")')])
     return {"kind": call.target, "data": data.spec, "batch_size": int(bs or (32 if call.target == "accuracy" else 8)),
             "span": b.span}
+
+
+def _lm_eval_task(b: ir.Binding, args: dict) -> dict:
+    """An lm_eval() task: its YAML read and its arguments checked (FuseErrors located at
+    the argument at fault)."""
+    from ..stages.data import DataError
+    from . import lm_eval as L
+
+    call = b.value
+    exprs = dict(zip(("task", "metric", "limit", "num_fewshot", "batch_size"), call.args)) | dict(call.kwargs)
+
+    def at(name: str):
+        return exprs[name].span if name in exprs else call.span
+
+    path = os.path.expanduser(str(args["task"]))
+    if not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(call.span.file)), path)
+    try:
+        info = L.read(os.path.normpath(path))
+    except DataError as e:
+        raise FuseErrors([Diagnostic(e.code, e.message, at("task"), e.hint)]) from None
+    for name, lo in (("limit", 1), ("num_fewshot", 0), ("batch_size", 1)):
+        v = args.get(name)
+        if v is not None and (isinstance(v, bool) or float(v) != int(v) or v < lo):
+            raise FuseErrors([Diagnostic("E006", f"{name}={v!r} must be a whole number of at least {lo}", at(name),
+                                         "e.g. limit=200, num_fewshot=5, batch_size=8")])
+    metric = args.get("metric")
+    if metric is not None and info["metrics"] and metric not in info["metrics"]:
+        raise FuseErrors([Diagnostic("E006", f"metric={metric!r} is not in the task's metric_list "
+                                     f"({', '.join(info['metrics'])})", at("metric"),
+                                     f"one of {', '.join(info['metrics'])}, or leave it out for the first")])
+    if not L.available():
+        raise FuseErrors([Diagnostic("E014", "lm_eval() needs the lm-evaluation-harness, which is not installed",
+                                     call.span, "pip install 'fusionlang[lm-eval]' (lm-eval 0.4)")])
+    return {"kind": "lm_eval", **info, "metric": metric, "limit": int(args["limit"]) if args.get("limit") else None,
+            "num_fewshot": int(args["num_fewshot"]) if args.get("num_fewshot") is not None else None,
+            "batch_size": int(args.get("batch_size") or 8), "span": b.span}
 
 
 def is_zoo_task(task: dict) -> bool:
@@ -362,8 +401,9 @@ def _table(setup: EvalSetup, rows: list[str], tasks: list[str], score) -> dict:
     accuracy()), perplexity on the perplexity() tasks; on zoo tasks also the reference
     rows (pre-trained, fine-tuned expert), normalized accuracy and forgetting."""
     zoo = [t for t in tasks if is_zoo_task(setup.tasks[t])]
-    accs = [t for t in tasks if setup.tasks[t].get("kind") != "perplexity"]
+    accs = [t for t in tasks if setup.tasks[t].get("kind") not in ("perplexity", "lm_eval")]
     ppls = [t for t in tasks if setup.tasks[t].get("kind") == "perplexity"]
+    lms = [t for t in tasks if setup.tasks[t].get("kind") == "lm_eval"]
     table: dict[str, dict] = {}
     pre = {t: score(_reference_dirs(setup, t)[0], t)["accuracy"] for t in zoo}
     fine = {t: score(_reference_dirs(setup, t)[1], t)["accuracy"] for t in zoo}
@@ -377,6 +417,9 @@ def _table(setup: EvalSetup, rows: list[str], tasks: list[str], score) -> dict:
         if ppls:
             row["perplexity"] = {t: res[t]["perplexity"] for t in ppls}
             row["loss"] = {t: res[t]["loss"] for t in ppls}
+        if lms:
+            row["lm_eval"] = {t: res[t]["score"] for t in lms}
+            row["lm_eval_results"] = {t: res[t]["results"] for t in lms}
         if zoo:
             row["normalized_accuracy"] = {t: acc[t] / fine[t] if fine[t] else float("nan") for t in zoo}
             row["forgetting"] = sum(max(0.0, pre[t] - acc[t]) for t in zoo) / len(zoo)
@@ -391,8 +434,15 @@ def _table(setup: EvalSetup, rows: list[str], tasks: list[str], score) -> dict:
     if zoo:
         definitions |= {"normalized_accuracy": "accuracy / fine-tuned accuracy on the task",
                         "forgetting": "mean over zoo tasks of max(0, pretrained - model accuracy)"}
-    return {"tasks": tasks, "accuracy_tasks": accs, "perplexity_tasks": ppls, "rows": table,
-            "definitions": definitions}
+    report = {"tasks": tasks, "accuracy_tasks": accs, "perplexity_tasks": ppls, "rows": table,
+              "definitions": definitions}
+    if lms:
+        first = next(iter(rows), None)
+        report["lm_eval_tasks"] = {t: {"metric": score(setup.models[first], t)["metric"],
+                                       "higher_is_better": score(setup.models[first], t)["higher_is_better"],
+                                       "task": setup.tasks[t]["name"]} for t in lms} if first else {}
+        definitions["lm_eval"] = "the task's metric as lm-evaluation-harness computes it (lm_eval_tasks names it)"
+    return report
 
 
 def _print(console, report: dict) -> None:
@@ -400,17 +450,22 @@ def _print(console, report: dict) -> None:
 
     tasks = report["tasks"]
     ppls = set(report.get("perplexity_tasks", ()))
-    title = "accuracy (%) on the test splits" + (" and perplexity (ppl, lower is better)" if ppls else "")
+    lms = report.get("lm_eval_tasks", {})
+    title = "accuracy (%) on the test splits" + (" and perplexity (ppl, lower is better)" if ppls else "") + (
+        "; lm-eval tasks: their metric" if lms else "")
     t = Table(title=title, title_justify="left")
     t.add_column("model")
     for name in tasks:
-        t.add_column(f"{name} (ppl)" if name in ppls else name, justify="right")
+        head = f"{name} (ppl)" if name in ppls else f"{name} ({lms[name]['metric']})" if name in lms else name
+        t.add_column(head, justify="right")
     for c in ("avg", "norm. avg", "forgetting", "ms/batch"):
         t.add_column(c, justify="right")
 
     def cell(row: dict, k: str) -> str:
         if k in ppls:
             return f"{row['perplexity'][k]:.2f}" if "perplexity" in row else ""
+        if k in lms:
+            return f"{row['lm_eval'][k]:.4g}" if "lm_eval" in row else ""
         return f"{100 * row['accuracy'][k]:.1f}" if k in row["accuracy"] else ""
 
     for name, row in report["rows"].items():

@@ -35,6 +35,14 @@ def check(task: dict, model_dir: str, name: str) -> None:
     """DataError (E014) when model `name` (directory `model_dir`) cannot run task `task`."""
     config = _config(model_dir)
     archs = config.get("architectures") or []
+    if task["kind"] == "lm_eval":
+        if not any(a.endswith("ForCausalLM") for a in archs):
+            raise DataError("E014", f"'{name}' ({', '.join(archs) or config.get('model_type')}) is not a causal "
+                            "language model, which lm-eval's HFLM runs", "evaluate *ForCausalLM models on lm_eval() tasks")
+        if not any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise DataError("E014", f"'{name}' has no tokenizer files next to its weights", "save the tokenizer with "
+                            "the model; a merge copies its reference model's")
+        return
     ex = D.load(task["data"])
     if task["kind"] == "accuracy":
         if ex.labels is None:
@@ -64,6 +72,13 @@ def score(model_dir: str | dict, task: dict, device: str, on_batch=None) -> dict
     """Score a model directory on a user task. Returns the metric (`accuracy`, or
     `perplexity` with `loss` and `tokens`), `n`, `latency_per_batch_s`, `peak_mem_bytes`.
     An ensemble (`model_dir` a dict of members, weights, mode) combines its members' logits."""
+    if task["kind"] == "lm_eval":
+        if isinstance(model_dir, dict):
+            raise DataError("E014", "an ensemble has no single model for lm-eval to run",
+                            "evaluate its members, or a merge of them, on lm_eval() tasks")
+        from .lm_eval import score as lm_score
+
+        return lm_score(model_dir, task, device, on_batch)
     import torch
 
     from ..zoo.evaluate import _peak_mem_bytes

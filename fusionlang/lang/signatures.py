@@ -1,6 +1,6 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, moe, classify,
 dataset, zoo_data, gram, gram_plusplus, smile, wemoe, fisher, adamerging_coefficients, covered, accuracy,
-perplexity, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
+perplexity, lm_eval, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
 
@@ -70,6 +70,10 @@ BUILTINS: dict[str, BuiltinSig] = {
                            "a task on your own labeled data: the accuracy of each model's own classification head"),
     "perplexity": BuiltinSig((("data", "data", REQUIRED), ("batch_size", "int", 8)), "task",
                              "a task on your own text: each causal language model's perplexity (lower is better)"),
+    "lm_eval": BuiltinSig((("task", "string", REQUIRED), ("metric", "string", None), ("limit", "int", None),
+                           ("num_fewshot", "int", None), ("batch_size", "int", 8)), "task",
+                          "a task of your own lm-evaluation-harness YAML (its data beside it), scored on causal "
+                          "language models in memory: the YAML's first metric, or `metric`"),
     "ensemble": BuiltinSig((("models", "models", REQUIRED), ("weights", "numbers", None), ("normalize", "bool", True),
                             ("mode", "string", "mean")), "ensemble",
                            "a prediction-level combination of models (no merged weights): the mean of their outputs, "
