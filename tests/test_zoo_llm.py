@@ -240,3 +240,22 @@ def test_cli_prints_the_llm_table(tiny_llm):
                        capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     assert "ppl" in r.stderr and "austen" in r.stderr and r.stdout.strip().endswith("llm-tiny")
+
+
+def test_cli_eval_scores_a_model_on_the_held_out_rows(tiny_llm):
+    """`zoo eval MODEL TASK --zoo llm-tiny` reproduces the manifest's perplexity and exact
+    match for an expert."""
+    cache, out, _ = tiny_llm
+    r = subprocess.run([sys.executable, "-m", "fusionlang.zoo", "eval", str(out / "arith"), "arith", "format",
+                        "--zoo", "llm-tiny", "--cache", str(cache), "--json", "--threads", "1"],
+                       capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    res = {x["task"]: x for x in json.loads(r.stdout)}
+    m = json.loads((out / "zoo.json").read_text())["tasks"]
+    assert math.isclose(res["arith"]["perplexity"], m["arith"]["perplexity"]["finetuned"], rel_tol=1e-6)
+    assert res["arith"]["exact_match"] == m["arith"]["exact_match"]["finetuned"]
+    assert res["format"]["n"] == 8 and res["format"]["peak_mem_bytes"] > 0
+    r = subprocess.run([sys.executable, "-m", "fusionlang.zoo", "eval", str(out / "arith"), "nope",
+                        "--zoo", "llm-tiny", "--cache", str(cache)], capture_output=True, text=True,
+                       timeout=300, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "arith, austen, code, format" in r.stderr

@@ -236,6 +236,9 @@ def _eval(args, console) -> int:
 
     from .progress import Heartbeat, stderr_writer
 
+    llm = _llm_zoo(args)
+    if llm is not None:
+        return _eval_llm(args, console, llm)
     results = []
     beat = Heartbeat(stderr_writer(console), f"evaluating {args.model}", "tasks")
     for i, t in enumerate(args.tasks):
@@ -258,6 +261,54 @@ def _eval(args, console) -> int:
                       f"{r['peak_mem_bytes'] / 2**20:.0f} MiB")
     from rich.console import Console
 
+    Console().print(table)
+    return 0
+
+
+def _llm_zoo(args) -> Path | None:
+    """The directory of the LLM zoo that ``zoo eval``'s tasks name (``--zoo llm`` or
+    ``llm/TASK``), or None for a classification zoo."""
+    from .paths import zoo_dir
+
+    names = {args.zoo} if args.zoo else {t.split("/", 1)[0] for t in args.tasks if "/" in t}
+    for name in names:
+        d = Path(name).expanduser() if name and "/" in name else zoo_dir(name, args.cache)
+        try:
+            if json.loads((d / "zoo.json").read_text()).get("kind") == "llm":
+                return d
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _eval_llm(args, console, zoo: Path) -> int:
+    """``zoo eval`` on an LLM zoo: perplexity (and exact match) on held-out rows."""
+    from .llm import evaluate_lm
+    from .progress import Heartbeat, stderr_writer
+
+    if not Path(args.model).is_dir():
+        raise ZooError(f"{args.model} is not a model directory", hint="pass a directory with config.json")
+    beat = Heartbeat(stderr_writer(console), f"evaluating {args.model}", "tasks")
+    results = []
+    for i, t in enumerate(args.tasks):
+        name = t.split("/", 1)[1] if "/" in t else t
+        results.append(evaluate_lm(args.model, zoo, name, args.device, min(args.batch_size, 8),
+                                   on_batch=lambda b, n, t=t, i=i: beat.beat(i, len(args.tasks), f"{t}: batch {b}/{n}")))
+        beat.beat(i + 1, len(args.tasks), t)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.model} (held-out rows of {zoo.name})")
+    for col in ("task", "perplexity", "loss", "exact match", "n", "latency/batch", "peak mem"):
+        table.add_column(col, justify="right" if col != "task" else "left")
+    for r in results:
+        em = r.get("exact_match")
+        table.add_row(r["task"], f"{r['perplexity']:.3f}", f"{r['loss']:.4f}",
+                      f"{100 * em:.1f}" if em is not None else "", str(r["n"]),
+                      f"{1000 * r['latency_per_batch_s']:.1f} ms", f"{r['peak_mem_bytes'] / 2**20:.0f} MiB")
     Console().print(table)
     return 0
 

@@ -41,6 +41,7 @@ __all__ = [
     "GGUF_FILE",
     "base_model_dir",
     "convert_gguf",
+    "evaluate_lm",
     "exact_match",
     "fine_tune_lm",
     "lm_loss",
@@ -540,3 +541,41 @@ def build_llm_tasks(recipe, out: Path, seed: int, cache, fetch, progress) -> dic
         torch.set_grad_enabled(True)
     progress.remove_task(progress_id)
     return results
+
+
+def evaluate_lm(model, zoo: str | Path, task: str, device: str = "cpu", batch_size: int = 8,
+                on_batch: Callable | None = None) -> dict:
+    """Score a causal LM (a model directory, e.g. a merge of the zoo's experts) on one
+    LLM-zoo domain's held-out rows ``<zoo>/data/<task>.jsonl``.
+
+    Returns ``{"task", "n", "loss" (nats per token), "perplexity", "tokens",
+    "exact_match" (fraction; only for domains with answers), "latency_per_batch_s",
+    "peak_mem_bytes"}``: the loss as :func:`lm_loss`, exact match as :func:`exact_match`.
+    Raises ZooError when the zoo has no such task."""
+    import resource
+    import sys
+
+    import torch
+
+    zoo = Path(zoo)
+    path = zoo / "data" / f"{task}.jsonl"
+    if not path.is_file():
+        have = sorted(p.name.removesuffix(".jsonl") for p in (zoo / "data").glob("*.jsonl")
+                      if not p.name.endswith(".train.jsonl"))
+        raise ZooError(f"the LLM zoo {zoo} has no task {task!r}", hint=f"tasks: {', '.join(have) or 'none'}")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    m, tok = load_lm(model, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    r = lm_loss(m, tok, [x["text"] for x in rows], batch_size=batch_size, device=device, on_batch=on_batch)
+    batches = -(-len(rows) // batch_size)
+    r["latency_per_batch_s"] = (time.perf_counter() - t0) / max(1, batches)
+    if rows and "answer" in rows[0]:
+        r["exact_match"] = exact_match(m, tok, [x["prompt"] for x in rows], [x["answer"] for x in rows],
+                                       device=device)["exact_match"]
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {"task": task, **r, "peak_mem_bytes": int(peak), "batch_size": batch_size}
