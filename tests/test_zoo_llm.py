@@ -259,3 +259,19 @@ def test_cli_eval_scores_a_model_on_the_held_out_rows(tiny_llm):
                         "--zoo", "llm-tiny", "--cache", str(cache)], capture_output=True, text=True,
                        timeout=300, check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "arith, austen, code, format" in r.stderr
+
+
+def test_rebuild_with_the_same_seed_writes_the_same_experts(tiny_llm):
+    """Last in the file: rebuilds the tiny zoo in place (--force), one thread as before."""
+    from safetensors.torch import load_file
+
+    from fusionlang.zoo.build import build_zoo
+
+    cache, out, _ = tiny_llm
+    before = {t: load_file(str(out / t / "model.safetensors")) for t in TASKS}
+    losses = {t: v["loss"] for t, v in json.loads((out / "zoo.json").read_text())["tasks"].items()}
+    assert build_zoo("llm", seed=0, tiny=True, cache=cache, fetch=False, force=True, threads=1) == out
+    for t in TASKS:
+        after = load_file(str(out / t / "model.safetensors"))
+        assert all(after[n].equal(v) for n, v in before[t].items()), t
+    assert {t: v["loss"] for t, v in json.loads((out / "zoo.json").read_text())["tasks"].items()} == losses
