@@ -6,7 +6,8 @@ Columns, MergeBench-style, per model: perplexity on each domain's held-out rows;
 retained, mean over domains of (base loss - model loss) / (base loss - that domain's
 expert loss) (1 = every domain as good as its own expert, 0 = the base); forgetting, mean
 over domains of max(0, model loss - base loss) in nats per token; latency per batch and
-peak memory as the report measured them.
+peak memory as the report measured them; exact match (%) on the domains whose rows have
+answers, when the report has exact_match() tasks.
 """
 
 from __future__ import annotations
@@ -25,17 +26,19 @@ def table(report: dict, manifest: dict | None = None) -> str:
     rows = report["rows"]
     base = rows["base"]["loss"]
     expert = {t: rows[t]["loss"][t] for t in tasks}
-    head = "| model | " + " | ".join(f"{t} ppl" for t in tasks) + \
+    ems = report.get("exact_match_tasks", [])
+    head = "| model | " + " | ".join(f"{t} ppl" for t in tasks) + "".join(f" | {t} EM" for t in ems) + \
         " | gain retained | forgetting (nats) | s / batch | peak MB |"
-    out = [head, "|---|" + "---:|" * (len(tasks) + 4)]
+    out = [head, "|---|" + "---:|" * (len(tasks) + len(ems) + 4)]
     for name, r in rows.items():
         loss = r["loss"]
         kept = sum((base[t] - loss[t]) / (base[t] - expert[t]) for t in tasks) / len(tasks)
         forget = sum(max(0.0, loss[t] - base[t]) for t in tasks) / len(tasks)
         out.append(f"| {name} | " + " | ".join(f"{r['perplexity'][t]:.2f}" for t in tasks)
+                   + "".join(f" | {100 * r['accuracy'][t]:.1f} %" for t in ems)
                    + f" | {kept:.2f} | {forget:.3f} | {r['latency_per_batch_s']:.2f}"
                    + f" | {r['peak_mem_bytes'] / 2**20:.0f} |")
-    if manifest:
+    if manifest and not ems:
         em = [(t, v["exact_match"]) for t, v in manifest["tasks"].items() if "exact_match" in v]
         if em:
             out += ["", "Exact match (greedy, held-out rows; measured by `zoo build`):", "",

@@ -160,3 +160,83 @@ eval ta on ppl
 ''', "tune_ppl.fuse")
     rc, _, err = run_cli("compile", str(spec))
     assert rc == 1 and _errors(err) == [(5, 49, "E019")] and "perplexity() task" in err, err
+
+
+def _greedy_first_word(model_dir, prompt: str, steps: int = 3) -> str:
+    """The first word of a model's greedy continuation of `prompt`, decoded one row at a
+    time with no padding (independent of the batched, left-padded generate)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tok([prompt], return_tensors="pt")["input_ids"]
+    n = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, m(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    words = tok.decode(ids[0, n:], skip_special_tokens=True).split()
+    return words[0] if words else ""
+
+
+def test_exact_match_task_scores_greedy_answers(lm):
+    """exact_match(): half the answers are the base's own greedy next word, half another
+    word; each model's score is the fraction of rows whose independently decoded first
+    word is the answer (rows of different lengths: left padding must not change it)."""
+    from conftest import WORDS
+
+    root, f = lm
+    prompts = [json.loads(x)["text"] for x in (root / "lm.jsonl").read_text().splitlines()][:12]
+    base_words = [_greedy_first_word(f["base"], p) for p in prompts]
+    answers = [w if i % 2 == 0 else next(x for x in WORDS if not w.startswith(x) and not x.startswith(w))
+               for i, w in enumerate(base_words)]
+    with open(root / "qa.jsonl", "w") as fh:
+        fh.writelines(json.dumps({"q": p, "a": a}) + "\n" for p, a in zip(prompts, answers, strict=True))
+    spec = write_spec(root, '''use merging
+model base = local("base")
+models experts = [local("e0"), local("e1")]
+task qa = exact_match(dataset("qa.jsonl", prompt="q", answer="a"), batch_size=5)
+merge ta = task_arithmetic(base, experts, scale=0.5)
+save ta to "out/ta_em"
+eval base, ta on qa to "rep_em"
+''', "em.fuse")
+    rc, out, err = run_cli("run", str(spec))
+    assert rc == 0, err
+    report = json.loads((root / "rep_em" / "report.json").read_text())
+    assert report["exact_match_tasks"] == ["qa"] and "qa (EM)" in out + err
+    assert report["rows"]["base"]["accuracy"]["qa"] == 0.5
+    ta_words = [_greedy_first_word(root / "out" / "ta_em", p) for p in prompts]
+    want = sum(w == a for w, a in zip(ta_words, answers, strict=True)) / len(prompts)
+    assert report["rows"]["ta"]["accuracy"]["qa"] == pytest.approx(want, abs=1e-12)
+
+
+def test_exact_match_errors_are_located(cls, lm):
+    root, _ = lm
+    (root / "qa_bad.jsonl").write_text(json.dumps({"q": "the cat", "a": "sat"}) + "\n")
+    spec = write_spec(root, f'''use merging
+model base = local("base")
+model bert = local("{cls[1]["e0"]}")
+task noanswer = exact_match(dataset("qa_bad.jsonl", prompt="q"))
+task qa = exact_match(dataset("qa_bad.jsonl", prompt="q", answer="a"), max_new_tokens=0)
+eval base on noanswer
+''', "em_bad.fuse")
+    rc, _, err = run_cli("compile", str(spec))
+    assert rc == 1 and "Traceback" not in err, err
+    assert _errors(err) == [(4, 29, "E006"), (5, 87, "E006")], err
+    assert "name their columns with answer=" in err and "max_new_tokens=0" in err
+    spec = write_spec(root, f'''use merging
+model bert = local("{cls[1]["e0"]}")
+task em = exact_match(dataset("qa_bad.jsonl", prompt="q", answer="a"))
+eval bert on em
+''', "em_bad2.fuse")
+    rc, _, err = run_cli("compile", str(spec))
+    assert rc == 1 and "Traceback" not in err, err
+    assert "'bert' (BertForSequenceClassification) is not a causal language model, so it cannot generate" in err
+    spec = write_spec(root, f'''use merging
+model bert = local("{cls[1]["e0"]}")
+data qa = dataset("qa_bad.jsonl", prompt="q", answer="a")
+merge g = regmean([bert, bert], data=qa)
+save g to "out/g"
+''', "em_bad3.fuse")
+    rc, _, err = run_cli("compile", str(spec))
+    assert rc == 1 and "Traceback" not in err and _errors(err) == [(3, 11, "E006")], err
+    assert "gram() runs the models on the data's inputs" in err, err

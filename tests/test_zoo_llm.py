@@ -193,24 +193,41 @@ def test_cache_is_reused(tiny_llm):
 
 
 def test_spec_perplexity_reads_the_held_out_rows(tiny_llm, tmp_path):
-    """`dataset(...jsonl, text="text")` + `perplexity(...)` in a spec give the manifest's
-    numbers for the base and an expert."""
-    _, out, _ = tiny_llm
+    """`dataset(...jsonl, text="text")` + `perplexity(...)` in a spec, and the zoo's own
+    `zoo_data(...)` with perplexity() and exact_match(), give the manifest's numbers for
+    the base and an expert."""
+    cache, out, _ = tiny_llm
     spec = tmp_path / "llm.fuse"
     spec.write_text(
-        f'model base = local("{out / "base"}")\n'
+        'model base = zoo("llm-tiny")\n'
         f'model arith = local("{out / "arith"}")\n'
         f'task arith_ppl = perplexity(dataset("{out / "data" / "arith.jsonl"}", text="text"))\n'
-        f'eval base, arith on arith_ppl to "{tmp_path / "report"}"\n'
+        'data held_out = zoo_data("arith", zoo="llm-tiny", split="test")\n'
+        'task zoo_ppl = perplexity(held_out)\n'
+        'task zoo_em = exact_match(held_out)\n'
+        f'eval base, arith on arith_ppl, zoo_ppl, zoo_em to "{tmp_path / "report"}"\n'
     )
-    env = dict(os.environ, FUSIONLANG_THREADS="1")
+    env = dict(os.environ, FUSIONLANG_THREADS="1", FUSIONLANG_CACHE=str(cache))
     r = subprocess.run([sys.executable, "-m", "fusionlang.cli", "run", str(spec)], capture_output=True,
                        text=True, timeout=600, env=env, check=False)
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
-    m = json.loads((out / "zoo.json").read_text())["tasks"]["arith"]["perplexity"]
-    assert math.isclose(rows["base"]["perplexity"]["arith_ppl"], m["pretrained"], rel_tol=1e-6)
-    assert math.isclose(rows["arith"]["perplexity"]["arith_ppl"], m["finetuned"], rel_tol=1e-6)
+    m = json.loads((out / "zoo.json").read_text())["tasks"]["arith"]
+    for task in ("arith_ppl", "zoo_ppl"):
+        assert math.isclose(rows["base"]["perplexity"][task], m["perplexity"]["pretrained"], rel_tol=1e-6)
+        assert math.isclose(rows["arith"]["perplexity"][task], m["perplexity"]["finetuned"], rel_tol=1e-6)
+    assert rows["base"]["accuracy"]["zoo_em"] == m["exact_match"]["pretrained"]
+    assert rows["arith"]["accuracy"]["zoo_em"] == m["exact_match"]["finetuned"]
+    # a domain or split the zoo lacks is located at the call, with the choices
+    spec.write_text('task t = perplexity(zoo_data("arth", zoo="llm-tiny", split="test"))\n'
+                    'task u = exact_match(zoo_data("arith", zoo="llm-tiny", split="val"))\n'
+                    'model base = zoo("llm-tiny")\neval base on t, u\n')
+    r = subprocess.run([sys.executable, "-m", "fusionlang.cli", "compile", str(spec)], capture_output=True,
+                       text=True, timeout=600, env=env, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "llm.fuse:1:30: error[E006]: the 'llm-tiny' zoo has no domain 'arth'" in r.stderr, r.stderr
+    assert 'did you mean "arith"?' in r.stderr
+    assert "llm.fuse:2:62: error[E006]" in r.stderr and "splits: test, train" in r.stderr, r.stderr
 
 
 def test_missing_smollm2_is_a_user_error_with_the_install_command(tmp_path):

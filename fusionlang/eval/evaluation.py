@@ -48,7 +48,7 @@ def resolve_task(prog: ir.Program, qual: str) -> dict:
 
     b = prog.bindings[qual]
     args = call_args(prog, b.value) if isinstance(b.value, ir.CallE) else {}
-    if isinstance(b.value, ir.CallE) and b.value.target in ("accuracy", "perplexity"):
+    if isinstance(b.value, ir.CallE) and b.value.target in ("accuracy", "perplexity", "exact_match"):
         return _user_task(b, args)
     if isinstance(b.value, ir.CallE) and b.value.target == "lm_eval":
         return _lm_eval_task(b, args)
@@ -108,8 +108,24 @@ def _user_task(b: ir.Binding, args: dict) -> dict:
     if call.target == "perplexity" and ex.texts is None:
         raise FuseErrors([Diagnostic("E006", "perplexity() needs text: name the text column with text=", data.span,
                                      'e.g. dataset("held_out.jsonl", text="text")')])
-    return {"kind": call.target, "data": data.spec, "batch_size": int(bs or (32 if call.target == "accuracy" else 8)),
-            "span": b.span}
+    if call.target == "exact_match" and (ex.prompts is None or ex.answers is None):
+        missing = " and ".join(k for k, v in (("prompt=", ex.prompts), ("answer=", ex.answers)) if v is None)
+        raise FuseErrors([Diagnostic("E006", f"exact_match() needs prompts and answers: name their columns with "
+                                     f"{missing}", data.span,
+                                     'e.g. dataset("qa.jsonl", prompt="question", answer="answer")')])
+    new = args.get("max_new_tokens")
+    if call.target == "exact_match" and new is not None and (isinstance(new, bool) or float(new) != int(new)
+                                                              or new < 1):
+        at = (dict(zip(("data", "batch_size", "max_new_tokens"), call.args)) | dict(call.kwargs)).get("max_new_tokens")
+        shown = int(new) if isinstance(new, float) and new.is_integer() else new
+        raise FuseErrors([Diagnostic("E006", f"max_new_tokens={shown!r} must be a whole number of at least 1",
+                                     at.span if at is not None else call.span,
+                                     "leave it out: the longest answer's tokens + 2 are decoded")])
+    default_bs = {"accuracy": 32, "perplexity": 8, "exact_match": 16}[call.target]
+    task = {"kind": call.target, "data": data.spec, "batch_size": int(bs or default_bs), "span": b.span}
+    if call.target == "exact_match":
+        task["max_new_tokens"] = int(new) if new is not None else None
+    return task
 
 
 def _lm_eval_task(b: ir.Binding, args: dict) -> dict:
@@ -431,11 +447,18 @@ def _table(setup: EvalSetup, rows: list[str], tasks: list[str], score) -> dict:
         row["average"] = sum(a.values()) / len(a) if a else float("nan")
     definitions = {"accuracy": "fraction of rows whose predicted class is the label",
                    "perplexity": "exp(mean next-token cross-entropy over the data's tokens); lower is better"}
+    ems = [t for t in tasks if setup.tasks[t].get("kind") == "exact_match"]
+    if ems:
+        definitions["exact_match"] = ("fraction of rows whose greedy continuation of the prompt answers exactly "
+                                      "(the leading integer of a numeric answer, else the first line's prefix of "
+                                      "the answer's length); shown as the task's accuracy")
     if zoo:
         definitions |= {"normalized_accuracy": "accuracy / fine-tuned accuracy on the task",
                         "forgetting": "mean over zoo tasks of max(0, pretrained - model accuracy)"}
     report = {"tasks": tasks, "accuracy_tasks": accs, "perplexity_tasks": ppls, "rows": table,
               "definitions": definitions}
+    if ems:
+        report["exact_match_tasks"] = ems
     if lms:
         first = next(iter(rows), None)
         report["lm_eval_tasks"] = {t: {"metric": score(setup.models[first], t)["metric"],
@@ -456,7 +479,9 @@ def _print(console, report: dict) -> None:
     t = Table(title=title, title_justify="left")
     t.add_column("model")
     for name in tasks:
-        head = f"{name} (ppl)" if name in ppls else f"{name} ({lms[name]['metric']})" if name in lms else name
+        ems = report.get("exact_match_tasks", ())
+        head = f"{name} (ppl)" if name in ppls else f"{name} ({lms[name]['metric']})" if name in lms else \
+            f"{name} (EM)" if name in ems else name
         t.add_column(head, justify="right")
     for c in ("avg", "norm. avg", "forgetting", "ms/batch"):
         t.add_column(c, justify="right")

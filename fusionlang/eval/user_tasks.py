@@ -1,5 +1,6 @@
 """Tasks on the user's own data: `accuracy(data)` scores a model's own classification
-head on labeled rows; `perplexity(data)` a causal language model's loss on text rows.
+head on labeled rows; `perplexity(data)` a causal language model's loss on text rows;
+`exact_match(data)` its greedy answers to prompts.
 
     accuracy   the fraction of rows whose argmax logit is the row's label, with the model
                loaded as its config names it (`*ForSequenceClassification`,
@@ -8,6 +9,10 @@ head on labeled rows; `perplexity(data)` a causal language model's loss on text 
                summed over every predicted token of every row (padding excluded; rows
                truncated at the model's max_position_embeddings) and divided by their
                count. Lower is better. Also reported: `loss` (nats per token), `tokens`.
+    exact_match the fraction of rows whose greedy continuation of the prompt answers the
+               row's answer exactly (`eval.exact_match`: the leading integer for a numeric
+               answer, else the first line's prefix of the answer's length); reported as
+               the task's `accuracy`, with `exact_match` and `correct`.
 
 `check(task, model_dir)` raises DataError (E014) for a model that cannot be scored on the
 task: no head of the right kind, fewer classes than the labels need, no tokenizer.
@@ -22,7 +27,7 @@ from pathlib import Path
 from ..stages import data as D
 from ..stages.data import DataError
 
-KINDS = ("accuracy", "perplexity")
+KINDS = ("accuracy", "perplexity", "exact_match")
 
 
 def _config(model_dir: str) -> dict:
@@ -57,12 +62,16 @@ def check(task: dict, model_dir: str, name: str) -> None:
             raise DataError("E014", f"the data has label {top} but '{name}''s head knows {n_labels} classes "
                             f"(0..{n_labels - 1})", "use labels the model was trained with, or a model with that many classes")
     else:
-        if ex.texts is None:
+        if task["kind"] == "perplexity" and ex.texts is None:
             raise DataError("E006", "perplexity() needs text data: name the text column with text=", "", "data")
+        if task["kind"] == "exact_match" and (ex.prompts is None or ex.answers is None):
+            raise DataError("E006", "exact_match() needs prompts and answers: name their columns with prompt= and "
+                            "answer=", "", "data")
         if not any(a.endswith("ForCausalLM") for a in archs):
+            what = "has no perplexity" if task["kind"] == "perplexity" else "cannot generate answers"
             raise DataError("E014", f"'{name}' ({', '.join(archs) or config.get('model_type')}) is not a causal "
-                            "language model, so it has no perplexity", "evaluate a *ForCausalLM model")
-    if ex.texts is not None and not any((Path(model_dir) / f).is_file()
+                            f"language model, so it {what}", "evaluate a *ForCausalLM model")
+    if (ex.texts is not None or ex.prompts is not None) and not any((Path(model_dir) / f).is_file()
                                         for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         raise DataError("E014", f"'{name}' has no tokenizer files next to its weights", "save the tokenizer with the "
                         "model (tokenizer.save_pretrained(dir)); a merge copies its reference model's")
@@ -70,7 +79,7 @@ def check(task: dict, model_dir: str, name: str) -> None:
 
 def score(model_dir: str | dict, task: dict, device: str, on_batch=None) -> dict:
     """Score a model directory on a user task. Returns the metric (`accuracy`, or
-    `perplexity` with `loss` and `tokens`), `n`, `latency_per_batch_s`, `peak_mem_bytes`.
+    `perplexity` with `loss` and `tokens`; for exact_match `accuracy` = `exact_match`), `n`, `latency_per_batch_s`, `peak_mem_bytes`.
     An ensemble (`model_dir` a dict of members, weights, mode) combines its members' logits."""
     if task["kind"] == "lm_eval":
         if isinstance(model_dir, dict):
@@ -89,6 +98,8 @@ def score(model_dir: str | dict, task: dict, device: str, on_batch=None) -> dict
 
     ex = D.load(task["data"])
     bs = int(task.get("batch_size") or 32)
+    if task["kind"] == "exact_match":
+        return _exact_match(model_dir, ex, task, bs, device, on_batch)
     ens = model_dir if isinstance(model_dir, dict) else None
     dirs = [m["path"] for m in ens["members"]] if ens else [model_dir]
     model_dir = dirs[0]  # tokenizer, processor and config: the first member's
@@ -154,3 +165,28 @@ def score(model_dir: str | dict, task: dict, device: str, on_batch=None) -> dict
         res.update(loss=loss, perplexity=math.exp(loss) if tokens else float("nan"), tokens=tokens)
     return res
 
+
+
+def _exact_match(model_dir, ex, task: dict, bs: int, device: str, on_batch) -> dict:
+    """An exact_match() task on one causal LM (greedy decoding; see `eval.exact_match`)."""
+    if isinstance(model_dir, dict):
+        raise DataError("E014", "an ensemble combines predictions, and greedy decoding of a mean of logits is not "
+                        "defined here", "evaluate its members, or a merge of them, on exact_match() tasks")
+    import torch
+    import transformers
+
+    from ..arch.upscaled import from_pretrained
+    from ..zoo.evaluate import _peak_mem_bytes
+    from .exact_match import exact_match
+
+    model = from_pretrained(transformers.AutoModelForCausalLM, model_dir, local_files_only=True,
+                            dtype=torch.float32).to(device).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    res = exact_match(model, tok, ex.prompts, ex.answers, batch_size=bs, device=device, on_batch=on_batch,
+                      max_new_tokens=task.get("max_new_tokens"))
+    batches = max(1, -(-len(ex) // bs))
+    return {**res, "accuracy": res["exact_match"], "latency_per_batch_s": (time.perf_counter() - t0) / batches,
+            "peak_mem_bytes": _peak_mem_bytes(device), "batch_size": bs}

@@ -1,6 +1,6 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, moe, classify,
 dataset, zoo_data, gram, gram_plusplus, smile, wemoe, fisher, adamerging_coefficients, covered, accuracy,
-perplexity, lm_eval, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
+perplexity, exact_match, lm_eval, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
 
@@ -36,13 +36,15 @@ BUILTINS: dict[str, BuiltinSig] = {
                            "a classification task of a model zoo: its data split, frozen head and accuracy"),
     "dataset": BuiltinSig((("path", "string", REQUIRED), ("text", "string", None), ("image", "string", None),
                            ("label", "string", None), ("format", "string", "auto"), ("split", "string", "train"),
-                           ("n", "int", None), ("seed", "int", None)), "data",
+                           ("n", "int", None), ("seed", "int", None), ("prompt", "string", None),
+                           ("answer", "string", None)), "data",
                           "the user's own data, read with the `datasets` library: a JSON lines, JSON, CSV or parquet "
-                          "file, or a directory written by save_to_disk; the columns named by text=, image=, label=; "
-                          "the first n rows (or n rows drawn with seed)"),
+                          "file, or a directory written by save_to_disk; the columns named by text=, image=, label= "
+                          "(and prompt=, answer= for exact_match()); the first n rows (or n rows drawn with seed)"),
     "zoo_data": BuiltinSig((("task", "string", REQUIRED), ("zoo", "string", "text"), ("split", "string", "train"),
                             ("n", "int", None), ("seed", "int", None)), "data",
-                           "a split of a zoo task's data (its inputs, labels and frozen head); n rows drawn with seed"),
+                           "a split of a zoo task's data (its inputs, labels and frozen head; for the LLM zoo a "
+                           "domain's text, prompts and answers); n rows drawn with seed"),
     "gram": BuiltinSig((("models", "models", REQUIRED), ("data", "data", REQUIRED), ("batch_size", "int", 32),
                         ("include_padding", "bool", False)), "stats",
                        "a model stage: for each model, the Gram matrix of every Linear (and Conv2d) layer's input "
@@ -70,6 +72,10 @@ BUILTINS: dict[str, BuiltinSig] = {
                            "a task on your own labeled data: the accuracy of each model's own classification head"),
     "perplexity": BuiltinSig((("data", "data", REQUIRED), ("batch_size", "int", 8)), "task",
                              "a task on your own text: each causal language model's perplexity (lower is better)"),
+    "exact_match": BuiltinSig((("data", "data", REQUIRED), ("batch_size", "int", 16),
+                               ("max_new_tokens", "int", None)), "task",
+                              "a task on your own prompts and answers: the fraction of rows a causal language model's "
+                              "greedy continuation answers exactly (higher is better)"),
     "lm_eval": BuiltinSig((("task", "string", REQUIRED), ("metric", "string", None), ("limit", "int", None),
                            ("num_fewshot", "int", None), ("batch_size", "int", 8)), "task",
                           "a task of your own lm-evaluation-harness YAML (its data beside it), scored on causal "

@@ -108,6 +108,11 @@ def _models_and_data(e: ir.CallE, args: dict, arg_span: dict) -> tuple[list, lis
     if len(datas) != len(models):
         raise EvalError("E006", f"{len(datas)} data values for {len(models)} models in {e.target}()",
                         arg_span.get("data", e.span), "give one data value per model, or a single one for all")
+    for d in datas:
+        if d.spec["kind"] == "files" and not d.spec.get("text") and not d.spec.get("image"):
+            raise EvalError("E006", f"{e.target}() runs the models on the data's inputs, and this data names none "
+                            "(prompt= and answer= are for exact_match())", d.span,
+                            'name the input column: dataset("calib.jsonl", text="prompt")')
     return models, datas
 
 

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..eval.exact_match import exact_match
 from .errors import MissingPackageError, ZooError
 from .paths import cache_dir
 
@@ -322,52 +323,6 @@ def lm_loss(model, tok, texts: Sequence[str], batch_size: int = 8, max_length: i
     loss = total / count if count else float("nan")
     return {"loss": loss, "perplexity": math.exp(loss) if count else float("nan"), "tokens": count,
             "n": len(texts)}
-
-
-def _answer_of(continuation: str, answer: str) -> str:
-    """What a continuation answers: its first line, stripped (a base model that keeps
-    writing after the answer is not penalised for it)."""
-    answer = answer.strip()
-    line = continuation.strip().split("\n", 1)[0].strip()
-    if answer.lstrip("-").isdigit():  # a number: the leading integer
-        import re
-
-        m = re.match(r"-?\d+", line)
-        return m.group(0) if m else line
-    return line[: len(answer)] if line.startswith(answer) else line
-
-
-def exact_match(model, tok, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 16,
-                device: str = "cpu", on_batch: Callable | None = None) -> dict:
-    """Greedy decoding after each prompt; a row is correct when the continuation's
-    answer (its leading integer for a numeric answer, else its first line's prefix of the
-    answer's length) equals the answer exactly. Decodes at most the answer's token count
-    plus 2 tokens. Left-pads the prompts for batched generation.
-
-    Returns ``{"exact_match": fraction in [0, 1], "correct": int, "n": int}``."""
-    import torch
-
-    old = tok.padding_side
-    tok.padding_side = "left"
-    correct = 0
-    nb = -(-len(prompts) // batch_size)
-    try:
-        with torch.no_grad():
-            for i, start in enumerate(range(0, len(prompts), batch_size)):
-                ps, ans = list(prompts[start:start + batch_size]), list(answers[start:start + batch_size])
-                new = max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in ans) + 2
-                batch = tok(ps, padding=True, return_tensors="pt").to(device)
-                out = model.generate(**batch, max_new_tokens=new, do_sample=False,
-                                     pad_token_id=tok.pad_token_id)
-                for row, a in zip(out[:, batch["input_ids"].shape[1]:], ans, strict=True):
-                    text = tok.decode(row, skip_special_tokens=True)
-                    correct += _answer_of(text, a) == a.strip()
-                if on_batch:
-                    on_batch(i + 1, nb)
-    finally:
-        tok.padding_side = old
-    return {"exact_match": correct / len(prompts) if prompts else float("nan"), "correct": correct,
-            "n": len(prompts)}
 
 
 def mlp_parameters(model, from_layer: int = 0) -> list[str]:
