@@ -197,6 +197,40 @@ save bad to "out/bad"
     assert not (root / "out" / "bad").exists()
 
 
+def test_a_copied_expert_is_refused_and_a_changed_copy_is_not(fam):
+    """Experts from different directories with the same MLP bytes are the same expert; one
+    changed value anywhere in one MLP tensor makes them different (a full comparison
+    follows the sampled one)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root, _ = fam
+    for name in ("e1copy", "e1changed"):
+        shutil.rmtree(root / name, ignore_errors=True)
+        shutil.copytree(root / "e1", root / name)
+    f = root / "e1changed" / "model.safetensors"
+    state = load_file(f)
+    key = next(k for k in sorted(state) if k.endswith("mlp.down_proj.weight"))
+    flat = state[key].flatten().clone()
+    flat[flat.numel() // 3] += 1.0
+    state[key] = flat.view(state[key].shape)
+    save_file(state, f, metadata={"format": "pt"})
+    spec = write_spec(root, '''model base = local("base")
+merge bad = moe(base, [local("e0"), local("e1"), local("e1copy")], gate_mode="random")
+save bad to "out/copied"
+''', "copied.fuse")
+    rc, _, err = run_cli("compile", str(spec))
+    assert rc == 1 and "experts 1 and 2 are the same model (their MLP weights are equal byte for byte" in err, err
+    assert _errors(err)[0] == (2, len("merge bad = moe(base, ") + 1, "E006"), err
+    spec = write_spec(root, '''model base = local("base")
+merge ok = moe(base, [local("e0"), local("e1"), local("e1changed"), local("e2")], gate_mode="random")
+save ok to "out/changed"
+''', "changed.fuse")
+    rc, _, err = run_cli("compile", str(spec))
+    assert rc == 0, err
+
+
 def test_three_experts_warn_and_nearly_parallel_routers_warn(fam):
     root, _ = fam
     prompts = [["the cat sat"], ["a dog sat"], ["red and blue"]]  # the same last token: one layer-0 row

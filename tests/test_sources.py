@@ -53,3 +53,24 @@ def test_header_reading_needs_no_weights(llama):
     assert h.num_layers == 4
     info = h.tensors["model.layers.0.mlp.up_proj.weight"]
     assert info.dtype == "F32" and info.shape == (64, 32)
+
+
+def test_same_tensor_bytes_reads_whole_tensors_when_samples_agree(tmp_path):
+    """A difference away from the sampled start, middle and end of a tensor is found by
+    the full comparison; equal copies compare equal; dtype or shape differences too."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fusionlang.runtime.sources import read_safetensors_header, same_tensor_bytes
+
+    x = torch.randn(256, 256)
+    y = x.clone()
+    y.view(-1)[256 * 256 // 3] += 1.0  # byte ~87k of 256k: outside the three 4 KiB samples
+    save_file({"w": x, "h": x[:2].to(torch.bfloat16)}, tmp_path / "a.safetensors")
+    save_file({"w": x}, tmp_path / "b.safetensors")
+    save_file({"w": y, "h": x[:2].to(torch.float16)}, tmp_path / "c.safetensors")
+    a, b, c = (read_safetensors_header(tmp_path / f"{n}.safetensors") for n in "abc")
+    assert same_tensor_bytes([(a["w"], "w", b["w"], "w")])
+    assert not same_tensor_bytes([(a["w"], "w", c["w"], "w")])
+    assert not same_tensor_bytes([(a["w"], "w", b["w"], "w"), (a["h"], "h", c["h"], "h")])
+    assert same_tensor_bytes([(a["w"], "w", b["w"], "w")], chunk=4096)

@@ -155,9 +155,11 @@ def domain(ev, call: ir.CallE) -> dict:
                         span.get("experts_per_token", call.span), f"route each token to at most {n} experts")
     sigs = [ev.signature(x.node) for x in experts]
     same = [(i, j) for i in range(n) for j in range(i + 1, n) if sigs[i] == sigs[j]]
+    if not same and not o["allow_identical"]:
+        same = _same_content(ev, experts)
     if same and not o["allow_identical"]:
-        i, j = same[0]
-        raise EvalError("E006", f"experts {i} and {j} are the same model: the MoE would be bigger and slower and "
+        i, j, how = (*same[0], "")[:3]
+        raise EvalError("E006", f"experts {i} and {j} are the same model{how}: the MoE would be bigger and slower and "
                         "compute nothing new", span.get("experts", call.span),
                         "pass allow_identical=true to upcycle a model into identical experts (e.g. to train them later)")
     for arg in ("noise_scale", "residual_scale"):
@@ -201,6 +203,30 @@ def domain(ev, call: ir.CallE) -> dict:
     overrides = A.output_config(h.config, o["architecture"], n, o["experts_per_token"])
     return {"names": list(tensors), "reference": base_key, "num_layers": num_layers, "source_of": source_of,
             "config_overrides": overrides, "note": _param_counts(h, tensors, n, o["experts_per_token"])}
+
+
+def _same_content(ev, experts: list) -> list[tuple[int, int, str]]:
+    """Pairs (i, j, why) of experts read from different directories whose MLP tensors
+    hold the same bytes (a copied directory): each expert of the MoE is its MLPs, so
+    such experts are the same expert. Experts that are merges are not compared."""
+    from ..runtime.sources import same_tensor_bytes
+
+    srcs = [ev.plan.nodes[x.node].param("source") if ev.plan.nodes[x.node].op == "load" else None
+            for x in experts]
+    out = []
+    for i in range(len(experts)):
+        for j in range(i + 1, len(experts)):
+            if srcs[i] is None or srcs[j] is None or srcs[i] == srcs[j]:
+                continue
+            ti, tj = ev.headers[srcs[i]].tensors, ev.headers[srcs[j]].tensors
+            names = [k for k in ti if A.MLP_RE.match(k) and k in tj]
+            try:
+                if names and same_tensor_bytes([(ti[k], k, tj[k], k) for k in names]):
+                    out.append((i, j, f" (their MLP weights are equal byte for byte: "
+                                      f"'{ev.headers[srcs[i]].path}' and '{ev.headers[srcs[j]].path}')"))
+            except (OSError, KeyError, ValueError):
+                continue  # an unreadable file is reported where the run reads it
+    return out
 
 
 def _sources_of(ev, nid: str) -> set[str]:

@@ -464,3 +464,54 @@ def source_dir(target: str, args: dict, spec_file: str) -> str:
     if target == "package":
         return package_model_dir(args["package"], args.get("path") or "")
     return str(resolve_hf(args["repo"], args.get("revision")))
+
+
+def _data_offsets(path: str) -> tuple[int, dict[str, tuple[int, int]]]:
+    """(first data byte, name -> [start, end) data offsets) of a safetensors file whose
+    header `read_safetensors_header` already validated."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return 8 + n, {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def same_tensor_bytes(pairs: list[tuple[TensorInfo, str, TensorInfo, str]], chunk: int = 1 << 26) -> bool:
+    """Whether every pair (info_a, name_a, info_b, name_b) of stored tensors holds the same
+    dtype, shape and bytes. Samples 4 KiB at the start, middle and end of every pair
+    first (a few reads per tensor: different models differ there), and reads the pairs
+    whole, `chunk` bytes at a time, only when every sample agrees. Raises OSError when a
+    file cannot be read."""
+    if any(a.dtype != b.dtype or a.shape != b.shape for a, _, b, _ in pairs):
+        return False
+    offsets: dict[str, tuple[int, dict]] = {}
+
+    def where(info: TensorInfo, name: str) -> tuple[int, int]:
+        if info.file not in offsets:
+            offsets[info.file] = _data_offsets(info.file)
+        base, table = offsets[info.file]
+        s, e = table[name]
+        return base + s, base + e
+
+    spans = [(a.file, *where(a, na), b.file, *where(b, nb)) for a, na, b, nb in pairs]
+    handles: dict[str, object] = {}
+    try:
+        def read(path: str, at: int, size: int) -> bytes:
+            f = handles.get(path) or handles.setdefault(path, open(path, "rb"))  # noqa: SIM115
+            f.seek(at)
+            return f.read(size)
+
+        probe = 4096
+        for fa, sa, ea, fb, sb, _ in spans:
+            size = ea - sa
+            for at in {0, max(0, size // 2 - probe // 2), max(0, size - probe)}:
+                if read(fa, sa + at, min(probe, size)) != read(fb, sb + at, min(probe, size)):
+                    return False
+        for fa, sa, ea, fb, sb, _ in spans:
+            for at in range(0, ea - sa, chunk):
+                size = min(chunk, ea - sa - at)
+                if read(fa, sa + at, size) != read(fb, sb + at, size):
+                    return False
+        return True
+    finally:
+        for f in handles.values():
+            f.close()
