@@ -231,6 +231,33 @@ save ok to "out/changed"
     assert rc == 0, err
 
 
+def test_a_router_stage_that_fails_leaves_nothing_behind(fam):
+    """The router stage runs in the background while the tensors that need no router are
+    written; when it fails (a base without a tokenizer), the run ends with its located
+    error and neither output exists, not even the merge that needed no stage."""
+    import shutil
+
+    root, _ = fam
+    shutil.rmtree(root / "notok", ignore_errors=True)
+    (root / "notok").mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(root / "base" / f, root / "notok" / f)
+    spec = write_spec(root, f'''model base = local("notok")
+models experts = [local("e0"), local("e1"), local("e2"), local("e3")]
+merge soup = (base + experts[0]) / 2
+merge mx = moe(base, experts, positive_prompts={_prompts_fuse()})
+save soup to "out/notok_soup"
+save mx to "out/notok_mx"
+''', "notok.fuse")
+    rc, _, err = run_cli("run", str(spec))
+    assert rc == 1 and "Traceback" not in err, err
+    assert "the base model has no tokenizer to read the router prompts with" in err and "error[E014]" in err, err
+    assert _errors(err)[0][0] == 4, err
+    assert not (root / "out" / "notok_mx").exists() and not (root / "out" / "notok_soup").exists()
+    left = [p.name for p in (root / "out").iterdir() if p.name.startswith(".")] if (root / "out").exists() else []
+    assert not left, left
+
+
 def test_three_experts_warn_and_nearly_parallel_routers_warn(fam):
     root, _ = fam
     prompts = [["the cat sat"], ["a dog sat"], ["red and blue"]]  # the same last token: one layer-0 row

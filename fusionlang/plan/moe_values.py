@@ -222,8 +222,9 @@ def _same_content(ev, experts: list) -> list[tuple[int, int, str]]:
             names = [k for k in ti if A.MLP_RE.match(k) and k in tj]
             try:
                 if names and same_tensor_bytes([(ti[k], k, tj[k], k) for k in names]):
-                    out.append((i, j, f" (their MLP weights are equal byte for byte: "
-                                      f"'{ev.headers[srcs[i]].path}' and '{ev.headers[srcs[j]].path}')"))
+                    why = (f" (their MLP weights are equal byte for byte: '{ev.headers[srcs[i]].path}' and "
+                           f"'{ev.headers[srcs[j]].path}')")
+                    out.append((i, j, why))
             except (OSError, KeyError, ValueError):
                 continue  # an unreadable file is reported where the run reads it
     return out

@@ -5,10 +5,16 @@ Phase by phase, unit by unit (`units.plan_phases`): the runner computes a unit f
 its loads and the values earlier units handed out, each output piece goes to the sink
 as soon as it is computed, and a phase ends with its reduce nodes (model-wide
 statistics). Memory stays at one unit's values plus the phase's small shared values.
+
+Model stages (`stages.run.run_stages`) run on a background thread while the units that
+do not read their results run; the units that do (and the units that take values from
+them) wait for the stages and run after the others of their phase. Outputs are written
+at fixed offsets, so this order gives the same bytes as any other.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,12 +40,42 @@ class RunStats:
     learned: dict[str, list] = field(default_factory=dict)
 
 
+class Background:
+    """`fn(*args)` on a daemon thread (an interrupted run does not wait for it);
+    `result()` waits for it and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable, *args):
+        self._done = threading.Event()
+        self._value = None
+        self._error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                self._value = fn(*args)
+            except BaseException as e:  # noqa: BLE001 (handed to the waiting thread)
+                self._error = e
+            finally:
+                self._done.set()
+
+        threading.Thread(target=target, daemon=True, name="fusionlang-stages").start()
+
+    def result(self):
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class LocalScheduler:
-    """Runs every unit of a plan in the local order on one device."""
+    """Runs every unit of a plan in the local order on one device. `stages`: the plan's
+    model stages running in the background (`Background` of `run_stages`), whose result
+    is the plan with the stage sources computed; None when the plan has none."""
 
     def __init__(self, plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, stages: Background | None = None):
         self.plan = plan
+        self.stages = stages
+        self.stage_sources = {k for k, s in plan.sources.items() if s.stage} if stages else set()
         self.device = pick_device(device)
         self.shard_bytes = shard_bytes
         self.progress = progress
@@ -76,7 +112,10 @@ class LocalScheduler:
             for phase in phases:
                 shared: dict[str, torch.Tensor] = {}  # exports of this phase's units
                 stat_inputs: dict[str, torch.Tensor] = {}  # inputs of this phase's reduces
-                for unit in phase.units:
+                for unit in self._order(phase.units):
+                    if unit is None:
+                        self._await_stages()
+                        continue
                     self._unit = unit
                     for nid, value, owned in self.runner.run(unit, shared, reduce_values):
                         if nid in unit.exports:
@@ -93,6 +132,7 @@ class LocalScheduler:
                 for r in phase.reduces:
                     args = [stat_inputs[i] if i in stat_inputs else reduce_values[i] for i in plan.nodes[r].inputs]
                     reduce_values[r] = self.runner.apply(r, args, False)
+            self._await_stages()
             sink.commit()
             for okey, o in plan.outputs.items():
                 self.stats.outputs[okey] = o.path
@@ -117,6 +157,31 @@ class LocalScheduler:
         self.stats.bytes_read = self.reader.bytes_read
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
+
+    def _order(self, units: list[Unit]):
+        """A phase's units: while stages run, first those that need no stage result, then
+        None (wait for the stages here), then the others in their order."""
+        if self.stages is None:
+            yield from units
+            return
+        later, waiting = [], set()
+        for u in units:
+            if u.outside & waiting or any(src in self.stage_sources for src, _, _ in u.loads(self.plan)):
+                later.append(u)
+                waiting |= set(u.targets)
+            else:
+                yield u
+        yield None
+        yield from later
+
+    def _await_stages(self) -> None:
+        """Wait for the background stages; the rest of the run reads the plan whose
+        stage sources they computed."""
+        if self.stages is None:
+            return
+        plan = self.stages.result()
+        self.stages = None
+        self.plan = self.reader.plan = self.runner.plan = plan
 
     def _value_error(self, e: BadValue) -> RunError:
         """The located error for a non-finite output value: E031 at the source call of
@@ -151,16 +216,20 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
     or inf in an output), E011 (an unreadable input); each located at its save or source
     call when the plan knows it. Nothing is left behind on any error or interruption.
 
-    The plan's model stages run first (`stages.run.run_stages`: one model resident at a
-    time, results cached on disk); `log(line)` gets their progress lines (default: stderr)."""
-    learned: dict[str, list] = {}
+    The plan's model stages (`stages.run.run_stages`: one model resident at a time,
+    results cached on disk) run in the background while the units that need none of
+    their results run; `log(line)` gets their progress lines (default: stderr)."""
+    stages = None
     if any(s.stage for s in plan.sources.values()):
-        from ..stages.run import learned_by_output, run_stages
+        from ..stages.run import run_stages
 
-        plan = run_stages(plan, pick_device(device), log or _stderr_line)
-        learned = learned_by_output(plan)
-    stats = LocalScheduler(plan, device, shard_bytes, progress).run()
-    stats.learned = learned
+        stages = Background(run_stages, plan, pick_device(device), log or _stderr_line)
+    scheduler = LocalScheduler(plan, device, shard_bytes, progress, stages)
+    stats = scheduler.run()
+    if stages is not None:
+        from ..stages.run import learned_by_output
+
+        stats.learned = learned_by_output(scheduler.plan)
     return stats
 
 
