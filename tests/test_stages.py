@@ -435,7 +435,15 @@ def test_model_hash_is_remembered_and_sees_any_rewrite(tmp_path):
     assert second != first
     import hashlib
 
+    import xxhash
+
     expect = hashlib.sha256()
     for name, data in (("config.json", b"{}"), ("model.safetensors", b"b" * 1000)):
-        expect.update(name.encode() + b"\0" + hashlib.sha256(data).hexdigest().encode())
+        expect.update(name.encode() + b"\0" + xxhash.xxh3_128(data).hexdigest().encode())
     assert second == expect.hexdigest()
+    big = d / "model-00002-of-00002.safetensors"  # more than one 64 MiB block of the mapping
+    data = os.urandom(1 << 20) * 70
+    big.write_bytes(data)
+    assert R._file_digest(big) == xxhash.xxh3_128(data).hexdigest()
+    (d / "empty.safetensors").write_bytes(b"")
+    assert R._file_digest(d / "empty.safetensors") == xxhash.xxh3_128(b"").hexdigest()

@@ -102,8 +102,7 @@ def _from_prompts(stage: dict, mode: str, layers: int, device, log) -> torch.Ten
         def vectors(prompts: list[str]) -> torch.Tensor:
             batch = {k: v.to(device) for k, v in _tokenize(tok, prompts).items()}
             with torch.no_grad():
-                out = model(**batch, output_hidden_states=True, return_dict=True)
-            hs = torch.stack(out.hidden_states[:-1])  # [layers, prompts, tokens, hidden]
+                hs = _layer_inputs(model, batch)  # [layers, prompts, tokens, hidden]
             mask = batch["attention_mask"]
             if mode == "hidden_avg":
                 m = mask.to(hs.dtype)[None, :, :, None]
@@ -122,6 +121,38 @@ def _from_prompts(stage: dict, mode: str, layers: int, device, log) -> torch.Ten
         if log:
             log(f"expert {j + 1}/{len(p['positive'])}: {len(pos)} prompt(s)" + (f", {len(neg)} negative" if neg else ""))
     return torch.stack(rows).permute(1, 0, 2).float()  # [layers, experts, hidden]
+
+
+class _Enough(Exception):
+    """Raised by the last decoder layer's pre-hook: every input needed is captured."""
+
+
+def _layer_inputs(model, batch: dict) -> torch.Tensor:
+    """The hidden state entering each decoder layer, [layers, batch, tokens, hidden]: what
+    transformers returns as `hidden_states[:-1]` with `output_hidden_states`, captured by
+    forward pre-hooks that stop the pass at the last layer's input (its MLP, the final
+    norm and the LM head would only be thrown away: ~15% of a small model's pass)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None or len(layers) == 0:
+        out = model(**batch, output_hidden_states=True, return_dict=True)
+        return torch.stack(out.hidden_states[:-1])
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs, last=layers[-1]):
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        if module is last:
+            raise _Enough
+
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        model(**batch, return_dict=True)
+    except _Enough:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(captured)
 
 
 def _tokenize(tok, prompts: list[str]) -> dict:

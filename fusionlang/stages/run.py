@@ -2,7 +2,7 @@
 
 A stage's result is a safetensors file named by a content hash of everything it depends
 on: the stage kind and parameters, the model's files (config.json and every
-*.safetensors, byte for byte: each file's digest is remembered by file identity, see
+*.safetensors, byte for byte: each file's XXH3-128 digest is remembered by file identity, see
 `model_hash`) and the data's fingerprint (a hash of the selected rows).
 It lives in `$FUSIONLANG_CACHE/stages/` (default `~/.cache/fusionlang/stages/`) and is
 reused by later runs and by every `tune()` candidate of a run. A stage holds one model in
@@ -24,7 +24,7 @@ from ..plan.graph import Plan, SourceSpec
 from . import data as D
 from .data import DataError
 
-FORMAT = 1  # bump when a statistic's definition changes: old cache entries are then ignored
+FORMAT = 2  # bump when a statistic's definition changes: old cache entries are then ignored
 
 
 def cache_root() -> Path:
@@ -38,10 +38,12 @@ _MODEL_HASHES: dict[tuple, str] = {}
 
 def model_hash(model_dir: str) -> str:
     """sha256 over the model's config.json and *.safetensors files (each file's name and
-    the sha256 of its bytes). A file's digest is remembered in the cache directory under
-    its identity (path, size, modification and change times in ns, inode): a later run
-    reads an unchanged multi-GB model again only if that memo is gone. Any write to a
-    file changes its change time (which a user cannot set), so the memo cannot go stale."""
+    the XXH3-128 digest of its bytes: a content hash at memory speed, ~10x sha256's, for
+    a cache key rather than a signature). A file's digest is remembered in the cache
+    directory under its identity (path, size, modification and change times in ns,
+    inode): a later run reads an unchanged multi-GB model again only if that memo is
+    gone. Any write to a file changes its change time (which a user cannot set), so the
+    memo cannot go stale."""
     d = Path(model_dir)
     files = sorted([d / "config.json", *d.glob("*.safetensors")])
     idents = [f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
@@ -52,19 +54,35 @@ def model_hash(model_dir: str) -> str:
         h = hashlib.sha256()
         for f, ident in zip(files, idents):
             if ident not in memo:
-                fh_hash = hashlib.sha256()
-                with open(f, "rb") as fh:
-                    while chunk := fh.read(1 << 22):
-                        fh_hash.update(chunk)
-                memo[ident] = fh_hash.hexdigest()
+                memo[ident] = _file_digest(f)
                 _remember_digest(ident, memo[ident])
             h.update(f.name.encode() + b"\0" + memo[ident].encode())
         _MODEL_HASHES[key] = h.hexdigest()
     return _MODEL_HASHES[key]
 
 
+def _file_digest(path: Path) -> str:
+    """XXH3-128 of a file's bytes, read through a read-only mapping (no copies)."""
+    import mmap
+
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            return h.hexdigest()
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                for at in range(0, len(mm), 1 << 26):
+                    h.update(view[at:at + (1 << 26)])
+            finally:
+                view.release()
+    return h.hexdigest()
+
+
 def _memo_file() -> Path:
-    return cache_root() / "file-digests.json"
+    return cache_root() / "file-digests-xxh3.json"
 
 
 def _digest_memo() -> dict[str, str]:
