@@ -1,6 +1,7 @@
 """Benchmark MoE construction: fusionlang's `moe()` against mergekit-moe 0.1.5.
 
     python bench/run_moe_bench.py [--params 0.5B] [--experts 4] [--gate-modes hidden,random]
+    python bench/run_moe_bench.py --zoo ~/.cache/fusionlang/zoo/llm     # the LLM zoo's experts
 
 The workload: bench/make_workload.py's Llama base and experts (bf16; 0.5B: hidden 1536,
 16 layers) with a word-level tokenizer (its 32000 tokens "t0".."t31995" and four special
@@ -13,7 +14,7 @@ but the MoE layouts of the installed transformers already remembered (a first `m
 a machine asks transformers for them once: ~4 s, then cached per transformers version). Recorded: wall time
 and peak anonymous RSS of the process tree (bench/run_bench.py's `run_measured`), as
 ratios fusionlang / mergekit-moe, and whether the two outputs hold the same tensors.
-Results: bench/results/moe.{json,md}.
+Results: bench/results/moe.{json,md}; with --zoo, bench/results/moe_llm_zoo.{json,md}.
 """
 
 from __future__ import annotations
@@ -56,19 +57,40 @@ def prompts(n_experts: int) -> list[list[str]]:
             for e in range(n_experts)]
 
 
-def mergekit_config(wl: Path, n: int, gate_mode: str) -> str:
-    lines = [f"base_model: {wl / 'base'}", f"gate_mode: {gate_mode}", "dtype: bfloat16", "experts_per_token: 2",
+def mergekit_config(base: Path, experts: list[Path], prompt_lists: list[list[str]], gate_mode: str,
+                    dtype: str = "bfloat16") -> str:
+    lines = [f"base_model: {base}", f"gate_mode: {gate_mode}", f"dtype: {dtype}", "experts_per_token: 2",
              "experts:"]
-    for e, ps in enumerate(prompts(n), start=1):
-        lines += [f"  - source_model: {wl / f'expert_{e}'}", "    positive_prompts: " + json.dumps(ps)]
+    for e, ps in zip(experts, prompt_lists, strict=True):
+        lines += [f"  - source_model: {e}", "    positive_prompts: " + json.dumps(ps)]
     return "\n".join(lines) + "\n"
 
 
-def fuse_spec(wl: Path, n: int, gate_mode: str, out: Path) -> str:
-    experts = ", ".join(f'local("{wl / f"expert_{e}"}")' for e in range(1, n + 1))
-    return (f'model base = local("{wl / "base"}")\nmodels experts = [{experts}]\n'
-            f"merge mx = moe(base, experts, positive_prompts={json.dumps(prompts(n))}, gate_mode=\"{gate_mode}\", "
-            f'router_dtype="bfloat16", layout="fused")\nsave mx to "{out}"\n')
+def fuse_spec(base: Path, experts: list[Path], prompt_lists: list[list[str]], gate_mode: str, out: Path,
+              dtype: str = "bfloat16") -> str:
+    listed = ", ".join(f'local("{e}")' for e in experts)
+    return (f'model base = local("{base}")\nmodels experts = [{listed}]\n'
+            f"merge mx = moe(base, experts, positive_prompts={json.dumps(prompt_lists)}, gate_mode=\"{gate_mode}\", "
+            f'router_dtype="{dtype}", layout="fused")\nsave mx to "{out}"\n')
+
+
+def zoo_workload(zoo: Path) -> tuple[Path, list[Path], list[list[str]], dict]:
+    """The LLM zoo's base, its experts and three prompts per expert: the first three
+    prompts (or texts) of each domain's training rows."""
+    manifest = json.loads((zoo / "zoo.json").read_text())
+    experts, prompt_lists = [], []
+    for t in manifest["tasks"].values():
+        experts.append(zoo / t["model"])
+        rows = [json.loads(x) for x in (zoo / t["data"]["train"]).read_text().splitlines()[:3]]
+        prompt_lists.append([r.get("prompt") or r["text"][:80] for r in rows])
+    import math
+
+    from safetensors import safe_open
+
+    config = json.loads((zoo / "base" / "config.json").read_text())
+    with safe_open(str(zoo / "base" / "model.safetensors"), "pt") as h:
+        params = sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())  # noqa: SIM118
+    return zoo / "base", experts, prompt_lists, {"config": config, "params": params}
 
 
 def same_tensors(a: Path, b: Path, skip_router: bool) -> tuple[bool, float]:
@@ -100,22 +122,30 @@ def main() -> int:
     ap.add_argument("--gate-modes", default="hidden,random")
     ap.add_argument("--workdir", type=Path, default=HERE / "work")
     ap.add_argument("--out", default=str(HERE / "results"))
+    ap.add_argument("--zoo", type=Path, default=None,
+                    help="the LLM zoo's directory (fusionlang zoo build llm): its base and experts, in float32")
     a = ap.parse_args()
     mk = REPO / ".venv-mergekit/bin/mergekit-moe"
     if not mk.is_file():
         print("mergekit is not installed: bash .ci/install_mergekit.sh", file=sys.stderr)
         return 1
-    wl = (a.workdir / f"workload-{a.params}-seed0").resolve()
-    info = make_workload(wl, parse_params(a.params), a.experts, seed=0)
-    add_tokenizer([wl / "base"] + [wl / f"expert_{e}" for e in range(1, a.experts + 1)], info["config"]["vocab_size"])
+    if a.zoo:
+        base, experts, prompt_lists, info = zoo_workload(a.zoo.expanduser().resolve())
+        dtype, a.experts = "float32", len(experts)
+    else:
+        wl = (a.workdir / f"workload-{a.params}-seed0").resolve()
+        info = make_workload(wl, parse_params(a.params), a.experts, seed=0)
+        base, experts = wl / "base", [wl / f"expert_{e}" for e in range(1, a.experts + 1)]
+        add_tokenizer([base, *experts], info["config"]["vocab_size"])
+        prompt_lists, dtype = prompts(a.experts), "bfloat16"
     runs = (a.workdir / "runs-moe").resolve()
     shutil.rmtree(runs, ignore_errors=True)
     runs.mkdir(parents=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     results = []
     for mode in a.gate_modes.split(","):
-        (runs / f"{mode}.yml").write_text(mergekit_config(wl, a.experts, mode))
-        (runs / f"{mode}.fuse").write_text(fuse_spec(wl, a.experts, mode, runs / f"fl_{mode}"))
+        (runs / f"{mode}.yml").write_text(mergekit_config(base, experts, prompt_lists, mode, dtype))
+        (runs / f"{mode}.fuse").write_text(fuse_spec(base, experts, prompt_lists, mode, runs / f"fl_{mode}", dtype))
         # NOTE: one cache directory whose stage results are removed before the timed run: the
         # router is computed, while the installed transformers' MoE layouts (asked once per
         # transformers version, ~4 s) are remembered, as on a machine that built a MoE before
@@ -150,13 +180,19 @@ def main() -> int:
             "command": "python bench/run_moe_bench.py " + " ".join(sys.argv[1:])}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "moe.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
-    intro = (f"`{meta['command']}`: a Llama base and {a.experts} experts of {info['params'] / 1e6:.0f}M parameters "
-             f"(hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, bf16) into one Mixtral model, "
-             "top-2, two 8-token prompts per expert. Wall time of the whole process and peak anonymous RSS of the "
-             "process tree; ratios < 1 favour fusionlang. fusionlang runs with an empty stage cache, the installed "
-             "transformers' MoE layouts already remembered (asked once per machine: ~4 s more on a first run). Both write the fused layout in bf16; the routers of the "
-             "random mode differ (mergekit-moe draws them unseeded) and are left out of its comparison.")
+    stem = "moe_llm_zoo" if a.zoo else "moe"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    what = (f"the LLM zoo's SmolLM2-135M base and its {a.experts} experts ({info['params'] / 1e6:.0f}M parameters "
+            f"each, hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, float32; three prompts per expert "
+            "from its domain's training rows)" if a.zoo else
+            f"a Llama base and {a.experts} experts of {info['params'] / 1e6:.0f}M parameters (hidden "
+            f"{cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, bf16; two 8-token prompts per expert)")
+    intro = (f"`{meta['command']}`: {what} into one Mixtral model, top-2. Wall time of the whole process and peak "
+             "anonymous RSS of the process tree; ratios < 1 favour fusionlang. fusionlang runs with an empty stage "
+             "cache, the installed transformers' MoE layouts already remembered (asked once per machine: ~4 s more "
+             f"on a first run). Both write the fused layout in {dtype} and run the base in {dtype} for the routers; "
+             "the routers of the random mode differ (mergekit-moe draws them unseeded) and are left out of its "
+             "comparison.")
     header = ("| gate mode | fusionlang s | mergekit-moe s | time ratio | fusionlang MB | mergekit-moe MB | memory ratio "
               "| same tensors (max diff) |")
     lines = [f"# MoE construction: fusionlang vs mergekit-moe 0.1.5 ({meta['date']}, {meta['cpus']} CPUs)", "",
@@ -166,7 +202,7 @@ def main() -> int:
         lines.append(f"| {r['gate_mode']} | {f['wall_s']:.1f} | {m['wall_s']:.1f} | {r['time_ratio']} | "
                      f"{f['peak_anon_mb']:.0f} | {m['peak_anon_mb']:.0f} | {r['mem_ratio']} | "
                      f"{r['same_tensor_names']} ({r['max_abs_diff_non_router']:.3g}) |")
-    (out / "moe.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
