@@ -6,10 +6,13 @@ its loads and the values earlier units handed out, each output piece goes to the
 as soon as it is computed, and a phase ends with its reduce nodes (model-wide
 statistics). Memory stays at one unit's values plus the phase's small shared values.
 
-Model stages (`stages.run.run_stages`) run on a background thread while the units that
-do not read their results run; the units that do (and the units that take values from
-them) wait for the stages and run after the others of their phase. Outputs are written
-at fixed offsets, so this order gives the same bytes as any other.
+Short model stages (MoE routers from prompts: one forward pass of the base) run on a
+background thread while the units that do not read their results run; the units that
+do (and the units that take values from them) wait for the stages and run after the
+others of their phase. Both threads compute with one intra-op thread meanwhile: two
+OpenMP teams on the same cores slow each other down by an order of magnitude. Long
+stages (statistics, test-time training) run first with every thread. Outputs are
+written at fixed offsets, so the order gives the same bytes as any other.
 """
 
 from __future__ import annotations
@@ -40,17 +43,24 @@ class RunStats:
     learned: dict[str, list] = field(default_factory=dict)
 
 
+# Stage kinds short enough to run beside the units (one forward pass, no training): their
+# thread and the units' each get one intra-op thread while both run.
+BACKGROUND_STAGES = {"router"}
+
+
 class Background:
     """`fn(*args)` on a daemon thread (an interrupted run does not wait for it);
     `result()` waits for it and returns its value or raises its exception."""
 
-    def __init__(self, fn: Callable, *args):
+    def __init__(self, fn: Callable, *args, threads: int | None = None):
         self._done = threading.Event()
         self._value = None
         self._error: BaseException | None = None
 
         def target() -> None:
             try:
+                if threads:
+                    torch.set_num_threads(threads)  # NOTE: OpenMP's thread count is per thread
                 self._value = fn(*args)
             except BaseException as e:  # noqa: BLE001 (handed to the waiting thread)
                 self._error = e
@@ -76,6 +86,7 @@ class LocalScheduler:
         self.plan = plan
         self.stages = stages
         self.stage_sources = {k for k, s in plan.sources.items() if s.stage} if stages else set()
+        self._threads = torch.get_num_threads()
         self.device = pick_device(device)
         self.shard_bytes = shard_bytes
         self.progress = progress
@@ -164,6 +175,7 @@ class LocalScheduler:
         if self.stages is None:
             yield from units
             return
+        torch.set_num_threads(1)  # the stage thread computes on the other core(s)
         later, waiting = [], set()
         for u in units:
             if u.outside & waiting or any(src in self.stage_sources for src, _, _ in u.loads(self.plan)):
@@ -179,7 +191,10 @@ class LocalScheduler:
         stage sources they computed."""
         if self.stages is None:
             return
-        plan = self.stages.result()
+        try:
+            plan = self.stages.result()
+        finally:
+            torch.set_num_threads(self._threads)
         self.stages = None
         self.plan = self.reader.plan = self.runner.plan = plan
 
@@ -217,18 +232,21 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
     call when the plan knows it. Nothing is left behind on any error or interruption.
 
     The plan's model stages (`stages.run.run_stages`: one model resident at a time,
-    results cached on disk) run in the background while the units that need none of
-    their results run; `log(line)` gets their progress lines (default: stderr)."""
+    results cached on disk) run first, or, when all are short (`BACKGROUND_STAGES`), in
+    the background while the units that need none of their results run; `log(line)`
+    gets their progress lines (default: stderr)."""
     stages = None
-    if any(s.stage for s in plan.sources.values()):
-        from ..stages.run import run_stages
+    kinds = {s.stage["kind"] for s in plan.sources.values() if s.stage}
+    if kinds:
+        from ..stages.run import learned_by_output, run_stages
 
-        stages = Background(run_stages, plan, pick_device(device), log or _stderr_line)
+        if kinds <= BACKGROUND_STAGES:
+            stages = Background(run_stages, plan, pick_device(device), log or _stderr_line, threads=1)
+        else:
+            plan = run_stages(plan, pick_device(device), log or _stderr_line)
     scheduler = LocalScheduler(plan, device, shard_bytes, progress, stages)
     stats = scheduler.run()
-    if stages is not None:
-        from ..stages.run import learned_by_output
-
+    if kinds:
         stats.learned = learned_by_output(scheduler.plan)
     return stats
 
