@@ -13,6 +13,9 @@ Exit codes: 0 ok, 1 user error (message, no traceback), 2 internal error.
 from __future__ import annotations
 
 import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see fusionlang/cli.py
 import json
 import sys
 from pathlib import Path
