@@ -206,3 +206,37 @@ save up to "out/bad2"
 ''', "bad2.fuse")
     rc, _, err = run_cli("run", str(spec))
     assert rc == 1 and "E005" in err and "whole value of a merge" in err
+
+
+def test_a_smile_causal_lm_loads_and_generates_as_its_one_expert(tmp_path):
+    """SMILE on a causal LM: `fusionlang.load` rebuilds it and `generate` runs; with one
+    expert at full rank its greedy continuation is the expert's, token for token (and
+    an exact_match() task in the spec scores it like any causal LM)."""
+    import json
+
+    from conftest import make_causal_family
+
+    import fusionlang
+
+    f = make_causal_family(tmp_path, n_experts=1, seed=9)
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"q": q, "a": "the"}) + "\n"
+                                               for q in ("the cat sat on", "a big dog ran")))
+    spec = write_spec(tmp_path, '''model base = local("base")
+merge s = smile(base, [local("e0")], k=0, average_experts=true)
+task qa = exact_match(dataset("qa.jsonl", prompt="q", answer="a"))
+save s to "out/s"
+eval s on qa to "rep"
+''', "smile_lm.fuse")
+    rc, _, err = run_cli("run", str(spec))
+    assert rc == 0, err
+    assert 0.0 <= json.loads((tmp_path / "rep" / "report.json").read_text())["rows"]["s"]["accuracy"]["qa"] <= 1.0
+    from transformers import AutoModelForCausalLM
+
+    model = fusionlang.load(tmp_path / "out" / "s")
+    expert = AutoModelForCausalLM.from_pretrained(f["e0"]).eval()
+    ids = torch.tensor([[4, 9, 17, 6, 22]])
+    with torch.no_grad():
+        got = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        want = expert.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert float((model(ids).logits - expert(ids).logits).abs().max()) < 1e-4
+    assert got.tolist() == want.tolist()
