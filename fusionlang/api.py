@@ -234,6 +234,9 @@ def load(directory: str | os.PathLike, **kwargs: Any):
     if manifest is not None:
         return ensemble_module(manifest, lambda p: load(p, **kwargs))
     cfg_path = d / "config.json"
+    if not cfg_path.is_file() and (d / "adapter_config.json").is_file():
+        raise FuseErrors([Diagnostic("E010", f"'{d}' is a PEFT adapter (adapter_config.json), not a model", _here(d),
+                                     "load its base and apply it: peft.PeftModel.from_pretrained(base_model, dir)")])
     if not cfg_path.is_file():
         raise FuseErrors([Diagnostic("E010", f"'{d}' is not a model directory (no config.json)", _here(d),
                                      "pass a directory written by `save` (RunResult.outputs) or a transformers model")])

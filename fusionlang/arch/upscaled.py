@@ -77,6 +77,45 @@ def linear_modules(config_json: str) -> tuple[str, ...]:
     return names
 
 
+@functools.cache
+def weight_modules(config_json: str) -> dict[str, tuple[str, bool]]:
+    """The modules with a `weight` of the model a config.json describes (built on the
+    meta device like `linear_modules`), in module order: name -> (kind, io); kind
+    "linear" (`nn.Linear`), "embedding" (`nn.Embedding`) or "other"; io whether it is
+    the model's input or output embedding. Remembered in the cache directory per
+    transformers version and config. Raises ValueError when transformers cannot build
+    the model from the config."""
+    import hashlib
+    from importlib.metadata import version
+
+    from ..zoo.paths import cache_dir
+
+    key = hashlib.sha256(config_json.encode()).hexdigest()[:24]
+    memo = cache_dir() / "arch" / f"weight-modules-transformers-{version('transformers')}-{key}.json"
+    try:
+        return {k: (v[0], bool(v[1])) for k, v in json.loads(memo.read_text()).items()}
+    except (OSError, ValueError, TypeError, IndexError, AttributeError):
+        pass
+    import torch
+
+    model = build_empty(json.loads(config_json), device="meta")
+    io = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(getattr(m, "weight", None), torch.Tensor):
+            kind = "linear" if isinstance(m, torch.nn.Linear) else "embedding" if isinstance(m, torch.nn.Embedding) \
+                else "other"
+            out[n] = (kind, id(m) in io)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(out))
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # an unwritable cache only costs the seconds again
+    return out
+
+
 def checkpoint_linears(modules: tuple[str, ...], shapes: dict[str, tuple[int, ...]]) -> list[str]:
     """The Linear modules by the names their tensors have in the checkpoint (a module
     whose weight the checkpoint does not hold, e.g. a head tied to the embeddings, is

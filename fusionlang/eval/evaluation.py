@@ -176,10 +176,19 @@ def check_fit(prog: ir.Program) -> None:
     a BERT zoo task. A merge's architecture is that of the model its output takes its
     config from; models without a readable config.json are left to lowering's errors."""
     from ..plan.lower import Lowerer
+    from ..plan.moe_values import moe_call
 
     low = Lowerer(prog)
     diags: list[Diagnostic] = []
     for ev in prog.evals:
+        adapters = [q.split("::")[-1] for q in ev.models
+                    if prog.bindings[q].kind == "merge" and moe_call(low, prog.bindings[q], "extract_lora")]
+        for name in adapters:
+            diags.append(Diagnostic("E014", f"'{name}' is a LoRA adapter (extract_lora), not a model to score",
+                                    ev.span, "evaluate the fine-tune it comes from; PEFT applies the adapter to its "
+                                    "base (PeftModel.from_pretrained(base, dir))"))
+        if adapters:
+            continue
         dirs = models_dirs(prog, low, ev)
         models = [(name, config) for name, d in dirs for config in [_read_config(d)] if config is not None]
         for t in ev.tasks:

@@ -1,5 +1,5 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, moe, classify,
-dataset, zoo_data, gram, gram_plusplus, smile, wemoe, fisher, adamerging_coefficients, covered, accuracy,
+dataset, zoo_data, gram, gram_plusplus, smile, wemoe, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
 perplexity, exact_match, lm_eval, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
@@ -111,6 +111,15 @@ BUILTINS: dict[str, BuiltinSig] = {
                         "outside the MLPs; each MLP's weights merged per input from the experts' task vectors by a "
                         "router trained on the unlabeled `data`; the whole value of a merge, loaded with "
                         "fusionlang.load"),
+    "extract_lora": BuiltinSig((("base", "model", REQUIRED), ("model", "model", REQUIRED), ("max_rank", "int", 128),
+                                ("distribute_scale", "bool", True), ("embed_lora", "bool", False),
+                                ("modules_to_save", "list", None), ("include", "list", None),
+                                ("exclude", "list", None), ("sv_epsilon", "number", 0.0),
+                                ("skip_undecomposable", "bool", False)), "model",
+                               "a PEFT LoRA adapter of `model`'s fine-tune of `base` (mergekit-extract-lora): the "
+                               "SVD of each Linear layer's task vector cut to max_rank; embeddings, norms and "
+                               "modules_to_save at full rank; the whole value of a merge, saved as "
+                               "adapter_model.safetensors + adapter_config.json"),
     "tune": BuiltinSig((("values", "numbers", REQUIRED), ("on", "any", REQUIRED), ("split", "string", "val")), "number",
                        "a merge argument chosen at run time: the candidate with the best mean accuracy on the "
                        "tasks' validation split"),

@@ -62,3 +62,36 @@ def unpack(x: Tensor, offset: int = 0, shape: list[float] | None = None) -> Tens
     if offset + n > x.numel():
         raise ValueError(f"piece [{offset}, {offset + n}) runs past a packed vector of {x.numel()} elements")
     return x.reshape(-1)[offset:offset + n].reshape(dims).clone()
+
+
+@op(public=False)
+def lora_factors(base: Tensor, finetuned: Tensor, rank: int = 128, distribute_scale: bool = True,
+                 sv_epsilon: float = 0.0, transpose: bool = False) -> Tensor:
+    """LoRA factors of one weight's task vector, packed into one float32 vector `[A | B]`
+    (MergeKit 0.1.5 `mergekit-extract-lora`, `TaskVectorDecompositionTask`):
+
+        Δ = finetuned − base  ([out, in]; transposed first with `transpose`, for an
+            embedding [vocab, dim]),  Δ = U·diag(S)·Vᵀ  (torch.linalg.svd, float32)
+        r = min(rank, min(out, in)); with sv_epsilon > 0 the singular values ≤ it are 0
+        A = diag(√S_r)·V_rᵀ  [r, in],  B = U_r·diag(√S_r)  [out, r]   (distribute_scale)
+        A = diag(S_r)·V_rᵀ,            B = U_r                       (otherwise)
+
+    so that B·A is Δ's best rank-r approximation. MergeKit drops the zeroed directions
+    (a smaller rank); keeping them as zero rows gives the same B·A at a fixed shape.
+    Raises ValueError for a tensor that is not a matrix."""
+    d = finetuned.float() - base.float()
+    if d.dim() != 2:
+        raise ValueError(f"LoRA factors a matrix [out, in], not a tensor of shape {tuple(d.shape)}")
+    if transpose:
+        d = d.T
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    r = max(1, min(int(rank), s.shape[0]))
+    s = s[:r]
+    if sv_epsilon > 0:
+        s = torch.where(s > sv_epsilon, s, torch.zeros_like(s))
+    if distribute_scale:
+        root = s.sqrt()
+        a, b = root[:, None] * vh[:r], u[:, :r] * root[None, :]
+    else:
+        a, b = s[:, None] * vh[:r], u[:, :r]
+    return torch.cat([a.reshape(-1), b.reshape(-1)])

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .. import arch, ir
 from ..lang.diagnostics import Span
 from ..runtime.sources import is_source_call
-from . import moe_values, smile_values, wemoe_values
+from . import lora_values, moe_values, smile_values, wemoe_values
 from .evaluate import Evaluator
 from .values import PROBE, EvalError, SliceV, TensorCtx
 
@@ -24,7 +24,7 @@ class Domain:
     config_overrides: dict = field(default_factory=dict)
     note: str = ""  # shown with the output in `compile` (a MoE's parameter counts)
     group_of: dict[str, str] = field(default_factory=dict)  # out -> the tensor group computing it, when shared
-    description: dict = field(default_factory=dict)  # written next to the weights (`arch.upscaled`): SMILE
+    description: dict = field(default_factory=dict)  # SMILE / WEMoE (`arch.upscaled`); a LoRA adapter (`arch.lora`)
 
 
 class Domains(Evaluator):
@@ -49,6 +49,9 @@ class Domains(Evaluator):
         wc = moe_values.moe_call(self, b, "wemoe")
         if wc is not None and not self.dry:
             return wemoe_values.eval_wemoe(self, wc, ctx)
+        lc = moe_values.moe_call(self, b, "extract_lora")
+        if lc is not None and not self.dry:
+            return lora_values.eval_lora(self, lc, ctx)
         return self.eval(b.value, (), ctx)
 
     def eval_slices(self, call: ir.CallE, ctx: TensorCtx):
@@ -124,6 +127,9 @@ class Domains(Evaluator):
         wc = moe_values.moe_call(self, b, "wemoe")
         if wc is not None:
             return Domain(**wemoe_values.domain(self, wc))
+        lc = moe_values.moe_call(self, b, "extract_lora")
+        if lc is not None:
+            return Domain(**lora_values.domain(self, lc))
         call = self.first_source(b.value)
         if call is None:
             raise EvalError("E013", f"'{b.qualname.split('::')[-1]}' reads no model", b.span,

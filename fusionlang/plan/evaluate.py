@@ -240,17 +240,20 @@ class Evaluator:
         if e.kind == "builtin" and e.target == "slices":
             raise EvalError("E005", "slices() must be the whole value of a merge", e.span,
                             "write `merge deep = slices([...])` and use `deep` elsewhere")
-        if e.kind == "builtin" and e.target in ("moe", "smile", "wemoe"):
+        if e.kind == "builtin" and e.target in ("moe", "smile", "wemoe", "extract_lora"):
             if self.dry:
+                from .lora_values import options as lora_options
                 from .moe_values import options as moe_options
                 from .smile_values import options as smile_options
                 from .wemoe_values import options as wemoe_options
 
-                options = {"moe": moe_options, "smile": smile_options, "wemoe": wemoe_options}[e.target]
+                options = {"moe": moe_options, "smile": smile_options, "wemoe": wemoe_options,
+                           "extract_lora": lora_options}[e.target]
                 options(self, e)  # the arguments that need no model files
                 return self.load("model", ctx, e.span)
             raise EvalError("E005", f"{e.target}() must be the whole value of a merge", e.span,
-                            f"write `merge m = {e.target}(base, experts, ...)` and use `m` elsewhere")
+                            f"write `merge m = {e.target}(base, {'model' if e.target == 'extract_lora' else 'experts'}, "
+                            "...)` and use `m` elsewhere")
         if e.kind == "builtin" and e.target == "tune":
             return ir.tune_first_value(self.prog, e)  # `run` substitutes the chosen value before lowering
         args = self.call_args(e, env, ctx)

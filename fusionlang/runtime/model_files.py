@@ -25,6 +25,12 @@ def finish_output(plan: Plan, o: OutputSpec, d: Path) -> None:
     from the reference input with the output's overrides and dtype, the reference's
     companion files and modules, an upscaled model's description, and the model card."""
     src = plan.sources[o.reference]
+    from ..arch.lora import CONFIG_FILE, is_adapter
+
+    if is_adapter(o.description):  # a PEFT adapter: its config and a card, no model files
+        (d / CONFIG_FILE).write_text(json.dumps(o.description["adapter_config"], indent=2) + "\n")
+        (d / "README.md").write_text(model_card(plan, o, src, {}, "peft"))
+        return
     config = dict(src.config)
     config.update(o.config_overrides)
     if o.dtype:
@@ -49,7 +55,7 @@ def finish_output(plan: Plan, o: OutputSpec, d: Path) -> None:
     (d / "README.md").write_text(model_card(plan, o, src, config))
 
 
-def model_card(plan: Plan, o: OutputSpec, src, config: dict) -> str:
+def model_card(plan: Plan, o: OutputSpec, src, config: dict, library: str | None = None) -> str:
     """The output's README.md: Hugging Face metadata (`base_model`: the hub ids of the
     inputs that have one, `library_name`, `tags` with `fusionlang`, which marks the
     directory as a fusionlang output) and the spec it was merged with."""
@@ -58,11 +64,11 @@ def model_card(plan: Plan, o: OutputSpec, src, config: dict) -> str:
         hub = _hub_id(s.path)
         if hub and hub not in bases:
             bases.append(hub)
-    lib = "sentence-transformers" if (Path(src.path) / "modules.json").is_file() else "transformers"
+    lib = library or ("sentence-transformers" if (Path(src.path) / "modules.json").is_file() else "transformers")
     meta = ["---"]
     if bases:
         meta += ["base_model:", *(f"- {b}" for b in bases)]
-    meta += [f"library_name: {lib}", "tags: [fusionlang, merge]", "---"]
+    meta += [f"library_name: {lib}", "tags: [fusionlang, merge" + (", lora]" if library == "peft" else "]"), "---"]
     fence = "```"
     while fence in plan.spec_text:
         fence += "`"

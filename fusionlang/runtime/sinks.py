@@ -87,8 +87,13 @@ class ShardWriter:
                 size = 0
             shards[-1].append(t)
             size += n
+        from ..arch.lora import WEIGHTS_FILE, is_adapter
+
+        if is_adapter(out.description):  # PEFT reads one adapter_model.safetensors
+            shards = [[t for part in shards for t in part]]
         total = len(shards)
-        self.names = ["model.safetensors"] if total == 1 else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+        self.names = [WEIGHTS_FILE if is_adapter(out.description) else "model.safetensors"] if total == 1 else \
+            [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
         self.fds: list[int] = []
         weight_map = {}
         for si, tensors in enumerate(shards):
