@@ -1,5 +1,5 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, moe, classify,
-dataset, zoo_data, gram, gram_plusplus, smile, wemoe, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
+dataset, zoo_data, gram, gram_plusplus, smile, wemoe, lora, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
 perplexity, exact_match, lm_eval, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
@@ -111,6 +111,10 @@ BUILTINS: dict[str, BuiltinSig] = {
                         "outside the MLPs; each MLP's weights merged per input from the experts' task vectors by a "
                         "router trained on the unlabeled `data`; the whole value of a merge, loaded with "
                         "fusionlang.load"),
+    "lora": BuiltinSig((("base", "model", REQUIRED), ("path", "string", REQUIRED), ("scale", "number", 1.0)), "model",
+                       "`base` with a PEFT LoRA adapter directory merged in, tensor by tensor (MergeKit's "
+                       "model+lora, PEFT's merge_and_unload): W + scale·(lora_alpha/r)·B·A; the adapter's "
+                       "modules_to_save replace the base's tensors"),
     "extract_lora": BuiltinSig((("base", "model", REQUIRED), ("model", "model", REQUIRED), ("max_rank", "int", 128),
                                 ("distribute_scale", "bool", True), ("embed_lora", "bool", False),
                                 ("modules_to_save", "list", None), ("include", "list", None),

@@ -92,7 +92,7 @@ def eval_depth(x: ir.Expr, known: dict[str, int]) -> int:
     return best
 
 
-PATH_BUILTINS = {"local", "hf", "zoo", "package", "classify", "dataset", "zoo_data", "lm_eval"}
+PATH_BUILTINS = {"local", "hf", "zoo", "package", "classify", "dataset", "zoo_data", "lm_eval", "lora"}
 NAME_MAX, PATH_MAX = 255, 4096  # bytes of one path component / a whole path (Linux)
 
 

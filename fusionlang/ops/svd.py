@@ -1,4 +1,4 @@
-"""Singular-value primitives: low-rank factors of task vectors (SMILE upscaling).
+"""Singular-value and low-rank primitives: SMILE factors, LoRA factors (extract) and LoRA updates (apply).
 
 SMILE (Tang et al., "SMILE: Zero-Shot Sparse Mixture of Low-Rank Experts Construction
 From Pre-Trained Foundation Models", 2024; FusionBench `SmileMoELinear`) turns each
@@ -95,3 +95,19 @@ def lora_factors(base: Tensor, finetuned: Tensor, rank: int = 128, distribute_sc
     else:
         a, b = s[:, None] * vh[:r], u[:, :r]
     return torch.cat([a.reshape(-1), b.reshape(-1)])
+
+
+@op(public=False)
+def lora_apply(w: Tensor, a: Tensor, b: Tensor, scale: float = 1.0, transpose: bool = False) -> Tensor:
+    """A LoRA module merged into its base weight (PEFT's `merge_and_unload`):
+    `w + scale · (b @ a)`, or `w + scale · (b @ a)ᵀ` with `transpose` (an embedding's
+    `lora_embedding_A` [r, vocab] / `_B` [dim, r] on a [vocab, dim] weight, or a
+    fan-in-fan-out layer such as GPT-2's Conv1D). In float32; `scale` is PEFT's
+    `lora_alpha / r` (`/ √r` with rsLoRA). Shapes: a [r, in], b [out, r], w [out, in].
+    Raises ValueError when the shapes do not fit."""
+    delta = b.float() @ a.float()
+    if transpose:
+        delta = delta.T
+    if tuple(delta.shape) != tuple(w.shape):
+        raise ValueError(f"LoRA update {tuple(delta.shape)} does not fit weight {tuple(w.shape)}")
+    return w.float() + float(scale) * delta

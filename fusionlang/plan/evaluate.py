@@ -262,6 +262,10 @@ class Evaluator:
                 return self.load(self.source(e, args), ctx, e.span)
             if e.target in stage_values.STAGE_BUILTINS:
                 return stage_values.call(self, e, args, ctx, env)
+            if e.target == "lora":
+                from .lora_values import apply_lora
+
+                return apply_lora(self, e, args, ctx)
             if e.target == "ramp":
                 a, b = float(args["start"]), float(args["end"])
                 return a + (b - a) * ctx.t

@@ -100,6 +100,11 @@ def domain(ev, call: ir.CallE) -> dict:
             raise EvalError("E009", f"tensor '{src}' is {shapes[src]} in '{keys['model']}' but {have} in "
                             f"'{keys['base']}'", call.span, "extract a LoRA from a fine-tune of this base "
                             "(a fine-tune with added tokens: put the embeddings in modules_to_save)")
+    kinds = {kind for kind, *_ in tensors.values()}
+    if "lora_B_bias" in kinds and "lora_embedding_A" in kinds:
+        raise EvalError("E006", "PEFT cannot load an adapter with both LoRA biases and LoRA embeddings (lora_bias is "
+                        "not supported for Embedding layers)", span.get("embed_lora", call.span),
+                        "leave embed_lora=false (the embeddings are saved whole), or exclude the layers with biases")
     ev.__dict__.setdefault("_lora", {})[id(call)] = (tensors, o)
     num_layers = arch.count_layers(h.config, h.tensors)
     source_of, group_of = {}, {}
@@ -143,3 +148,118 @@ def eval_lora(ev, call: ir.CallE, ctx: TensorCtx) -> TensorV:
     nid = ev.plan.add("unpack", (packed,), {"offset": offset, "shape": [float(d) for d in shape]},
                       group=ctx.group, loc=loc, shape=shape)
     return TensorV(nid, shape, model.dtype)
+
+
+# -- LoRA adapters as inputs: lora(base, "adapter_dir") ------------------------------------
+
+def _adapter(ev, call: ir.CallE, path: str) -> str:
+    """The plan source key of an adapter directory (read once per spec); EvalError at
+    the path argument when it cannot be read or applied."""
+    from ..lang.values import spec_path
+    from ..runtime.sources import SourceError, read_adapter_dir
+    from .graph import SourceSpec
+    from .values import at
+
+    full = spec_path(call.span.file, path)
+    seen = ev.__dict__.setdefault("_adapters", {})
+    if full in seen:
+        return seen[full]
+    arg = dict(zip(("base", "path"), call.args)) | dict(call.kwargs)
+    span = arg["path"].span if "path" in arg else call.span
+    try:
+        config, tensors = read_adapter_dir(full)
+    except SourceError as e:
+        raise EvalError(e.code, e.message, span, e.hint) from None
+    key = "lora:" + (full.rstrip("/").rsplit("/", 1)[-1] or "adapter")
+    while key in ev.plan.sources:
+        key += "'"
+    ev.plan.sources[key] = SourceSpec(key, full, {n: (t.dtype, t.shape, t.file) for n, t in tensors.items()}, config,
+                                      at=at(span))
+    ev.sources_used[key] = span
+    seen[full] = key
+    return key
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that is the module's
+    name or a suffix of it after a dot (`re.match(rf"(.*\\.)?{key}$", module)`)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            return value
+    return default
+
+
+def _adapter_module(names: dict, module: str) -> str | None:
+    """The adapter's name for a checkpoint module: the same, or the one that ends with
+    it after a dot (a class that prefixes its checkpoint's names, e.g. `bert.`)."""
+    if module in names:
+        return module
+    hits = [n for n in names if n.endswith("." + module)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def apply_lora(ev, call: ir.CallE, args: dict, ctx: TensorCtx):
+    """`lora(base, path, scale)` at tensor `ctx.tensor`: the base tensor with the adapter's
+    update merged in (PEFT's merge_and_unload), the adapter's own tensor for a module it
+    saves whole (`modules_to_save`), else the base tensor unchanged."""
+    base = args["base"]
+    if ev.dry or not isinstance(base, TensorV):
+        return base
+    key = _adapter(ev, call, str(args["path"]))
+    src = ev.plan.sources[key]
+    prefix = L.PREFIX
+    modules = ev.__dict__.setdefault("_adapter_modules", {})
+    if key not in modules:
+        names: dict[str, set] = {}
+        for t in src.tensors:
+            if t.startswith(prefix):
+                mod, _, leaf = t[len(prefix):].rpartition(".")
+                if ".lora_" in t:
+                    mod = t[len(prefix):].split(".lora_", 1)[0]
+                names.setdefault(mod, set()).add(t)
+        modules[key] = names
+    module, _, leaf = ctx.tensor.rpartition(".")
+    am = _adapter_module(modules[key], module)
+    if am is None:
+        return base
+    loc = ev._loc(call.span)
+    full = f"{prefix}{am}.{leaf}"
+    if full in src.tensors:  # modules_to_save: the adapter's tensor replaces the base's
+        return _checked(ev, ev.load(key, TensorCtx(full, ctx.group, ctx.layer, ctx.num_layers), call.span), base,
+                        call, key, full)
+    cfg = src.config
+    r = _pattern_value(cfg.get("rank_pattern"), am, cfg.get("r", 8))
+    alpha = _pattern_value(cfg.get("alpha_pattern"), am, cfg.get("lora_alpha", r))
+    scale = float(args.get("scale", 1.0)) * (alpha / (r ** 0.5 if cfg.get("use_rslora") else r))
+    def sub(t: str) -> TensorCtx:
+        return TensorCtx(t, ctx.group, ctx.layer, ctx.num_layers)
+
+    if leaf == "bias" and cfg.get("lora_bias") and f"{prefix}{am}.lora_B.bias" in src.tensors:
+        bias = ev.load(key, sub(f"{prefix}{am}.lora_B.bias"), call.span)
+        _checked(ev, bias, base, call, key, f"{prefix}{am}.lora_B.bias")
+        nid = ev.plan.add("axpy", (base.node, bias.node), {"k": scale}, group=ctx.group, loc=loc, shape=base.shape)
+        return TensorV(nid, base.shape, base.dtype)
+    if leaf != "weight":
+        return base
+    for a_name, b_name, transpose in ((f"{prefix}{am}.lora_A.weight", f"{prefix}{am}.lora_B.weight",
+                                       bool(cfg.get("fan_in_fan_out"))),
+                                      (f"{prefix}{am}.lora_embedding_A", f"{prefix}{am}.lora_embedding_B", True)):
+        if a_name in src.tensors and b_name in src.tensors:
+            a, b = ev.load(key, sub(a_name), call.span), ev.load(key, sub(b_name), call.span)
+            out_f, in_f = (base.shape[1], base.shape[0]) if transpose else (base.shape[0], base.shape[1])
+            if len(base.shape) != 2 or tuple(a.shape) != (a.shape[0], in_f) or tuple(b.shape) != (out_f, a.shape[0]):
+                raise EvalError("E009", f"the adapter's {a_name} {tuple(a.shape)} and {b_name} {tuple(b.shape)} do "
+                                f"not fit tensor '{ctx.tensor}' {tuple(base.shape)} of the base", call.span,
+                                "apply the adapter to the model it was trained on")
+            nid = ev.plan.add("lora_apply", (base.node, a.node, b.node), {"scale": scale, "transpose": transpose},
+                              group=ctx.group, loc=loc, shape=base.shape)
+            return TensorV(nid, base.shape, base.dtype)
+    return base
+
+
+def _checked(ev, v: TensorV, base: TensorV, call: ir.CallE, key: str, name: str) -> TensorV:
+    if tuple(v.shape) != tuple(base.shape):
+        raise EvalError("E009", f"the adapter's {name} is {tuple(v.shape)} but the base's tensor is "
+                        f"{tuple(base.shape)}", call.span, "apply the adapter to the model it was trained on "
+                        "(a vocabulary grown by the fine-tune needs that model's embeddings)")
+    return v

@@ -515,3 +515,27 @@ def same_tensor_bytes(pairs: list[tuple[TensorInfo, str, TensorInfo, str]], chun
     finally:
         for f in handles.values():
             f.close()
+
+
+def read_adapter_dir(path: str | os.PathLike) -> tuple[dict, dict[str, TensorInfo]]:
+    """A PEFT LoRA adapter directory: (adapter_config.json, the tensor headers of
+    adapter_model.safetensors). Raises SourceError: E010 (no such directory, no adapter
+    files), E011 (unreadable or invalid files), E014 (an adapter fusionlang cannot apply:
+    not LoRA, DoRA)."""
+    d = Path(path)
+    if not d.is_dir():
+        raise SourceError("E010", f"adapter directory '{d}' does not exist", "check the path (relative to the spec file)")
+    cfg_path, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        missing = ", ".join(p.name for p in (cfg_path, weights) if not p.is_file())
+        extra = " (adapter_model.bin: convert it to safetensors first)" if (d / "adapter_model.bin").is_file() else ""
+        raise SourceError("E010", f"'{d}' is not a PEFT adapter directory: no {missing}{extra}",
+                          "a directory written by PEFT's save_pretrained (or extract_lora)")
+    config = read_json_object(cfg_path, "adapter_config.json")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise SourceError("E014", f"'{d}' is a {config.get('peft_type')} adapter; lora() applies LoRA adapters",
+                          "merge it into its base with PEFT first (merge_and_unload) and read that model")
+    if config.get("use_dora"):
+        raise SourceError("E014", f"'{d}' is a DoRA adapter (use_dora): its magnitude vectors are not supported",
+                          "merge it into its base with PEFT first (merge_and_unload) and read that model")
+    return config, read_safetensors_header(weights)
