@@ -1,5 +1,5 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, moe, classify,
-dataset, zoo_data, gram, gram_plusplus, smile, wemoe, lora, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
+dataset, zoo_data, gram, gram_plusplus, smile, wemoe, lora, merge_adapters, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
 perplexity, exact_match, lm_eval, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
@@ -115,6 +115,15 @@ BUILTINS: dict[str, BuiltinSig] = {
                        "`base` with a PEFT LoRA adapter directory merged in, tensor by tensor (MergeKit's "
                        "model+lora, PEFT's merge_and_unload): W + scale·(lora_alpha/r)·B·A; the adapter's "
                        "modules_to_save replace the base's tensors"),
+    "merge_adapters": BuiltinSig((("adapters", "list", REQUIRED), ("weights", "numbers", REQUIRED),
+                                  ("combination_type", "string", "svd"), ("svd_rank", "int", None),
+                                  ("svd_clamp", "number", None), ("svd_full_matrices", "bool", True),
+                                  ("density", "number", None), ("majority_sign_method", "string", "total"),
+                                  ("seed", "int", 0)), "model",
+                                 "PEFT LoRA adapters merged in adapter space (PEFT's add_weighted_adapter): "
+                                 "their factors combined (linear, ties, dare_linear, dare_ties, magnitude_prune; "
+                                 "cat side by side) or their updates combined and factored again (svd and the "
+                                 "*_svd variants); the whole value of a merge, saved as a PEFT adapter"),
     "extract_lora": BuiltinSig((("base", "model", REQUIRED), ("model", "model", REQUIRED), ("max_rank", "int", 128),
                                 ("distribute_scale", "bool", True), ("embed_lora", "bool", False),
                                 ("modules_to_save", "list", None), ("include", "list", None),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .. import arch, ir
 from ..lang.diagnostics import Span
 from ..runtime.sources import is_source_call
-from . import lora_values, moe_values, smile_values, wemoe_values
+from . import adapter_values, lora_values, moe_values, smile_values, wemoe_values
 from .evaluate import Evaluator
 from .values import PROBE, EvalError, SliceV, TensorCtx
 
@@ -52,6 +52,9 @@ class Domains(Evaluator):
         lc = moe_values.moe_call(self, b, "extract_lora")
         if lc is not None and not self.dry:
             return lora_values.eval_lora(self, lc, ctx)
+        ac = moe_values.moe_call(self, b, "merge_adapters")
+        if ac is not None and not self.dry:
+            return adapter_values.eval_merge(self, ac, ctx)
         return self.eval(b.value, (), ctx)
 
     def eval_slices(self, call: ir.CallE, ctx: TensorCtx):
@@ -130,6 +133,9 @@ class Domains(Evaluator):
         lc = moe_values.moe_call(self, b, "extract_lora")
         if lc is not None:
             return Domain(**lora_values.domain(self, lc))
+        ac = moe_values.moe_call(self, b, "merge_adapters")
+        if ac is not None:
+            return Domain(**adapter_values.merge_domain(self, ac))
         call = self.first_source(b.value)
         if call is None:
             raise EvalError("E013", f"'{b.qualname.split('::')[-1]}' reads no model", b.span,

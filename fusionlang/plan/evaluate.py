@@ -240,6 +240,11 @@ class Evaluator:
         if e.kind == "builtin" and e.target == "slices":
             raise EvalError("E005", "slices() must be the whole value of a merge", e.span,
                             "write `merge deep = slices([...])` and use `deep` elsewhere")
+        if e.kind == "builtin" and e.target == "merge_adapters":
+            if self.dry:
+                return self.load("model", ctx, e.span)
+            raise EvalError("E005", "merge_adapters() must be the whole value of a merge", e.span,
+                            "write `merge m = merge_adapters([...], weights=[...])` and save `m`")
         if e.kind == "builtin" and e.target in ("moe", "smile", "wemoe", "extract_lora"):
             if self.dry:
                 from .lora_values import options as lora_options
@@ -263,7 +268,7 @@ class Evaluator:
             if e.target in stage_values.STAGE_BUILTINS:
                 return stage_values.call(self, e, args, ctx, env)
             if e.target == "lora":
-                from .lora_values import apply_lora
+                from .adapter_values import apply_lora
 
                 return apply_lora(self, e, args, ctx)
             if e.target == "ramp":
