@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_state, make_family, run_cli, write_spec
-from test_mergekit_conformance import MERGEKIT, run_fuse, run_mergekit
 from test_errors import expect_error
+from test_mergekit_conformance import MERGEKIT, run_fuse, run_mergekit
 
 needs_mergekit = pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (bash .ci/install_mergekit.sh)")
 RTOL = 1e-6
@@ -84,8 +84,8 @@ CASES = {
     "nuslerp_rows": ("nuslerp([experts[0], experts[1]], [0.6, 0.2], base=base, nuslerp_flatten=false)",
                      "merge_method: nuslerp\n" + per_model({"weight": [0.6, 0.2]}, models=("e0", "e1"))
                      + "parameters: {nuslerp_flatten: false}\n"),
-    "nuslerp_columns": ("nuslerp([experts[0], experts[1]], [0.6, 0.2], base=base, nuslerp_flatten=false, "
-                        "nuslerp_row_wise=true)",
+    "nuslerp_columns": (("nuslerp([experts[0], experts[1]], [0.6, 0.2], base=base, nuslerp_flatten=false, "
+                        "nuslerp_row_wise=true)"),
                         "merge_method: nuslerp\n" + per_model({"weight": [0.6, 0.2]}, models=("e0", "e1"))
                         + "parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n"),
     "nuslerp_no_base": ("nuslerp([experts[1], experts[2]], [1.0, 3.0])",

@@ -15,8 +15,8 @@ def _magprune_values(params: dict):
     density, epsilon = params.get("density", 0.5), params.get("epsilon", 0.15)
     if 0.0 < density < 1.0 and not (density - epsilon > 0.0 and density + epsilon < 1.0):
         return ("epsilon", f"density {density:g} ± epsilon {epsilon:g} leaves (0, 1)",
-                f"choose epsilon with {density:g} - epsilon > 0 and {density:g} + epsilon < 1, "
-                f"i.e. |epsilon| < {min(density, 1.0 - density):g} (MergeKit refuses the same values)")
+                (f"choose epsilon with {density:g} - epsilon > 0 and {density:g} + epsilon < 1, "
+                f"i.e. |epsilon| < {min(density, 1.0 - density):g} (MergeKit refuses the same values)"))
     return None
 
 

@@ -52,8 +52,8 @@ def sce_fuse(xs: list[Tensor]) -> Tensor:
 
 def _ram_values(params: dict):
     if params.get("r", 0.0) != 0.0 and params.get("epsilon", 1e-5) <= 0.0:
-        return ("epsilon", "epsilon must be > 0 when r is not 0 (it bounds the unique-entry count "
-                "RAM+ divides by)", "pass a small positive epsilon, e.g. 1e-5 (MergeKit's default)")
+        return ("epsilon", ("epsilon must be > 0 when r is not 0 (it bounds the unique-entry count "
+                "RAM+ divides by)"), "pass a small positive epsilon, e.g. 1e-5 (MergeKit's default)")
     return None
 
 
