@@ -80,7 +80,8 @@ def sphere_barycenter(xs: list[Tensor], weights: list[float] | None = None, norm
         return xs[0]
     stacked = torch.stack([_work(x) for x in xs], dim=0)
     flat = stacked.reshape(len(xs), -1)
-    w = torch.tensor([1.0] * len(xs) if weights is None else [float(v) for v in weights], dtype=flat.dtype)
+    w = torch.tensor([1.0] * len(xs) if weights is None else [float(v) for v in weights], dtype=flat.dtype,
+                     device=flat.device)
     if normalize_weights:
         w = w / w.sum()
     norms = torch.norm(flat, dim=-1, keepdim=True)
