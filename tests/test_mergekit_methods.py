@@ -272,6 +272,40 @@ def test_karcher_of_zero_tensors_is_zero():
     assert torch.equal(OPS["karcher_mean"].fn([z, z.clone()]), z)
 
 
+def test_multislerp_cancelling_models_beyond_two_are_an_error():
+    from fusionlang.ops import OPS
+    from fusionlang.runtime.errors import RunError
+
+    a = torch.randn(4, 4)
+    with pytest.raises(RunError) as e:
+        OPS["sphere_barycenter"].fn([a, -a, a, -a])
+    assert e.value.code == "E006"
+
+
+def test_match_norm_leaves_tiny_tensors_alone():
+    """MergeKit's rescale skips tensors whose norms are below 1e-7 (either of them)."""
+    from fusionlang.ops import OPS
+
+    x, ref = torch.full((3, 3), 1e-10), torch.randn(3, 3)
+    assert torch.equal(OPS["match_norm"].fn(x, ref), x)
+    y = torch.randn(3, 3)
+    got = OPS["match_norm"].fn(y, 2 * ref, norm="l2")
+    assert torch.allclose(got.norm(), (2 * ref).norm(), rtol=1e-6)
+
+
+def test_magprune_probabilities_single_column_and_extremes():
+    """A row of one entry keeps it with probability density; density 1 keeps all,
+    density 0 none."""
+    from fusionlang.ops import OPS
+    from fusionlang.ops.prune import magprune_probabilities
+
+    col = torch.randn(5, 1)
+    assert torch.equal(magprune_probabilities(col, 0.3, 0.1), torch.full((5, 1), 0.3))
+    x = torch.randn(4, 6)
+    assert torch.equal(OPS["magprune"].fn(x, density=1.0), x)
+    assert torch.equal(OPS["magprune"].fn(x, density=0.0), torch.zeros_like(x))
+
+
 # ---------------------------------------------------------------- bad parameter values
 def _spec(tmp_path, fam, body: str):
     return write_spec(tmp_path, f'''use merging
