@@ -320,6 +320,7 @@ BAD = [
     ("della(base, experts, density=0.5, epsilon=0.6)", "0.6)", "epsilon"),
     ("della_linear(base, experts, density=0.9, epsilon=0.15)", "0.15)", "epsilon"),
     ("della(base, experts, density=1.5)", "1.5)", "[0, 1]"),
+    ("della(base, experts, density=[0.3, 0.9], epsilon=0.15)", "0.15)", "epsilon"),  # at the last layer
     ('della(base, experts, rescale="l3")', '"l3"', "l1"),
     ('ties(base, experts, rescale="l7")', '"l7"', "l1"),
     ("model_stock(base, [experts[0]])", "[experts[0]]", "two or more"),
