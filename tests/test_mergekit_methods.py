@@ -306,6 +306,16 @@ def test_magprune_probabilities_single_column_and_extremes():
     assert torch.equal(OPS["magprune"].fn(x, density=0.0), torch.zeros_like(x))
 
 
+def test_magprune_blocks_do_not_change_the_mask(monkeypatch):
+    """Row blocks draw the same numbers and ranks as the whole tensor."""
+    from fusionlang.ops import OPS, prune
+
+    x = torch.randn(64, 300)
+    whole = OPS["magprune"].fn(x, 0.4, 0.2, "inverse", 5)
+    monkeypatch.setattr(prune, "BLOCK", 1000)  # 3 rows per block
+    assert torch.equal(OPS["magprune"].fn(x, 0.4, 0.2, "inverse", 5), whole)
+
+
 # ---------------------------------------------------------------- bad parameter values
 def _spec(tmp_path, fam, body: str):
     return write_spec(tmp_path, f'''use merging

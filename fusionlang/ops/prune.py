@@ -39,13 +39,9 @@ def magprune_probabilities(x, density: float, epsilon: float):
     return probs.reshape(x.shape)
 
 
-def uniform_draws(numel: int, seed: int):
-    """`numel` uniform float64 draws in [0, 1) (float32 tensor of the draws' order):
-    numpy's SFC64 generator seeded with `seed` (the op's per-tensor seed)."""
-    import numpy as np
-
-    u = np.random.Generator(np.random.SFC64(seed)).random(numel, dtype=np.float64)
-    return torch.from_numpy(u)
+# Entries per block of MagPrune's draws and ranks (whole rows of dim 0): bounds its
+# temporaries (int64 ranks, float64 draws) instead of allocating them for the whole tensor.
+BLOCK = 1 << 20
 
 
 @op(ranges={"density": (0.0, 1.0), "epsilon": (-1.0, 1.0)}, check_values=_magprune_values)
@@ -62,20 +58,31 @@ def magprune(x: Tensor, density: float = 0.5, epsilon: float = 0.15,
     epsilon lies in (0, 1) (for 0 < density < 1, as MergeKit).
 
     The draws are uniform float64 from numpy's SFC64 generator seeded per tensor (from
-    `seed`, the tensor's name and the input expression), in the flat order of x; entry
-    kept iff draw < p. MergeKit draws `torch.bernoulli` from torch's global RNG: the
-    masks differ, their distribution is the same.
+    `seed`, the tensor's name and the input expression), one per entry in the flat order
+    of x; an entry is kept iff its draw < p. MergeKit draws `torch.bernoulli` from
+    torch's global RNG: the masks differ, their distribution is the same. Computed in
+    blocks of whole dim-0 slices (the same draws and ranks as on the whole tensor).
     """
+    import numpy as np
+
     if density >= 1.0:
         return x
     if density <= 0.0:
         return torch.zeros_like(x)
-    probs = magprune_probabilities(x, density, epsilon).to(x.device)
-    draws = uniform_draws(x.numel(), seed).reshape(x.shape).to(x.device)
-    keep = draws < probs.double()
-    if rescale == "inverse":
-        return torch.where(keep, x / probs.to(x.dtype), torch.zeros_like(x))
-    return x * keep.to(x.dtype)
+    t = x.unsqueeze(0) if x.dim() < 2 else x
+    out = torch.empty_like(t)
+    gen = np.random.Generator(np.random.SFC64(seed))
+    step = max(1, BLOCK // max(1, t[0].numel()))
+    for s in range(0, t.shape[0], step):
+        blk = t[s:s + step]
+        probs = magprune_probabilities(blk, density, epsilon)
+        draws = torch.from_numpy(gen.random(blk.numel(), dtype=np.float64)).reshape(blk.shape).to(x.device)
+        keep = draws < probs.double()
+        if rescale == "inverse":
+            out[s:s + step] = torch.where(keep, blk / probs.to(x.dtype), torch.zeros_like(blk))
+        else:
+            out[s:s + step] = blk * keep.to(x.dtype)
+    return out.reshape(x.shape)
 
 
 @op(ranges={"eps": (0.0, None)})
