@@ -8,6 +8,7 @@ computed values (near-parallel vectors, convergence tests) are the same.
 
 from __future__ import annotations
 
+from .arith import weights_sum_is_zero
 from .registry import Tensor, op, torch
 
 
@@ -59,7 +60,7 @@ def nslerp(xs: list[Tensor], weights: list[float] | None = None, row_wise: bool 
 
 def _weights_sum(params: dict):
     w = params.get("weights")
-    if w is not None and params.get("normalize_weights", True) and abs(sum(w)) < 1e-12:
+    if w is not None and params.get("normalize_weights", True) and weights_sum_is_zero(w):
         return ("weights", "the weights sum to 0, so normalize_weights=true cannot divide by their sum",
                 "change the weights, or pass normalize_weights=false")
     return None
