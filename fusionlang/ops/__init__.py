@@ -1,6 +1,18 @@
 """Tensor primitives. Importing this package fills `OPS` (without importing torch)."""
 
-from . import adapters, arith, consensus, interp, layout, sparsify, stat_weighted, svd  # noqa: F401  (registration side effects)
+from . import (  # noqa: F401  (registration side effects)
+    adapters,
+    arith,
+    consensus,
+    geometry,
+    interp,
+    layout,
+    prune,
+    selection,
+    sparsify,
+    stat_weighted,
+    svd,
+)
 from .registry import OPS, OpDef, ParamSpec, Tensor, op
 
 __all__ = ["OPS", "OpDef", "ParamSpec", "Tensor", "op"]

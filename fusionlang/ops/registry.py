@@ -50,6 +50,10 @@ class OpDef:
     # ops with several list parameters: check_shapes([[shape per input] per list]) -> a
     # problem ("...") or None, run at compile time on the inputs' shapes
     check_shapes: Callable | None = None
+    # ops whose parameters constrain each other: check_values(params) -> None, or
+    # (parameter, message, hint) for an E006 at the user's argument for that parameter
+    # (params holds the checked values, and "n": the length of the op's tensor list)
+    check_values: Callable | None = None
 
     @property
     def tensor_params(self) -> list[ParamSpec]:
@@ -87,7 +91,8 @@ def _type_of(ann: Any) -> tuple[str, tuple[str, ...], bool]:
 
 def op(name: str | None = None, *, kind: str = "map", public: bool = True, inplace: bool = False,
        ranges: dict[str, tuple[float | None, float | None]] | None = None,
-       tile_stat: tuple[Callable, Callable] | None = None, check_shapes: Callable | None = None):
+       tile_stat: tuple[Callable, Callable] | None = None, check_shapes: Callable | None = None,
+       check_values: Callable | None = None):
     """Register `fn` as a primitive; its signature is the op's schema."""
 
     def deco(fn: Callable) -> Callable:
@@ -100,7 +105,8 @@ def op(name: str | None = None, *, kind: str = "map", public: bool = True, inpla
             params.append(ParamSpec(p.name, typ, p.default, choices, optional, (ranges or {}).get(p.name)))
         opname = name or fn.__name__.rstrip("_")
         OPS[opname] = OpDef(opname, fn, tuple(params), kind, public, inplace,
-                            inspect.getdoc(fn) or "", dict(ranges or {}), tile_stat, check_shapes)
+                            inspect.getdoc(fn) or "", dict(ranges or {}), tile_stat, check_shapes,
+                            check_values)
         return fn
 
     return deco

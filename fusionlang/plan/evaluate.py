@@ -45,6 +45,9 @@ from .values import (
     param_names,
 )
 
+# ops whose `seed` becomes a per-tensor seed (the tensor's group and input expression)
+SEEDED_OPS = ("drop", "magprune")
+
 
 class Evaluator:
     """A partial evaluator of a checked Program at one tensor name at a time: models
@@ -381,6 +384,11 @@ class Evaluator:
             d = Diagnostic("E006", f"the weights of '{o.name}' sum to 0, so normalize=true cannot divide by their sum",
                            e.span, "pass normalize=false to add the weighted models without dividing, or change the weights")
             bad.append(self._param_error(d, e, exprs, env, "weights", params["weights"], None))
+        problem = o.check_values(params) if o.check_values and not bad else None
+        if problem:
+            pname, message, hint = problem
+            d = Diagnostic("E006", f"{message} in '{o.name}'", e.span, hint)
+            bad.append(self._param_error(d, e, exprs, env, pname, params.get(pname), None))
         if bad and self.dry:
             # keep going: other calls of the merge may have bad arguments too
             for d in bad:
@@ -403,7 +411,7 @@ class Evaluator:
         dtype = inputs[0].dtype if inputs else None
         node_ids = tuple(x.node for x in inputs)
         loc = self._loc(e.span)
-        if o.name == "drop":
+        if o.name in SEEDED_OPS:
             params["seed"] = tensor_seed(params.get("seed", 0), ctx.group, self.signature(node_ids[0]))
         if o.name == "trim" and params.get("scope") == "model":
             return TensorV(self.model_trim(node_ids[0], params["density"], ctx, loc), shape, dtype)
