@@ -345,3 +345,22 @@ def test_raw_control_character_in_string_is_e001(tmp_path, raw, escape):
     p.write_bytes(b'let x = 1\nlet y = "ab' + raw + b'c"\n')
     err = cli_error(["check", str(p)], "E001", (2, 12))
     assert escape in err.split("= hint: ")[1]
+
+
+def test_a_gradient_with_one_point_per_model_warns_w004(tmp_path):
+    """density=[0.5, 0.3] with two experts is a layer gradient, not MergeKit's per-model
+    density: W004 at the list; another number of points, or a per-model parameter
+    (weights=), or a parameter MergeKit has no per-model form of (scale), does not warn."""
+    import re
+
+    spec = tmp_path / "w.fuse"
+    spec.write_text('use merging\nmodel base = local("b")\nmodels experts = [local("e0"), local("e1")]\n'
+                    'merge t = ties(base, experts, density=[0.5, 0.3])\n'
+                    'merge u = ties(base, experts, density=[0.5, 0.3, 0.1])\n'
+                    'merge v = task_arithmetic(base, [local("e0"), local("e1")], weights=[0.5, 0.3], scale=[0.2, 1])\n'
+                    'save t to "o"\nsave u to "p"\nsave v to "q"\n')
+    rc, _, err = run_cli("check", str(spec))
+    assert rc == 0, err
+    found = re.findall(r"w\.fuse:(\d+):(\d+): warning\[(W\d+)\]", err)
+    assert found == [("4", "39", "W004")], err
+    assert "a gradient over the layers (first layer to last), not one value per model" in err

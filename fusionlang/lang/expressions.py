@@ -201,6 +201,7 @@ class ExprChecker(ModuleChecker):
                 return ir.Const(span=s, type="any", value=None)
             sig = [(p.name, p.type, p.default if p.default is not None else REQUIRED) for p in d.params]
             self._bind_args(e, sig, args, kwargs, None)
+            self._gradient_or_per_model(e, sig, args, kwargs)
             return ir.CallE(span=s, type=d.returns, kind="def", target=sym.qualname, args=args,
                             kwargs=tuple((k, v) for k, v, _ in kwargs))
         if e.func in OPS and OPS[e.func].public:
@@ -225,6 +226,29 @@ class ExprChecker(ModuleChecker):
                             kwargs=tuple((k, v) for k, v, _ in kwargs))
         self._unknown(mod, e.func, e.func_span, scope, called=True)
         return ir.Const(span=s, type="any", value=None)
+
+    def _gradient_or_per_model(self, e: ast.Call, sig, args, kwargs) -> None:
+        """W004 where a list of numbers for a parameter MergeKit sets per model (density,
+        epsilon, gamma) has as many values as the call's list of models: it is a gradient
+        over the layers, which a MergeKit user easily reads as one value per model."""
+        bound = dict(zip((n for n, _, _ in sig), args)) | {k: v for k, v, _ in kwargs}
+        counts = []
+        for n, typ, _ in sig:
+            a = bound.get(n)
+            if typ == "models" and isinstance(a, ir.Ref) and a.scope == "global" and a.name in self.bindings:
+                a = self.bindings[a.name].value
+            if typ == "models" and isinstance(a, ir.ListE):
+                counts.append(len(a.items))
+        for n, typ, _ in sig:
+            a = bound.get(n)
+            if n in PER_MODEL_IN_MERGEKIT and typ == "number" and isinstance(a, ir.ListE) and len(a.items) >= 2 \
+                    and len(a.items) in counts:
+                k = len(a.items)
+                self.sink.warning("W004", f"{n} has {k} values and there are {k} models, but a list for a number "
+                                  "is a gradient over the layers (first layer to last), not one value per model",
+                                  a.span, "for one value per model write the task vectors out, e.g. base + "
+                                  "disjoint_merge([trim(experts[0] - base, 0.5), trim(experts[1] - base, 0.3)]) "
+                                  "(docs/language.md, \"Gradients over layers\")")
 
     def _check_tune(self, e: ast.Call, args, kwargs) -> None:
         """tune(values, on=[tasks]): literal candidates, declared tasks, only in a merge."""
@@ -327,6 +351,9 @@ class ExprChecker(ModuleChecker):
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+# parameters MergeKit sets per model (a `models:` entry's `parameters:`), which a list in
+# fusionlang does not mean (W004): `weight` is fusionlang's `weights=` list
+PER_MODEL_IN_MERGEKIT = {"density", "epsilon", "gamma"}
 
 
 def type_name(t: str) -> str:
