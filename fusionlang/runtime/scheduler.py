@@ -106,6 +106,7 @@ class LocalScheduler:
         try:
             return self._run()
         finally:
+            torch.set_num_threads(self._threads)  # also when a stage or a unit failed mid-overlap
             if was_enabled:
                 gc.enable()
 
