@@ -1,0 +1,158 @@
+"""Subspace merging of task vectors by SVD: TSV-Merge, Iso-C, Iso-CTS.
+
+Each primitive takes the task vectors τ_1..τ_T of one tensor name (so memory stays
+bounded by one tensor group) and returns the merged task vector for that tensor. As in
+FusionBench 0.2.33, only 2-D tensors (every weight matrix, embeddings and heads included)
+are merged in a subspace; any other tensor (biases, norms) gets the plain mean of its
+task vectors. FusionBench's `exclude_keys` are per-tensor rules in a spec.
+
+SVDs run in the inputs' dtype when it is float32 or float64, else in float32 (as
+FusionBench). Singular vectors are defined up to sign (and rotation within repeated
+singular values); every result below is invariant to that choice.
+"""
+
+from __future__ import annotations
+
+from .registry import Tensor, op, torch
+
+
+def _mean(xs: list) -> object:
+    acc = xs[0].clone()
+    for x in xs[1:]:
+        acc.add_(x)
+    return acc.div_(len(xs))
+
+
+def _work(x):
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _polar(a):
+    """The orthogonal polar factor P·Qᵀ of a = P·diag(σ)·Qᵀ (the nearest matrix with
+    orthonormal columns, or rows, to `a`)."""
+    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    return p @ qh
+
+
+def _check_lists(xs: list, weights: list[float] | None) -> None:
+    if not xs:
+        raise ValueError("no task vectors to merge")
+    if weights is not None and len(weights) != len(xs):
+        raise ValueError(f"{len(weights)} weights for {len(xs)} models")
+
+
+@op()
+def tsv_merge(xs: list[Tensor], alpha: float = 1.0, weights: list[float] | None = None) -> Tensor:
+    """Task Singular Vector merging (TSV-M) of the task vectors `xs` ([out, in] each).
+
+    With `weights`, τ_i ← w_i·τ_i first. For a 2-D tensor with r = min(out, in) and
+    k = int(r / T) (T = number of task vectors): τ_i = U_i·diag(S_i)·V_iᵀ, keep each
+    task's top k triplets, concatenate U = [U_1,k … U_T,k] ([out, T·k]), S, Vᵀ
+    ([T·k, in]), replace U and Vᵀ by their orthogonal polar factors (whitening: removes
+    the interference between tasks' subspaces) and return alpha·U⊥·diag(S)·V⊥ᵀ. Other
+    tensors: alpha·mean(τ_i). k = 0 (r < T) gives zeros, as FusionBench.
+
+    Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model
+    Merging", CVPR 2025. Equals FusionBench 0.2.33 `TaskSingularVectorMerging`
+    (`compute_and_sum_svd_mem_reduction`): a number `alpha` scales the merged vector, a
+    list `alpha` is `weights`. Raises ValueError on an empty list or a weights length
+    that differs from the models'."""
+    _check_lists(xs, weights)
+    if weights is not None:
+        xs = [x * float(w) for x, w in zip(xs, weights)]
+    if xs[0].dim() != 2:
+        return _mean(xs).mul_(alpha)
+    dtype = xs[0].dtype
+    t = len(xs)
+    r = min(xs[0].shape)
+    k = int(r * (1 / t))  # NOTE: FusionBench's int(r * sv_reduction), sv_reduction = 1 / T
+    if k == 0:
+        return torch.zeros_like(xs[0])
+    us, ss, vhs = [], [], []
+    for x in xs:
+        u, s, vh = torch.linalg.svd(_work(x), full_matrices=False)
+        us.append(u[:, :k])
+        ss.append(s[:k])
+        vhs.append(vh[:k])
+    u_o = _polar(torch.cat(us, dim=1))
+    vh_o = _polar(torch.cat(vhs, dim=0))
+    out = (u_o * torch.cat(ss)) @ vh_o
+    return out.mul_(alpha).to(dtype)
+
+
+@op()
+def iso_c(xs: list[Tensor]) -> Tensor:
+    """Isotropic merging in the common subspace (Iso-C) of the task vectors `xs`.
+
+    For a 2-D tensor: Σ_i τ_i = U·diag(S)·Vᵀ, returned with a flat spectrum
+    U·(mean(S)·I)·Vᵀ (mean over all min(out, in) singular values). Other tensors:
+    mean(τ_i). The merged model is base + scaling_factor · this.
+
+    Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
+    Task-Specific Subspaces", ICML 2025. Equals FusionBench 0.2.33
+    `IsotropicMergingInCommonSubspace` (`iso_c`). Raises ValueError on an empty list."""
+    _check_lists(xs, None)
+    if xs[0].dim() != 2:
+        return _mean(xs)
+    dtype = xs[0].dtype
+    total = _work(xs[0]).clone()
+    for x in xs[1:]:
+        total.add_(_work(x))
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    return ((u * s.mean()) @ vh).to(dtype)
+
+
+def iso_cts_sizes(out_features: int, in_features: int, n_tasks: int, common_space_fraction: float) -> tuple[int, int]:
+    """(common, per_task): how many directions Iso-CTS keeps from the common subspace and
+    from each task's own, for a [out, in] weight: common = r − round((r − int(r·f)) / T)·T
+    with r = min(out, in), per_task = (r − common) / T (FusionBench's rounding, so that
+    the task-specific space divides evenly). Raises ValueError when the rounding leaves
+    no room for the common space (common < 0: FusionBench fails there too)."""
+    r = min(int(out_features), int(in_features))
+    common = int(r * common_space_fraction)
+    task_total = round((r - common) / n_tasks) * n_tasks
+    common = r - task_total
+    if common < 0:
+        raise ValueError(f"common_space_fraction={common_space_fraction} leaves {common} common directions for a "
+                         f"[{out_features}, {in_features}] weight and {n_tasks} models: raise it")
+    return common, task_total // n_tasks
+
+
+@op(ranges={"common_space_fraction": (0.0, 1.0)})
+def iso_cts(xs: list[Tensor], common_space_fraction: float = 0.8) -> Tensor:
+    """Isotropic merging in common and task-specific subspaces (Iso-CTS) of `xs`.
+
+    For a 2-D tensor, with (c, n) = `iso_cts_sizes`: the top c singular triplets of
+    Σ_i τ_i (U_c, S_c, V_c) are the common subspace; each task's projection out of it,
+    τ_i − U_c·U_cᵀ·τ_i, contributes its top n triplets. The c + T·n = r left vectors
+    and right vectors are each replaced by their orthogonal polar factor, the spectrum
+    by its mean: mean(S)·U⊥·V⊥ᵀ. Other tensors: mean(τ_i). The merged model is base +
+    scaling_factor · this.
+
+    Marczak et al., ICML 2025 (see `iso_c`). Equals FusionBench 0.2.33
+    `IsotropicMergingInCommonAndTaskSubspace` (`iso_cts`, `common_space_fraction`).
+    Raises ValueError on an empty list or a fraction too small for the shape
+    (`iso_cts_sizes`)."""
+    _check_lists(xs, None)
+    if xs[0].dim() != 2:
+        return _mean(xs)
+    dtype = xs[0].dtype
+    common, per_task = iso_cts_sizes(xs[0].shape[0], xs[0].shape[1], len(xs), common_space_fraction)
+    total = _work(xs[0]).clone()
+    for x in xs[1:]:
+        total.add_(_work(x))
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    u_c = u[:, :common]
+    us, ss, vhs = [], [], []
+    for x in xs:
+        w = _work(x)
+        ut, st, vht = torch.linalg.svd(w - u_c @ (u_c.T @ w), full_matrices=False)
+        us.append(ut[:, :per_task])
+        ss.append(st[:per_task])
+        vhs.append(vht[:per_task])
+    us.append(u_c)
+    ss.append(s[:common])
+    vhs.append(vh[:common])
+    u_o = _polar(torch.cat(us, dim=1))
+    vh_o = _polar(torch.cat(vhs, dim=0))
+    return (u_o @ vh_o).mul_(torch.cat(ss).mean()).to(dtype)
