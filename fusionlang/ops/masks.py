@@ -77,7 +77,15 @@ def prune_rows(x: Tensor, sparsity_ratio: float = 0.5, prune_type: Literal["mino
     return x.scatter(1, idx, 0.0)
 
 
-@op(ranges={"sparsity_ratio": (0.0, 1.0), "n": (0, None), "m": (1, None)})
+def _n_m_args(shapes: list, params: dict):
+    """Compile-time check: n:m pruning removes at most m of every m entries."""
+    if params.get("prune_type", "semistructured") == "semistructured" and params.get("n", 2) > params.get("m", 4):
+        return ("n", f"n={params.get('n', 2)} entries cannot be pruned from groups of m={params.get('m', 4)} entries",
+                "n is how many of every m consecutive entries are pruned: choose n <= m")
+    return None
+
+
+@op(ranges={"sparsity_ratio": (0.0, 1.0), "n": (0, None), "m": (1, None)}, check_args=_n_m_args)
 def magnitude_prune(x: Tensor, prune_type: Literal["unstructured", "semistructured"] = "unstructured",
                     sparsity_ratio: float = 0.5, n: int = 2, m: int = 4) -> Tensor:
     """Magnitude pruning of a weight matrix as FusionBench 0.2.33 `MagnitudePruningForLlama`
@@ -89,7 +97,7 @@ def magnitude_prune(x: Tensor, prune_type: Literal["unstructured", "semistructur
     return prune_n_m(x, n=n, m=m)
 
 
-@op(ranges={"n": (0, None), "m": (1, None)})
+@op(ranges={"n": (0, None), "m": (1, None)}, check_args=_n_m_args)
 def prune_n_m(x: Tensor, n: int = 2, m: int = 4, others: Literal["keep", "zero"] = "keep") -> Tensor:
     """Semi-structured n:m magnitude pruning of a matrix [rows, cols]: in every group of
     m consecutive columns of a row zero the n entries of smallest |x| (ties in column

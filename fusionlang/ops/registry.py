@@ -50,6 +50,10 @@ class OpDef:
     # ops with several list parameters: check_shapes([[shape per input] per list]) -> a
     # problem ("...") or None, run at compile time on the inputs' shapes
     check_shapes: Callable | None = None
+    # check_args([shape per tensor input], {param: value}) -> (param, problem, hint) or
+    # None: a compile-time check of parameter values against each other or the inputs'
+    # shapes (a shape is None when the models are not there to read)
+    check_args: Callable | None = None
 
     @property
     def tensor_params(self) -> list[ParamSpec]:
@@ -87,7 +91,8 @@ def _type_of(ann: Any) -> tuple[str, tuple[str, ...], bool]:
 
 def op(name: str | None = None, *, kind: str = "map", public: bool = True, inplace: bool = False,
        ranges: dict[str, tuple[float | None, float | None]] | None = None,
-       tile_stat: tuple[Callable, Callable] | None = None, check_shapes: Callable | None = None):
+       tile_stat: tuple[Callable, Callable] | None = None, check_shapes: Callable | None = None,
+       check_args: Callable | None = None):
     """Register `fn` as a primitive; its signature is the op's schema."""
 
     def deco(fn: Callable) -> Callable:
@@ -100,7 +105,7 @@ def op(name: str | None = None, *, kind: str = "map", public: bool = True, inpla
             params.append(ParamSpec(p.name, typ, p.default, choices, optional, (ranges or {}).get(p.name)))
         opname = name or fn.__name__.rstrip("_")
         OPS[opname] = OpDef(opname, fn, tuple(params), kind, public, inplace,
-                            inspect.getdoc(fn) or "", dict(ranges or {}), tile_stat, check_shapes)
+                            inspect.getdoc(fn) or "", dict(ranges or {}), tile_stat, check_shapes, check_args)
         return fn
 
     return deco

@@ -114,11 +114,25 @@ def iso_cts_sizes(out_features: int, in_features: int, n_tasks: int, common_spac
     common = r - task_total
     if common < 0:
         raise ValueError(f"common_space_fraction={common_space_fraction} leaves {common} common directions for a "
-                         f"[{out_features}, {in_features}] weight and {n_tasks} models: raise it")
+                         f"[{out_features}, {in_features}] weight and {n_tasks} models")
     return common, task_total // n_tasks
 
 
-@op(ranges={"common_space_fraction": (0.0, 1.0)})
+def _iso_cts_args(shapes: list, params: dict):
+    """Compile-time check: the common space of every 2-D input's shape is not negative."""
+    shape = shapes[0] if shapes else None
+    if shape is None or len(shape) != 2:
+        return None
+    try:
+        iso_cts_sizes(shape[0], shape[1], len(shapes), params.get("common_space_fraction", 0.8))
+    except ValueError as err:
+        hint = ("FusionBench's rounding makes the task-specific space a multiple of the number of models; "
+                "a larger common_space_fraction always works")
+        return ("common_space_fraction", str(err), hint)
+    return None
+
+
+@op(ranges={"common_space_fraction": (0.0, 1.0)}, check_args=_iso_cts_args)
 def iso_cts(xs: list[Tensor], common_space_fraction: float = 0.8) -> Tensor:
     """Isotropic merging in common and task-specific subspaces (Iso-CTS) of `xs`.
 

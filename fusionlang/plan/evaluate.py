@@ -169,8 +169,11 @@ class Evaluator:
                 raise EvalError("E005", "only lists can be indexed, with an integer", e.span,
                                 "index a `models` list with a whole number, e.g. experts[0]")
             if not -len(v) <= int(i) < len(v):
-                raise EvalError("E006", f"index {int(i)} is out of range for a list of {len(v)}", e.index.span,
-                                f"valid indices are 0..{len(v) - 1}")
+                origin = self._param_origin(e.index, env)  # an index passed to a def: at the user's argument
+                where = f" ('{origin.param}' of '{origin.func}', used at {os.path.basename(e.span.file)}:{e.span.line})" \
+                    if origin else ""
+                raise EvalError("E006", f"index {int(i)} is out of range for a list of {len(v)}{where}",
+                                origin.span if origin else e.index.span, f"valid indices are 0..{len(v) - 1}")
             return v[int(i)]
         if isinstance(e, ir.CallE):
             return self.call(e, env, ctx)
@@ -326,6 +329,7 @@ class Evaluator:
         o = OPS[e.target]
         inputs: list[TensorV] = []
         lists: list[list[TensorV]] = []
+        n_list: int | None = None  # NOTE: the first list's length (not a param: ops may have an `n`)
         params: dict = {}
         sink = DiagnosticSink()
         exprs = self._arg_exprs(e)
@@ -343,7 +347,7 @@ class Evaluator:
                                     e.span, "pass a `models` list or [a, b, ...]")
                 inputs.extend(v)
                 lists.append(v)
-                params.setdefault("n", len(v))
+                n_list = len(v) if n_list is None else n_list
             else:
                 if v is None:
                     if p.optional:
@@ -361,14 +365,19 @@ class Evaluator:
                     bad.append(self._param_error(sink.items[-1], e, exprs, env, p.name, v, p))
                     continue  # report every bad argument of the call at once
                 params[p.name] = int(v) if p.type == "int" else float(v) if p.type == "number" else v
-        if "n" in params and "weights" in params and len(params["weights"]) != params["n"]:
-            d = Diagnostic("E006", f"{len(params['weights'])} weights for {params['n']} models in '{o.name}'", e.span,
+        if n_list is not None and "weights" in params and len(params["weights"]) != n_list:
+            d = Diagnostic("E006", f"{len(params['weights'])} weights for {n_list} models in '{o.name}'", e.span,
                            "give one weight per model")
             bad.append(self._param_error(d, e, exprs, env, "weights", params["weights"], None))
         elif "weights" in params and params.get("normalize") and weights_sum_is_zero(params["weights"]):
             d = Diagnostic("E006", f"the weights of '{o.name}' sum to 0, so normalize=true cannot divide by their sum",
                            e.span, "pass normalize=false to add the weighted models without dividing, or change the weights")
             bad.append(self._param_error(d, e, exprs, env, "weights", params["weights"], None))
+        if not bad and o.check_args:
+            problem = o.check_args([x.shape for x in inputs], params)
+            if problem:
+                d = Diagnostic("E006", f"{problem[1]} in '{o.name}'", e.span, problem[2])
+                bad.append(self._param_error(d, e, exprs, env, problem[0], params.get(problem[0]), None))
         if bad and self.dry:
             # keep going: other calls of the merge may have bad arguments too
             for d in bad:
@@ -412,7 +421,6 @@ class Evaluator:
             info = self.plan.add("topk_threshold", node_ids, {"density": params["density"]}, group=ctx.group, loc=loc)
             return TensorV(self.plan.add("trim_topk", (node_ids[0], info), {}, group=ctx.group, loc=loc, shape=shape),
                            shape, dtype)
-        params.pop("n", None)
         return TensorV(self.plan.add(o.name, node_ids, params, group=ctx.group, loc=loc, shape=shape), shape, dtype)
 
     def _via(self, span: Span) -> str:

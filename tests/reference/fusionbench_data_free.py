@@ -17,10 +17,10 @@ NAME and params (FusionBench's class, parameter names):
               task as its EMRTaskModulator does (θ0 + rescaler_t · mask_t ⊙ τ_uni)
   magnitude_diff_pruning: MagnitudeDiffPruningAlgorithm(prune_ratio, rescale,
               extract_names, prune_type) on one fine-tuned model
-  prune_unstructured / prune_semistructured: FusionBench's `unstructured_magnitude_prune_`
-              / `semistructured_magnitude_prune_` (what MagnitudePruningForLlama applies
-              to every Linear weight of the decoder layers) with |W| as the metric;
-              params sparsity_ratio / n, m.
+  prune_unstructured / prune_semistructured: the functions `MagnitudePruningForLlama`
+              runs (llama_magnitude_prune.unstructured_magnitude_prune_ /
+              semistructured_magnitude_prune_: every Linear weight of the decoder
+              layers) on the first model; params sparsity_ratio / n, m.
 """
 
 import json
@@ -111,20 +111,12 @@ def _emr(cfg) -> dict:
 
 
 def _prune(cfg, method, p):
-    from fusion_bench.method.pruning.prune_utils import (
-        semistructured_magnitude_prune_,
-        unstructured_magnitude_prune_,
-    )
+    from fusion_bench.method.pruning import llama_magnitude_prune as lmp
 
     model = _load(cfg["models"][0])
-    for name, param in model.named_parameters():
-        if param.dim() != 2 or "layers." not in name:
-            continue  # MagnitudePruningForLlama prunes the Linear layers of the decoder layers
-        if method == "prune_unstructured":
-            unstructured_magnitude_prune_(param.data, torch.abs, sparsity_ratio=p["sparsity_ratio"])
-        else:
-            semistructured_magnitude_prune_(param.data, torch.abs, n=p["n"], m=p["m"])
-    return model
+    if method == "prune_unstructured":
+        return lmp.unstructured_magnitude_prune_(model, p["sparsity_ratio"], dtype=None, device="cpu")
+    return lmp.semistructured_magnitude_prune_(model, p["n"], p["m"], dtype=None, device="cpu")
 
 
 if __name__ == "__main__":
