@@ -1,6 +1,7 @@
 """fusionlang's FusionBench data-free methods (issue 11) vs FusionBench 0.2.33 itself
 (its venv, .ci/install_fusionbench.sh) on tiny Llama models: TSV-M, Iso-C, Iso-CTS,
-MagMax, magnitude-difference pruning and the Llama magnitude pruning (per row, n:m),
+MagMax, EMR-merging, magnitude-difference pruning and the Llama magnitude pruning
+(per row, n:m),
 each FusionBench class or function run by tests/reference/fusionbench_data_free.py on
 the same model directories. TALL masks and consensus merging are tested against an
 independent computation from the paper's formulas (FusionBench 0.2.33's
@@ -201,6 +202,26 @@ def test_magnitude_pruning_matches_fusionbench(fams, call, method, params):
                      else 64 * (32 // params["m"] * params["n"] + min(params["n"], 32 % params["m"])))
 
 
+@needs_fb
+@pytest.mark.parametrize("fam_name,n", [("three", 3), ("two", 2)])
+def test_emr_merging_matches_fusionbench(fams, fam_name, n):
+    """FusionBench's unified vector, masks and rescalers, applied per task as its
+    EMRTaskModulator does; fusionlang: one output model per task."""
+    fam = fams[fam_name]
+    ref = fusionbench(Path(fam["base"]).parent, "emr", fam, n)
+    outs = [ours(fam, n, f"emr_merging(base, experts, task={t})") for t in range(n)]
+    for t in range(n):
+        assert_same(outs[t], ref, prefix=f"m{t}/")
+    differs_from(outs[0], outs[1], W)  # per-task masks and rescalers differ
+    # the rescaler is model-wide: Σ_k mean|θ_k − θ0_k| = Σ_k mean|τ_0,k| over the whole
+    # model, not tensor by tensor
+    base, tvs = task_vectors(fam, n)
+    got = {k: float((outs[0][k] - base[k]).abs().mean()) for k in base}
+    want = {k: float(tvs[0][k].abs().mean()) for k in base}
+    assert sum(got.values()) == pytest.approx(sum(want.values()), rel=1e-5)
+    assert max(abs(got[k] / want[k] - 1) for k in base) > 1e-3
+
+
 def _tall_masks(base: dict, tvs: list[dict], lam: float) -> list[dict]:
     """The paper's TALL masks, written out from its code (nik-dim/tall_masks
     generate_task_masks): |θ0 − θt| > λ·|θ0 + Σ τ − θt|."""
@@ -256,6 +277,7 @@ def test_fusionbench_tall_mask_class_raises(fams):
     ("tall_mask_task_arithmetic(base, experts, task=3)", "E006", "index"),
     ("tall_mask_task_arithmetic(base, experts, task=0, tall_mask_lambda=-1)", "E006", "tall_mask_lambda"),
     ("consensus_task_arithmetic(base, experts, k=-1)", "E006", "k=-1 is out of range"),
+    ("emr_merging(base, experts, task=-4)", "E006", "index -4 is out of range"),
     ("magmax(base, experts, scaling_factor=\"big\")", "E005", "scaling_factor"),
 ])
 def test_bad_parameters_are_located_errors(fams, merge, code, needle):

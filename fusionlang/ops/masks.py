@@ -124,3 +124,59 @@ def prune_n_m(x: Tensor, n: int = 2, m: int = 4, others: Literal["keep", "zero"]
         idx = torch.sort(tail.abs(), dim=-1, stable=True).indices[:, :min(n, cols - full)]
         out[:, full:] = tail.scatter(1, idx, 0.0)
     return out
+
+
+@op()
+def emr_unified(xs: list[Tensor]) -> Tensor:
+    """EMR-merging's unified task vector of the task vectors `xs`: the elected sign
+    γ = sign(Σ_t τ_t) (zero counts as −1), times the largest |τ_t| among the entries that
+    agree with it: γ ⊙ max_t |τ_t ⊙ 1[τ_t·γ > 0]|.
+
+    Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging", NeurIPS
+    2024; FusionBench 0.2.33 `emr_merge` (`EMRMerging`)."""
+    total = xs[0].clone()
+    for x in xs[1:]:
+        total.add_(x)
+    flag = (total > 0).to(xs[0].dtype).mul_(2).sub_(1)
+    best = torch.zeros_like(xs[0])
+    for x in xs:
+        best = torch.maximum(best, (x * ((x * flag) > 0)).abs())
+    return best.mul_(flag)
+
+
+@op()
+def emr_select(x: Tensor, unified: Tensor) -> Tensor:
+    """One task's masked unified vector: unified ⊙ 1[x·unified > 0] (x the task's task
+    vector; equal to FusionBench's mask 1[x·γ > 0] applied to the unified vector, which
+    is zero wherever its sign γ is undefined)."""
+    return unified * ((x * unified) > 0)
+
+
+@op()
+def mean_abs(x: Tensor) -> Tensor:
+    """mean(|x|) of one tensor, a float64 scalar (EMR's per-tensor magnitude)."""
+    return x.abs().mean(dtype=torch.float64)
+
+
+@op()
+def model_sum(x: Tensor) -> Tensor:
+    """The sum of the per-tensor scalar `x` over every tensor the merge computes: a
+    model-wide statistic (the plan gets a phase boundary; memory stays one tensor group).
+    Lowering turns it into `sum_scalars`; this body only runs on one tensor."""
+    return x.to(torch.float64).sum()
+
+
+@op(kind="reduce", public=False)
+def sum_scalars(xs: list[Tensor]) -> Tensor:
+    """Sum of per-tensor scalars (the reduce behind `model_sum`), in float64."""
+    return torch.stack([x.to(torch.float64).reshape(()) for x in xs]).sum()
+
+
+@op()
+def emr_rescale(x: Tensor, num: Tensor, den: Tensor) -> Tensor:
+    """x · (num / den) with two scalars (EMR's per-task rescaler Σ mean|τ_t| /
+    Σ mean|unified ⊙ mask_t|). Raises ValueError when den is zero (a task whose
+    entries never agree with the elected sign)."""
+    if float(den) == 0.0:
+        raise ValueError("EMR rescaler: the masked unified vector is zero everywhere")
+    return x * float(num / den)

@@ -402,6 +402,8 @@ class Evaluator:
         loc = self._loc(e.span)
         if o.name == "drop":
             params["seed"] = tensor_seed(params.get("seed", 0), ctx.group, self.signature(node_ids[0]))
+        if o.name == "model_sum":  # NOTE: a scalar: shape None, so no shape check against tensors
+            return TensorV(self.model_sum(node_ids[0], ctx, loc), None, "F64")
         if o.name == "trim" and params.get("scope") == "model":
             return TensorV(self.model_trim(node_ids[0], params["density"], ctx, loc), shape, dtype)
         if o.name == "drop" and not self.dry:
@@ -433,7 +435,7 @@ class Evaluator:
         """A tensor-independent structural hash: equal for the same expression on every tensor."""
         if nid not in self._sig:
             n = self.plan.nodes.get(nid)
-            if n is None and nid.startswith(("thr-", "bkt-")):
+            if n is None and nid.startswith(("thr-", "bkt-", "msum-")):
                 # a model-wide statistic added by finish_stats(): its id already hashes its
                 # tensor-independent key (e.g. a DARE seed over a scope="model" TIES)
                 return nid
@@ -452,8 +454,22 @@ class Evaluator:
         st["xs"][x] = ctx.group
         return self.plan.add("trim_at", (x, st["thr"]), {}, group=ctx.group, loc=loc, shape=self.plan.nodes[x].shape)
 
+    def model_sum(self, x: str, ctx: TensorCtx, loc: str) -> str:
+        """`model_sum(x)`: the sum over every tensor of the per-tensor scalar x (a reduce
+        node, added by finish_stats, that the tensors' groups read in a later phase)."""
+        if self.dry:
+            return self.plan.add("model_sum", (x,), {}, group=ctx.group, loc=loc)
+        key = f"sum:{self.signature(x)}"
+        st = self.stats.setdefault(key, {"sum": "msum-" + hashlib.sha1(key.encode()).hexdigest()[:12], "xs": {},
+                                         "loc": loc})
+        st["xs"][x] = ctx.group
+        return st["sum"]
+
     def finish_stats(self) -> None:
         for st in self.stats.values():
+            if "sum" in st:
+                add_with_id(self.plan, st["sum"], "sum_scalars", tuple(st["xs"]), {}, loc=st["loc"])
+                continue
             his = [self.plan.add("magnitude_hist_hi", (x,), {}, group=g, loc=st["loc"]) for x, g in st["xs"].items()]
             add_with_id(self.plan, st["bucket"], "select_bucket", tuple(his), {"density": st["density"]}, loc=st["loc"])
             los = [self.plan.add("magnitude_hist_lo", (x, st["bucket"]), {}, group=g, loc=st["loc"]) for x, g in st["xs"].items()]
