@@ -266,6 +266,40 @@ def test_fusionbench_tall_mask_class_raises(fams):
         fusionbench(Path(fam["base"]).parent, "tall_mask", fam, 3, tall_mask_lambda=0.6)
 
 
+def test_row_split_plans_give_identical_results(fams, tmp_path):
+    """The elementwise and per-row methods split big tensors into row blocks (the split
+    pass, here with tiny blocks): bit-identical to whole tensors."""
+    from fusionlang.lang.checker import check_file
+    from fusionlang.passes import cse, dce, fold, schedule
+    from fusionlang.passes.split import split
+    from fusionlang.plan.lower import Lowerer
+    from fusionlang.runtime.scheduler import run_plan
+
+    fam = {k: str(v) for k, v in fams["three"].items()}
+    merges = {"mm": "magmax(base, experts)", "tall": "tall_mask_task_arithmetic(base, experts, task=2)",
+              "cons": "consensus_task_arithmetic(base, experts)", "emr": "emr_merging(base, experts, task=1)",
+              "pr": "magnitude_diff_pruning(base, experts[0], prune_type=\"major\")",
+              "nm": "magnitude_pruning(experts[1], prune_type=\"semistructured\", n=1, m=3)"}
+    outs = {}
+    for label, block in (("whole", None), ("split", 200)):
+        text = f'''use merging
+model base = local("{fam['base']}")
+models experts = [local("{fam['e0']}"), local("{fam['e1']}"), local("{fam['e2']}")]
+''' + "".join(f"merge {n} = {m}\nsave {n} to \"{label}/{n}\"\n" for n, m in merges.items())
+        spec = write_spec(tmp_path, text, f"{label}.fuse")
+        plan = dce(cse(fold(Lowerer(check_file(str(spec))).lower())))
+        if block:
+            plan = split(plan, block_elements=block)
+            for n in ("mm", "tall", "cons", "pr", "nm"):
+                assert "model.embed_tokens.weight" in plan.outputs[n].blocks, n
+        run_plan(schedule(plan), "cpu")
+        outs[label] = {n: load_state(tmp_path / label / n) for n in merges}
+    for n in merges:
+        assert outs["whole"][n].keys() == outs["split"][n].keys()
+        for k, v in outs["whole"][n].items():
+            assert torch.equal(v, outs["split"][n][k]), (n, k)
+
+
 @pytest.mark.parametrize("merge,code,needle", [
     ("iso_cts_merge(base, experts, common_space_fraction=0.0)", "E006", "common_space_fraction=0.0 leaves -1"),
     ("iso_cts_merge(base, experts, common_space_fraction=1.5)", "E006", "common_space_fraction"),
