@@ -1,6 +1,6 @@
 """fusionlang's FusionBench data-free methods (issue 11) vs FusionBench 0.2.33 itself
 (its venv, .ci/install_fusionbench.sh) on tiny Llama models: TSV-M, Iso-C, Iso-CTS,
-MagMax, EMR-merging, magnitude-difference pruning and the Llama magnitude pruning
+MagMax, EMR-merging, OPCM, magnitude-difference pruning and the Llama magnitude pruning
 (per row, n:m),
 each FusionBench class or function run by tests/reference/fusionbench_data_free.py on
 the same model directories. TALL masks and consensus merging are tested against an
@@ -220,6 +220,25 @@ def test_emr_merging_matches_fusionbench(fams, fam_name, n):
     want = {k: float(tvs[0][k].abs().mean()) for k in base}
     assert sum(got.values()) == pytest.approx(sum(want.values()), rel=1e-5)
     assert max(abs(got[k] / want[k] - 1) for k in base) > 1e-3
+
+
+@needs_fb
+@pytest.mark.parametrize("fam_name,n,alpha", [("three", 3, 0.5), ("three", 3, 0.9), ("two", 2, 0.2)])
+def test_opcm_matches_fusionbench(fams, fam_name, n, alpha):
+    """FusionBench's general OPCM class in the given order (shuffle_order=false)."""
+    fam = fams[fam_name]
+    ref = fusionbench(Path(fam["base"]).parent, "opcm", fam, n, alpha=alpha, shuffle_order=False,
+                      save_on_every_step=False, evaluate_on_every_step=False)
+    mine = ours(fam, n, f"opcm(base, experts, alpha={alpha})")
+    assert_same(mine, ref)
+    # the projection did something (not a rescaled task arithmetic) and the embedding,
+    # not a Linear weight, is one
+    base, tvs = task_vectors(fam, n)
+    total = {k: sum(tv[k] for tv in tvs) for k in base}
+    for k, projected in ((W, True), ("model.embed_tokens.weight", False)):
+        d = mine[k] - base[k]
+        cos = float((d * total[k]).sum() / (d.norm() * total[k].norm()))
+        assert (cos < 1 - 1e-4) if projected else cos == pytest.approx(1.0, abs=1e-6), (k, cos)
 
 
 def _tall_masks(base: dict, tvs: list[dict], lam: float) -> list[dict]:

@@ -159,6 +159,13 @@ def mean_abs(x: Tensor) -> Tensor:
 
 
 @op()
+def sum_sq(x: Tensor) -> Tensor:
+    """Σ x² of one tensor, a float64 scalar (a squared norm; `model_sum` of it is the
+    squared norm of a whole task vector)."""
+    return x.double().square().sum()
+
+
+@op()
 def model_sum(x: Tensor) -> Tensor:
     """The sum of the per-tensor scalar `x` over every tensor the merge computes: a
     model-wide statistic (the plan gets a phase boundary; memory stays one tensor group).

@@ -170,3 +170,51 @@ def iso_cts(xs: list[Tensor], common_space_fraction: float = 0.8) -> Tensor:
     u_o = _polar(torch.cat(us, dim=1))
     vh_o = _polar(torch.cat(vhs, dim=0))
     return (u_o @ vh_o).mul_(torch.cat(ss).mean()).to(dtype)
+
+
+def _opcm_clean(merged, x, alpha: float):
+    """x with the directions of `merged` removed, as OPCM's `merge_linear_weights`: in the
+    full SVD basis of merged (U ΣVᵀ, full_matrices), P = Uᵀ·x·V loses its diagonal and its
+    top-left split×split block (split = the first index where the cumulative share of
+    the singular values exceeds alpha); U·P·Vᵀ."""
+    u, s, vh = torch.linalg.svd(merged, full_matrices=True)
+    split = int((s.cumsum(dim=0) / s.sum() > alpha).float().argmax())
+    p = u.T @ x @ vh.T
+    p.diagonal().fill_(0)
+    p[:split, :split] = 0
+    return u @ p @ vh
+
+
+@op(ranges={"alpha": (0.0, 1.0)})
+def opcm_fold(xs: list[Tensor], alpha: float = 0.5, _project: bool = True) -> Tensor:
+    """OPCM's un-normalized merged task vector of the task vectors `xs`, in their order:
+    S_1 = τ_1, S_t = S_{t−1} + clean(S_{t−1}, τ_t), where `clean` (`_opcm_clean`)
+    projects τ_t off S_{t−1}'s leading singular directions for a Linear weight
+    (`_project`, set by lowering: a 2-D tensor outside the embeddings) and is τ_t
+    itself for any other tensor. OPCM's λ-weighted sums equal these S_t (λ_{t−1}·M_{t−1}
+    = S_{t−1}, and rescaling does not move singular vectors); the model-wide rescale to
+    the mean task-vector norm is `opcm_rescale`.
+
+    Tang et al., "Merging Models on the Fly Without Retraining: A Sequential Approach to
+    Scalable Continual Model Merging" (OPCM), 2025; FusionBench 0.2.33 `OPCM`
+    (opcm_general, `alpha`; its shuffle_order=false: the given order). Computed in
+    float32 (float64 inputs: float64)."""
+    _check_lists(xs, None)
+    dtype = xs[0].dtype
+    acc = _work(xs[0]).clone()
+    for x in xs[1:]:
+        w = _work(x)
+        acc = acc + (_opcm_clean(acc, w, alpha) if _project and acc.dim() == 2 else w)
+    return acc.to(dtype)
+
+
+@op()
+def opcm_rescale(x: Tensor, norms_sq: list[Tensor], total_sq: Tensor) -> Tensor:
+    """x · mean_i(√norms_sq_i) / √total_sq: OPCM's rescale of the merged task vector to
+    the mean of the task vectors' (model-wide) norms. Scalars in float64; raises
+    ValueError when total_sq is zero."""
+    total = float(total_sq) ** 0.5
+    if total == 0.0:
+        raise ValueError("OPCM: the merged task vector is zero")
+    mean = sum(float(n) ** 0.5 for n in norms_sq) / len(norms_sq)
+    return x * (mean / total)

@@ -402,6 +402,8 @@ class Evaluator:
         loc = self._loc(e.span)
         if o.name == "drop":
             params["seed"] = tensor_seed(params.get("seed", 0), ctx.group, self.signature(node_ids[0]))
+        if o.name == "opcm_fold":  # OPCM projects Linear weights: 2-D tensors outside the embeddings
+            params["_project"] = bool(shape is not None and len(shape) == 2 and not arch.is_pre_layer(ctx.tensor))
         if o.name == "model_sum":  # NOTE: a scalar: shape None, so no shape check against tensors
             return TensorV(self.model_sum(node_ids[0], ctx, loc), None, "F64")
         if o.name == "trim" and params.get("scope") == "model":
@@ -439,7 +441,8 @@ class Evaluator:
                 # a model-wide statistic added by finish_stats(): its id already hashes its
                 # tensor-independent key (e.g. a DARE seed over a scope="model" TIES)
                 return nid
-            params = [(k, v) for k, v in n.params if not (n.op == "load" and k == "tensor")]
+            # NOTE: tensor-dependent params (load's tensor, lowering's `_` params) are left out
+            params = [(k, v) for k, v in n.params if not ((n.op == "load" and k == "tensor") or k.startswith("_"))]
             text = repr((n.op, params, [self.signature(i) for i in n.inputs]))
             self._sig[nid] = hashlib.sha1(text.encode()).hexdigest()[:16]
         return self._sig[nid]

@@ -13,6 +13,7 @@ NAME and params (FusionBench's class, parameter names):
   iso_cts:    IsotropicMergingInCommonAndTaskSubspace(scaling_factor, common_space_fraction, exclude_keys)
   magmax:     MagMaxAlgorithm(scaling_factor)
   tall_mask:  TallMaskTaskArithmeticAlgorithm(tall_mask_lambda): one model per task
+  opcm:       OPCM(alpha, shuffle_order, ...) of opcm_general (see `_opcm`)
   emr:        EMRMerging(): the unified task vector, masks and rescalers, applied per
               task as its EMRTaskModulator does (θ0 + rescaler_t · mask_t ⊙ τ_uni)
   magnitude_diff_pruning: MagnitudeDiffPruningAlgorithm(prune_ratio, rescale,
@@ -76,6 +77,8 @@ def main() -> None:
         res = TallMaskTaskArithmeticAlgorithm(**p).run(_pool(cfg))["models"]
     elif method == "emr":
         res = _emr(cfg)
+    elif method == "opcm":
+        res = _opcm()(**p).run(_pool(cfg))
     elif method == "magnitude_diff_pruning":
         from fusion_bench.method.pruning.magnitude_diff_pruning import MagnitudeDiffPruningAlgorithm
 
@@ -108,6 +111,24 @@ def _emr(cfg) -> dict:
         m.load_state_dict({k: sd0[k] + unified[k] * masks[k][i] * rescalers[i] for k in sd0})
         out[name] = m
     return out
+
+
+def _opcm():
+    """FusionBench's general `OPCM` class (opcm_general.py). NOTE: the package
+    fusion_bench.method.opcm imports its CLIP variant first, which fails under the
+    transformers of FusionBench's venv (no CLIPVisionTransformer); an empty package
+    module stands in for it so that opcm_general and its .utils import unchanged."""
+    import os
+    import types
+
+    import fusion_bench.method as fm
+
+    pkg = types.ModuleType("fusion_bench.method.opcm")
+    pkg.__path__ = [os.path.join(os.path.dirname(fm.__file__), "opcm")]
+    sys.modules.setdefault("fusion_bench.method.opcm", pkg)
+    from fusion_bench.method.opcm.opcm_general import OPCM
+
+    return OPCM
 
 
 def _prune(cfg, method, p):
