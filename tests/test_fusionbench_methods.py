@@ -331,6 +331,7 @@ models experts = [local("{fam['e0']}"), local("{fam['e1']}"), local("{fam['e2']}
     ("tall_mask_task_arithmetic(base, experts, task=0, tall_mask_lambda=-1)", "E006", "tall_mask_lambda"),
     ("consensus_task_arithmetic(base, experts, k=-1)", "E006", "k=-1 is out of range"),
     ("emr_merging(base, experts, task=-4)", "E006", "index -4 is out of range"),
+    ("opcm(base, experts, alpha=1.5)", "E006", "alpha=1.5 is out of range"),
     ("magmax(base, experts, scaling_factor=\"big\")", "E005", "scaling_factor"),
 ])
 def test_bad_parameters_are_located_errors(fams, merge, code, needle):
