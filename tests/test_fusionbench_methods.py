@@ -123,6 +123,21 @@ def test_task_singular_vector_matches_fusionbench(fams, fam_name, n, call, param
 
 
 @needs_fb
+@pytest.mark.parametrize("fam_name,n,alpha,weights", [("three", 3, 0.6, None), ("two", 2, None, [0.5, 2.0])])
+def test_task_singular_vector_single_task_models_match_fusionbench(fams, fam_name, n, alpha, weights):
+    """FusionBench's return_single_task_models=true: each task's model and the merged one."""
+    fam = fams[fam_name]
+    ref = fusionbench(Path(fam["base"]).parent, "tsvm", fam, n, alpha=weights or alpha, return_single_task_models=True)
+    w = f", weights={weights}" if weights else ""
+    tasks = [ours(fam, n, f"task_singular_vector_task(base, experts, task={t}{w})") for t in range(n)]
+    for t in range(n):
+        assert_same(tasks[t], ref, prefix=f"m{t}/")
+    a = f", alpha={alpha}" if alpha else ""
+    assert_same(ours(fam, n, f"task_singular_vector(base, experts{a}{w})"), ref, prefix="merged/")
+    differs_from(tasks[0], tasks[1], W)
+
+
+@needs_fb
 @pytest.mark.parametrize("fam_name,n,scaling_factor", [("three", 3, 0.9), ("two", 2, 1.0)])
 def test_iso_c_matches_fusionbench(fams, fam_name, n, scaling_factor):
     fam = fams[fam_name]
@@ -332,6 +347,7 @@ models experts = [local("{fam['e0']}"), local("{fam['e1']}"), local("{fam['e2']}
     ("consensus_task_arithmetic(base, experts, k=-1)", "E006", "k=-1 is out of range"),
     ("emr_merging(base, experts, task=-4)", "E006", "index -4 is out of range"),
     ("opcm(base, experts, alpha=1.5)", "E006", "alpha=1.5 is out of range"),
+    ("task_singular_vector_task(base, experts, task=3)", "E006", "task=3 is not one of the 3 models"),
     ("magmax(base, experts, scaling_factor=\"big\")", "E005", "scaling_factor"),
 ])
 def test_bad_parameters_are_located_errors(fams, merge, code, needle):

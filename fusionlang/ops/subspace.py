@@ -41,8 +41,17 @@ def _check_lists(xs: list, weights: list[float] | None) -> None:
         raise ValueError(f"{len(weights)} weights for {len(xs)} models")
 
 
-@op()
-def tsv_merge(xs: list[Tensor], alpha: float = 1.0, weights: list[float] | None = None) -> Tensor:
+def _tsv_args(shapes: list, params: dict):
+    """Compile-time check: `task` names one of the models (or is -1: the merged vector)."""
+    task = params.get("task", -1)
+    if not -1 <= task < len(shapes):
+        return ("task", f"task={task} is not one of the {len(shapes)} models",
+                f"pass 0..{len(shapes) - 1} for one task's model, or leave it out for the merged model")
+    return None
+
+
+@op(check_args=_tsv_args)
+def tsv_merge(xs: list[Tensor], alpha: float = 1.0, weights: list[float] | None = None, task: int = -1) -> Tensor:
     """Task Singular Vector merging (TSV-M) of the task vectors `xs` ([out, in] each).
 
     With `weights`, τ_i ← w_i·τ_i first. For a 2-D tensor with r = min(out, in) and
@@ -51,6 +60,9 @@ def tsv_merge(xs: list[Tensor], alpha: float = 1.0, weights: list[float] | None 
     ([T·k, in]), replace U and Vᵀ by their orthogonal polar factors (whitening: removes
     the interference between tasks' subspaces) and return alpha·U⊥·diag(S)·V⊥ᵀ. Other
     tensors: alpha·mean(τ_i). k = 0 (r < T) gives zeros, as FusionBench.
+    With `task` = t ≥ 0: task t's own block U⊥[:, t·k:(t+1)·k]·diag(S_t,k)·V⊥ᵀ[t·k:(t+1)·k]
+    (other tensors: the mean), not scaled by alpha: FusionBench's
+    `return_single_task_models`.
 
     Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model
     Merging", CVPR 2025. Equals FusionBench 0.2.33 `TaskSingularVectorMerging`
@@ -60,8 +72,9 @@ def tsv_merge(xs: list[Tensor], alpha: float = 1.0, weights: list[float] | None 
     _check_lists(xs, weights)
     if weights is not None:
         xs = [x * float(w) for x, w in zip(xs, weights)]
+    scale = alpha if task < 0 else 1.0
     if xs[0].dim() != 2:
-        return _mean(xs).mul_(alpha)
+        return _mean(xs).mul_(scale)
     dtype = xs[0].dtype
     t = len(xs)
     r = min(xs[0].shape)
@@ -76,6 +89,9 @@ def tsv_merge(xs: list[Tensor], alpha: float = 1.0, weights: list[float] | None 
         vhs.append(vh[:k])
     u_o = _polar(torch.cat(us, dim=1))
     vh_o = _polar(torch.cat(vhs, dim=0))
+    if task >= 0:
+        block = slice(task * k, (task + 1) * k)
+        return ((u_o[:, block] * ss[task]) @ vh_o[block]).to(dtype)
     out = (u_o * torch.cat(ss)) @ vh_o
     return out.mul_(alpha).to(dtype)
 
