@@ -46,7 +46,13 @@ def fams(tmp_path_factory):
             states["base"][k], states["e1"][k], states["e2"][k] = torch.zeros_like(e0), -e0, e0 / 2
     for name, sd in states.items():
         save_file(sd, str(next(Path(tie[name]).glob("*.safetensors"))), metadata={"format": "pt"})
-    return {"three": three, "two": two, "tie": tie}
+    # dup: e1 equals e0 on the q projections (equal task vectors: the whitening of TSV-M
+    # and Iso-CTS is not unique there; FusionBench's own matrices decide it)
+    dup = make_family(root / "dup", "llama", n_experts=3, seed=11)
+    e0, e1 = load_state(dup["e0"]), load_state(dup["e1"])
+    e1.update({k: v.clone() for k, v in e0.items() if "q_proj" in k})
+    save_file(e1, str(next(Path(dup["e1"]).glob("*.safetensors"))), metadata={"format": "pt"})
+    return {"three": three, "two": two, "tie": tie, "dup": dup}
 
 
 def fusionbench(root: Path, method: str, fam: dict, n_models: int, **params) -> dict[str, torch.Tensor]:
@@ -105,6 +111,7 @@ W = "model.layers.1.mlp.up_proj.weight"  # [64, 32]
     ("three", 3, "alpha=0.7", {"alpha": 0.7}),
     ("three", 3, "weights=[0.5, 1.0, 1.5]", {"alpha": [0.5, 1.0, 1.5]}),  # FusionBench's list-valued alpha
     ("two", 2, "", {"alpha": 1}),
+    ("dup", 3, "alpha=0.5", {"alpha": 0.5}),
 ])
 def test_task_singular_vector_matches_fusionbench(fams, fam_name, n, call, params):
     fam = fams[fam_name]
@@ -155,6 +162,7 @@ def test_iso_c_matches_fusionbench(fams, fam_name, n, scaling_factor):
     ("three", 3, 0.8, 1.0),  # r=32: common 26, 2 per task; r=16: common 13 (16·0.8=12, 4 → 3 task dirs), 1 each
     ("two", 2, 0.5, 0.7),
     ("two", 2, 0.0, 1.0),  # no common space: task-specific directions only
+    ("dup", 3, 0.8, 1.0),
 ])
 def test_iso_cts_matches_fusionbench(fams, fam_name, n, fraction, scaling_factor):
     fam = fams[fam_name]

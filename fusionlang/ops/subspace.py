@@ -81,18 +81,24 @@ def tsv_merge(xs: list[Tensor], alpha: float = 1.0, weights: list[float] | None 
     k = int(r * (1 / t))  # NOTE: FusionBench's int(r * sv_reduction), sv_reduction = 1 / T
     if k == 0:
         return torch.zeros_like(xs[0])
-    us, ss, vhs = [], [], []
-    for x in xs:
+    # NOTE: the blocks go into zero-padded [out, r] / [r, in] matrices as FusionBench
+    # places them: when the blocks are linearly dependent (two equal task vectors) the
+    # polar factor is not unique, and the same matrix gives LAPACK's same choice.
+    w0 = _work(xs[0])
+    u_all = torch.zeros(w0.shape[0], r, dtype=w0.dtype, device=w0.device)
+    vh_all = torch.zeros(r, w0.shape[1], dtype=w0.dtype, device=w0.device)
+    s_all = torch.zeros(r, dtype=w0.dtype, device=w0.device)
+    for i, x in enumerate(xs):
         u, s, vh = torch.linalg.svd(_work(x), full_matrices=False)
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vhs.append(vh[:k])
-    u_o = _polar(torch.cat(us, dim=1))
-    vh_o = _polar(torch.cat(vhs, dim=0))
+        u_all[:, i * k:(i + 1) * k] = u[:, :k]
+        s_all[i * k:(i + 1) * k] = s[:k]
+        vh_all[i * k:(i + 1) * k] = vh[:k]
+    u_o = _polar(u_all)
+    vh_o = _polar(vh_all)
     if task >= 0:
         block = slice(task * k, (task + 1) * k)
-        return ((u_o[:, block] * ss[task]) @ vh_o[block]).to(dtype)
-    out = (u_o * torch.cat(ss)) @ vh_o
+        return ((u_o[:, block] * s_all[block]) @ vh_o[block]).to(dtype)
+    out = (u_o * s_all) @ vh_o
     return out.mul_(alpha).to(dtype)
 
 
@@ -174,9 +180,15 @@ def iso_cts(xs: list[Tensor], common_space_fraction: float = 0.8) -> Tensor:
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     u_c = u[:, :common]
     us, ss, vhs = [], [], []
+    # NOTE: FusionBench projects with the [out, out] matrix (U_c·U_cᵀ)·w; the same
+    # products give LAPACK the same matrices, which decides the (non-unique) polar factor
+    # when task vectors coincide. For a tall weight (an embedding, out > 4·in) that matrix
+    # would dwarf the tensor: U_c·(U_cᵀ·w) is used instead (equal up to rounding).
+    proj = u_c @ u_c.T if total.shape[0] <= 4 * total.shape[1] else None
     for x in xs:
         w = _work(x)
-        ut, st, vht = torch.linalg.svd(w - u_c @ (u_c.T @ w), full_matrices=False)
+        ut, st, vht = torch.linalg.svd(w - (proj @ w if proj is not None else u_c @ (u_c.T @ w)),
+                                       full_matrices=False)
         us.append(ut[:, :per_task])
         ss.append(st[:per_task])
         vhs.append(vht[:per_task])
