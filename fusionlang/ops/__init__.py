@@ -7,10 +7,12 @@ from . import (  # noqa: F401  (registration side effects)
     geometry,
     interp,
     layout,
+    masks,
     prune,
     selection,
     sparsify,
     stat_weighted,
+    subspace,
     svd,
 )
 from .registry import OPS, OpDef, ParamSpec, Tensor, op

@@ -54,6 +54,10 @@ class OpDef:
     # (parameter, message, hint) for an E006 at the user's argument for that parameter
     # (params holds the checked values, and "n": the length of the op's tensor list)
     check_values: Callable | None = None
+    # check_args([shape per tensor input], {param: value}) -> (param, problem, hint) or
+    # None: a compile-time check of parameter values against each other or the inputs'
+    # shapes (a shape is None when the models are not there to read)
+    check_args: Callable | None = None
 
     @property
     def tensor_params(self) -> list[ParamSpec]:
@@ -92,7 +96,7 @@ def _type_of(ann: Any) -> tuple[str, tuple[str, ...], bool]:
 def op(name: str | None = None, *, kind: str = "map", public: bool = True, inplace: bool = False,
        ranges: dict[str, tuple[float | None, float | None]] | None = None,
        tile_stat: tuple[Callable, Callable] | None = None, check_shapes: Callable | None = None,
-       check_values: Callable | None = None):
+       check_values: Callable | None = None, check_args: Callable | None = None):
     """Register `fn` as a primitive; its signature is the op's schema."""
 
     def deco(fn: Callable) -> Callable:
@@ -106,7 +110,7 @@ def op(name: str | None = None, *, kind: str = "map", public: bool = True, inpla
         opname = name or fn.__name__.rstrip("_")
         OPS[opname] = OpDef(opname, fn, tuple(params), kind, public, inplace,
                             inspect.getdoc(fn) or "", dict(ranges or {}), tile_stat, check_shapes,
-                            check_values)
+                            check_values, check_args)
         return fn
 
     return deco

@@ -12,7 +12,10 @@ from ..plan.graph import Plan
 from .dce import dce
 
 ROWWISE = {"load", "cast", "add", "sub", "mul", "scale", "axpy", "lerp", "disjoint_merge", "trim_at", "trim_topk",
-           "drop_rows", "const"}
+           "drop_rows", "const",
+           # elementwise or per-row selections and masks (MagMax, TALL, consensus, EMR, pruning)
+           "max_magnitude", "tall_mask", "consensus_mask", "emr_unified", "emr_select", "prune_rows", "prune_n_m",
+           "magnitude_prune"}
 # Small per-tensor values computed from the whole tensor once, then shared by the blocks.
 WHOLE_TENSOR_STATS = {"topk_threshold", "drop_l1_factor"}
 BLOCK_ELEMENTS = 1 << 22  # 4M elements: 16 MB per fp32 value

@@ -172,8 +172,11 @@ class Evaluator:
                 raise EvalError("E005", "only lists can be indexed, with an integer", e.span,
                                 "index a `models` list with a whole number, e.g. experts[0]")
             if not -len(v) <= int(i) < len(v):
-                raise EvalError("E006", f"index {int(i)} is out of range for a list of {len(v)}", e.index.span,
-                                f"valid indices are 0..{len(v) - 1}")
+                origin = self._param_origin(e.index, env)  # an index passed to a def: at the user's argument
+                where = f" ('{origin.param}' of '{origin.func}', used at {os.path.basename(e.span.file)}:{e.span.line})" \
+                    if origin else ""
+                raise EvalError("E006", f"index {int(i)} is out of range for a list of {len(v)}{where}",
+                                origin.span if origin else e.index.span, f"valid indices are 0..{len(v) - 1}")
             return v[int(i)]
         if isinstance(e, ir.CallE):
             return self.call(e, env, ctx)
@@ -341,6 +344,7 @@ class Evaluator:
         o = OPS[e.target]
         inputs: list[TensorV] = []
         lists: list[list[TensorV]] = []
+        n_list: int | None = None  # NOTE: the first list's length (not a param: ops may have an `n`)
         params: dict = {}
         sink = DiagnosticSink()
         exprs = self._arg_exprs(e)
@@ -358,7 +362,7 @@ class Evaluator:
                                     e.span, "pass a `models` list or [a, b, ...]")
                 inputs.extend(v)
                 lists.append(v)
-                params.setdefault("n", len(v))
+                n_list = len(v) if n_list is None else n_list
             else:
                 if v is None:
                     if p.optional:
@@ -376,8 +380,8 @@ class Evaluator:
                     bad.append(self._param_error(sink.items[-1], e, exprs, env, p.name, v, p))
                     continue  # report every bad argument of the call at once
                 params[p.name] = int(v) if p.type == "int" else float(v) if p.type == "number" else v
-        if "n" in params and "weights" in params and len(params["weights"]) != params["n"]:
-            d = Diagnostic("E006", f"{len(params['weights'])} weights for {params['n']} models in '{o.name}'", e.span,
+        if n_list is not None and "weights" in params and len(params["weights"]) != n_list:
+            d = Diagnostic("E006", f"{len(params['weights'])} weights for {n_list} models in '{o.name}'", e.span,
                            "give one weight per model")
             bad.append(self._param_error(d, e, exprs, env, "weights", params["weights"], None))
         elif "weights" in params and params.get("normalize") and weights_sum_is_zero(params["weights"]):
@@ -389,6 +393,11 @@ class Evaluator:
             pname, message, hint = problem
             d = Diagnostic("E006", f"{message} in '{o.name}'", e.span, hint)
             bad.append(self._param_error(d, e, exprs, env, pname, params.get(pname), None))
+        if not bad and o.check_args:
+            problem = o.check_args([x.shape for x in inputs], params)
+            if problem:
+                d = Diagnostic("E006", f"{problem[1]} in '{o.name}'", e.span, problem[2])
+                bad.append(self._param_error(d, e, exprs, env, problem[0], params.get(problem[0]), None))
         if bad and self.dry:
             # keep going: other calls of the merge may have bad arguments too
             for d in bad:
@@ -413,6 +422,10 @@ class Evaluator:
         loc = self._loc(e.span)
         if o.name in SEEDED_OPS:
             params["seed"] = tensor_seed(params.get("seed", 0), ctx.group, self.signature(node_ids[0]))
+        if o.name == "opcm_fold":  # OPCM projects Linear weights: 2-D tensors outside the embeddings
+            params["_project"] = bool(shape is not None and len(shape) == 2 and not arch.is_pre_layer(ctx.tensor))
+        if o.name == "model_sum":  # NOTE: a scalar: shape None, so no shape check against tensors
+            return TensorV(self.model_sum(node_ids[0], ctx, loc), None, "F64")
         if o.name == "trim" and params.get("scope") == "model":
             return TensorV(self.model_trim(node_ids[0], params["density"], ctx, loc), shape, dtype)
         if o.name == "drop" and not self.dry:
@@ -432,7 +445,6 @@ class Evaluator:
             info = self.plan.add("topk_threshold", node_ids, {"density": params["density"]}, group=ctx.group, loc=loc)
             return TensorV(self.plan.add("trim_topk", (node_ids[0], info), {}, group=ctx.group, loc=loc, shape=shape),
                            shape, dtype)
-        params.pop("n", None)
         return TensorV(self.plan.add(o.name, node_ids, params, group=ctx.group, loc=loc, shape=shape), shape, dtype)
 
     def _via(self, span: Span) -> str:
@@ -445,11 +457,12 @@ class Evaluator:
         """A tensor-independent structural hash: equal for the same expression on every tensor."""
         if nid not in self._sig:
             n = self.plan.nodes.get(nid)
-            if n is None and nid.startswith(("thr-", "bkt-")):
+            if n is None and nid.startswith(("thr-", "bkt-", "msum-")):
                 # a model-wide statistic added by finish_stats(): its id already hashes its
                 # tensor-independent key (e.g. a DARE seed over a scope="model" TIES)
                 return nid
-            params = [(k, v) for k, v in n.params if not (n.op == "load" and k == "tensor")]
+            # NOTE: tensor-dependent params (load's tensor, lowering's `_` params) are left out
+            params = [(k, v) for k, v in n.params if not ((n.op == "load" and k == "tensor") or k.startswith("_"))]
             text = repr((n.op, params, [self.signature(i) for i in n.inputs]))
             self._sig[nid] = hashlib.sha1(text.encode()).hexdigest()[:16]
         return self._sig[nid]
@@ -464,8 +477,22 @@ class Evaluator:
         st["xs"][x] = ctx.group
         return self.plan.add("trim_at", (x, st["thr"]), {}, group=ctx.group, loc=loc, shape=self.plan.nodes[x].shape)
 
+    def model_sum(self, x: str, ctx: TensorCtx, loc: str) -> str:
+        """`model_sum(x)`: the sum over every tensor of the per-tensor scalar x (a reduce
+        node, added by finish_stats, that the tensors' groups read in a later phase)."""
+        if self.dry:
+            return self.plan.add("model_sum", (x,), {}, group=ctx.group, loc=loc)
+        key = f"sum:{self.signature(x)}"
+        st = self.stats.setdefault(key, {"sum": "msum-" + hashlib.sha1(key.encode()).hexdigest()[:12], "xs": {},
+                                         "loc": loc})
+        st["xs"][x] = ctx.group
+        return st["sum"]
+
     def finish_stats(self) -> None:
         for st in self.stats.values():
+            if "sum" in st:
+                add_with_id(self.plan, st["sum"], "sum_scalars", tuple(st["xs"]), {}, loc=st["loc"])
+                continue
             his = [self.plan.add("magnitude_hist_hi", (x,), {}, group=g, loc=st["loc"]) for x, g in st["xs"].items()]
             add_with_id(self.plan, st["bucket"], "select_bucket", tuple(his), {"density": st["density"]}, loc=st["loc"])
             los = [self.plan.add("magnitude_hist_lo", (x, st["bucket"]), {}, group=g, loc=st["loc"]) for x, g in st["xs"].items()]
