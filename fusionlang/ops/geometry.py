@@ -13,8 +13,8 @@ from .registry import Tensor, op, torch
 
 
 def _two(params: dict):
-    if params.get("n", 2) != 2:
-        return ("xs", f"{params['n']} models given; NuSLERP interpolates exactly two",
+    if (params.get("_n") or 2) != 2:
+        return ("xs", f"{params['_n']} models given; NuSLERP interpolates exactly two",
                 "pass two models (MergeKit's nuslerp takes two non-base models)")
     return None
 
@@ -153,7 +153,7 @@ def karcher_mean(xs: list[Tensor], max_iter: int = 10, tol: float = 1e-5) -> Ten
 
 
 def _two_or_more(params: dict):
-    if params.get("n", 2) < 2:
+    if (params.get("_n") or 2) < 2:
         return ("xs", "Model Stock needs at least two fine-tuned models (it measures the angle between them)",
                 "pass two or more models besides the base")
     return None

@@ -52,7 +52,7 @@ class OpDef:
     check_shapes: Callable | None = None
     # ops whose parameters constrain each other: check_values(params) -> None, or
     # (parameter, message, hint) for an E006 at the user's argument for that parameter
-    # (params holds the checked values, and "n": the length of the op's tensor list)
+    # (params holds the checked values, and "_n": the length of the op's first tensor list)
     check_values: Callable | None = None
     # check_args([shape per tensor input], {param: value}) -> (param, problem, hint) or
     # None: a compile-time check of parameter values against each other or the inputs'

@@ -388,7 +388,7 @@ class Evaluator:
             d = Diagnostic("E006", f"the weights of '{o.name}' sum to 0, so normalize=true cannot divide by their sum",
                            e.span, "pass normalize=false to add the weighted models without dividing, or change the weights")
             bad.append(self._param_error(d, e, exprs, env, "weights", params["weights"], None))
-        problem = o.check_values(params) if o.check_values and not bad else None
+        problem = o.check_values({**params, "_n": n_list}) if o.check_values and not bad else None
         if problem:
             pname, message, hint = problem
             d = Diagnostic("E006", f"{message} in '{o.name}'", e.span, hint)
