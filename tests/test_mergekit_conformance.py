@@ -42,6 +42,27 @@ def run_mergekit(root: Path, yaml: str, name: str) -> dict[str, torch.Tensor]:
     return load_state(out)
 
 
+def run_mergekit_batch(root: Path, yamls: dict[str, str]) -> dict[str, Path]:
+    """Every configuration of `yamls` (name -> YAML) merged by one MergeKit process
+    (tests/reference/mergekit_batch.py: MergeKit's own run_merge, with the CLI's
+    options), as `run_mergekit` would one by one; returns name -> output directory."""
+    import json
+
+    jobs = []
+    for name, yaml in yamls.items():
+        cfg = root / f"{name}.yml"
+        cfg.write_text(yaml + "dtype: float32\nout_dtype: float32\n")
+        jobs.append({"config": str(cfg), "out": str(root / "mk_out" / name)})
+    spec = root / "mk_batch.json"
+    spec.write_text(json.dumps({"cwd": str(root), "jobs": jobs}))
+    python = Path(MERGEKIT).parent / "python"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run([str(python), str(REPO / "tests/reference/mergekit_batch.py"), str(spec)], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=1200, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {name: root / "mk_out" / name for name in yamls}
+
+
 def run_fuse(root: Path, body: str, name: str) -> dict[str, torch.Tensor]:
     spec = write_spec(root, f'''use merging
 model base = local("base")

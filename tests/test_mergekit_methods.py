@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import load_state, make_family, run_cli, write_spec
 from test_errors import expect_error
-from test_mergekit_conformance import MERGEKIT, run_fuse, run_mergekit
+from test_mergekit_conformance import MERGEKIT, run_fuse, run_mergekit, run_mergekit_batch
 
 needs_mergekit = pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (bash .ci/install_mergekit.sh)")
 RTOL = 1e-6
@@ -121,12 +121,19 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def mergekit_outputs(zoo):
+    """Every case's MergeKit output, from one MergeKit process (start-up paid once)."""
+    root, _ = zoo
+    return run_mergekit_batch(root, {name: yaml for name, (_, yaml) in CASES.items()})
+
+
 @needs_mergekit
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_same_output_as_mergekit(zoo, name):
+def test_same_output_as_mergekit(zoo, mergekit_outputs, name):
     root, _ = zoo
-    body, yaml = CASES[name]
-    assert_close(run_fuse(root, body, name), run_mergekit(root, yaml, name))
+    body, _yaml = CASES[name]
+    assert_close(run_fuse(root, body, name), load_state(mergekit_outputs[name]))
 
 
 @needs_mergekit
