@@ -83,7 +83,9 @@ def test_adapter_matches_mergekit_extract_lora(fam, args, flags):
     assert all(k.endswith("self_attn.q_proj.lora_B.bias") or re.search(r"self_attn\.[kvo]_proj\.lora_B\.bias$", k)
                for k in set(a) - set(b)), sorted(set(a) - set(b))[:6]
     # the factors of nearly equal singular values are defined only up to a rotation, which
-    # float32 SVDs choose differently with the thread count: compare B·A, and whole tensors
+    # float32 SVDs choose differently with the thread count: compare B·A, and whole tensors.
+    # At rank 3 of a noise task vector (close singular values at the cut) B·A itself moved
+    # by 2.8e-5 of its largest entry between thread counts; a wrong extraction moves it by ~1.
     def product(st, k):
         if ".lora_A." in k or k.endswith("lora_embedding_A"):
             kb = k.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
@@ -94,7 +96,7 @@ def test_adapter_matches_mergekit_extract_lora(fam, args, flags):
     keys = [k for k in keys if not k.endswith("lora_embedding_B")]
     worst = max(float((product(a, k) - product(b, k)).abs().max()) / max(float(product(b, k).abs().max()), 1e-12)
                 for k in keys)
-    assert worst < 1e-5, worst
+    assert worst < 2e-4, worst
     assert all(a[k].shape == b[k].shape for k in b)
     ca, cb = (json.loads((d / "adapter_config.json").read_text()) for d in (mine, ref))
     for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "modules_to_save", "task_type", "peft_type"):
