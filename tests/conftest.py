@@ -102,6 +102,13 @@ def bert(tmp_path_factory) -> dict[str, Path]:
     return make_family(tmp_path_factory.mktemp("bert"), "bert", n_experts=2)
 
 
+def error_locations(text: str) -> list[tuple[int, int, str]]:
+    """(line, column, code) of every `file.fuse:L:C: error[Ecode]` in CLI output."""
+    import re
+
+    return [(int(m[1]), int(m[2]), m[3]) for m in re.finditer(r"\.fuse:(\d+):(\d+): error\[(E\d+)\]", text)]
+
+
 def write_spec(dirpath: Path, text: str, name: str = "spec.fuse") -> Path:
     p = dirpath / name
     p.write_text(text)

@@ -9,7 +9,7 @@ import re
 import peft
 import pytest
 import torch
-from conftest import load_state, make_family, run_cli, write_spec
+from conftest import error_locations, load_state, make_family, run_cli, write_spec
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +107,6 @@ def test_dare_keeps_density_and_rescales(fam):
     assert torch.allclose(one[key][kept], src[key][kept] * scale / 0.5, atol=1e-6)
 
 
-def _errors(text: str) -> list[tuple[int, int, str]]:
-    return [(int(m[1]), int(m[2]), m[3]) for m in re.finditer(r"\.fuse:(\d+):(\d+): error\[(E\d+)\]", text)]
-
-
 @pytest.mark.parametrize("merge,code,words", [
     ('merge_adapters(["a1", "a3"], weights=[1, 1], combination_type="linear")', "E006", "r = 4, 2"),
     ('merge_adapters(["a1", "a2"], weights=[1])', "E006", "one number per adapter"),
@@ -122,4 +118,4 @@ def test_merge_adapters_mistakes_are_located(fam, merge, code, words):
     spec = write_spec(root, f"merge bad = {merge}\nsave bad to \"out/bad\"\n", "bad.fuse")
     rc, _, err = run_cli("compile", str(spec))
     assert rc == 1 and words in err and "Traceback" not in err, err
-    assert _errors(err)[0][0] == 1 and _errors(err)[0][2] == code, err
+    assert error_locations(err)[0][0] == 1 and error_locations(err)[0][2] == code, err

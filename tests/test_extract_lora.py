@@ -8,23 +8,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, load_state, make_family, run_cli, write_spec
+from conftest import error_locations, load_state, make_family, run_cli, write_spec
+from test_mergekit_conformance import MERGEKIT
 
-
-def _mergekit() -> str | None:
-    cand = REPO / ".venv-mergekit/bin/mergekit-extract-lora"
-    return str(cand) if cand.is_file() else shutil.which("mergekit-extract-lora")
-
-
-MK = _mergekit()
-if MK is None and os.environ.get("CI"):
-    raise RuntimeError("MergeKit is required on CI: run `bash .ci/install_mergekit.sh`")
+# mergekit-extract-lora sits next to mergekit-yaml (required on CI by that module)
+MK = str(Path(MERGEKIT).parent / "mergekit-extract-lora") if MERGEKIT else None
 needs_mergekit = pytest.mark.skipif(MK is None, reason="mergekit not installed (bash .ci/install_mergekit.sh)")
 
 
@@ -152,10 +145,6 @@ def test_full_rank_adapter_in_peft_is_the_fine_tune(fam):
     assert float((_ba(low, "base_model.model.model.layers.0.mlp.up_proj") - best).abs().max()) < 1e-5
 
 
-def _errors(text: str) -> list[tuple[int, int, str]]:
-    return [(int(m[1]), int(m[2]), m[3]) for m in re.finditer(r"\.fuse:(\d+):(\d+): error\[(E\d+)\]", text)]
-
-
 @pytest.mark.parametrize("merge,code,words", [
     ("extract_lora(base, ft, max_rank=0)", "E006", "max_rank=0 must be a whole number of at least 1"),
     ('extract_lora(base, ft, include=["nothing_here"])', "E008", "no module of 'ft' is left"),
@@ -176,7 +165,7 @@ save bad to "out/bad"
 ''', "bad.fuse")
     rc, _, err = run_cli("compile", str(spec))
     assert rc == 1 and words in err and "Traceback" not in err, err
-    assert _errors(err)[0][:1] == (3,) and _errors(err)[0][2] == code, err
+    assert error_locations(err)[0][:1] == (3,) and error_locations(err)[0][2] == code, err
 
 
 def test_an_adapter_is_not_evaluated_or_loaded_as_a_model(fam):
@@ -190,7 +179,7 @@ save ad to "out/ad_eval"
 eval ad on ppl
 ''', "ad_eval.fuse")
     rc, _, err = run_cli("run", str(spec))
-    assert rc == 1 and _errors(err) == [(6, 1, "E014")] and "is a LoRA adapter (extract_lora)" in err, err
+    assert rc == 1 and error_locations(err) == [(6, 1, "E014")] and "is a LoRA adapter (extract_lora)" in err, err
     assert not (root / "out" / "ad_eval").exists()
     import fusionlang
     from fusionlang.lang.diagnostics import FuseErrors

@@ -5,13 +5,10 @@ modules_to_save; adapters inside a merge; located errors."""
 
 from __future__ import annotations
 
-import json
-import re
-
 import peft
 import pytest
 import torch
-from conftest import load_state, make_family, run_cli, write_spec
+from conftest import error_locations, load_state, make_family, run_cli, write_spec
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +84,6 @@ save b to "out/ties_b"
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
-def _errors(text: str) -> list[tuple[int, int, str]]:
-    return [(int(m[1]), int(m[2]), m[3]) for m in re.finditer(r"\.fuse:(\d+):(\d+): error\[(E\d+)\]", text)]
-
-
 def test_bad_adapters_are_located(fam):
     root, _ = fam
     _adapter(root, "ad_dora", seed=3, r=2, lora_alpha=2, target_modules=["q_proj"], use_dora=True)
@@ -109,6 +102,5 @@ save t to "out/bad_{name}"
 ''', "bad.fuse")
         rc, _, err = run_cli("compile", str(spec))
         assert rc == 1 and words in err and "Traceback" not in err, err
-        line, col, got = _errors(err)[0]
+        line, col, got = error_locations(err)[0]
         assert (line, got) == (2, code) and col in (11, 22), err
-    assert json.loads((root / "ad_wide" / "adapter_config.json").read_text())["r"] == 2

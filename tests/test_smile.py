@@ -222,14 +222,16 @@ def test_a_smile_causal_lm_loads_and_generates_as_its_one_expert(tmp_path):
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"q": q, "a": "the"}) + "\n"
                                                for q in ("the cat sat on", "a big dog ran")))
     spec = write_spec(tmp_path, '''model base = local("base")
-merge s = smile(base, [local("e0")], k=0, average_experts=true)
+model e0 = local("e0")
+merge s = smile(base, [e0], k=0, average_experts=true)
 task qa = exact_match(dataset("qa.jsonl", prompt="q", answer="a"))
 save s to "out/s"
-eval s on qa to "rep"
+eval s, e0 on qa to "rep"
 ''', "smile_lm.fuse")
     rc, _, err = run_cli("run", str(spec))
     assert rc == 0, err
-    assert 0.0 <= json.loads((tmp_path / "rep" / "report.json").read_text())["rows"]["s"]["accuracy"]["qa"] <= 1.0
+    rows = json.loads((tmp_path / "rep" / "report.json").read_text())["rows"]
+    assert rows["s"]["accuracy"]["qa"] == rows["e0"]["accuracy"]["qa"]
     from transformers import AutoModelForCausalLM
 
     model = fusionlang.load(tmp_path / "out" / "s")

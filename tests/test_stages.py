@@ -6,21 +6,16 @@ patches; RegMean's closed form against least squares on the stacked inputs)."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 import torch
-from conftest import load_state, make_classifier_family, run_cli, write_spec
+from conftest import error_locations, load_state, make_classifier_family, run_cli, write_spec
 
 
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     return root, make_classifier_family(root, n_experts=2, rows=40, seed=3)
-
-
-def _errors(text: str) -> list[tuple[int, int, str]]:
-    return [(int(m[1]), int(m[2]), m[3]) for m in re.finditer(r"\.fuse:(\d+):(\d+): error\[(E\d+)\]", text)]
 
 
 HEAD = '''use merging
@@ -53,7 +48,7 @@ def test_bad_data_is_a_located_error_before_anything_runs(fam, cmd, data, line_c
         return
     assert rc == 1, (out, err)
     assert "Traceback" not in err
-    errs = _errors(err)
+    errs = error_locations(err)
     assert errs and errs[0][2] == code, err
     assert errs[0][:2] == line_col, err
     assert words in err
@@ -65,7 +60,7 @@ def test_data_count_and_fisher_without_head_are_located(fam, tmp_path):
     spec = write_spec(root, HEAD + 'data d = dataset("data0.jsonl", text="text")\n'
                       "merge rm = regmean(experts, [d, d, d])\nsave rm to \"out/n\"\n", "count.fuse")
     rc, _, err = run_cli("compile", str(spec))
-    assert rc == 1 and "3 data values for 2 models" in err and _errors(err)[0][2] == "E006", err
+    assert rc == 1 and "3 data values for 2 models" in err and error_locations(err)[0][2] == "E006", err
     # a bare encoder (no classification head) has no predictions for Fisher weights
     from transformers import BertModel
 
@@ -77,7 +72,7 @@ def test_data_count_and_fisher_without_head_are_located(fam, tmp_path):
                       'data d = dataset("data0.jsonl", text="text")\n'
                       "merge fm = fisher_merging(encs, d)\nsave fm to \"out/f\"\n", "nohead.fuse")
     rc, _, err = run_cli("compile", str(spec))
-    assert rc == 1 and "no classification head" in err and _errors(err)[0][2] == "E014", err
+    assert rc == 1 and "no classification head" in err and error_locations(err)[0][2] == "E014", err
     # ...while Gram matrices need only the layer inputs
     spec = write_spec(root, 'use merging\nmodels encs = [local("enc"), local("enc")]\n'
                       'data d = dataset("data0.jsonl", text="text")\n'
@@ -245,7 +240,7 @@ def test_csv_parquet_and_saved_datasets_are_the_same_data(fam, tmp_path):
     spec = write_spec(root, HEAD + f'data d = dataset("{tmp_path / "saved_dict"}", text="text")\n'
                       "merge rm = regmean(experts, d)\nsave rm to \"out/dd\"\n", "dd.fuse")
     rc, _, err = run_cli("compile", str(spec))
-    assert rc == 1 and "no split 'train' (splits: test)" in err and _errors(err)[0][2] == "E006", err
+    assert rc == 1 and "no split 'train' (splits: test)" in err and error_locations(err)[0][2] == "E006", err
 
 
 def test_image_classifiers_on_image_data(tmp_path):
@@ -324,7 +319,7 @@ def test_batch_size_zero_is_refused(fam):
                       "merge rm = regmean(experts, d, batch_size=0)\nsave rm to \"out/bs0\"\n", "bs0.fuse")
     rc, _, err = run_cli("compile", str(spec))
     assert rc == 1 and "batch_size=0 must be a whole number of at least 1" in err, err
-    assert _errors(err) == [(4, 43, "E006")] and "bs0.fuse" in err, err
+    assert error_locations(err) == [(4, 43, "E006")] and "bs0.fuse" in err, err
 
 
 def test_unknown_batch_order_is_refused_at_the_argument(fam):
@@ -333,7 +328,7 @@ def test_unknown_batch_order_is_refused_at_the_argument(fam):
                       'merge fm = fisher_merging(experts, d, batch_order="random")\nsave fm to "out/bo"\n', "bo.fuse")
     rc, _, err = run_cli("compile", str(spec))
     assert rc == 1 and 'batch_order="random" is neither "length" nor "given"' in err, err
-    assert _errors(err) == [(4, 51, "E006")] and "bo.fuse" in err, err
+    assert error_locations(err) == [(4, 51, "E006")] and "bo.fuse" in err, err
 
 
 def _stage_model(root, f, model="e0", data="data0"):

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import pytest
 import torch
-from conftest import make_causal_family, make_classifier_family, run_cli, write_spec
+from conftest import (
+    error_locations,
+    make_causal_family,
+    make_classifier_family,
+    run_cli,
+    write_spec,
+)
 
 
 @pytest.fixture(scope="module")
@@ -101,10 +106,6 @@ eval ta, base on ppl to "rep"
     assert report["perplexity_tasks"] == ["ppl"] and "ppl (ppl)" in out + err
 
 
-def _errors(text: str) -> list[tuple[int, int, str]]:
-    return [(int(m[1]), int(m[2]), m[3]) for m in re.finditer(r"\.fuse:(\d+):(\d+): error\[(E\d+)\]", text)]
-
-
 @pytest.mark.parametrize("cmd", ["compile", "run"])
 def test_models_that_cannot_run_a_task_are_refused_before_running(cls, lm, cmd):
     root, _ = cls
@@ -124,14 +125,14 @@ eval soup on ppl
     assert "the data has label 9 but 'soup''s head knows 3 classes" in err
     assert "'llm' (LlamaForCausalLM) has no classification head" in err
     assert "'soup' (BertForSequenceClassification) is not a causal language model" in err
-    assert [c for _, _, c in _errors(err)] == ["E014", "E014", "E014"], err
+    assert [c for _, _, c in error_locations(err)] == ["E014", "E014", "E014"], err
     assert not (root / f"bad_{cmd}-report").exists()
     # a task's own mistakes come first, at the data value
     spec = write_spec(root, 'use merging\nmodels experts = [local("e0"), local("e1")]\n'
                       'task nolabel = accuracy(dataset("data0.jsonl", text="text"))\n'
                       'merge soup = average(experts)\neval soup on nolabel\n', f"nolabel_{cmd}.fuse")
     rc, _, err = run_cli(cmd, str(spec))
-    assert rc == 1 and _errors(err) == [(3, 25, "E006")] and "needs labeled data" in err, err
+    assert rc == 1 and error_locations(err) == [(3, 25, "E006")] and "needs labeled data" in err, err
 
 
 def test_tune_on_a_user_accuracy_task_and_not_on_perplexity(cls, lm):
@@ -159,7 +160,7 @@ merge ta = task_arithmetic(base, experts, scale=tune([0.2, 0.5], on=[ppl]))
 eval ta on ppl
 ''', "tune_ppl.fuse")
     rc, _, err = run_cli("compile", str(spec))
-    assert rc == 1 and _errors(err) == [(5, 49, "E019")] and "perplexity() task" in err, err
+    assert rc == 1 and error_locations(err) == [(5, 49, "E019")] and "perplexity() task" in err, err
 
 
 def _greedy_first_word(model_dir, prompt: str, steps: int = 3) -> str:
@@ -221,7 +222,7 @@ eval base on noanswer
 ''', "em_bad.fuse")
     rc, _, err = run_cli("compile", str(spec))
     assert rc == 1 and "Traceback" not in err, err
-    assert _errors(err) == [(4, 29, "E006"), (5, 87, "E006")], err
+    assert error_locations(err) == [(4, 29, "E006"), (5, 87, "E006")], err
     assert "name their columns with answer=" in err and "max_new_tokens=0" in err
     spec = write_spec(root, f'''use merging
 model bert = local("{cls[1]["e0"]}")
@@ -238,5 +239,5 @@ merge g = regmean([bert, bert], data=qa)
 save g to "out/g"
 ''', "em_bad3.fuse")
     rc, _, err = run_cli("compile", str(spec))
-    assert rc == 1 and "Traceback" not in err and _errors(err) == [(3, 11, "E006")], err
+    assert rc == 1 and "Traceback" not in err and error_locations(err) == [(3, 11, "E006")], err
     assert "gram() runs the models on the data's inputs" in err, err

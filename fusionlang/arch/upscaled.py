@@ -45,46 +45,22 @@ def read_description(model_dir: str | os.PathLike) -> dict | None:
     return d
 
 
-@functools.cache
 def linear_modules(config_json: str) -> tuple[str, ...]:
     """Names of the `torch.nn.Linear` modules of the model a config.json describes (the
     class its `architectures` names, else `AutoModel`), built on the meta device: the
     layers FusionBench's upscaling algorithms replace (`isinstance(m, nn.Linear)`).
-    Remembered in the cache directory per transformers version and config. Raises
-    ValueError when transformers cannot build the model from the config."""
-    import hashlib
-    from importlib.metadata import version
-
-    from ..zoo.paths import cache_dir
-
-    key = hashlib.sha256(config_json.encode()).hexdigest()[:24]
-    memo = cache_dir() / "arch" / f"linear-modules-transformers-{version('transformers')}-{key}.json"
-    try:
-        return tuple(json.loads(memo.read_text()))
-    except (OSError, ValueError):
-        pass
-    import torch
-
-    model = build_empty(json.loads(config_json), device="meta")
-    names = tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(names))
-        os.replace(tmp, memo)
-    except OSError:
-        pass  # an unwritable cache only costs the seconds again
-    return names
+    Raises ValueError when transformers cannot build the model from the config."""
+    return tuple(n for n, (kind, _io) in weight_modules(config_json).items() if kind == "linear")
 
 
 @functools.cache
 def weight_modules(config_json: str) -> dict[str, tuple[str, bool]]:
-    """The modules with a `weight` of the model a config.json describes (built on the
-    meta device like `linear_modules`), in module order: name -> (kind, io); kind
-    "linear" (`nn.Linear`), "embedding" (`nn.Embedding`) or "other"; io whether it is
-    the model's input or output embedding. Remembered in the cache directory per
-    transformers version and config. Raises ValueError when transformers cannot build
-    the model from the config."""
+    """The modules with a `weight` of the model a config.json describes (the class its
+    `architectures` names, else `AutoModel`, built on the meta device), in module order:
+    name -> (kind, io); kind "linear" (`nn.Linear`), "embedding" (`nn.Embedding`) or
+    "other"; io whether it is the model's input or output embedding. Remembered in the
+    cache directory per transformers version and config. Raises ValueError when
+    transformers cannot build the model from the config."""
     import hashlib
     from importlib.metadata import version
 

@@ -92,21 +92,10 @@ def score(model_dir: str, task: dict, device: str, on_batch=None) -> dict:
     metric lm-eval reported), "latency_per_batch_s" (the whole evaluation's wall time
     per batch of `batch_size` documents), "peak_mem_bytes"}. Raises DataError (E014)
     when lm-eval cannot run the task on the model, with the end of lm-eval's output."""
-    import torch
-
     from ..zoo.evaluate import _peak_mem_bytes
-    from ..zoo.text import _quiet_transformers
+    from .user_tasks import load_causal_lm
 
-    _quiet_transformers()
-    import transformers
-
-    from ..arch.upscaled import from_pretrained
-
-    model = from_pretrained(transformers.AutoModelForCausalLM, model_dir, local_files_only=True,
-                            dtype=torch.float32).to(device).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
+    model, tok = load_causal_lm(model_dir, device)
     old = os.getcwd()
     t0 = time.perf_counter()
     with _quiet() as output:

@@ -13,7 +13,7 @@ import re
 
 from .. import ir
 from ..arch import lora as L
-from .values import EvalError, TensorCtx, TensorV
+from .values import EvalError, TensorCtx, TensorV, builtin_options
 
 
 def adapter_source(ev, call: ir.CallE, path: str, span=None) -> str:
@@ -152,13 +152,6 @@ LINEAR_FAMILY = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"
 TYPES = LINEAR_FAMILY + ("cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 
 
-def _merge_exprs(call: ir.CallE) -> dict[str, ir.Expr]:
-    from ..lang.signatures import BUILTINS
-
-    names = [n for n, _, _ in BUILTINS["merge_adapters"].params]
-    return dict(zip(names, call.args)) | dict(call.kwargs)
-
-
 def merge_domain(ev, call: ir.CallE) -> dict:
     """The output tensors of `merge_adapters(...)` (the fields of a `domains.Domain`): per
     module any adapter targets, the new A and B (rank: PEFT's — the adapters' common r
@@ -166,13 +159,8 @@ def merge_domain(ev, call: ir.CallE) -> dict:
     family) and the adapter_config.json PEFT would write. EvalError (located) for bad
     arguments, adapters that save modules whole or carry LoRA biases, mixed ranks in
     the linear family."""
-    from ..lang.signatures import BUILTINS
-
-    exprs = _merge_exprs(call)
-    defaults = {n: d for n, _, d in BUILTINS["merge_adapters"].params}
-    probe = TensorCtx("", "", 0, 2)
-    o = {k: (ev.eval(exprs[k], (), probe) if k in exprs else d) for k, d in defaults.items()}
-    span = {k: e.span for k, e in exprs.items()}
+    o = builtin_options(ev, call, ())
+    span = o["spans"]
     paths = o["adapters"]
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
         raise EvalError("E006", "adapters must be a non-empty list of adapter directories", span.get("adapters", call.span),

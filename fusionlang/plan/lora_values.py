@@ -16,25 +16,17 @@ import re
 from .. import arch, ir
 from ..arch import lora as L
 from ..arch import upscaled as U
-from ..lang.signatures import BUILTINS
-from .values import PROBE, EvalError, TensorCtx, TensorV
+from .values import PROBE, EvalError, TensorCtx, TensorV, builtin_exprs, builtin_options
 
-PARAMS = [name for name, _, _ in BUILTINS["extract_lora"].params]
 PROBE_CTX = TensorCtx(PROBE, PROBE, 0, 2)
 
-
-def _exprs(call: ir.CallE) -> dict[str, ir.Expr]:
-    return dict(zip(PARAMS, call.args)) | dict(call.kwargs)
 
 
 def options(ev, call: ir.CallE) -> dict:
     """The call's non-model arguments, evaluated and checked; EvalError (E006) at the
     argument at fault."""
-    exprs = _exprs(call)
-    defaults = {name: default for name, _, default in BUILTINS["extract_lora"].params}
-    o = {k: (ev.eval(exprs[k], (), PROBE_CTX) if k in exprs else defaults[k]) for k in PARAMS
-         if k not in ("base", "model")}
-    span = {k: e.span for k, e in exprs.items()}
+    o = builtin_options(ev, call, ("base", "model"))
+    span = o["spans"]
     v = o["max_rank"]
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v != int(v) or v < 1:
         shown = int(v) if isinstance(v, float) and v.is_integer() else v
@@ -61,7 +53,6 @@ def options(ev, call: ir.CallE) -> dict:
                     raise EvalError("E006", f"{arg}: {p!r} is not a regular expression ({e})",
                                     span.get(arg, call.span), "Python regular expressions, searched in module "
                                     "names (e.g. \"mlp\\\\.\")") from None
-    o["spans"] = span
     return o
 
 
@@ -70,7 +61,7 @@ def domain(ev, call: ir.CallE) -> dict:
     `domains.Domain`) and the adapter's description. EvalError when the models cannot
     be listed, differ in their tensors' shapes, or the patterns select nothing."""
     o = options(ev, call)
-    exprs, span = _exprs(call), o["spans"]
+    exprs, span = builtin_exprs(call), o["spans"]
     keys = {}
     for arg in ("base", "model"):
         src = ev.first_source(exprs[arg])
@@ -128,7 +119,7 @@ def eval_lora(ev, call: ir.CallE, ctx: TensorCtx) -> TensorV:
         domain(ev, call)
     tensors, o = ev._lora[id(call)]
     kind, _ckpt, shape, r = tensors[ctx.output or ctx.group]
-    exprs = _exprs(call)
+    exprs = builtin_exprs(call)
     loc = ev._loc(call.span)
     model = ev.eval(exprs["model"], (), ctx)
     if kind == "full":

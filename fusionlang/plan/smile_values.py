@@ -18,26 +18,19 @@ import re
 from .. import arch, ir
 from ..arch import smile as S
 from ..arch import upscaled as U
-from ..lang.signatures import BUILTINS, pattern_regex
+from ..lang.signatures import pattern_regex
 from ..ops.svd import smile_sizes
-from .values import PROBE, EvalError, TensorCtx, TensorV
+from .values import PROBE, EvalError, TensorCtx, TensorV, builtin_exprs, builtin_options
 
-PARAMS = [name for name, _, _ in BUILTINS["smile"].params]
 PROBE_CTX = TensorCtx(PROBE, PROBE, 0, 2)
 
-
-def _exprs(call: ir.CallE) -> dict[str, ir.Expr]:
-    return dict(zip(PARAMS, call.args)) | dict(call.kwargs)
 
 
 def options(ev, call: ir.CallE) -> dict:
     """The call's non-model arguments, evaluated and checked; EvalError (E006) at the
     argument at fault."""
-    exprs = _exprs(call)
-    defaults = {name: default for name, _, default in BUILTINS["smile"].params}
-    o = {k: (ev.eval(exprs[k], (), PROBE_CTX) if k in exprs else defaults[k]) for k in PARAMS
-         if k not in ("base", "experts")}
-    span = {k: e.span for k, e in exprs.items()}
+    o = builtin_options(ev, call, ("base", "experts"))
+    span = o["spans"]
     for arg, least in (("k", None), ("gate_k", 1), ("top_k", 1)):
         v = o[arg]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or v != int(v) or (least and v < least):
@@ -50,7 +43,6 @@ def options(ev, call: ir.CallE) -> dict:
     if pats is not None and (not isinstance(pats, list) or not pats or not all(isinstance(p, str) and p for p in pats)):
         raise EvalError("E006", "linears must be a list of tensor-name patterns", span.get("linears", call.span),
                         'e.g. linears=["*.mlp.*", "*.intermediate.dense", "*.output.dense"]')
-    o["spans"] = span
     return o
 
 
@@ -60,7 +52,7 @@ def domain(ev, call: ir.CallE) -> dict:
     Linear layer, patterns that select none, experts that are not models, a top_k
     beyond the experts."""
     o = options(ev, call)
-    exprs, span = _exprs(call), o["spans"]
+    exprs, span = builtin_exprs(call), o["spans"]
     base_call = ev.first_source(exprs["base"])
     if base_call is None:
         raise EvalError("E005", "smile() needs a base model", call.span, "write smile(base, experts, ...)")
@@ -135,7 +127,7 @@ def eval_smile(ev, call: ir.CallE, ctx: TensorCtx) -> TensorV:
         domain(ev, call)
     tensors, o, dtype = ev._smile[id(call)]
     kind, mod, shape = tensors[ctx.output or ctx.group]
-    exprs = _exprs(call)
+    exprs = builtin_exprs(call)
     loc = ev._loc(call.span)
     if kind in ("weight", "bias") or (kind == "base" and not o["average_experts"]):
         return ev.eval(exprs["base"], (), ctx)

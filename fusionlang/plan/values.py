@@ -26,6 +26,25 @@ def param_names(prog: ir.Program, call: ir.CallE) -> list[str]:
     return [p[0] for p in BUILTINS[call.target].params]
 
 
+def builtin_exprs(call: ir.CallE) -> dict[str, ir.Expr]:
+    """A builtin call's argument expressions by parameter name (positional and keyword)."""
+    return dict(zip(param_names(None, call), call.args)) | dict(call.kwargs)
+
+
+def builtin_options(ev, call: ir.CallE, models: tuple[str, ...]) -> dict:
+    """A builtin call's arguments other than `models`, evaluated once (they do not depend
+    on the tensor) with the signature's defaults filled in, and "spans": parameter name ->
+    the span of the argument the user wrote (for errors located at it)."""
+    from ..lang.signatures import BUILTINS
+
+    exprs = builtin_exprs(call)
+    probe = TensorCtx(PROBE, PROBE, 0, 2)
+    o = {name: (ev.eval(exprs[name], (), probe) if name in exprs else default)
+         for name, _, default in BUILTINS[call.target].params if name not in models}
+    o["spans"] = {k: e.span for k, e in exprs.items()}
+    return o
+
+
 class EvalError(Exception):
     def __init__(self, code: str, message: str, span: Span, hint: str = "", more: tuple[Diagnostic, ...] = ()):
         super().__init__(message)

@@ -13,28 +13,20 @@ from __future__ import annotations
 from .. import arch, ir
 from ..arch import upscaled as U
 from ..arch import wemoe as W
-from ..lang.signatures import BUILTINS
 from .graph import SourceSpec
 from .smile_values import linears_of
-from .values import PROBE, EvalError, TensorCtx, TensorV, at
+from .values import PROBE, EvalError, TensorCtx, TensorV, at, builtin_exprs, builtin_options
 
-PARAMS = [name for name, _, _ in BUILTINS["wemoe"].params]
 PROBE_CTX = TensorCtx(PROBE, PROBE, 0, 2)
 FLOATS = ("F32", "F16", "BF16", "F64")
 
-
-def _exprs(call: ir.CallE) -> dict[str, ir.Expr]:
-    return dict(zip(PARAMS, call.args)) | dict(call.kwargs)
 
 
 def options(ev, call: ir.CallE) -> dict:
     """The call's arguments but the models, evaluated and checked; EvalError (E006) at
     the argument at fault."""
-    exprs = _exprs(call)
-    defaults = {name: default for name, _, default in BUILTINS["wemoe"].params}
-    o = {k: (ev.eval(exprs[k], (), PROBE_CTX) if k in exprs else defaults[k]) for k in PARAMS
-         if k not in ("base", "experts")}
-    span = {k: e.span for k, e in exprs.items()}
+    o = builtin_options(ev, call, ("base", "experts"))
+    span = o["spans"]
 
     def whole(v, lo: int) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == int(v) and v >= lo
@@ -54,7 +46,6 @@ def options(ev, call: ir.CallE) -> dict:
     for k in ("router_hidden_layers", "steps", "batch_size", "seed"):
         o[k] = int(o[k])
     o["lr"], o["init_lambda"] = float(o["lr"]), float(o["init_lambda"])
-    o["spans"] = span
     return o
 
 
@@ -67,7 +58,7 @@ def domain(ev, call: ir.CallE) -> dict:
     from .stage_values import _check_data, _models_and_data, _source_key
 
     o = options(ev, call)
-    exprs, span = _exprs(call), o["spans"]
+    exprs, span = builtin_exprs(call), o["spans"]
     base_call = ev.first_source(exprs["base"])
     if base_call is None:
         raise EvalError("E005", "wemoe() needs a base model", call.span, "write wemoe(base, experts, data, ...)")
@@ -149,7 +140,7 @@ def eval_wemoe(ev, call: ir.CallE, ctx: TensorCtx) -> TensorV:
         domain(ev, call)
     tensors, o, sk, dtype = ev._wemoe[id(call)]
     kind, _mod, shape = tensors[ctx.output or ctx.group]
-    exprs = _exprs(call)
+    exprs = builtin_exprs(call)
     loc = ev._loc(call.span)
     if kind == "router":
         v = ev.load(sk, ctx, call.span)
