@@ -93,7 +93,7 @@ def score(model_dir: str, task: dict, device: str, on_batch=None) -> dict:
     per batch of `batch_size` documents), "peak_mem_bytes"}. Raises DataError (E014)
     when lm-eval cannot run the task on the model, with the end of lm-eval's output."""
     from ..zoo.evaluate import _peak_mem_bytes
-    from .user_tasks import load_causal_lm
+    from .sources import load_causal_lm
 
     model, tok = load_causal_lm(model_dir, device)
     old = os.getcwd()

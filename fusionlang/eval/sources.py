@@ -1,5 +1,6 @@
 """The evaluated models of a spec as directories: where a source call's model lives, the
-name a user knows it by, a call's evaluated arguments. Shared by evaluation and ensembles."""
+name a user knows it by, a call's evaluated arguments, a causal LM loaded for scoring.
+Shared by evaluation, ensembles and the task scorers."""
 
 from __future__ import annotations
 
@@ -48,3 +49,24 @@ def source_model_dir(prog: ir.Program, e: ir.Expr) -> str:
             raise FuseErrors([Diagnostic(err.code, err.message, e.span, err.hint)]) from None
     raise FuseErrors([Diagnostic("E005", "only merges and models (local(), hf(), zoo(), package()) can be evaluated", e.span,
                                  "evaluate a merge, or declare the model with `model NAME = local(\"dir\")`")])
+
+
+def load_causal_lm(model_dir: str, device: str):
+    """(model, tokenizer) of a causal LM directory for scoring: `AutoModelForCausalLM` in
+    float32 and eval mode on `device` (a SMILE / WEMoE model with its upscaled layers),
+    transformers' messages quieted, the device's peak-memory counter reset."""
+    import torch
+
+    from ..zoo.text import _quiet_transformers
+
+    _quiet_transformers()
+    import transformers
+
+    from ..arch.upscaled import from_pretrained
+
+    model = from_pretrained(transformers.AutoModelForCausalLM, model_dir, local_files_only=True,
+                            dtype=torch.float32).to(device).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    return model, tok

@@ -174,6 +174,7 @@ def _exact_match(model_dir, ex, task: dict, bs: int, device: str, on_batch) -> d
                         "defined here", "evaluate its members, or a merge of them, on exact_match() tasks")
     from ..zoo.evaluate import _peak_mem_bytes
     from .exact_match import exact_match
+    from .sources import load_causal_lm
 
     model, tok = load_causal_lm(model_dir, device)
     t0 = time.perf_counter()
@@ -183,23 +184,3 @@ def _exact_match(model_dir, ex, task: dict, bs: int, device: str, on_batch) -> d
     return {**res, "accuracy": res["exact_match"], "latency_per_batch_s": (time.perf_counter() - t0) / batches,
             "peak_mem_bytes": _peak_mem_bytes(device), "batch_size": bs}
 
-
-def load_causal_lm(model_dir: str, device: str):
-    """(model, tokenizer) of a causal LM directory for scoring: `AutoModelForCausalLM` in
-    float32 and eval mode on `device` (a SMILE / WEMoE model with its upscaled layers),
-    transformers' messages quieted, the device's peak-memory counter reset."""
-    import torch
-
-    from ..zoo.text import _quiet_transformers
-
-    _quiet_transformers()
-    import transformers
-
-    from ..arch.upscaled import from_pretrained
-
-    model = from_pretrained(transformers.AutoModelForCausalLM, model_dir, local_files_only=True,
-                            dtype=torch.float32).to(device).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-    return model, tok
