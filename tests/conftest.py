@@ -229,3 +229,68 @@ def make_classifier_family(root: Path, n_experts: int = 2, rows: int = 80, seed:
                 f.write(json.dumps({"text": " ".join(words), "label": rng.randrange(3)}) + "\n")
         out[f"data{k}"] = path
     return out
+
+
+class ReferenceWorker:
+    """A reference tool's python (FusionBench's venv) kept running for the session:
+    `run(script, *args)` runs `python script args...` inside it (tests/reference/worker.py)
+    and raises AssertionError with the reference's traceback when the job fails. One
+    start-up for the session instead of one per test case; a job that fails or times out
+    restarts the process for the next one."""
+
+    def __init__(self, python: Path):
+        self.python, self.proc, self.log = python, None, None
+
+    def _start(self) -> None:
+        import subprocess
+        import tempfile
+
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - the jobs' prints, read when one fails; closed with the process
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        self.proc = subprocess.Popen([str(self.python), str(REPO / "tests/reference/worker.py")], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+
+    def run(self, script: Path, *args: str, timeout: float = 600) -> None:
+        import json
+        import select
+
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        start = self.log.tell()
+        self.proc.stdin.write(json.dumps({"script": str(script), "argv": [str(a) for a in args]}) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            raise AssertionError(f"{script.name} {' '.join(map(str, args))}: the reference worker "
+                                 f"{'timed out' if not ready else 'died'}")
+        answer = json.loads(line)
+        if not answer["ok"]:
+            self.log.seek(start)
+            printed = self.log.read()[-3000:]
+            self.log.seek(0, 2)
+            raise AssertionError(f"{script.name} failed:\n{printed}\n{answer['error']}")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+            self.log.close()
+
+
+FUSIONBENCH_PYTHON = Path(os.environ.get("FUSIONBENCH_PYTHON") or REPO / ".venv-fusionbench/bin/python")
+_workers: dict[Path, ReferenceWorker] = {}
+
+
+def run_reference(python: Path, script: Path, *args: str, timeout: float = 600) -> None:
+    """`python script args...` in the session's worker process for that python (started
+    on first use, killed at the end of the session)."""
+    worker = _workers.setdefault(python, ReferenceWorker(python))
+    worker.run(script, *args, timeout=timeout)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for worker in _workers.values():
+        worker.close()

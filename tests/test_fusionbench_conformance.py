@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, load_state, make_classifier_family, run_cli, write_spec
+from conftest import REPO, load_state, make_classifier_family, run_cli, run_reference, write_spec
 
 FB_PYTHON = Path(os.environ.get("FUSIONBENCH_PYTHON") or REPO / ".venv-fusionbench/bin/python")
 HAVE_FB = FB_PYTHON.is_file() and subprocess.run([str(FB_PYTHON), "-c", "import fusion_bench"],
@@ -37,10 +37,7 @@ def reference(root: Path, fam: dict, method: str, n: int, batch_size: int, **kw)
            "data": [str(fam[f"data{k}"]) for k in range(3)], "n": n, "batch_size": batch_size,
            "out": str(out), **kw}
     (root / "ref.json").write_text(json.dumps(cfg))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    r = subprocess.run([str(FB_PYTHON), str(REPO / "tests/reference/fusionbench_data_methods.py"), str(root / "ref.json")],
-                       capture_output=True, text=True, env=env, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_reference(FB_PYTHON, REPO / "tests/reference/fusionbench_data_methods.py", root / "ref.json")
     from safetensors.torch import load_file
 
     return load_file(str(out))
@@ -141,9 +138,7 @@ eval {name} on t to "rep_{name}"
     out = root / f"ref_{name}.safetensors"
     (root / "ens.json").write_text(json.dumps({"method": "ensemble", "models": models, "data": [str(f["data1"])],
                                                "n": 40, "out": str(out), **fb}))
-    r = subprocess.run([str(FB_PYTHON), str(REPO / "tests/reference/fusionbench_data_methods.py"), str(root / "ens.json")],
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_reference(FB_PYTHON, REPO / "tests/reference/fusionbench_data_methods.py", root / "ens.json")
     from safetensors.torch import load_file
 
     ref = load_file(str(out))

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, load_state, make_family, run_cli, write_spec
+from conftest import REPO, load_state, make_family, run_cli, run_reference, write_spec
 
 FB_PYTHON = Path(os.environ.get("FUSIONBENCH_PYTHON") or REPO / ".venv-fusionbench/bin/python")
 HAVE_FB = FB_PYTHON.is_file()
@@ -60,10 +59,7 @@ def fusionbench(root: Path, method: str, fam: dict, n_models: int, **params) -> 
     cfg = {"method": method, "base": str(fam["base"]), "models": [str(fam[f"e{i}"]) for i in range(n_models)],
            "out": str(out), "params": params}
     (root / "fb.json").write_text(json.dumps(cfg))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    r = subprocess.run([str(FB_PYTHON), str(REPO / "tests/reference/fusionbench_data_free.py"), str(root / "fb.json")],
-                       capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_reference(FB_PYTHON, REPO / "tests/reference/fusionbench_data_free.py", root / "fb.json")
     from safetensors.torch import load_file
 
     return load_file(str(out))

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, load_state, make_causal_family, run_cli, write_spec
+from conftest import REPO, load_state, make_causal_family, run_cli, run_reference, write_spec
 
 FB_PYTHON = Path(os.environ.get("FUSIONBENCH_PYTHON") or REPO / ".venv-fusionbench/bin/python")
 HAVE_FB = FB_PYTHON.is_file()
@@ -26,10 +25,7 @@ pytestmark = pytest.mark.skipif(not HAVE_FB, reason="fusion-bench not installed 
 
 def _fusionbench(root: Path, cfg: dict) -> None:
     (root / "fb.json").write_text(json.dumps(cfg))
-    r = subprocess.run([str(FB_PYTHON), str(REPO / "tests/reference/fusionbench_mixing.py"), str(root / "fb.json")],
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
-                       check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_reference(FB_PYTHON, REPO / "tests/reference/fusionbench_mixing.py", root / "fb.json")
 
 
 def test_depth_upscaling_matches_fusionbench(tmp_path):

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, load_state, make_family, run_cli, write_spec
+from conftest import REPO, load_state, make_family, run_cli, run_reference, write_spec
 
 FB_PYTHON = REPO / ".venv-fusionbench/bin/python"
 if not FB_PYTHON.is_file() and os.environ.get("CI"):
@@ -45,10 +44,7 @@ def _fusionbench(root: Path, name: str, experts: list[str], **cfg) -> dict:
     conf = root / f"fb_{name}.json"
     conf.write_text(json.dumps({"method": "smile", "base": str(root / "base"), "experts": [str(root / e) for e in experts],
                                 "input_ids": INPUT_IDS, "out": str(out), **cfg}))
-    r = subprocess.run([str(FB_PYTHON), str(REPO / "tests/reference/fusionbench_mixing.py"), str(conf)],
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, capture_output=True,
-                       text=True, timeout=600, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_reference(FB_PYTHON, REPO / "tests/reference/fusionbench_mixing.py", conf)
     from safetensors.torch import load_file
 
     return load_file(out)

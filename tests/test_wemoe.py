@@ -12,7 +12,6 @@ import json
 import os
 import random
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from conftest import (
     load_state,
     make_classifier_family,
     run_cli,
+    run_reference,
     word_tokenizer,
     write_spec,
 )
@@ -127,10 +127,7 @@ def test_wemoe_matches_fusionbench(llama_fam):
                                 "init_lambda": lam, "router_hidden_layers": 2, "lr": lr,
                                 "routers": str(root / "init.safetensors"), "steps": _batches(texts, steps, bs, 1),
                                 "eval": EVAL, "out": str(root / "fb_we.safetensors")}))
-    r = subprocess.run([str(FB_PYTHON), str(REPO / "tests/reference/fusionbench_mixing.py"), str(conf)],
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, capture_output=True,
-                       text=True, timeout=600, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_reference(FB_PYTHON, REPO / "tests/reference/fusionbench_mixing.py", conf)
     ref = load_file(str(root / "fb_we.safetensors"))
     mine = load_state(out)
     init = _init_routers(16, 2, 2, lam, seed=1)
