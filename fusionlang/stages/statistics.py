@@ -63,70 +63,94 @@ def covered_shapes(kind: str, sm: StageModel) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def gram(sm: StageModel, ex: Examples, batch_size: int, on_batch: Callable[[int, int], None] | None = None,
-         include_padding: bool = False) -> dict[str, torch.Tensor]:
-    """Gram matrices of every Linear / Conv2d input over all rows of `ex` (see the module
-    docstring). Returns file tensor name -> float32 CPU tensor."""
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
-    handles = []
-    shapes = covered_shapes("gram", sm)
-    keep: list[torch.Tensor | None] = [None]  # the batch's non-padding positions [batch, seq]
-    if not include_padding:
-        ex = by_length(sm, ex)
+class GramHooks:
+    """Forward hooks that sum the Gram matrix of the input of each given Linear / Conv2d
+    module (`modules`: file tensor name of its weight -> module) while they run; gram()'s
+    definition of rows. Set `keep` to the batch's non-padding positions [batch, seq] (bool)
+    before a pass to leave padding out, None to count every position. Use as a context
+    manager (the hooks are removed on exit); `result(shapes)` gives the means."""
 
-    last: list = [None, None, 0]  # the last Linear input seen, its product and row count
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.keep: torch.Tensor | None = None
+        self._last: list = [None, None, 0]  # the last Linear input seen, its product and row count
+        self._handles = [m.register_forward_hook(self._hook(w, m)) for w, m in modules.items()]
 
-    def hook(name: str, m: torch.nn.Module):
+    def _hook(self, name: str, m: torch.nn.Module):
         def fn(_mod, args, _out):
             x = args[0].detach()
             if isinstance(m, torch.nn.Conv2d):
                 x = _patches(m, x)  # [g, rows, d]
-            elif args[0] is last[0]:
+            elif args[0] is self._last[0]:
                 # NOTE: Linear layers fed by one tensor (an attention block's query, key and
                 # value) share its product
-                _add(name, last[1], last[2])
+                self._add(name, self._last[1], self._last[2])
                 return
-            elif keep[0] is not None and x.dim() == 3 and x.shape[:2] == keep[0].shape:
-                x = x[keep[0]].unsqueeze(0)  # the real tokens' rows only
+            elif self.keep is not None and x.dim() == 3 and x.shape[:2] == self.keep.shape:
+                x = x[self.keep].unsqueeze(0)  # the real tokens' rows only
             else:
                 x = x.reshape(1, -1, x.shape[-1])
             # NOTE: products and their sum in float32 (as FusionBench): a float64 matmul is
             # several times slower on CPU, and float64 sums would double the stage's memory
             g = torch.bmm(x.float().transpose(1, 2), x.float())
             if not isinstance(m, torch.nn.Conv2d):
-                last[:] = [args[0], g, x.shape[1]]
-            _add(name, g, x.shape[1])
+                self._last[:] = [args[0], g, x.shape[1]]
+            self._add(name, g, x.shape[1])
         return fn
 
-    def _add(name: str, g: torch.Tensor, n: int) -> None:
-        sums[name] = g.clone() if name not in sums else sums[name].add_(g)
-        rows[name] = rows.get(name, 0) + n
+    def _add(self, name: str, g: torch.Tensor, n: int) -> None:
+        self.sums[name] = g.clone() if name not in self.sums else self.sums[name].add_(g)
+        self.rows[name] = self.rows.get(name, 0) + n
 
+    def pass_done(self) -> None:
+        """Call after each forward pass: a new pass never shares the last pass's product."""
+        self._last[:] = [None, None, 0]
+
+    def result(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """File tensor name -> mean Gram matrix (float32, CPU) in `shapes[name]`, for the
+        modules the passes reached."""
+        return {name: self.sums.pop(name).div_(self.rows[name]).reshape(shape).cpu().contiguous()
+                for name, shape in shapes.items() if name in self.sums}
+
+    def __enter__(self) -> GramHooks:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def keep_mask(batch: dict) -> torch.Tensor | None:
+    """The non-padding positions [batch, seq] (bool) of a batch of token inputs, or None
+    when it has no padding (or no attention mask)."""
+    mask = batch.get("attention_mask")
+    return mask.bool() if mask is not None and mask.dim() == 2 and not bool(mask.all()) else None
+
+
+def gram(sm: StageModel, ex: Examples, batch_size: int, on_batch: Callable[[int, int], None] | None = None,
+         include_padding: bool = False) -> dict[str, torch.Tensor]:
+    """Gram matrices of every Linear / Conv2d input over all rows of `ex` (see the module
+    docstring). Returns file tensor name -> float32 CPU tensor."""
+    shapes = covered_shapes("gram", sm)
+    if not include_padding:
+        ex = by_length(sm, ex)
+    modules = {}
     for mname, m in sm.module.named_modules():
         w = sm.names.get(f"{mname}.weight" if mname else "weight")
         if w in shapes:
-            handles.append(m.register_forward_hook(hook(w, m)))
-    try:
-        total = -(-len(ex) // batch_size)
-        with torch.no_grad():
-            for i, (start, stop) in enumerate(batches(ex, batch_size)):
-                for part in passes(sm.inputs(ex, start, stop)):
-                    mask = part.get("attention_mask") if not include_padding else None
-                    keep[0] = mask.bool() if mask is not None and mask.dim() == 2 and not bool(mask.all()) else None
-                    sm.run(part)
-                    last[:] = [None, None, 0]
-                if on_batch:
-                    on_batch(i + 1, total)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for name, shape in shapes.items():
-        if name not in sums:
-            continue  # a layer the forward pass never reached
-        out[name] = sums.pop(name).div_(rows[name]).reshape(shape).cpu().contiguous()
-    return out
+            modules[w] = m
+    total = -(-len(ex) // batch_size)
+    with GramHooks(modules) as hooks, torch.no_grad():
+        for i, (start, stop) in enumerate(batches(ex, batch_size)):
+            for part in passes(sm.inputs(ex, start, stop)):
+                hooks.keep = None if include_padding else keep_mask(part)
+                sm.run(part)
+                hooks.pass_done()
+            if on_batch:
+                on_batch(i + 1, total)
+    # a layer the forward pass never reached has no entry
+    return hooks.result(shapes)
 
 
 def _patches(m: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
