@@ -1,5 +1,5 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, moe, classify,
-dataset, zoo_data, gram, gram_plusplus, smile, wemoe, lora, merge_adapters, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
+dataset, zoo_data, gram, gram_plusplus, pruning_stats, smile, wemoe, lora, merge_adapters, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
 perplexity, exact_match, lm_eval, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
@@ -60,6 +60,14 @@ BUILTINS: dict[str, BuiltinSig] = {
                                  ("batch_size", "int", 32), ("include_padding", "bool", False)), "stats",
                                 "a model stage: RegMean++'s Gram matrices, each layer's taken on the inputs the merged "
                                 "layers below it produce (one data value per model)"),
+    "pruning_stats": BuiltinSig(
+        (("models", "models", REQUIRED), ("data", "data", REQUIRED), ("method", "string", "wanda"),
+         ("prune_type", "string", "unstructured"), ("sparsity_ratio", "number", 0.5), ("n", "int", 2), ("m", "int", 4),
+         ("blocksize", "int", 128), ("percdamp", "number", 0.01), ("batch_size", "int", 8),
+         ("include_padding", "bool", False)), "stats",
+        "a model stage: Wanda's (method=\"wanda\": mean squared input per feature) or SparseGPT's (\"sparsegpt\": "
+        "Gram matrix) statistics of every Linear input of the layer stack, each layer measured on the outputs of "
+        "the layers below it as pruned with the same arguments"),
     "adamerging_coefficients": BuiltinSig(
         (("base", "model", REQUIRED), ("models", "models", REQUIRED), ("data", "data", REQUIRED),
          ("mode", "string", "task"), ("steps", "int", 1000), ("lr", "number", 0.001), ("init", "number", 0.3),

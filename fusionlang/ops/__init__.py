@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (registration side effects)
     adapters,
     arith,
+    calibrated,
     consensus,
     geometry,
     interp,

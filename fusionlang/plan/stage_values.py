@@ -20,7 +20,8 @@ from ..lang.diagnostics import Span
 from .graph import SourceSpec
 from .values import EvalError, TensorCtx, TensorV, at
 
-STAGE_BUILTINS = {"dataset", "zoo_data", "gram", "gram_plusplus", "fisher", "adamerging_coefficients", "covered"}
+STAGE_BUILTINS = {"dataset", "zoo_data", "gram", "gram_plusplus", "pruning_stats", "fisher", "adamerging_coefficients",
+                  "covered"}
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,8 @@ def _stats(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
         {"normalize": bool(args.get("normalize", True)), "minimal": float(args.get("minimal", 1e-6)),
          "batch_order": order}
         if e.target == "fisher" else {"include_padding": bool(args.get("include_padding", False))})}
+    if e.target == "pruning_stats":
+        params.update(_pruning_params(args, arg_span, e))
     out = []
     for m, d in zip(models, datas):
         if ev.dry:
@@ -302,27 +305,65 @@ def _register(ev, e: ir.CallE, model_key: str, d: DataV, params: dict) -> str:
         sm = M.build(src.path, d.spec, "cpu", meta=True)
     except DataError as err:
         raise EvalError(err.code, err.message, d.span_of(err.arg) if err.arg else e.span, err.hint) from None
-    shapes = S.covered_shapes(e.target, sm)
+    if e.target == "pruning_stats":
+        from ..stages import pruning as P
+
+        shapes = P.covered(sm, params["method"])
+    else:
+        shapes = S.covered_shapes(e.target, sm)
     if not shapes:
-        what = "Linear or Conv2d layer" if e.target == "gram" else "parameter on the path to the logits"
+        what = {"gram": "Linear or Conv2d layer", "pruning_stats": "Linear layer inside a numbered layer stack"}.get(
+            e.target, "parameter on the path to the logits")
         raise EvalError("E014", f"{e.target}() found no {what} among the tensors of '{model_key}'", e.span,
                         "check that the model directory holds the weights of the architecture its config.json names")
     n = len(ex)
     batches = -(-n // params["batch_size"])
+    if e.target == "pruning_stats":  # up to the stack once, then each layer twice (measure; after pruning)
+        batches *= 1 + 2 * len({P.layer_index(t)[1] for t in shapes})
     model_bytes = sum(4 * _numel(s) for _, s in _param_shapes(sm))
     stat_bytes = sum(4 * _numel(s) for s in shapes.values())
     sk = f"{e.target}[{model_key}]"
     while sk in ev.plan.sources:
         sk += "'"
     estimate = {"examples": n, "batches": batches, "batch_size": params["batch_size"],
-                "passes": "forward" if e.target == "gram" else "forward+backward", "models_resident": 1,
-                "peak_bytes": model_bytes * (1 if e.target == "gram" else 3) + stat_bytes}
+                "passes": "forward+backward" if e.target == "fisher" else "forward", "models_resident": 1,
+                "peak_bytes": model_bytes * (3 if e.target == "fisher" else 1) + stat_bytes}
     stage = {"kind": e.target, "model": model_key, "model_dir": src.path, "data": d.spec, "data_text": describe(d.spec),
              "params": params, "estimate": estimate}
     ev.plan.sources[sk] = SourceSpec(sk, "", {t: ("F32", tuple(s), "") for t, s in shapes.items()}, {}, at(e.span),
                                      stage)
     memo[key] = sk
     return sk
+
+
+def _pruning_params(args: dict, arg_span: dict, e: ir.CallE) -> dict:
+    """pruning_stats()'s arguments, checked (E006 at the argument)."""
+    from ..stages.pruning import METHODS
+
+    p = {k: args.get(k, d) for k, d in (("method", "wanda"), ("prune_type", "unstructured"), ("sparsity_ratio", 0.5),
+                                         ("n", 2), ("m", 4), ("blocksize", 128), ("percdamp", 0.01))}
+    ratio, percdamp = p["sparsity_ratio"], p["percdamp"]
+    bad = [("method", p["method"] not in METHODS, 'method="wanda" or "sparsegpt"'),
+           ("prune_type", p["prune_type"] not in ("unstructured", "semistructured"),
+            'prune_type="unstructured" (sparsity_ratio per row) or "semistructured" (n of every m)'),
+           ("sparsity_ratio", not (isinstance(ratio, (int, float)) and 0.0 <= ratio <= 1.0),
+            "the fraction of each row's weights set to zero, e.g. sparsity_ratio=0.5"),
+           ("m", not _whole(p["m"], 1), "the group size of n:m pruning, e.g. m=4"),
+           ("n", not _whole(p["n"], 0) or (_whole(p["m"], 1) and p["n"] > p["m"]),
+            "how many of every m consecutive weights are pruned: 0 <= n <= m, e.g. n=2, m=4"),
+           ("blocksize", not _whole(p["blocksize"], 1), "SparseGPT's column block, e.g. blocksize=128"),
+           ("percdamp", not (isinstance(percdamp, (int, float)) and percdamp >= 0),
+            "the dampening added to the Gram matrix's diagonal, as a fraction of its mean, e.g. percdamp=0.01")]
+    for name, wrong, hint in bad:
+        if wrong:
+            raise EvalError("E006", f"{name}={_show(p[name]) if not isinstance(p[name], str) else json.dumps(p[name])} "
+                            f"is not valid for {p['method'] if p['method'] in METHODS else 'pruning'}",
+                            arg_span.get(name, e.span), hint)
+    out = {**p, "sparsity_ratio": float(ratio), "percdamp": float(percdamp), "n": int(p["n"]), "m": int(p["m"]),
+           "blocksize": int(p["blocksize"])}
+    if out["method"] == "wanda":  # SparseGPT's own arguments: not in Wanda's plan or cache key
+        del out["blocksize"], out["percdamp"]
+    return out
 
 
 def _param_shapes(sm):

@@ -31,12 +31,16 @@ fisher For every parameter on the path to the logits: the diagonal Fisher inform
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .data import DataError, Examples
 from .models import StageModel, batches, by_length, passes
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11
 
 KINDS = ("gram", "fisher")
 
@@ -113,7 +117,7 @@ class GramHooks:
         return {name: self.sums.pop(name).div_(self.rows[name]).reshape(shape).cpu().contiguous()
                 for name, shape in shapes.items() if name in self.sums}
 
-    def __enter__(self) -> GramHooks:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
