@@ -1,5 +1,5 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, moe, classify,
-dataset, zoo_data, gram, gram_plusplus, pruning_stats, smile, wemoe, lora, merge_adapters, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
+dataset, zoo_data, gram, gram_plusplus, pruning_stats, bitdelta_stats, smile, wemoe, lora, merge_adapters, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
 perplexity, exact_match, lm_eval, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
@@ -68,6 +68,13 @@ BUILTINS: dict[str, BuiltinSig] = {
         "a model stage: Wanda's (method=\"wanda\": mean squared input per feature) or SparseGPT's (\"sparsegpt\": "
         "Gram matrix) statistics of every Linear input of the layer stack, each layer measured on the outputs of "
         "the layers below it as pruned with the same arguments"),
+    "bitdelta_stats": BuiltinSig(
+        (("base", "model", REQUIRED), ("model", "model", REQUIRED), ("data", "data", REQUIRED), ("lr", "number", 1e-4),
+         ("batch_size", "int", 4), ("num_steps", "int", 100), ("max_length", "int", 128),
+         ("calibrate", "string", "all")), "stats",
+        "a model stage: BitDelta's compression of model − base to one sign bit and one scale per Linear weight of "
+        "the layer stack, the scales (calibrate=\"all\": every parameter) trained to match the model's logits on "
+        "`data`; per tensor, the scale or the calibrated value"),
     "adamerging_coefficients": BuiltinSig(
         (("base", "model", REQUIRED), ("models", "models", REQUIRED), ("data", "data", REQUIRED),
          ("mode", "string", "task"), ("steps", "int", 1000), ("lr", "number", 0.001), ("init", "number", 0.3),

@@ -1,4 +1,5 @@
-"""Pruning with calibration statistics: Wanda and SparseGPT, per weight matrix.
+"""Compression with calibration data, per weight matrix: Wanda and SparseGPT pruning,
+BitDelta's sign-compressed deltas.
 
 Both read a statistic of the layer's inputs X (rows = token positions of the calibration
 data) that a model stage measured layer by layer (stages/pruning.py): Wanda the mean
@@ -144,3 +145,31 @@ def sparsegpt_prune(models: list[Tensor], grams: list[Tensor], prune_type: Liter
         w[:, i1:i2] = q1
         w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
     return w.to(x.dtype)
+
+
+def _bitdelta_shapes(shapes: list[list]) -> str | None:
+    bases, models, stats = shapes
+    if len(bases) != 1 or len(models) != 1 or len(stats) != 1:
+        return "one base, one model and its BitDelta statistic"
+    m, s = models[0], stats[0]
+    if m is None or s is None or tuple(s) == tuple(m) or (tuple(s) == (1,) and len(m) == 2):
+        return None
+    return f"a BitDelta statistic of shape {list(s)} fits neither as a scale nor as the value of a tensor of shape {list(m)}"
+
+
+@op(check_shapes=_bitdelta_shapes)
+def bitdelta_apply(bases: list[Tensor], models: list[Tensor], stats: list[Tensor]) -> Tensor:
+    """BitDelta's output tensor: for a compressed weight (`stats[0]` a scale s of shape
+    [1], the model a matrix) base + s · sign(model − base), sign +1 where the delta is
+    >= 0 and −1 elsewhere; otherwise `stats[0]` is the calibrated value itself (same
+    shape as the model). Float32 arithmetic; the result has the model's dtype.
+
+    Liu et al. 2024, "BitDelta: Your Fine-Tune May Only Be Worth One Bit"; FusionBench
+    0.2.33 `BinaryDiff` / `load_diff` ((2·mask − 1) · coeff added to the base weight)."""
+    (base,), (model,), (s,) = bases, models, stats
+    if s.shape == model.shape:
+        return s.to(model.dtype)
+    if s.numel() != 1 or model.dim() != 2:
+        raise ValueError(f"a BitDelta statistic of shape {list(s.shape)} does not fit a tensor of shape {list(model.shape)}")
+    delta = model.float() - base.float()
+    return (base.float() + s.float() * torch.where(delta >= 0, 1.0, -1.0)).to(model.dtype)

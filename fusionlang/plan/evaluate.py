@@ -273,6 +273,10 @@ class Evaluator:
                 return self.load(self.source(e, args), ctx, e.span)
             if e.target in stage_values.STAGE_BUILTINS:
                 return stage_values.call(self, e, args, ctx, env)
+            if e.target == "bitdelta_stats":
+                from .bitdelta_values import call as bitdelta_stats
+
+                return bitdelta_stats(self, e, args, ctx, env)
             if e.target == "lora":
                 from .adapter_values import apply_lora
 

@@ -146,6 +146,10 @@ def compute(stage: dict, device, on_batch=None, log=None, names: list[str] | Non
         from . import regmean_pp as R
 
         return R.grams(stage, device, log)  # one result per model (a joint stage)
+    if stage["kind"] == "bitdelta":
+        from . import bitdelta as B
+
+        return B.train(stage, device, log)
     if stage["kind"] == "pruning_stats":
         from . import pruning as P
 
