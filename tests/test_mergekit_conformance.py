@@ -42,7 +42,7 @@ def run_mergekit(root: Path, yaml: str, name: str) -> dict[str, torch.Tensor]:
     return load_state(out)
 
 
-def run_mergekit_batch(root: Path, yamls: dict[str, str]) -> dict[str, Path]:
+def run_mergekit_batch(root: Path, yamls: dict[str, str], copy_tokenizer: bool = False) -> dict[str, Path]:
     """Every configuration of `yamls` (name -> YAML) merged by one MergeKit process
     (tests/reference/mergekit_batch.py: MergeKit's own run_merge, with the CLI's
     options), as `run_mergekit` would one by one; returns name -> output directory."""
@@ -52,7 +52,7 @@ def run_mergekit_batch(root: Path, yamls: dict[str, str]) -> dict[str, Path]:
     for name, yaml in yamls.items():
         cfg = root / f"{name}.yml"
         cfg.write_text(yaml + "dtype: float32\nout_dtype: float32\n")
-        jobs.append({"config": str(cfg), "out": str(root / "mk_out" / name)})
+        jobs.append({"config": str(cfg), "out": str(root / "mk_out" / name), "copy_tokenizer": copy_tokenizer})
     spec = root / "mk_batch.json"
     spec.write_text(json.dumps({"cwd": str(root), "jobs": jobs}))
     python = Path(MERGEKIT).parent / "python"

@@ -1,5 +1,5 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, moe, classify,
-dataset, zoo_data, gram, gram_plusplus, pruning_stats, bitdelta_stats, smile, wemoe, lora, merge_adapters, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
+tokenizer, dataset, zoo_data, gram, gram_plusplus, pruning_stats, bitdelta_stats, smile, wemoe, lora, merge_adapters, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
 perplexity, exact_match, lm_eval, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
@@ -100,6 +100,12 @@ BUILTINS: dict[str, BuiltinSig] = {
                            "a prediction-level combination of models (no merged weights): the mean of their outputs, "
                            "weighted (weights, divided by their sum with normalize), or their elementwise max "
                            "(mode=\"max\")"),
+    "tokenizer": BuiltinSig((("merge", "model", REQUIRED), ("source", "any", "union"), ("base", "model", None),
+                             ("pad_to_multiple_of", "int", None)), "model",
+                            "a merge of models whose vocabularies differ (MergeKit's tokenizer_source): the output "
+                            "tokenizer is the union of the models' tokens (source=\"union\"), the base's "
+                            "(\"base\") or a given model's, and every embedding and LM-head row is aligned by "
+                            "token before merging; the whole value of a merge"),
     "moe": BuiltinSig((("base", "model", REQUIRED), ("experts", "models", REQUIRED), ("positive_prompts", "list", None),
                        ("negative_prompts", "list", None), ("gate_mode", "string", "hidden"),
                        ("experts_per_token", "int", 2), ("noise_scale", "any", None), ("residual_scale", "any", None),

@@ -43,3 +43,15 @@ def zeros(shape: list[float]) -> Tensor:
     has and no input does, e.g. the q/k/v biases of a Qwen2-MoE built from Llama models
     (mergekit-moe writes zeros too, so the biases change nothing)."""
     return torch.zeros([int(d) for d in shape], dtype=torch.float32)
+
+
+@op(public=False)
+def vocab_rows(xs: list[Tensor], which: int = 0, spec: str = "{}") -> Tensor:
+    """Model `which`'s token-indexed tensor (embedding, LM head) with its rows in the
+    output vocabulary's order, [output vocab size, ...]; `xs` holds every model's tensor
+    (a token one model lacks takes a default row from the others) and `spec` the
+    vocabulary (JSON: model directories, base, tokenizer source, padding). MergeKit 0.1.5
+    `PermutedVocabulary` (arch/vocab.py has the rules)."""
+    from ..arch.vocab import realign
+
+    return realign(xs, which, spec)

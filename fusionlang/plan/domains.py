@@ -25,12 +25,26 @@ class Domain:
     note: str = ""  # shown with the output in `compile` (a MoE's parameter counts)
     group_of: dict[str, str] = field(default_factory=dict)  # out -> the tensor group computing it, when shared
     description: dict = field(default_factory=dict)  # SMILE / WEMoE (`arch.upscaled`); a LoRA adapter (`arch.lora`)
+    tokenizer: str = ""  # a tokenizer(...) merge: its vocabulary spec (`arch.vocab.build`), written with the output
 
 
 class Domains(Evaluator):
     """An Evaluator that knows each merge's output tensors (its domain)."""
 
     def eval_binding(self, b: ir.Binding, ctx: TensorCtx):
+        tc = moe_values.moe_call(self, b, "tokenizer")
+        if tc is not None and not self.dry:
+            from . import vocab_values
+
+            prev = getattr(self, "vocab", None)
+            self.vocab = vocab_values.spec(self, b, tc)
+            try:
+                return self._eval_binding(b, ctx, tc.args[0])
+            finally:
+                self.vocab = prev
+        return self._eval_binding(b, ctx, b.value)
+
+    def _eval_binding(self, b: ir.Binding, ctx: TensorCtx, value: ir.Expr):
         for i, r in enumerate(b.rules):
             m = re.match(r.regex, ctx.tensor)
             if m:
@@ -55,7 +69,7 @@ class Domains(Evaluator):
         ac = moe_values.moe_call(self, b, "merge_adapters")
         if ac is not None and not self.dry:
             return adapter_values.eval_merge(self, ac, ctx)
-        return self.eval(b.value, (), ctx)
+        return self.eval(value, (), ctx)
 
     def eval_slices(self, call: ir.CallE, ctx: TensorCtx):
         parts = self.eval(call.args[0], (), ctx)
@@ -67,30 +81,40 @@ class Domains(Evaluator):
         p = parts[si]
         return self.eval(p.expr, p.env, TensorCtx(src, ctx.group, layer, n))
 
-    def first_source(self, e: ir.Expr, seen: set[str] | None = None) -> ir.CallE | None:
+    def first_source(self, e: ir.Expr) -> ir.CallE | None:
         """The first model source an expression reads: its output has that model's tensors."""
+        found = self.source_calls(e, first=True)
+        return found[0] if found else None
+
+    def source_calls(self, e: ir.Expr, first: bool = False, seen: set[str] | None = None,
+                     out: list | None = None) -> list[ir.CallE]:
+        """The model source calls (local, hf, zoo, lora) an expression reads, in reading
+        order, through merges and defs (a slices() merge is not looked into); with
+        `first`, stop at the first."""
         seen = seen if seen is not None else set()
+        out = out if out is not None else []
+        if first and out:
+            return out
         if isinstance(e, ir.CallE):
             if is_source_call(e):
-                return e
+                out.append(e)
+                return out
             if e.kind == "builtin" and e.target == "slices":
-                return None
+                return out
             for a in list(e.args) + [v for _, v in e.kwargs]:
-                r = self.first_source(a, seen)
-                if r:
-                    return r
+                self.source_calls(a, first, seen, out)
             if e.kind == "def":
-                return self.first_source(self.prog.defs[e.target].body, seen)
-            return None
+                self.source_calls(self.prog.defs[e.target].body, first, seen, out)
+            return out
         if isinstance(e, ir.Ref) and e.scope == "global" and e.name not in seen:
             seen.add(e.name)
             b = self.prog.bindings.get(e.name)
             if b is None:
-                return None
-            r = self.first_source(b.value, seen)
+                return out
+            self.source_calls(b.value, first, seen, out)
             for rule in b.rules:
-                r = r or self.first_source(rule.value, seen)
-            return r
+                self.source_calls(rule.value, first, seen, out)
+            return out
         children: list[ir.Expr] = []
         if isinstance(e, ir.ListE):
             children = list(e.items)
@@ -105,10 +129,8 @@ class Domains(Evaluator):
         elif isinstance(e, ir.IndexE):
             children = [e.value]
         for c in children:
-            r = self.first_source(c, seen)
-            if r:
-                return r
-        return None
+            self.source_calls(c, first, seen, out)
+        return out
 
     def slices_call(self, b: ir.Binding) -> ir.CallE | None:
         v = b.value
@@ -144,7 +166,16 @@ class Domains(Evaluator):
         key = self.source(call, args)
         h = self.headers[key]
         names = list(h.tensors)
-        return Domain(names, key, arch.count_layers(h.config, names))
+        dom = Domain(names, key, arch.count_layers(h.config, names))
+        tc = moe_values.moe_call(self, b, "tokenizer")
+        if tc is not None:
+            from . import vocab_values
+
+            vs = vocab_values.spec(self, b, tc)
+            dom.tokenizer = vs["json"]
+            dom.config_overrides = {"vocab_size": vs["size"]}
+            dom.note = f"tokenizer: {len(vs['tokenizer'])} tokens ({vs['size']} rows) from {len(vs['keys'])} models"
+        return dom
 
     def slices_domain(self, call: ir.CallE) -> Domain:
         """The output tensors of a `slices([...])` merge (MergeKit passthrough): the first

@@ -106,7 +106,8 @@ def to_json(plan: Plan) -> str:
                      "config_overrides": o.config_overrides, "note": o.note, "description": o.description,
                      # every location of an output under "loc" (display text and span), as for nodes
                      "loc": {"text": o.loc, "at": o.at},
-                     "blocks": {t: [[a, nid] for a, nid in parts] for t, parts in o.blocks.items()}}
+                     "blocks": {t: [[a, nid] for a, nid in parts] for t, parts in o.blocks.items()},
+                     **({"tokenizer": o.tokenizer} if o.tokenizer else {})}
                     for o in plan.outputs.values()],
         "history": plan.history,
     }, indent=1)
@@ -168,7 +169,7 @@ def _from_json(text: str) -> Plan:
                                        o["config_overrides"], _loc_text(o["loc"]),
                                        {t: [(a, nid) for a, nid in parts] for t, parts in o.get("blocks", {}).items()},
                                        _at(o["loc"].get("at") if isinstance(o["loc"], dict) else None), o.get("note", ""),
-                                       o.get("description") or {})
+                                       o.get("description") or {}, o.get("tokenizer", ""))
     plan.history = [tuple(h) for h in data.get("history", [])]
     return plan
 

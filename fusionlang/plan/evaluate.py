@@ -17,6 +17,7 @@ import hashlib
 import os
 
 from .. import arch, ir
+from ..arch.vocab import VOCAB_TENSOR
 from ..lang.diagnostics import Diagnostic, DiagnosticSink, Span
 from ..lang.values import check_param_value
 from ..ops import OPS
@@ -106,6 +107,18 @@ class Evaluator:
         return key
 
     def load(self, key: str, ctx: TensorCtx, span: Span) -> TensorV:
+        """Model source `key`'s tensor at `ctx`; inside a `tokenizer(...)` merge a
+        token-indexed tensor comes in the output vocabulary's row order."""
+        vs = getattr(self, "vocab", None)
+        if vs is not None and not self.dry:
+            from .vocab_values import load as vocab_load
+
+            v = vocab_load(self, vs, key, ctx, span)
+            if v is not None:
+                return v
+        return self.raw_load(key, ctx, span)
+
+    def raw_load(self, key: str, ctx: TensorCtx, span: Span) -> TensorV:
         if self.dry:
             return TensorV(self.plan.add("load", (), {"source": key, "tensor": ctx.tensor}, group=ctx.group), None, None)
         src = self.plan.sources[key]
@@ -189,9 +202,12 @@ class Evaluator:
     def _same_shape(self, xs: list[TensorV], span: Span, ctx: TensorCtx, what: str) -> None:
         shapes = {x.shape for x in xs if x.shape is not None}
         if len(shapes) > 1:
+            hint = "models must share an architecture; use a rule to treat this tensor separately (e.g. => base)"
+            if VOCAB_TENSOR.search(ctx.tensor) and len({s[1:] for s in shapes}) == 1:
+                hint = ("the models' vocabularies differ (added tokens): merge them with their rows aligned by token, "
+                        "`merge m = tokenizer(<the merge>, source=\"union\")` (or \"base\", or a model)")
             raise EvalError("E014", f"shape mismatch in {what} for tensor '{ctx.tensor}': "
-                            + " vs ".join(str(list(s)) for s in sorted(shapes)), span,
-                            "models must share an architecture; use a rule to treat this tensor separately (e.g. => base)")
+                            + " vs ".join(str(list(s)) for s in sorted(shapes)), span, hint)
         floats = {x.dtype in FLOAT_DTYPES for x in xs if x.dtype}
         if len(floats) > 1:
             raise EvalError("E014", f"dtype mismatch in {what} for tensor '{ctx.tensor}': "
@@ -246,6 +262,14 @@ class Evaluator:
         if e.kind == "builtin" and e.target == "slices":
             raise EvalError("E005", "slices() must be the whole value of a merge", e.span,
                             "write `merge deep = slices([...])` and use `deep` elsewhere")
+        if e.kind == "builtin" and e.target == "tokenizer":
+            if self.dry:
+                from .vocab_values import options as vocab_options
+
+                vocab_options(self, e, env)
+                return self.eval(e.args[0], env, ctx)
+            raise EvalError("E005", "tokenizer() must be the whole value of a merge", e.span,
+                            "write `merge m = tokenizer(ties(base, experts), source=\"union\")` and use `m` elsewhere")
         if e.kind == "builtin" and e.target == "merge_adapters":
             if self.dry:
                 return self.load("model", ctx, e.span)

@@ -69,6 +69,7 @@ class OutputSpec:
     at: tuple | None = None  # the save's path in the spec (file, line, column, end line, end column)
     note: str = ""  # what `compile` says about the output besides its tensors (a MoE's parameter counts)
     description: dict = field(default_factory=dict)  # an upscaled model's fusionlang_model.json (`arch.upscaled`)
+    tokenizer: str = ""  # a vocabulary spec (`arch.vocab.build`): the output tokenizer written in place of the reference's
 
     def parts(self, tensor: str) -> list[tuple[int, str]]:
         """(first row, node) pieces that make up an output tensor."""

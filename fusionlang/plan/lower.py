@@ -162,7 +162,8 @@ class Lowerer(Domains):
         dom = self.domain(b)
         ref = self.plan.sources[dom.reference]
         out = OutputSpec(save.display, save.path, save.dtype, {}, {}, {}, dom.reference, dom.config_overrides,
-                         self._loc(save.span), at=at(save.path_span), note=dom.note, description=dom.description)
+                         self._loc(save.span), at=at(save.path_span), note=dom.note, description=dom.description,
+                         tokenizer=dom.tokenizer)
         self._check_output_path(save)
         first_missing: MissingTensor | None = None
         for name in dom.names:

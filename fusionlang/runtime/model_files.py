@@ -43,7 +43,15 @@ def finish_output(plan: Plan, o: OutputSpec, d: Path) -> None:
     if config:
         (d / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for f in _companion_files(Path(src.path), "auto_map" in config):
+        if o.tokenizer and f != "generation_config.json" and (f.startswith(("tokenizer", "vocab", "merges", "added_tokens",
+                                                                             "special_tokens"))
+                                                             or f.endswith((".model", ".tiktoken"))):
+            continue  # the merged vocabulary's tokenizer is written below
         shutil.copy2(Path(src.path) / f, d / f)
+    if o.tokenizer:
+        from ..arch.vocab import build
+
+        build(o.tokenizer)[0].save_pretrained(str(d))
     for m in _sentence_transformer_modules(Path(src.path)):
         shutil.copytree(Path(src.path) / m, d / m)
     if (Path(src.path) / "additional_chat_templates").is_dir():

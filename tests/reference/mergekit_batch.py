@@ -5,7 +5,8 @@
 
 JOBS.json: {"cwd": dir, "jobs": [{"config": path, "out": path}, ...]}; each job runs with
 the options the tests give the CLI (`--no-copy-tokenizer --no-write-model-card --quiet
---random-seed 0`), the seed set again before each job as a fresh CLI process would.
+--random-seed 0`; a job with "copy_tokenizer": true copies it), the seed set again before
+each job as a fresh CLI process would.
 """
 
 import json
@@ -23,7 +24,8 @@ def main(path: str) -> None:
         spec = json.load(f)
     os.chdir(spec["cwd"])
     for job in spec["jobs"]:
-        options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0)
+        options = MergeOptions(copy_tokenizer=bool(job.get("copy_tokenizer")), write_model_card=False, quiet=True,
+                               random_seed=0)
         options.apply_global_options()
         with open(job["config"], encoding="utf-8") as f:
             source = f.read()
