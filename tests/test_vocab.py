@@ -16,6 +16,9 @@ from test_mergekit_conformance import MERGEKIT, run_mergekit_batch
 
 needs_mk = pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (bash .ci/install_mergekit.sh)")
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# e0 has the first chat template, e1 and e2 the second (the plurality), the base none
+TEMPLATES = ["{% for m in messages %}A: {{ m['content'] }}\n{% endfor %}",
+             "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +39,7 @@ def fam(tmp_path_factory):
     fast.save_pretrained(root / "base")
     for i, (normal, special) in enumerate([(["<x>", "<y>"], []), (["<y>"], ["<|end|>"]), ([], [])]):
         tok, _ = word_tokenizer()
+        tok.chat_template = TEMPLATES[min(i, 1)]
         tok.add_tokens(normal)
         if special:
             tok.add_special_tokens({"additional_special_tokens": special})
@@ -72,11 +76,11 @@ def vocab_of(d):
 
 CASES = {
     "union_linear": (('tokenizer(linear([base, experts[0], experts[1], experts[2]], [1.0, 2.0, 1.0, 0.5]), '
-                     'source="union")'),
+                     'source="union", chat_template="auto")'),
                      "merge_method: linear\nbase_model: ./base\nmodels:\n"
                      + "".join(f"  - model: ./{m}\n    parameters:\n      weight: {w}\n"
                                for m, w in (("base", 1.0), ("e0", 2.0), ("e1", 1.0), ("e2", 0.5)))
-                     + "tokenizer_source: union\n"),
+                     + "tokenizer_source: union\nchat_template: auto\n"),
     "base_ties": ('tokenizer(ties(base, experts, density=0.5), source="base")',
                   "merge_method: ties\nbase_model: ./base\nmodels:\n"
                   + "".join(f"  - model: ./{m}\n    parameters:\n      density: 0.5\n      weight: 1.0\n"
@@ -103,6 +107,9 @@ def test_matches_mergekit(fam, mergekit, name):
     ref = load_state(ref_dir)
     v_mine, v_ref = vocab_of(out), vocab_of(ref_dir)
     assert set(v_mine) == set(v_ref)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).chat_template == AutoTokenizer.from_pretrained(ref_dir).chat_template
     assert set(mine) == set(ref)
     for k in ref:
         assert mine[k].shape == ref[k].shape, k
@@ -151,6 +158,17 @@ def test_union_rows_follow_mergekit_rules(fam):
     assert tok.decode(tok("cat <|end|>")["input_ids"], skip_special_tokens=True).strip() == "cat"
 
 
+@pytest.mark.parametrize("arg,want", [("experts[0]", 0), ('"auto"', 1), ("none", None)])
+def test_chat_template_is_chosen(fam, arg, want):
+    from transformers import AutoTokenizer
+
+    name = f"ct_{want}"
+    _, out = ours(fam, name, f'tokenizer(average(experts), source="base", chat_template={arg})')
+    got = AutoTokenizer.from_pretrained(out).chat_template
+    # none: the source tokenizer's own (the base of the merge is e0 here: its template)
+    assert got == TEMPLATES[want if want is not None else 0]
+
+
 def test_without_tokenizer_the_mismatch_says_how(fam):
     spec = write_spec(fam, '''use merging
 model base = local("base")
@@ -166,6 +184,7 @@ save m to "out/m"
 @pytest.mark.parametrize("body,code,needle", [
     ('tokenizer(average(experts), source="all")', "E006", "source"),
     ('tokenizer(average(experts), pad_to_multiple_of=0)', "E006", "pad_to_multiple_of"),
+    ('tokenizer(average(experts), chat_template="chatml")', "E006", "chat_template"),
     ('average([tokenizer(average(experts)), base])', "E005", "whole value"),
 ])
 def test_mistakes_are_located(fam, body, code, needle):

@@ -70,8 +70,10 @@ def build(spec_json: str):
     output token, or -1 where it has none), output vocab size with padding) for a
     vocabulary spec (`spec`): {"dirs": [model dirs], "base": index of the
     base in dirs, "source": "union" | "base" | index of the model whose tokenizer is
-    used, "pad_to_multiple_of": n or null}. Cached per spec (the plan's ops and the
-    output writer share it)."""
+    used, "pad_to_multiple_of": n or null, "chat_template": null (the output tokenizer's
+    own) | "auto" (the template most models have; a tie: the first read) | index of the
+    model whose template is used | the Jinja text}. Cached per spec (the plan's ops and
+    the output writer share it). MergeKit's `chat_template`, without its named templates."""
     return _build(spec_json)
 
 
@@ -110,6 +112,9 @@ def _build(spec_json: str):
             out.add_tokens(info)
     else:
         out = toks[base if source == "base" else int(source)]
+    ct = spec.get("chat_template")
+    if ct is not None:
+        out.chat_template = _chat_template(ct, toks)
     import torch
 
     vocab = out.get_vocab()
@@ -125,6 +130,24 @@ def _build(spec_json: str):
     if pad and size % pad:
         size = (size // pad + 1) * pad
     return out, idx, size
+
+
+def _template(tok) -> str | None:
+    t = tok.chat_template
+    if isinstance(t, dict):
+        t = t.get("default")
+    return t.strip() if t else None
+
+
+def _chat_template(ct, toks) -> str | None:
+    from collections import Counter
+
+    if ct == "auto":
+        found = [t for t in map(_template, toks) if t]
+        return Counter(found).most_common(1)[0][0] if found else None
+    if isinstance(ct, int):
+        return _template(toks[ct])
+    return ct
 
 
 def realign(xs: list, which: int, spec_json: str):

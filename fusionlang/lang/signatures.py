@@ -101,7 +101,7 @@ BUILTINS: dict[str, BuiltinSig] = {
                            "weighted (weights, divided by their sum with normalize), or their elementwise max "
                            "(mode=\"max\")"),
     "tokenizer": BuiltinSig((("merge", "model", REQUIRED), ("source", "any", "union"), ("base", "model", None),
-                             ("pad_to_multiple_of", "int", None)), "model",
+                             ("pad_to_multiple_of", "int", None), ("chat_template", "any", None)), "model",
                             "a merge of models whose vocabularies differ (MergeKit's tokenizer_source): the output "
                             "tokenizer is the union of the models' tokens (source=\"union\"), the base's "
                             "(\"base\") or a given model's, and every embedding and LM-head row is aligned by "

@@ -1,4 +1,5 @@
-"""`tokenizer(merge, source="union", base=none, pad_to_multiple_of=none)`: a merge of
+"""`tokenizer(merge, source="union", base=none, pad_to_multiple_of=none,
+chat_template=none)`: a merge of
 models whose vocabularies differ (MergeKit's `tokenizer_source` / `tokenizer:`).
 
 As the whole value of a merge, it evaluates `merge` (and the merge's rules) with every
@@ -27,9 +28,9 @@ def options(ev, call: ir.CallE, env: tuple = (), probe: TensorCtx | None = None)
     tensor `probe` (one every input has, when not dry). EvalError (E006 / E005) at the
     argument at fault."""
     probe = probe or TensorCtx("__probe__", "__probe__", 0, 2)
-    exprs = dict(zip(("merge", "source", "base", "pad_to_multiple_of"), call.args)) | dict(call.kwargs)
-    out = {"source": "union", "base": None, "pad_to_multiple_of": None}
-    for k in ("source", "base", "pad_to_multiple_of"):
+    exprs = dict(zip(("merge", "source", "base", "pad_to_multiple_of", "chat_template"), call.args)) | dict(call.kwargs)
+    out = {"source": "union", "base": None, "pad_to_multiple_of": None, "chat_template": None}
+    for k in ("source", "base", "pad_to_multiple_of", "chat_template"):
         if k in exprs:
             out[k] = ev.eval(exprs[k], env, probe)
     src = out["source"]
@@ -46,6 +47,12 @@ def options(ev, call: ir.CallE, env: tuple = (), probe: TensorCtx | None = None)
         raise EvalError("E006", f"pad_to_multiple_of={pad!r} must be a whole number of at least 1",
                         exprs["pad_to_multiple_of"].span, "e.g. pad_to_multiple_of=64")
     out["pad_to_multiple_of"] = int(pad) if pad is not None else None
+    ct = out["chat_template"]
+    if not (ct is None or isinstance(ct, TensorV) or ct == "auto" or (isinstance(ct, str) and "{" in ct)):
+        raise EvalError("E006", f"chat_template={json.dumps(ct) if isinstance(ct, str) else ct!r} is not a chat "
+                        "template", exprs["chat_template"].span,
+                        'chat_template="auto" (the template most of the models have), a model (its template), '
+                        "or the Jinja text of a template")
     return out
 
 
@@ -75,7 +82,7 @@ def spec(ev, b: ir.Binding, call: ir.CallE) -> dict:
     name = next(iter(ev.plan.sources[keys[0]].tensors))
     o = options(ev, call, (), TensorCtx(name, name, None, 0))
     base = keys[0]
-    for name in ("base", "source"):
+    for name in ("base", "source", "chat_template"):
         v = o[name]
         if isinstance(v, TensorV):
             k = _key(ev, v)
@@ -87,8 +94,10 @@ def spec(ev, b: ir.Binding, call: ir.CallE) -> dict:
             if name == "base":
                 base = k
     source = o["source"] if isinstance(o["source"], str) else keys.index(_key(ev, o["source"]))
+    ct = o["chat_template"]
     s = {"dirs": [ev.plan.sources[k].path for k in keys], "base": keys.index(base), "source": source,
-         "pad_to_multiple_of": o["pad_to_multiple_of"]}
+         "pad_to_multiple_of": o["pad_to_multiple_of"],
+         "chat_template": keys.index(_key(ev, ct)) if isinstance(ct, TensorV) else ct}
     text = json.dumps(s, sort_keys=True)
     try:
         tok, _idx, size = V.build(text)
