@@ -246,9 +246,8 @@ class ExprChecker(ModuleChecker):
                 k = len(a.items)
                 self.sink.warning("W004", f"{n} has {k} values and there are {k} models, but a list for a number "
                                   "is a gradient over the layers (first layer to last), not one value per model",
-                                  a.span, "for one value per model write the task vectors out, e.g. base + "
-                                  "disjoint_merge([trim(experts[0] - base, 0.5), trim(experts[1] - base, 0.3)]) "
-                                  "(docs/language.md, \"Gradients over layers\")")
+                                  a.span, f"for one value per model write {n}=per_model([...]) "
+                                  "(docs/language.md, \"Per-model values\")")
 
     def _check_tune(self, e: ast.Call, args, kwargs) -> None:
         """tune(values, on=[tasks]): literal candidates, declared tasks, only in a merge."""

@@ -1,5 +1,5 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, moe, classify,
-tokenizer, dataset, zoo_data, gram, gram_plusplus, pruning_stats, bitdelta_stats, smile, wemoe, lora, merge_adapters, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
+tokenizer, per_model, dataset, zoo_data, gram, gram_plusplus, pruning_stats, bitdelta_stats, smile, wemoe, lora, merge_adapters, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
 perplexity, exact_match, lm_eval, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
@@ -100,6 +100,10 @@ BUILTINS: dict[str, BuiltinSig] = {
                            "a prediction-level combination of models (no merged weights): the mean of their outputs, "
                            "weighted (weights, divided by their sum with normalize), or their elementwise max "
                            "(mode=\"max\")"),
+    "per_model": BuiltinSig((("values", "list", REQUIRED),), "number",
+                            "one value per model, for a method argument it applies to each model in turn "
+                            "(MergeKit's per-model parameters): density=per_model([0.5, 0.3]) with two models; "
+                            "an element may be a gradient over the layers"),
     "tokenizer": BuiltinSig((("merge", "model", REQUIRED), ("source", "any", "union"), ("base", "model", None),
                              ("pad_to_multiple_of", "int", None), ("chat_template", "any", None)), "model",
                             "a merge of models whose vocabularies differ (MergeKit's tokenizer_source): the output "

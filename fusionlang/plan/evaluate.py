@@ -38,6 +38,7 @@ from .values import (
     EvalError,
     MissingTensor,
     Origin,
+    PerModelV,
     SliceV,
     TensorCtx,
     TensorV,
@@ -158,7 +159,8 @@ class Evaluator:
             return e.value
         if isinstance(e, ir.Ref):
             if e.scope == "local":
-                return self._lookup(env, e.name)
+                v = self._lookup(env, e.name)
+                return self._per_model(v) if isinstance(v, PerModelV) else v
             b = self.prog.bindings[e.name]
             if b.kind == "merge":
                 return self.eval_binding(b, ctx)
@@ -170,7 +172,15 @@ class Evaluator:
             if not isinstance(it, list):
                 raise EvalError("E005", "can only iterate over a list", e.iterable.span,
                                 "write [f(m) for m in LIST] with a list of models or numbers")
-            return [self.eval(e.body, env + ((e.var, x),), ctx) for x in it]
+            stack = self.__dict__.setdefault("_comps", [])
+            out = []
+            for i, x in enumerate(it):  # per_model() values resolve to the item's index
+                stack.append((len(it), i))
+                try:
+                    out.append(self.eval(e.body, env + ((e.var, x),), ctx))
+                finally:
+                    stack.pop()
+            return out
         if isinstance(e, ir.Neg):
             x = self.eval(e.operand, env, ctx)
             return self.scale(x, -1.0, ctx, e.span) if isinstance(x, TensorV) else -x
@@ -213,7 +223,23 @@ class Evaluator:
             raise EvalError("E014", f"dtype mismatch in {what} for tensor '{ctx.tensor}': "
                             + ", ".join(sorted({x.dtype for x in xs if x.dtype})), span, "cannot combine integer and float tensors")
 
+    def _per_model(self, v: PerModelV):
+        """v's value for the model the innermost comprehension over as many items is at;
+        v itself outside one (an error where it is used)."""
+        for n, i in reversed(self.__dict__.get("_comps", [])):
+            if n == len(v.values):
+                return v.values[i]
+        return v
+
+    def _no_per_model(self, values, where: str) -> None:
+        for v in values:
+            if isinstance(v, PerModelV):
+                raise EvalError("E006", f"per_model() gives one value per model, and {where} takes one value for "
+                                "all models", v.span, "pass it to a method argument applied to each model in turn, "
+                                "e.g. ties(base, experts, density=per_model([0.5, 0.3])) with two experts")
+
     def binop(self, e: ir.Bin, a, b, ctx: TensorCtx):
+        self._no_per_model((a, b), f"'{e.op}'")
         if e.op in ("==", "!="):
             return (a == b) if e.op == "==" else (a != b)
         ta, tb = isinstance(a, TensorV), isinstance(b, TensorV)
@@ -253,6 +279,12 @@ class Evaluator:
         return out
 
     def call(self, e: ir.CallE, env: tuple, ctx: TensorCtx):
+        if e.kind == "builtin" and e.target == "per_model":
+            vals = self.eval(e.args[0], env, ctx)
+            if not isinstance(vals, list) or len(vals) < 1 or isinstance(vals[0], TensorV):
+                raise EvalError("E005", "per_model() takes a list of values, one per model", e.span,
+                                "e.g. density=per_model([0.5, 0.3]) for two models")
+            return PerModelV(tuple(vals), e.span)
         if e.kind == "builtin" and e.target == "layers":
             args = {p: a for p, a in zip(("model", "start", "end"), e.args)} | dict(e.kwargs)
             start, end = (self.eval(args[k], env, ctx) for k in ("start", "end"))
@@ -370,6 +402,7 @@ class Evaluator:
 
     def apply_op(self, e: ir.CallE, args: dict, ctx: TensorCtx, env: tuple = ()):
         o = OPS[e.target]
+        self._no_per_model(args.values(), f"'{o.name}'")
         inputs: list[TensorV] = []
         lists: list[list[TensorV]] = []
         n_list: int | None = None  # NOTE: the first list's length (not a param: ops may have an `n`)

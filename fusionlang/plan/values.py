@@ -79,6 +79,17 @@ class TensorV:
 
 
 @dataclass(frozen=True)
+class PerModelV:
+    """`per_model([v0, v1, ...])`: one value per model (MergeKit's per-model parameters).
+    Where a method applies an argument to each model in turn (a comprehension over a list
+    of as many models, `[trim(m - base, density) for m in models]`), the argument is the
+    i-th value for the i-th model; anywhere else it is an error (E006 at `span`)."""
+
+    values: tuple
+    span: Span
+
+
+@dataclass(frozen=True)
 class SliceV:
     expr: ir.Expr
     env: tuple
