@@ -67,8 +67,8 @@ class ExprChecker(ModuleChecker):
             types = {i.type for i in items} - {"any"}
             if not types:
                 t = "any" if items else "list"
-            elif types <= {"model"}:
-                t = "models"
+            elif types <= {"model"} or (self.__dict__.get("_in_slices") and types <= {"model", "slice"}):
+                t = "models"  # in a slices() item, layer ranges of models merge like models
             elif types <= {"number", "int"}:
                 t = "numbers"
             else:
@@ -184,8 +184,14 @@ class ExprChecker(ModuleChecker):
 
     def _call(self, e: ast.Call, mod: Module, scope: dict[str, str]) -> ir.Expr:
         s = e.span
-        args = tuple(self.expr(a, mod, scope) for a in e.args)
-        kwargs = tuple((k.name, self.expr(k.value, mod, scope), k.span) for k in e.kwargs)
+        # NOTE: inside slices([...]) a merge of layers(m, start, end) ranges is a merged slice
+        depth = self.__dict__.get("_in_slices", 0)
+        self._in_slices = depth + (e.func == "slices")
+        try:
+            args = tuple(self.expr(a, mod, scope) for a in e.args)
+            kwargs = tuple((k.name, self.expr(k.value, mod, scope), k.span) for k in e.kwargs)
+        finally:
+            self._in_slices = depth
         sym = None if e.func in scope else self._lookup(mod, e.func)
         if sym is not None and sym.kind != "def":
             hidden = self._lookup_imported(mod, e.func)
@@ -316,6 +322,8 @@ class ExprChecker(ModuleChecker):
             spec = next((p for p in opdef.params if p.name == n), None) if opdef else None
             if a.type == "none" and (default is None or (spec and spec.optional)):
                 continue
+            if a.type == "slice" and typ in ("model", "tensor") and self.__dict__.get("_in_slices"):
+                continue  # a layer range merged in a slice (a merged slice)
             if not type_accepts(typ, a.type):
                 hint = f"signature: {e.func}({', '.join(names)})"
                 if typ in ("models", "tensors") and a.type == "model":

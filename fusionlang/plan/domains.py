@@ -72,14 +72,69 @@ class Domains(Evaluator):
         return self.eval(value, (), ctx)
 
     def eval_slices(self, call: ir.CallE, ctx: TensorCtx):
-        parts = self.eval(call.args[0], (), ctx)
+        parts = self.slice_parts(call)
         dom = self._slices_cache = getattr(self, "_slices_cache", None) or {}
         key = id(call)
         if key not in dom:
             dom[key] = self.slices_domain(call)
         si, src, layer, n = dom[key].source_of.get(ctx.group, (0, ctx.tensor, None, 0))
         p = parts[si]
-        return self.eval(p.expr, p.env, TensorCtx(src, ctx.group, layer, n))
+        if not p.merged:
+            return self.eval(p.expr, p.env, TensorCtx(src, ctx.group, layer, n))
+        # MergeKit: a layer's gradient position is its offset in the slice, j / (L - 1);
+        # the tensors before and after the stack take position 0
+        length = p.end - p.start
+        j = layer - p.start if layer is not None else 0
+        inner = TensorCtx(src, ctx.group, j if layer is not None else None, length if length > 1 else 2)
+        if layer is not None and length == 1:
+            inner = TensorCtx(src, ctx.group, 1, 2)  # MergeKit: t = 1 in a one-layer slice
+        self._slice_offset = j
+        try:
+            return self.eval(p.expr, p.env, inner)
+        finally:
+            self._slice_offset = None
+
+    def slice_parts(self, call: ir.CallE) -> list[SliceV]:
+        """The slices of a slices([...]) call: a `layers(m, start, end)` item as is; any
+        other item a merged slice (its models layers() calls of one length)."""
+        probe = TensorCtx(PROBE, PROBE, 0, 2)
+        items = call.args[0]
+        while isinstance(items, ir.Ref) and items.scope == "global" and items.name in self.prog.bindings:
+            items = self.prog.bindings[items.name].value
+        if not isinstance(items, ir.ListE):
+            return self.eval(call.args[0], (), probe)
+        parts = []
+        for item in items.items:
+            if isinstance(item, ir.CallE) and item.kind == "builtin" and item.target == "layers":
+                parts.append(self.eval(item, (), probe))
+                continue
+            inner = [n for n in ir.walk_expr(item)
+                     if isinstance(n, ir.CallE) and n.kind == "builtin" and n.target == "layers"]
+            if not inner:
+                parts.append(self.eval(item, (), probe))  # reported below as not a slice
+                continue
+            ranges = [self.eval(c, (), probe) for c in inner]
+            lengths = {r.end - r.start for r in ranges}
+            if len(lengths) > 1:
+                raise EvalError("E006", "the layer ranges merged in one slice must have one length (here "
+                                + ", ".join(f"[{r.start}, {r.end})" for r in ranges) + ")", item.span,
+                                "merge layer ranges of equal length, e.g. layers(a, 0, 8) with layers(b, 8, 16)")
+            self._models_outside_layers(item)
+            parts.append(SliceV(item, (), ranges[0].start, ranges[0].end, item.span, merged=True))
+        return parts
+
+    def _models_outside_layers(self, e: ir.Expr) -> None:
+        """E005 where a merged slice reads a model other than through layers(...): which of
+        its layers would be meant is undefined."""
+        if isinstance(e, ir.CallE) and e.kind == "builtin" and e.target == "layers":
+            return
+        if (isinstance(e, ir.CallE) and is_source_call(e)) or (
+                isinstance(e, ir.Ref) and e.scope == "global" and e.name in self.prog.bindings
+                and self.prog.bindings[e.name].kind in ("model", "models", "merge")):
+            raise EvalError("E005", "a merged slice reads its models through layers(model, start, end)", e.span,
+                            "write layers(m, start, end) for every model of the slice")
+        for c in ir.children(e):
+            self._models_outside_layers(c)
 
     def first_source(self, e: ir.Expr) -> ir.CallE | None:
         """The first model source an expression reads: its output has that model's tensors."""
@@ -182,7 +237,7 @@ class Domains(Evaluator):
         slice's embeddings, each slice's layers renumbered in order, the last slice's
         final norm and head. Every tensor must have the reference (first) model's shape,
         and the per-layer config lists follow the source layers (`arch.slice_config_overrides`)."""
-        parts = self.eval(call.args[0], (), TensorCtx(PROBE, PROBE, 0, 2))
+        parts = self.slice_parts(call)
         if not isinstance(parts, list) or not parts or not all(isinstance(p, SliceV) for p in parts):
             raise EvalError("E005", "slices() takes a non-empty list of layers(model, start, end)", call.span,
                             "write slices([layers(a, 0, 16), layers(b, 8, 24)])")
@@ -194,7 +249,14 @@ class Domains(Evaluator):
         prefix = None
         layer_srcs: list[tuple[dict, int, int]] = []  # output layer -> (source config, source layer, its layer count)
         for si, p in enumerate(parts):
-            scall = self.first_source(p.expr)
+            if p.merged:  # a merged slice's layout: its first layers() model's
+                inner = [n for n in ir.walk_expr(p.expr)
+                         if isinstance(n, ir.CallE) and n.kind == "builtin" and n.target == "layers"]
+                for c in inner[1:]:
+                    self._check_range(c)
+                scall = self.first_source(inner[0].args[0])
+            else:
+                scall = self.first_source(p.expr)
             if scall is None:
                 raise EvalError("E013", "layers() needs a model", p.span, "write layers(model, start, end)")
             key = self.source(scall, self.call_args(scall, (), TensorCtx(PROBE, PROBE, 0, 2)))
@@ -249,6 +311,19 @@ class Domains(Evaluator):
             raise EvalError("E014", str(err), call.span,
                             "slice models whose configs agree, or save the model and fix config.json by hand") from None
         return Domain(names, ref_key, out_layer, source_of, overrides)
+
+    def _check_range(self, c: ir.CallE) -> None:
+        """E006 unless the range of layers(m, start, end) lies within m's layers."""
+        probe = TensorCtx(PROBE, PROBE, 0, 2)
+        r = self.eval(c, (), probe)
+        scall = self.first_source(r.expr)
+        if scall is None:
+            raise EvalError("E013", "layers() needs a model", c.span, "write layers(model, start, end)")
+        h = self.headers[self.source(scall, self.call_args(scall, (), probe))]
+        n = arch.count_layers(h.config, h.tensors)
+        if not (0 <= r.start < r.end <= n):
+            raise EvalError("E006", f"layer range [{r.start}, {r.end}) is outside the model's {n} layers", c.span,
+                            f"valid ranges lie within [0, {n}); the end is exclusive")
 
     def _slice_shape(self, ref, ref_key: str, ref_name: str, key: str, shape: tuple, name: str, span: Span) -> None:
         """E014 unless tensor `name` of slice model `key` has the shape of the first

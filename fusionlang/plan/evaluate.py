@@ -288,6 +288,11 @@ class Evaluator:
         if e.kind == "builtin" and e.target == "layers":
             args = {p: a for p, a in zip(("model", "start", "end"), e.args)} | dict(e.kwargs)
             start, end = (self.eval(args[k], env, ctx) for k in ("start", "end"))
+            j = self.__dict__.get("_slice_offset")
+            if j is not None:  # inside a merged slice: this model's layer start + j
+                s = arch.split_layer(ctx.tensor)
+                name = f"{s[0]}.{int(start) + j}.{s[2]}" if s else ctx.tensor
+                return self.eval(args["model"], env, TensorCtx(name, ctx.group, ctx.layer, ctx.num_layers, ctx.output))
             return SliceV(args["model"], env, int(start), int(end), e.span)
         if e.kind == "builtin" and e.target == "slices" and self.dry:
             return self.load("model", ctx, e.span)

@@ -96,6 +96,9 @@ class SliceV:
     start: int
     end: int
     span: Span
+    # a merged slice (MergeKit's slice with several sources): `expr` is a merge whose
+    # models are layers(m, start, end) calls of one length, evaluated layer by layer
+    merged: bool = False
 
 
 @dataclass
