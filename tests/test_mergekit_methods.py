@@ -289,6 +289,49 @@ def test_multislerp_cancelling_models_beyond_two_are_an_error():
     assert e.value.code == "E006"
 
 
+def test_multislerp_of_unchanged_tensors_is_the_base(zoo, tmp_path):
+    """A tensor no fine-tune changed has zero task vectors: the barycenter is the base
+    there (MergeKit fails on it); and where models really cancel, the error is located
+    at the save and names the tensor."""
+    from safetensors.torch import save_file
+
+    _root, fam = zoo
+    base = load_state(fam["base"])
+    key = "model.layers.0.mlp.up_proj.weight"
+    for i in range(3):  # copies whose `key` is the base's, and otherwise the experts'
+        d = tmp_path / f"c{i}"
+        d.mkdir()
+        state = load_state(fam[f"e{i}"])
+        state[key] = base[key].clone()
+        save_file(state, str(d / "model.safetensors"))
+        (d / "config.json").write_text((fam["base"] / "config.json").read_text())
+    spec = write_spec(tmp_path, """use merging
+model base = local("{}")
+merge m = multislerp([local("c0"), local("c1"), local("c2")], base=base)
+save m to "out/m"
+""".format(fam["base"]), "ms.fuse")
+    rc, _, err = run_cli("run", str(spec), "-q")
+    assert rc == 0, err
+    got = load_state(tmp_path / "out" / "m")
+    assert torch.equal(got[key], base[key])
+    # task vectors that cancel exactly: a zero base, e0 and -e0
+    e0 = load_state(fam["e0"])
+    for name, state in (("zero", {k: torch.zeros_like(v) for k, v in e0.items()}),
+                        ("neg", {k: -v for k, v in e0.items()})):
+        d = tmp_path / name
+        d.mkdir()
+        save_file(state, str(d / "model.safetensors"))
+        (d / "config.json").write_text((fam["base"] / "config.json").read_text())
+    spec = write_spec(tmp_path, """use merging
+model zero = local("zero")
+merge m = multislerp([local("{}"), local("neg"), local("{}"), local("neg")], base=zero)
+save m to "out/m2"
+""".format(fam["e0"], fam["e0"]), "ms2.fuse")
+    d = expect_error(run_cli("run", str(spec)), "E006", line=4)
+    assert "tensor '" in d["msg"] and "ms2.fuse:3" in d["msg"]
+    assert not (tmp_path / "out" / "m2").exists()
+
+
 def test_match_norm_leaves_tiny_tensors_alone():
     """MergeKit's rescale skips tensors whose norms are below 1e-7 (either of them)."""
     from fusionlang.ops import OPS

@@ -74,13 +74,16 @@ def sphere_barycenter(xs: list[Tensor], weights: list[float] | None = None, norm
     Euclidean mean, normalized, is the tangent point m; the weighted mean of the tangent
     vectors u_i - (u_i·m) m is mapped back with the exponential map (norm + eps) and
     scaled by Σ w_i ‖x_i‖. Weights (default equal) are divided by their sum when
-    normalize_weights. One tensor: returned as is. When the weighted mean of the u_i has
-    norm < eps: two tensors are combined linearly (w_0 x_0 + w_1 x_1), more are an
-    E006 error (antipodal inputs that cancel), as in MergeKit."""
+    normalize_weights. One tensor: returned as is. Every tensor zero (a task vector of a
+    tensor no fine-tune changed): zero, where MergeKit fails. When the weighted mean of
+    the u_i has norm < eps: two tensors are combined linearly (w_0 x_0 + w_1 x_1), more
+    are an E006 error (antipodal inputs that cancel), as in MergeKit."""
     if len(xs) == 1:
         return xs[0]
     stacked = torch.stack([_work(x) for x in xs], dim=0)
     flat = stacked.reshape(len(xs), -1)
+    if not bool(flat.any()):
+        return torch.zeros_like(xs[0])
     w = torch.tensor([1.0] * len(xs) if weights is None else [float(v) for v in weights], dtype=flat.dtype,
                      device=flat.device)
     if normalize_weights:

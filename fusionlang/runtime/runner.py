@@ -101,7 +101,12 @@ class Runner:
                 rest = rest[k:]
         if o.inplace:
             kwargs["_inplace"] = donate
-        return o.fn(*call_args, **kwargs)
+        try:
+            return o.fn(*call_args, **kwargs)
+        except RunError as e:
+            if e.at is None and getattr(e, "node", None) is None:
+                e.node = nid  # the scheduler locates it (`_locate`)
+            raise
 
     def run(self, unit: Unit, shared: dict, reduce_values: dict) -> Iterator[tuple[str, torch.Tensor, bool]]:
         """Compute `unit`, yielding (target, value, owned) as each target is ready.

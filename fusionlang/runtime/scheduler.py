@@ -152,7 +152,12 @@ class LocalScheduler:
         except BadValue as e:
             sink.abort()
             raise self._value_error(e) from None
-        except (RunError, KeyboardInterrupt, SystemExit):
+        except RunError as e:
+            sink.abort()
+            if e.at is None and self._unit is not None:
+                self._locate(e, plan, self._unit)
+            raise
+        except (KeyboardInterrupt, SystemExit):
             sink.abort()
             raise
         except Exception:
@@ -198,6 +203,19 @@ class LocalScheduler:
             torch.set_num_threads(self._threads)
         self.stages = None
         self.plan = self.reader.plan = self.runner.plan = plan
+
+    @staticmethod
+    def _locate(e: RunError, plan, unit: Unit) -> None:
+        """Locate an op's failure (a RunError raised without a place) at the save of the
+        output the unit computes, naming the tensor and the spec line of the computation."""
+        for o in plan.outputs.values():
+            for tensor, nid in o.tensors.items():
+                if plan.nodes[nid].group == unit.group:
+                    node = getattr(e, "node", None)
+                    failed = plan.nodes[node].loc if node in plan.nodes else ""
+                    e.message += f" (tensor '{tensor}' of output '{o.name}'{', computed at ' + failed if failed else ''})"
+                    e.at = o.at
+                    return
 
     def _value_error(self, e: BadValue) -> RunError:
         """The located error for a non-finite output value: E031 at the source call of
