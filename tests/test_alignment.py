@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from fusionlang.arch import nets
 from fusionlang.arch import permutation as P
 from fusionlang.stages import align as A
 from fusionlang.stages import matching as X
-
-from conftest import tiny_config
 
 
 def _net(cfg: dict, seed: int):
@@ -146,7 +145,7 @@ def test_transformer_mlp_units_and_heads(arch):
     if arch == "llama":  # grouped-query attention: a key/value head with its 2 query heads is one unit
         heads = next(p for p in spec.perms if p.kind == "heads")
         assert heads.size == 2 and {mm.unit for mm in heads.members} == {8, 16}
-    pst, maps = _permuted(spec, st, 5)
+    pst, _maps = _permuted(spec, st, 5)
     m2 = cls(cfg).eval()
     m2.load_state_dict(pst)
     ids = torch.randint(0, 96, (3, 12))

@@ -68,7 +68,7 @@ def cnn(channels: list[int], input_shape=(1, 28, 28), num_labels: int = 10, pool
 def build(config: dict):
     """A `torch.nn.Sequential` (float32, eval mode) for a net description; parameters
     and buffers named `net.{i}.*` as in the files. Raises NetError for an unknown layer."""
-    import torch.nn as nn
+    from torch import nn
 
     mods = []
     prev = None
@@ -130,4 +130,30 @@ def load(model_dir: str | Path, device="cpu"):
     for f in sorted(d.glob("*.safetensors")):
         state.update(load_file(str(f)))
     module.load_state_dict(state, strict=False)
+    module.fusion_config = config
     return module.to(device).eval()
+
+
+FASHION_NORMALIZE = (0.286, 0.353)  # Fashion-MNIST's pixel mean and standard deviation (of x/255)
+
+
+def prepare(images, config: dict, device="cpu"):
+    """A float32 batch [N, *input_shape] from images: a uint8 array [N, C, H, W] (zoo
+    data) or a list of PIL images (the user's files: converted to grey or RGB as the
+    input's channels ask, resized to H×W); x/255, then (x - mean)/std with the config's
+    `normalize` [mean, std] when it has one."""
+    import numpy as np
+    import torch
+
+    c, h, w = (int(s) for s in config["input_shape"])
+    if isinstance(images, np.ndarray):
+        x = torch.tensor(np.asarray(images), dtype=torch.float32)
+    else:
+        arrs = [np.asarray(im.convert("L" if c == 1 else "RGB").resize((w, h))) for im in images]
+        x = torch.from_numpy(np.stack(arrs)).float()
+        x = x[:, None] if c == 1 else x.permute(0, 3, 1, 2)
+    x = x.reshape(len(x), c, h, w) / 255.0
+    if config.get("normalize"):
+        mean, std = config["normalize"]
+        x = (x - float(mean)) / float(std)
+    return x.to(device)

@@ -30,7 +30,7 @@ from ..runtime.sources import (
     read_model_dir,
     source_dir,
 )
-from . import stage_values
+from . import align_values, stage_values
 from .graph import Plan, SourceSpec, add_with_id
 from .values import (
     FLOAT_DTYPES,
@@ -273,6 +273,8 @@ class Evaluator:
                 return self.load(self.source(e, args), ctx, e.span)
             if e.target in stage_values.STAGE_BUILTINS:
                 return stage_values.call(self, e, args, ctx, env)
+            if e.target in align_values.ALIGN_BUILTINS:
+                return align_values.call(self, e, args, ctx, env)
             if e.target == "lora":
                 from .adapter_values import apply_lora
 

@@ -77,3 +77,69 @@ def align_states(spec: PermSpec, ref: dict[str, torch.Tensor], other: dict[str, 
     floats = {k: v.double() for k, v in other.items() if v.is_floating_point()}
     aligned = X.apply_maps(spec, floats, maps)
     return {k: (aligned[k].to(v.dtype) if k in aligned else v) for k, v in other.items()}, maps
+
+
+def missing_packages(method: str, target: str) -> list[str]:
+    """The Python packages (POT, scipy) an alignment needs and cannot import."""
+    import importlib.util
+
+    need = ["scipy"]
+    if method != "weight" or target != "align":
+        need.append("ot")
+    return [{"ot": "POT"}.get(m, m) for m in need if importlib.util.find_spec(m) is None]
+
+
+def _read(model_dir: str) -> dict[str, torch.Tensor]:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _model_acts(model_dir: str, data: dict, ex, spec: PermSpec, p: dict, device) -> dict[str, torch.Tensor]:
+    from . import models as M
+
+    sm = M.build(model_dir, data, device)
+    module_of = {}
+    for mod_name, file_name in sm.names.items():  # the files' layer path -> the module's
+        if file_name.endswith(".weight") and mod_name.endswith(".weight"):
+            module_of[file_name[: -len(".weight")]] = mod_name[: -len(".weight")]
+    bs = int(p["batch_size"])
+    batches = (sm.inputs(ex, s, min(len(ex), s + bs)) for s in range(0, len(ex), bs))
+    return activations(sm.module, spec, batches, sm.run, module_of, int(p["max_samples"]), int(p["seed"]))
+
+
+def compute(stage: dict, device, log=None) -> dict[str, torch.Tensor]:
+    """Run an "align" stage (model_dirs [reference, model]: the model aligned to the
+    reference) or a "barycenter" stage (model_dirs: the models, fused); returns every
+    tensor of the result in the input's dtype, on the CPU."""
+    from ..arch.permutation import derive
+    from . import data as D
+    from . import models as M
+
+    p = stage["params"]
+    states = [_read(d) for d in stage["model_dirs"]]
+    config = M.read_config(stage["model_dirs"][0])
+    spec = derive(config, {k: tuple(v.shape) for k, v in states[0].items()},
+                  tuple(p["axes"]) if p.get("axes") is not None else None)
+    acts = None
+    if stage["data"]:
+        data = stage["data"][0]
+        ex = D.load(data)
+        acts = [_model_acts(d, data, ex, spec, p, device) for d in stage["model_dirs"]]
+        if log:
+            log(f"activations of {len(spec.perms)} sets of units on {len(ex)} rows")
+    if stage["kind"] == "align":
+        aligned, maps = align_states(spec, states[0], states[1], p["method"], acts[0] if acts else None,
+                                     acts[1] if acts else None, p["reg"], p["soft"], p["max_iter"], p["seed"])
+        if log:
+            moved = sum(int((m != torch.arange(len(m))).sum()) for m in maps.values() if m.dtype == torch.int64)
+            log(f"{p['method']}: {len(maps)} permutations, {moved} units moved")
+        return aligned
+    fused, _maps = X.barycenter(spec, states, p.get("weights"), acts, p["method"], p["reg"], p["soft"],
+                                p["max_iter"])
+    return {k: (fused[k].to(v.dtype) if k in fused else v) for k, v in states[0].items()}

@@ -142,6 +142,10 @@ def compute(stage: dict, device, on_batch=None, log=None, names: list[str] | Non
         from . import wemoe as W
 
         return W.train(stage, device, log)
+    if stage["kind"] in ("align", "barycenter"):
+        from . import align as AL
+
+        return AL.compute(stage, device, log)
     if stage["kind"] == "gram_plusplus":
         from . import regmean_pp as R
 
