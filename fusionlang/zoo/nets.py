@@ -56,7 +56,7 @@ def train(cfg: dict, images, labels, epochs: int, lr: float, batch_size: int, se
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total, n = total + float(loss) * len(idx), n + len(idx)
+            total, n = total + loss.item() * len(idx), n + len(idx)
             if on_step:
                 on_step()
         last = total / max(n, 1)
@@ -94,18 +94,21 @@ def build_nets_tasks(recipe, out: Path, seed: int, cache, fetch, progress) -> di
     t0 = time.perf_counter()
     for name in model_names(recipe):
         cfg = config_for(recipe, name)
-        epochs = task.steps if name.startswith("mlp") else recipe.cnn_epochs
+        mlp = name.startswith("mlp")
+        epochs = task.steps if mlp else recipe.cnn_epochs
+        rows = len(ds.train) if mlp or recipe.cnn_train_rows is None else min(len(ds.train), recipe.cnn_train_rows)
         s = int(name.rsplit("-s", 1)[1])
-        steps = epochs * -(-len(ds.train) // task.batch_size)
+        steps = epochs * -(-rows // task.batch_size)
         t1 = time.perf_counter()
         with bar(progress, f"  {name}: train", steps) as adv:
-            model, loss = train(cfg, ds.train.images, ds.train.labels, epochs, task.lr, task.batch_size,
-                                seed * 1000 + s, on_step=lambda: adv(1))
+            model, loss = train(cfg, ds.train.images[:rows], ds.train.labels[:rows], epochs, task.lr,
+                                task.batch_size, seed * 1000 + s, on_step=lambda: adv(1))
         N.save(model, cfg, out / name)
         saved = N.load(out / name)  # score what was written
         test = score(saved, ds.test.images, ds.test.labels, cfg, recipe.eval_batch_size)
         val = score(saved, ds.val.images, ds.val.labels, cfg, recipe.eval_batch_size)
         models[name] = {"test": test, "val": val, "final_train_loss": round(loss, 4), "epochs": epochs,
+                        "train_rows": rows,
                         "train_s": round(time.perf_counter() - t1, 1)}
         progress.log(f"{name}: test accuracy {test['accuracy']:.4f} ({models[name]['train_s']:.0f}s)")
     shutil.copytree(out / model_names(recipe)[0], out / "base")
