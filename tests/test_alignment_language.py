@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import error_locations, load_state, run_cli, tiny_config, write_spec
 
+import fusionlang
 from fusionlang.arch import nets as N
 from fusionlang.arch.permutation import derive
 from fusionlang.stages import align as A
@@ -71,7 +72,7 @@ save mid to "out/mid"
     with torch.no_grad():
         ref = N.load(b_dir)(x)
         for name in ("wm", "ot"):  # an aligned model computes the same function
-            torch.testing.assert_close(N.load(tmp_path / "out" / name)(x), ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fusionlang.load(tmp_path / "out" / name)(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_barycenter_and_ot_fusion_of_permuted_copies(zoo, tmp_path):

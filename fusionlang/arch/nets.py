@@ -129,7 +129,15 @@ def load(model_dir: str | Path, device="cpu"):
     state = {}
     for f in sorted(d.glob("*.safetensors")):
         state.update(load_file(str(f)))
-    module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape than the description's
+        raise NetError(f"the tensors in {d} do not fit its config.json: {str(e).splitlines()[-1].strip()}",
+                       "re-create the model directory") from None
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise NetError(f"the tensors in {d} do not fit its config.json (missing {missing[:3]}, unexpected "
+                       f"{list(unexpected)[:3]})", "re-create the model directory")
     module.fusion_config = config
     return module.to(device).eval()
 

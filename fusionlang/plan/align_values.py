@@ -160,8 +160,9 @@ def _register(ev, e: ir.CallE, keys: list[str], key_spans: list, data, p: dict, 
     sk = f"{name}[{keys[-1] if name == 'align' else ','.join(keys)}]"
     while sk in ev.plan.sources:
         sk += "'"
-    ev.plan.sources[sk] = SourceSpec(sk, "", {t: (d, tuple(s), "") for t, (d, s, _f) in ref.tensors.items()},
-                                     ref.config, at(e.span), stage)
+    like = srcs[-1] if name == "align" else ref  # the result has the aligned model's (or the first's) dtypes
+    ev.plan.sources[sk] = SourceSpec(sk, "", {t: (d, tuple(s), "") for t, (d, s, _f) in like.tensors.items()},
+                                     like.config, at(e.span), stage)
     return sk
 
 
