@@ -45,13 +45,16 @@ class PermutationError(ValueError):
 class Member:
     """Axis `axis` of tensor `tensor`, viewed as [repeats, units, unit]. `role` "out":
     the tensor produces the units (a layer's weight rows, its bias, a norm's vectors);
-    "in": it consumes them (the next layer's input axis)."""
+    "in": it consumes them (the next layer's input axis). `match`: whether its entries
+    enter the matching cost (BatchNorm's running statistics move with their channels but
+    are not weights: their scale would swamp the filters')."""
 
     tensor: str
     axis: int
     role: str = "out"
     repeats: int = 1
     unit: int = 1
+    match: bool = True  # False: moved with the units, not part of the matching cost (BatchNorm statistics)
 
 
 @dataclass(frozen=True)
@@ -175,8 +178,8 @@ def _net(config: dict, shapes: dict) -> list[Perm]:
                     members.append(Member(f"net.{i}.bias", 0))
                 cur = (f"net.{i}", int(shapes[w][0]), members)
         elif t == "bn" and cur is not None:
-            cur[2].extend(Member(f"net.{i}.{k}", 0) for k in ("weight", "bias", "running_mean", "running_var")
-                          if f"net.{i}.{k}" in shapes)
+            cur[2].extend(Member(f"net.{i}.{k}", 0, match=k in ("weight", "bias"))
+                          for k in ("weight", "bias", "running_mean", "running_var") if f"net.{i}.{k}" in shapes)
         elif t == "gap":
             spatial = False
     close()

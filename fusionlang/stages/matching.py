@@ -12,7 +12,8 @@ References:
 - Git Re-Basin (Ainsworth, Hayase, Srinivasa, ICLR 2023), Algorithm 1 "weight
   matching": coordinate descent over the permutations in random order, each solved as a
   linear assignment (`scipy.optimize.linear_sum_assignment`) maximising Σ ⟨W_a, P W_b⟩
-  over every tensor the permutation touches, with the other permutations held fixed,
+  over every weight the permutation touches (BatchNorm's running statistics are moved,
+  not matched), with the other permutations held fixed,
   until no permutation changes; as github.com/samuela/git-re-basin `weight_matching`.
 - OT fusion (Singh & Jaggi, NeurIPS 2020, "Model Fusion via Optimal Transport"): per
   layer, in network order, a transport plan T between the reference's and the other
@@ -99,6 +100,8 @@ def weight_matching(spec: PermSpec, ref: dict[str, torch.Tensor], other: dict[st
             p = spec.perms[idx]
             score = torch.zeros(p.size, p.size, dtype=torch.float64)
             for m in p.members:
+                if not m.match:
+                    continue
                 wb = b64[m.tensor]
                 for q, mq in touching[m.tensor]:
                     if q.name != p.name:
@@ -143,7 +146,7 @@ def _features(spec_perm: Perm, state: dict[str, torch.Tensor], spec: PermSpec, m
     touching = spec.by_tensor()
     rows = []
     for m in spec_perm.members:
-        if m.role != "out":
+        if m.role != "out" or not m.match:
             continue
         w = state[m.tensor].double()
         for q, mq in touching[m.tensor]:

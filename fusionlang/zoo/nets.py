@@ -36,8 +36,9 @@ def config_for(recipe, name: str) -> dict:
 
 def train(cfg: dict, images, labels, epochs: int, lr: float, batch_size: int, seed: int, on_step=None):
     """A net trained from scratch: weights initialised and batches drawn from `seed`,
-    Adam(lr), cross-entropy, BatchNorm in training mode. Returns the module (eval mode)
-    and the mean loss of the last epoch."""
+    Adam(lr), cross-entropy, BatchNorm in training mode, then its statistics re-estimated
+    on the first 5,000 images (`precise_bn`). Returns the module (eval mode) and the mean
+    loss of the last epoch."""
     import torch.nn.functional as F
 
     torch.manual_seed(seed)
@@ -60,7 +61,26 @@ def train(cfg: dict, images, labels, epochs: int, lr: float, batch_size: int, se
             if on_step:
                 on_step()
         last = total / max(n, 1)
+    precise_bn(model, x[: min(len(x), 5000)])
     return model.eval(), last
+
+
+def precise_bn(model, x, batch_size: int = 500) -> None:
+    """Re-estimate BatchNorm's running statistics as exact averages over the batches of
+    `x` with the final weights ("precise BN"): the running averages of the last training
+    steps lag behind the weights of a short training run."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    model.train()
+    with torch.no_grad():
+        for s in range(0, len(x), batch_size):
+            model(x[s:s + batch_size])
+    for m in bns:
+        m.momentum = 0.1
 
 
 def score(model, images, labels, cfg: dict, batch_size: int = 500) -> dict:
