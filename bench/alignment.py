@@ -137,7 +137,8 @@ def tables(out: dict) -> str:
 
 
 def plot(out: dict, path: Path) -> None:
-    """Accuracy (top) and loss (bottom) along λ, one column per architecture."""
+    """Accuracy (top) and loss (bottom) along λ, one column per architecture (the default
+    PIL font has no λ: the labels spell it)."""
     from PIL import Image, ImageDraw
 
     colors = {"naive": (214, 39, 40), "weight matching": (31, 119, 180), "OT (activations, emd)": (44, 160, 44),
@@ -154,7 +155,7 @@ def plot(out: dict, path: Path) -> None:
                                                    ("loss", 0.0, loss_max, "test loss"))):
             y0 = top + ri * (h + 50)
             d.rectangle([x0, y0, x0 + w, y0 + h], outline=(180, 180, 180))
-            d.text((x0, y0 - 16), f"{arch.upper()}: {label} along λ", fill="black")
+            d.text((x0, y0 - 16), f"{arch.upper()}: {label} along lambda (0: model a, 1: model b)", fill="black")
             for k in range(5):
                 v = lo + (hi - lo) * k / 4
                 y = y0 + h - int(h * k / 4)

@@ -203,7 +203,9 @@ def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> 
                 log(f"{what}: cached ({file.name})")
             if not joint and not _cached(file, src):
                 if log:
-                    log(f"{what}: {st['estimate']['examples']} examples")
+                    n_ex = st["estimate"]["examples"]
+                    log(f"{what}: {n_ex} examples" if n_ex or st["kind"] not in ("align", "barycenter")
+                        else f"{what}: from weights")
                 t0 = time.perf_counter()
                 last = [t0]
 
