@@ -142,6 +142,7 @@ ERRORS = [
     ('merge m = wasserstein_barycenter([a])', "E005", "at least two models", "[a]"),
     ('merge m = wasserstein_barycenter([a, b], weights=[1])', "E006", "1 weights for 2 models", "[1]"),
     ('merge m = align(b, to=a, data=missing, method="emd")', "E010", "nope.jsonl", '"nope.jsonl"'),
+    ('merge m = align(0.5 * a + 0.5 * b, to=a)', "E005", "not the value of a merge", "0.5 * a"),
 ]
 
 

@@ -119,6 +119,10 @@ def _params(e: ir.CallE, args: dict, span: dict) -> dict:
 
 
 def _key(ev, e: ir.CallE, m: TensorV, span) -> str:
+    """The plan source of a model read from files; EvalError (E005) for a merge's value."""
+    if ev.plan.nodes[m.node].op != "load":
+        raise EvalError("E005", f"{e.target}() aligns models read from files, not the value of a merge", span,
+                        "save the merge first and read it with local(...), or align its inputs")
     return SV._source_key(ev, e, m, span)
 
 
