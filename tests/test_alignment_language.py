@@ -86,6 +86,8 @@ merge bw = wasserstein_barycenter(ms)
 merge ba = wasserstein_barycenter(ms, data=calib, weights=[1, 2, 1])
 merge of = ot_fusion(ms, data=calib)
 merge naive = mean(ms)
+merge br = wasserstein_barycenter(ms, data=calib, reset_bn=true)
+save br to "out/br"
 save bw to "out/bw"
 save ba to "out/ba"
 save of to "out/of"
@@ -100,6 +102,19 @@ save naive to "out/naive"
             torch.testing.assert_close(got[k], sa[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
     naive = load_state(tmp_path / "out/naive")
     assert any(not torch.allclose(naive[k], sa[k], atol=1e-3) for k in sa)
+    # reset_bn: the fused model's BatchNorm statistics re-estimated on the data's rows in batches of 32
+    from fusionlang.stages import data as D
+    from fusionlang.zoo.nets import precise_bn
+
+    ex = D.load(D.from_args("zoo_data", {"task": "fashion", "zoo": "nets-tiny", "n": 50}, str(tmp_path / "x.fuse")))
+    model = N.load(a)
+    precise_bn(model, N.prepare(ex.images, model.fusion_config), batch_size=32)
+    want = N.state_for_files(model)
+    got = load_state(tmp_path / "out/br")
+    stats = [k for k in sa if k.endswith(("running_mean", "running_var"))]
+    assert stats and any(not torch.allclose(want[k], sa[k]) for k in stats)
+    for k in sa:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_align_tiny_llama_heads_and_mlp(tmp_path):
@@ -141,6 +156,7 @@ ERRORS = [
     ('merge m = align(b, to=a, method="hungarian")', "E006", "method=", '"hungarian"'),
     ('merge m = wasserstein_barycenter([a])', "E005", "at least two models", "[a]"),
     ('merge m = wasserstein_barycenter([a, b], weights=[1])', "E006", "1 weights for 2 models", "[1]"),
+    ('merge m = wasserstein_barycenter([c, c], reset_bn=true)', "E006", "give data=", "true"),
     ('merge m = align(b, to=a, data=missing, method="emd")', "E010", "nope.jsonl", '"nope.jsonl"'),
     ('merge m = align(0.5 * a + 0.5 * b, to=a)', "E005", "not the value of a merge", "0.5 * a"),
 ]

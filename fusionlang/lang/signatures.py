@@ -78,11 +78,12 @@ BUILTINS: dict[str, BuiltinSig] = {
     "wasserstein_barycenter": BuiltinSig(
         (("models", "models", REQUIRED), ("data", "data", None), ("weights", "numbers", None),
          ("solver", "string", "emd"), ("soft", "bool", False), ("reg", "number", 0.01), ("axes", "list", None),
-         ("max_iter", "int", 100), ("seed", "int", 0), ("batch_size", "int", 32), ("max_samples", "int", 20000)),
+         ("max_iter", "int", 100), ("seed", "int", 0), ("batch_size", "int", 32), ("max_samples", "int", 20000),
+         ("reset_bn", "bool", False)),
         "model",
         "a model stage: N models fused through a Wasserstein barycenter, layer by layer: each set of units' "
         "free-support barycenter (of activations on `data`, or of weights), every model transported onto it, "
-        "the transported models averaged with `weights`"),
+        "the transported models averaged with `weights`; reset_bn re-estimates BatchNorm statistics on `data`"),
     "covered": BuiltinSig((("stats", "stats", REQUIRED),), "bool",
                           "whether every statistic of the list has a value for the tensor being merged"),
     "accuracy": BuiltinSig((("data", "data", REQUIRED), ("batch_size", "int", 32)), "task",

@@ -113,6 +113,10 @@ def _params(e: ir.CallE, args: dict, span: dict) -> dict:
             bad(name, hint)
         p[name] = int(v)
     data = args.get("data")
+    if e.target == "wasserstein_barycenter":
+        p["reset_bn"] = bool(args.get("reset_bn", False))
+        if p["reset_bn"] and data is None:
+            bad("reset_bn", "BatchNorm statistics are re-estimated on data: give data=")
     if data is not None and p["method"] == "weight":
         bad("data", 'weight matching reads weights only: drop data=, or use method="emd" for activation matching')
     return p

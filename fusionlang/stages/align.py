@@ -142,4 +142,40 @@ def compute(stage: dict, device, log=None) -> dict[str, torch.Tensor]:
         return aligned
     fused, _maps = X.barycenter(spec, states, p.get("weights"), acts, p["method"], p["reg"], p["soft"],
                                 p["max_iter"])
+    if p.get("reset_bn") and stage["data"]:
+        n_bn = reset_bn(stage["model_dirs"][0], stage["data"][0], ex, fused, int(p["batch_size"]), device)
+        if log:
+            log(f"BatchNorm statistics of {n_bn} layers re-estimated on {len(ex)} rows")
     return {k: (fused[k].to(v.dtype) if k in fused else v) for k, v in states[0].items()}
+
+
+def reset_bn(model_dir: str, data: dict, ex, state: dict[str, torch.Tensor], batch_size: int, device) -> int:
+    """Re-estimate, in place in `state` (file tensor names), the running mean and variance
+    of every BatchNorm layer of the model `state` describes: exact averages over the
+    batches of `ex` with the layers in training mode and everything else in eval mode
+    (Git Re-Basin's "reset BN" after interpolating; FusionBench has none). Returns the
+    number of BatchNorm layers (0: nothing to do)."""
+    from . import models as M
+
+    sm = M.build(model_dir, data, device)
+    bns = [(n, m) for n, m in sm.module.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    file_of = dict(sm.names)
+    with torch.no_grad():
+        own = dict(sm.module.named_parameters()) | dict(sm.module.named_buffers())
+        for mod_name, file_name in file_of.items():
+            if mod_name in own and file_name in state:
+                own[mod_name].copy_(state[file_name].to(own[mod_name].dtype))
+        for _n, m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+            m.train()
+        for s in range(0, len(ex), batch_size):
+            sm.run(sm.inputs(ex, s, min(len(ex), s + batch_size)))
+        for n, m in bns:
+            for k in ("running_mean", "running_var"):
+                f = file_of.get(f"{n}.{k}")
+                if f is not None and f in state:
+                    state[f] = getattr(m, k).detach().float().cpu().clone()
+    return len(bns)
