@@ -77,10 +77,10 @@ def main() -> None:
     for arch in ("mlp", "cnn"):
         names = [m for m in models if m.startswith(arch)]
         cfg = json.loads((root / names[0] / "config.json").read_text())
-        states = [A._read(str(root / n)) for n in names]
+        states = [A.read_state(str(root / n)) for n in names]
         spec = derive(cfg, {k: tuple(v.shape) for k, v in states[0].items()})
         t0 = time.perf_counter()
-        acts = [A._model_acts(str(root / n), calib, ex, spec, {"batch_size": 250, "max_samples": 20000, "seed": 0},
+        acts = [A.model_activations(str(root / n), calib, ex, spec, {"batch_size": 250, "max_samples": 20000, "seed": 0},
                               "cpu") for n in names]
         t_acts = time.perf_counter() - t0
         a, b = states[0], states[1]

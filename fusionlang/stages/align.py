@@ -89,7 +89,8 @@ def missing_packages(method: str, target: str) -> list[str]:
     return [{"ot": "POT"}.get(m, m) for m in need if importlib.util.find_spec(m) is None]
 
 
-def _read(model_dir: str) -> dict[str, torch.Tensor]:
+def read_state(model_dir: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a model directory's *.safetensors files (CPU, as stored)."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -100,7 +101,9 @@ def _read(model_dir: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _model_acts(model_dir: str, data: dict, ex, spec: PermSpec, p: dict, device) -> dict[str, torch.Tensor]:
+def model_activations(model_dir: str, data: dict, ex, spec: PermSpec, p: dict, device) -> dict[str, torch.Tensor]:
+    """`activations` of the model in `model_dir` on the rows `ex` of data value `data`,
+    run as stages run it (`stages.models.build`); `p`: batch_size, max_samples, seed."""
     from . import models as M
 
     sm = M.build(model_dir, data, device)
@@ -122,7 +125,7 @@ def compute(stage: dict, device, log=None) -> dict[str, torch.Tensor]:
     from . import models as M
 
     p = stage["params"]
-    states = [_read(d) for d in stage["model_dirs"]]
+    states = [read_state(d) for d in stage["model_dirs"]]
     config = M.read_config(stage["model_dirs"][0])
     spec = derive(config, {k: tuple(v.shape) for k, v in states[0].items()},
                   tuple(p["axes"]) if p.get("axes") is not None else None)
@@ -130,7 +133,11 @@ def compute(stage: dict, device, log=None) -> dict[str, torch.Tensor]:
     if stage["data"]:
         data = stage["data"][0]
         ex = D.load(data)
-        acts = [_model_acts(d, data, ex, spec, p, device) for d in stage["model_dirs"]]
+        try:
+            acts = [model_activations(d, data, ex, spec, p, device) for d in stage["model_dirs"]]
+        except KeyError as e:  # the module run on this data lacks a layer the files have (e.g. a head)
+            raise D.DataError("E014", f"cannot take activations: {e.args[0]}",
+                              "align from weights (leave data= out), or use data the whole model runs on") from None
         if log:
             log(f"activations of {len(spec.perms)} sets of units on {len(ex)} rows")
     if stage["kind"] == "align":
