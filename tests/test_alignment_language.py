@@ -19,10 +19,21 @@ from fusionlang.stages import matching as X
 
 
 @pytest.fixture(scope="module")
-def zoo() -> Path:
+def _nets_cache(tmp_path_factory) -> tuple[Path, Path]:
     from fusionlang.zoo.build import build_zoo
+    from fusionlang.zoo.testing import link_packages, require
 
-    return build_zoo("nets", tiny=True)  # ~3 s; reused when built with the same recipe
+    require("deb", "dataset-fashion-mnist")
+    cache = link_packages(tmp_path_factory.mktemp("netscache"))
+    return cache, build_zoo("nets", tiny=True, cache=cache, fetch=False, threads=1)  # a few seconds
+
+
+@pytest.fixture
+def zoo(_nets_cache, monkeypatch) -> Path:
+    """The tiny nets zoo, built under a cache of the test module's own."""
+    cache, out = _nets_cache
+    monkeypatch.setenv("FUSIONLANG_CACHE", str(cache))
+    return out
 
 
 def _images(zoo: Path):

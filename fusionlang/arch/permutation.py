@@ -153,7 +153,7 @@ def _net(config: dict, shapes: dict) -> list[Perm]:
     def close(consumer=None):
         if cur is not None:
             name, size, members = cur
-            kind = "channels" if any(shapes.get(m.tensor, ()).__len__() == 4 for m in members
+            kind = "channels" if any(len(shapes.get(m.tensor, ())) == 4 for m in members
                                      if m.role == "out") else "hidden"
             perms.append(Perm(name, kind, size, tuple(members), consumer))
 
