@@ -214,7 +214,8 @@ def load(directory: str | os.PathLike, **kwargs: Any):
     transformers Auto class its config.json names (`auto_class_name`), in eval mode;
     an upscaled model (SMILE: a `fusionlang_model.json` next to the weights) is that
     class with its Linear layers replaced by `arch.smile_module.SmileLinear`; an
-    ensemble's manifest gives an `EnsembleModule`.
+    ensemble's manifest gives an `EnsembleModule`; a `fusionlang-net` (the nets zoo's
+    MLPs and CNNs) its `torch.nn.Sequential` (`arch.nets`).
     ``kwargs`` go to ``from_pretrained`` (e.g. ``torch_dtype=torch.bfloat16``); the
     weights keep the dtype they were saved in unless told otherwise. Never downloads,
     never runs remote code.
@@ -248,6 +249,14 @@ def load(directory: str | os.PathLike, **kwargs: Any):
     if error is not None:
         raise FuseErrors([Diagnostic("E011", f"cannot read '{cfg_path}': {error}", _here(cfg_path),
                                      "re-create the model directory (re-run the spec that saved it)")])
+    if config.get("model_type") == "fusionlang-net":  # the nets zoo's MLPs and CNNs (arch.nets)
+        from .arch import nets
+
+        try:
+            return nets.load(d)
+        except (nets.NetError, RuntimeError) as e:
+            raise FuseErrors([Diagnostic("E011", f"cannot build the net in '{d}': {e}", _here(d),
+                                         "re-create the model directory (re-run the spec that saved it)")]) from None
     import transformers
 
     from .arch.upscaled import from_pretrained

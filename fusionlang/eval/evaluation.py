@@ -169,6 +169,12 @@ def is_zoo_task(task: dict) -> bool:
     return task.get("kind", "zoo") == "zoo"
 
 
+def has_references(task: dict) -> bool:
+    """Whether the task's zoo has the reference rows (pre-trained, fine-tuned expert): not
+    the nets zoo, whose models are all trained from scratch."""
+    return is_zoo_task(task) and getattr(task.get("spec"), "kind", "") != "nets"
+
+
 def check_fit(prog: ir.Program) -> None:
     """E014 at the `eval` for each evaluated model whose architecture is not that of its
     task's zoo (the `model_type` and `hidden_size` of the zoo's pre-trained model): a
@@ -384,7 +390,7 @@ def run(setup: EvalSetup, device: str, console) -> list[dict]:
 
     cache: dict[tuple[str, str], dict] = {}
     needed = {(d, t) for rows, tasks, _ in setup.reports for t in tasks
-              for d in (*(_reference_dirs(setup, t) if is_zoo_task(setup.tasks[t]) else ()),
+              for d in (*(_reference_dirs(setup, t) if has_references(setup.tasks[t]) else ()),
                         *(setup.models[r] for r in rows))}
     beat = Heartbeat(stderr_writer(console), "evaluating", "evaluations")
     beat.beat(0, len(needed), "starting", force=True)
@@ -425,7 +431,7 @@ def _table(setup: EvalSetup, rows: list[str], tasks: list[str], score) -> dict:
     """One `eval`'s report: per row, accuracy on the accuracy tasks (zoo classify() and
     accuracy()), perplexity on the perplexity() tasks; on zoo tasks also the reference
     rows (pre-trained, fine-tuned expert), normalized accuracy and forgetting."""
-    zoo = [t for t in tasks if is_zoo_task(setup.tasks[t])]
+    zoo = [t for t in tasks if has_references(setup.tasks[t])]
     accs = [t for t in tasks if setup.tasks[t].get("kind") not in ("perplexity", "lm_eval")]
     ppls = [t for t in tasks if setup.tasks[t].get("kind") == "perplexity"]
     lms = [t for t in tasks if setup.tasks[t].get("kind") == "lm_eval"]

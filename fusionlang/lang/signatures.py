@@ -1,5 +1,7 @@
 """Parameter tables of the builtins (local, hf, zoo, ramp, layers, slices, moe, classify,
-tokenizer, per_model, dataset, zoo_data, gram, gram_plusplus, pruning_stats, bitdelta_stats, smile, wemoe, lora, merge_adapters, extract_lora, fisher, adamerging_coefficients, covered, accuracy,
+tokenizer, per_model, dataset, zoo_data, gram, gram_plusplus, pruning_stats, bitdelta_stats, align,
+wasserstein_barycenter, smile, wemoe, lora, merge_adapters, extract_lora, fisher, adamerging_coefficients, covered,
+accuracy,
 perplexity, exact_match, lm_eval, tune), the type lattice the checker uses, and rule patterns as regexes. No torch."""
 
 from __future__ import annotations
@@ -81,6 +83,24 @@ BUILTINS: dict[str, BuiltinSig] = {
          ("batch_size", "int", 16), ("clamp", "bool", False), ("seed", "int", 0)), "stats",
         "a model stage: AdaMerging's task-arithmetic coefficients, learned by minimising the entropy of the "
         "merged model's predictions on `data` (one value per model); per tensor, the vector of n coefficients"),
+    "align": BuiltinSig((("model", "model", REQUIRED), ("to", "model", REQUIRED), ("data", "data", None),
+                         ("method", "string", "weight"), ("soft", "bool", False), ("reg", "number", 0.01),
+                         ("axes", "list", None), ("max_iter", "int", 100), ("seed", "int", 0),
+                         ("batch_size", "int", 32), ("max_samples", "int", 20000)), "model",
+                        "a model stage: `model` with its hidden units (MLP neurons, CNN channels with their "
+                        "BatchNorm statistics, attention heads) permuted to match `to`'s, the same function: "
+                        "Git Re-Basin weight matching (method=\"weight\"), or OT fusion's transport maps "
+                        "(\"emd\" exact, \"sinkhorn\" entropic with reg) from activations on `data` or from "
+                        "weights; soft keeps OT's soft map (not function-preserving); axes picks kinds of units"),
+    "wasserstein_barycenter": BuiltinSig(
+        (("models", "models", REQUIRED), ("data", "data", None), ("weights", "numbers", None),
+         ("solver", "string", "emd"), ("soft", "bool", False), ("reg", "number", 0.01), ("axes", "list", None),
+         ("max_iter", "int", 100), ("seed", "int", 0), ("batch_size", "int", 32), ("max_samples", "int", 20000),
+         ("reset_bn", "bool", False)),
+        "model",
+        "a model stage: N models fused through a Wasserstein barycenter, layer by layer: each set of units' "
+        "free-support barycenter (of activations on `data`, or of weights), every model transported onto it, "
+        "the transported models averaged with `weights`; reset_bn re-estimates BatchNorm statistics on `data`"),
     "covered": BuiltinSig((("stats", "stats", REQUIRED),), "bool",
                           "whether every statistic of the list has a value for the tensor being merged"),
     "accuracy": BuiltinSig((("data", "data", REQUIRED), ("batch_size", "int", 32)), "task",

@@ -80,6 +80,11 @@ def stage_line(key: str, stage: dict, n_tensors: int) -> str:
     params = ", ".join(f"{k}={_fmt_value(v)}" for k, v in stage.get("params", {}).items()
                        if k not in stage.get("quiet", ()))
     mb = est.get("peak_bytes", 0) / 1e6
+    if stage["kind"] in ("align", "barycenter"):  # a whole model, from weights or activations
+        work = (f"activations of {est.get('examples', '?')} examples in {est.get('batches', '?')} forward passes"
+                if est.get("examples") else "from weights")
+        return (f"stage {key} = {stage['kind']}({stage['model']}, {stage.get('data_text', '')}; {params})  "
+                f"# {n_tensors} tensors; {work}; {est.get('models_resident', 1)} models resident, ~{mb:.0f} MB")
     return (f"stage {key} = {stage['kind']}({stage.get('of', stage['model'])}, {stage.get('data_text', '')}; {params})  "
             f"# {n_tensors} statistics; {est.get('examples', '?')} examples in {est.get('batches', '?')} "
             f"{est.get('passes', '')} passes; {est.get('models_resident', 1)} model{'s' * (est.get('models_resident', 1) != 1)} "

@@ -31,7 +31,7 @@ from ..runtime.sources import (
     read_model_dir,
     source_dir,
 )
-from . import stage_values
+from . import align_values, stage_values
 from .graph import Plan, SourceSpec, add_with_id
 from .values import (
     FLOAT_DTYPES,
@@ -338,6 +338,8 @@ class Evaluator:
                 from .bitdelta_values import call as bitdelta_stats
 
                 return bitdelta_stats(self, e, args, ctx, env)
+            if e.target in align_values.ALIGN_BUILTINS:
+                return align_values.call(self, e, args, ctx, env)
             if e.target == "lora":
                 from .adapter_values import apply_lora
 

@@ -106,6 +106,8 @@ def build(model_dir: str, data: dict, device: torch.device, meta: bool = False,
     """The stage module for `model_dir` on data value `data`; `meta`: structure only
     (parameters on the meta device, no weights read), for compile-time shapes;
     `module`: reuse this already loaded module (another data value's head on it)."""
+    if read_config(model_dir).get("model_type") == "fusionlang-net":
+        return _net(model_dir, data, device, meta, module)
     if data["kind"] == "zoo":
         task = _zoo_task(data)
         if task.kind == "text":
@@ -208,6 +210,33 @@ def _zoo_vision(model_dir: str, task, device, meta: bool, module=None) -> StageM
         return feats.float() @ w.T + b
 
     return StageModel(module, name_map(module, _file_names(model_dir)), inputs, run, logits)
+
+
+def _net(model_dir: str, data: dict, device, meta: bool, module=None) -> StageModel:
+    """A `fusionlang-net` (arch.nets): its inputs are the data's images, its logits its own."""
+    from ..arch import nets as N
+
+    config = read_config(model_dir)
+    if module is None:
+        try:
+            module = N.build(config) if meta else N.load(model_dir, device)
+        except N.NetError as e:
+            raise DataError("E011", e.message, e.hint) from None
+        if meta:
+            module = module.to("meta")
+
+    def inputs(ex: Examples, start: int, stop: int) -> dict:
+        if ex.images is None:
+            raise DataError("E014", f"'{os.path.basename(model_dir)}' reads images, and the data has none",
+                            'name the image column: dataset("train.jsonl", image="image", label="label")', "image")
+        return {"x": N.prepare(ex.images[start:stop], config, device)}
+
+    def run(batch: dict):
+        return module(batch["x"])
+
+    return StageModel(module, {k: k for k, _ in module.named_parameters()}
+                      | {k: k for k, _ in module.named_buffers() if not k.endswith("num_batches_tracked")},
+                      inputs, run, lambda batch: module(batch["x"]).float())
 
 
 def _hf(model_dir: str, device, meta: bool, module=None) -> StageModel:

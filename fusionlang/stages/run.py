@@ -142,6 +142,10 @@ def compute(stage: dict, device, on_batch=None, log=None, names: list[str] | Non
         from . import wemoe as W
 
         return W.train(stage, device, log)
+    if stage["kind"] in ("align", "barycenter"):
+        from . import align as AL
+
+        return AL.compute(stage, device, log)
     if stage["kind"] == "gram_plusplus":
         from . import regmean_pp as R
 
@@ -207,7 +211,9 @@ def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> 
                 log(f"{what}: cached ({file.name})")
             if not joint and not _cached(file, src):
                 if log:
-                    log(f"{what}: {st['estimate']['examples']} examples")
+                    n_ex = st["estimate"]["examples"]
+                    log(f"{what}: {n_ex} examples" if n_ex or st["kind"] not in ("align", "barycenter")
+                        else f"{what}: from weights")
                 t0 = time.perf_counter()
                 last = [t0]
 

@@ -106,6 +106,10 @@ def build_zoo(
             from .build_vision import build_vision_tasks
 
             tasks = build_vision_tasks(recipe, tmp, seed, cache, fetch, progress)
+        elif recipe.kind == "nets":
+            from .nets import build_nets_tasks
+
+            tasks = build_nets_tasks(recipe, tmp, seed, cache, fetch, progress)
         elif recipe.kind == "llm":
             from .llm import build_llm_tasks
 
@@ -148,7 +152,8 @@ def _manifest(recipe: ZooRecipe, seed: int, tasks: dict, seconds: float, command
     import torch
 
     def mean(key):  # an LLM zoo's tasks have perplexities instead
-        vals = [t["accuracy"][key] for t in tasks.values() if "accuracy" in t]
+        vals = [t["accuracy"].get(key) for t in tasks.values() if "accuracy" in t]
+        vals = [v for v in vals if v is not None]  # the nets zoo has no pretrained model
         return sum(vals) / len(vals) if vals else None
 
     return {

@@ -164,6 +164,15 @@ def _print_manifest(out: Path, console) -> None:
                           f"{100 * em['finetuned']:.1f}" if em else "")
         console.print(table)
         return
+    if m.get("kind") == "nets":
+        for col in ("model", "test accuracy", "test loss", "epochs", "train s"):
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for t in m["tasks"].values():
+            for name, r in t["models"].items():
+                table.add_row(name, f"{100 * r['test']['accuracy']:.1f}", f"{r['test']['loss']:.3f}",
+                              str(r["epochs"]), f"{r['train_s']:.0f}")
+        console.print(table)
+        return
     table.add_column("task")
     table.add_column("classes", justify="right")
     table.add_column("test n", justify="right")

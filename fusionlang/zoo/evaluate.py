@@ -138,6 +138,17 @@ def _load_model(spec: TaskSpec, model, device: str):
         if isinstance(model, Mapping):
             return V.body_from_state_dict(spec.base_dir, model, device)
         return model.to(device).eval()
+    if spec.kind == "nets":
+        from ..arch import nets as N
+
+        try:
+            if isinstance(model, Mapping):
+                m = N.load(spec.base_dir)
+                m.load_state_dict(dict(model), strict=False)
+                return m.to(device)
+            return N.load(Path(model), device) if isinstance(model, (str, os.PathLike)) else model.to(device).eval()
+        except N.NetError as e:
+            raise ZooError(e.message, hint=e.hint) from None
     raise ZooError(f"unknown task kind {spec.kind!r}")
 
 
@@ -192,6 +203,10 @@ def evaluate(
                                        spec.info["max_length"], device)
                     feats = T.pool(encoder, batch, spec.info.get("pooling", "mean"),
                                    spec.info.get("normalize", True))
+                elif spec.kind == "nets":  # the nets' own logits (the task's head is the identity)
+                    from ..arch import nets as N
+
+                    feats = encoder(N.prepare(data.images[start:stop], encoder.fusion_config, device))
                 else:
                     from . import vision as V
 

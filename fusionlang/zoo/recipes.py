@@ -150,7 +150,43 @@ LLM = LLMRecipe(
     "attention, norms and embeddings are the base's",
 )
 
-RECIPES = {r.name: r for r in (TEXT, VISION, LLM)}
+@dataclass(frozen=True)
+class NetsRecipe(ZooRecipe):
+    """The alignment zoo (``kind="nets"``, built by :mod:`fusionlang.zoo.nets`): small
+    networks trained from scratch on one task from different seeds (initialisation and
+    batch order), so that their hidden units are permuted relative to each other.
+    The task's ``steps`` count epochs over its training split."""
+
+    mlp_widths: tuple[int, ...] = (512, 512)
+    cnn_channels: tuple[int, ...] = (32, 64, 64)
+    mlp_seeds: tuple[int, ...] = (0, 1, 2, 3)
+    cnn_seeds: tuple[int, ...] = (0, 1, 2)
+    cnn_epochs: int = 3
+    cnn_train_rows: int | None = 30000  # the CNNs train on the first rows of the split (CPU time)
+
+    def tiny(self) -> NetsRecipe:
+        """Narrow nets, 40 images per class, 2 epochs: the same code in seconds."""
+        tasks = tuple(replace(t, n_train=40, n_val=5, n_test=20, steps=2, batch_size=32) for t in self.tasks)
+        return replace(self, name=f"{self.name}-tiny", tasks=tasks, mlp_widths=(32,), cnn_channels=(8, 16),
+                       mlp_seeds=(0, 1), cnn_seeds=(0, 1), cnn_epochs=2, cnn_train_rows=None, eval_batch_size=64,
+                       tiny_of=self.name)
+
+
+NETS = NetsRecipe(
+    name="nets",
+    kind="nets",
+    base="none: MLPs and CNNs trained from scratch (base/ is a copy of mlp-s0)",
+    tasks=(
+        TaskRecipe("fashion", "fashion", 4000, 200, 1000, steps=4, lr=1e-3, batch_size=128, max_length=28,
+                   description="Fashion-MNIST, 10 clothing classes (28x28 grey)"),
+    ),
+    eval_batch_size=500,
+    notes="mlp-sK: 784-512-512-10 ReLU MLP, seed K; cnn-sK: 3 conv3x3+BatchNorm+ReLU blocks "
+    "(32, 64, 64 channels; 2x2 max-pooling after the first two), global average pooling, Linear, "
+    "trained 3 epochs on the first 30,000 training images, BatchNorm statistics re-estimated on 5,000; Adam, images (x/255 - 0.286)/0.353; the task's head is the identity (the nets' own logits)",
+)
+
+RECIPES = {r.name: r for r in (TEXT, VISION, LLM, NETS)}
 
 
 def get_recipe(name: str, tiny: bool = False) -> ZooRecipe:
