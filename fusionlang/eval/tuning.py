@@ -33,6 +33,8 @@ class TuneSite:
     values: list[float]
     tasks: list[str]  # qualified task names
     split: str
+    range: tuple[float, float, bool] | None = None  # between(low, high, log): a searched range
+    settings: dict = field(default_factory=dict)  # search settings given here: name -> (value, span)
 
     @property
     def key(self) -> SpanKey:
@@ -48,10 +50,13 @@ class TuneRecord:
     candidates: list[dict] = field(default_factory=list)  # {"values": {...}, "accuracy": {...}, "average": x}
     chosen: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # e.g. the choice is at the edge of its grid
+    search: dict | None = None  # a search's settings, counts and Pareto front (eval.search)
 
     def to_json(self) -> dict:
         out = {"merge": self.merge, "split": self.split, "tasks": self.tasks, "params": self.params,
                "candidates": self.candidates, "chosen": self.chosen}
+        if self.search is not None:
+            out["search"] = self.search
         if self.notes:
             out["notes"] = self.notes
         return out
@@ -103,10 +108,34 @@ def find_sites(prog: ir.Program) -> list[TuneSite]:
                     on = ir.let_value(prog, a["on"])
                     on = on.items if isinstance(on, ir.ListE) else (on,)
                     split = a.get("split")
+                    rng = ir.tune_range(prog, node)
+                    settings = {k: (_literal(a[k]), a[k].span) for k in ir.TUNE_PARAMS[3:]
+                                if k in a and a[k].type != "none"}
                     sites.append(TuneSite(q, node, params.get(span_key(node.span), "value"),
                                           [float(i.value) for i in ir.tune_values(prog, node)],
-                                          [t.name for t in on], split.value if split is not None else "val"))
+                                          [t.name for t in on], split.value if split is not None else "val",
+                                          ir.between_args(rng) if rng is not None else None, settings))
+    _name_apart(sites)
     return sites
+
+
+def _literal(e: ir.Expr):
+    """A checked literal setting: a number, a string, or a list of strings."""
+    if isinstance(e, ir.ListE):
+        return [i.value for i in e.items]
+    return e.value if isinstance(e, ir.Const) else -e.operand.value
+
+
+def _name_apart(sites: list[TuneSite]) -> None:
+    """Two tune()s of one merge filling the same parameter (the points of a gradient
+    `scale=[tune(...), tune(...)]`, or a rule's argument) are named `scale[0]`, `scale[1]`."""
+    seen: dict[tuple[str, str], list[TuneSite]] = {}
+    for s in sites:
+        seen.setdefault((s.merge, s.param), []).append(s)
+    for group in seen.values():
+        if len(group) > 1:
+            for i, s in enumerate(group):
+                s.param = f"{s.param}[{i}]"
 
 
 def substitute(prog: ir.Program, chosen: dict[SpanKey, float]) -> ir.Program:
@@ -132,10 +161,16 @@ def substitute(prog: ir.Program, chosen: dict[SpanKey, float]) -> ir.Program:
 def check_candidates(prog: ir.Program) -> list[Diagnostic]:
     """Lower every candidate of every tune() at a probe tensor (no model files needed)."""
     from ..plan.lower import Lowerer
+    from .search import is_search, study_of
 
     diags: list[Diagnostic] = []
     by_merge = _by_merge(find_sites(prog))
     for sites in by_merge.values():
+        if is_search(sites):
+            diags += study_of(sites)[1]
+            if not _has_optuna():
+                diags.append(Diagnostic("E019", "a search needs optuna, which is not installed", sites[0].call.span,
+                                        "pip install 'fusionlang[search]' (optuna and cmaes)"))
         for s in sites[1:]:
             if s.split != sites[0].split:
                 diags.append(Diagnostic("E019", f"the tune() arguments of one merge must choose on the same split "
@@ -143,7 +178,10 @@ def check_candidates(prog: ir.Program) -> list[Diagnostic]:
                                         "they are searched together, as a grid, on one split"))
     for sites in by_merge.values():
         for s in sites:
-            for item, v in zip(ir.tune_values(prog, s.call), s.values):
+            items = list(zip(ir.tune_values(prog, s.call), s.values))
+            if s.range is not None:  # the middle of a range too: e.g. a fraction where an integer is needed
+                items.append((items[0][0], (s.range[0] + s.range[1]) / 2))
+            for item, v in items:
                 try:
                     Lowerer(substitute(prog, {s.key: v}), dry=True).dry_check(merges={s.merge}, first_probe_only=True)
                 except FuseErrors as e:
@@ -152,6 +190,12 @@ def check_candidates(prog: ir.Program) -> list[Diagnostic]:
                             diags.append(Diagnostic(d.code, f"candidate {s.param}={v:g} of tune(): {d.message}",
                                                     item.span, d.hint or f"(at {d.span})"))
     return diags
+
+
+def _has_optuna() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("optuna") is not None
 
 
 def _by_merge(sites: list[TuneSite]) -> dict[str, list[TuneSite]]:
@@ -187,8 +231,11 @@ def resolve(prog: ir.Program, run_device: str, eval_device: str, console, shard_
     while by_merge:
         pending = set(by_merge)
         q = next((m for m in by_merge if not _depends_on(prog, m, pending)), next(iter(by_merge)))
-        records.append(_tune_merge(substitute(prog, chosen), q, by_merge.pop(q), chosen, run_device, eval_device,
-                                   console, shard_bytes))
+        sites = by_merge.pop(q)
+        from .search import is_search, search_merge
+
+        how = search_merge if is_search(sites) else _tune_merge
+        records.append(how(substitute(prog, chosen), q, sites, chosen, run_device, eval_device, console, shard_bytes))
     return substitute(prog, chosen), records
 
 
