@@ -116,7 +116,9 @@ def _check_tasks(prog: ir.Program) -> None:
             except FuseErrors as e:
                 diags += e.diagnostics
     for site in find_sites(prog):
-        objectives, at = site.settings.get("objectives", (None, site.call.span))
+        # NOTE: at the objectives, else the tasks: `check` leaves out what lowering says at a
+        # tune() itself (it sees each tune() as its first candidate)
+        objectives, at = site.settings.get("objectives", (None, ir.tune_args(site.call)["on"].span))
         for t in site.tasks:
             kind = kinds.get(t)
             if kind == "perplexity" and (objectives is None or "accuracy" in objectives):

@@ -160,7 +160,7 @@ merge ta = task_arithmetic(base, experts, scale=tune([0.2, 0.5], on=[ppl]))
 eval ta on ppl
 ''', "tune_ppl.fuse")
     rc, _, err = run_cli("compile", str(spec))
-    assert rc == 1 and error_locations(err) == [(5, 49, "E019")] and "perplexity() task" in err, err
+    assert rc == 1 and error_locations(err) == [(5, 69, "E019")] and "perplexity() task" in err, err
 
 
 def _greedy_first_word(model_dir, prompt: str, steps: int = 3) -> str:

@@ -16,8 +16,10 @@ tasks, per token for perplexity() tasks). Several objectives give a Pareto front
 "Model Fusion through Bayesian Optimization in Language Model Fine-Tuning", Jang et al.
 2024, optimises loss and metric together); `pick` names the objective that chooses the
 saved point on it. Samplers: optuna's TPE and GP (Bayesian optimisation), CMA-ES (as
-mergekit-evolve), NSGA-II (as mergenetic), random. The first `startup_trials(budget)`
-trials of TPE and GP are random (optuna's n_startup_trials).
+mergekit-evolve), NSGA-II (as mergenetic), random. The first STARTUP_TRIALS trials of TPE
+and GP are random (optuna's n_startup_trials, lowered from 10 for the small budgets that
+merging affords) and NSGA-II's population is NSGA2_POPULATION: neither depends on the
+budget, so a larger budget begins with exactly the trials of a smaller one.
 
 Reproducible: a seed (default 0) fixes the sampler, and evaluation is deterministic, so a
 rerun proposes the same candidates; each candidate's scores are cached on disk under a
@@ -41,7 +43,7 @@ from pathlib import Path
 from .. import ir
 from ..lang.diagnostics import Diagnostic
 from ..lang.search_args import OBJECTIVES, SAMPLERS
-from .tuning import TuneRecord, TuneSite
+from .tune_sites import TuneRecord, TuneSite, substitute
 
 FORMAT = 1  # bump when a score's definition changes: cached candidates are then ignored
 
@@ -122,28 +124,26 @@ def _show(v) -> str:
     return json.dumps(v) if isinstance(v, (str, list)) else f"{v:g}"
 
 
-def startup_trials(budget: int) -> int:
-    """Random trials before TPE or GP model the objective: optuna's default of 10,
-    lowered for small budgets to a third of the budget (at least 2)."""
-    return min(10, max(2, budget // 3))
+STARTUP_TRIALS = 5  # random trials before TPE or GP model the objective (optuna's default: 10)
+NSGA2_POPULATION = 8  # NSGA-II's population (optuna's default: 50)
 
 
 def make_sampler(study: Study):
     """The optuna sampler a study names, seeded."""
     import optuna
 
-    s, n = study.sampler, study.budget
+    s = study.sampler
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if s == "tpe":
-            return optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=startup_trials(n))
+            return optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=STARTUP_TRIALS)
         if s == "gp":
-            return optuna.samplers.GPSampler(seed=study.seed, n_startup_trials=startup_trials(n),
+            return optuna.samplers.GPSampler(seed=study.seed, n_startup_trials=STARTUP_TRIALS,
                                              deterministic_objective=True)
         if s == "cmaes":
             return optuna.samplers.CmaEsSampler(seed=study.seed)
         if s == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=study.seed, population_size=max(4, min(50, n // 3)))
+            return optuna.samplers.NSGAIISampler(seed=study.seed, population_size=NSGA2_POPULATION)
         if s == "random":
             return optuna.samplers.RandomSampler(seed=study.seed)
     raise AssertionError(s)  # the checker knows SAMPLERS
@@ -241,7 +241,6 @@ def search_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, 
 
     from ..zoo.progress import Heartbeat, stderr_writer
     from .evaluation import resolve_task
-    from .tuning import substitute
 
     study, _diags = study_of(sites)  # checked before the run (tuning.check_candidates)
     short = q.split("::")[-1]

@@ -9,6 +9,9 @@ built from a tuned merge sees its chosen value.
 
 `check` and `compile` need no data: they verify every candidate (each one is lowered at a
 probe tensor) and plan the first candidate.
+
+A tune() with a budget (`tune(between(0.1, 1.0), on=[...], budget=16)`) is a search
+instead of a grid: `eval.search` runs it; the sites and records are `eval.tune_sites`'.
 """
 
 from __future__ import annotations
@@ -16,50 +19,15 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import ir
 from ..lang.diagnostics import Diagnostic, FuseErrors
+from .search import is_search, search_merge, study_of
+from .tune_sites import SpanKey, TuneRecord, TuneSite, find_sites, span_key, substitute
 
-SpanKey = tuple[str, int, int]
-
-
-@dataclass
-class TuneSite:
-    merge: str  # qualified name of the merge whose expression holds the tune()
-    call: ir.CallE
-    param: str  # the argument it fills, for reports ("scale")
-    values: list[float]
-    tasks: list[str]  # qualified task names
-    split: str
-    range: tuple[float, float, bool] | None = None  # between(low, high, log): a searched range
-    settings: dict = field(default_factory=dict)  # search settings given here: name -> (value, span)
-
-    @property
-    def key(self) -> SpanKey:
-        return span_key(self.call.span)
-
-
-@dataclass
-class TuneRecord:
-    merge: str
-    split: str
-    tasks: list[str]
-    params: list[str]
-    candidates: list[dict] = field(default_factory=list)  # {"values": {...}, "accuracy": {...}, "average": x}
-    chosen: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # e.g. the choice is at the edge of its grid
-    search: dict | None = None  # a search's settings, counts and Pareto front (eval.search)
-
-    def to_json(self) -> dict:
-        out = {"merge": self.merge, "split": self.split, "tasks": self.tasks, "params": self.params,
-               "candidates": self.candidates, "chosen": self.chosen}
-        if self.search is not None:
-            out["search"] = self.search
-        if self.notes:
-            out["notes"] = self.notes
-        return out
+__all__ = ["SpanKey", "TuneRecord", "TuneSite", "check_candidates", "edge_notes", "find_sites", "resolve",
+           "span_key", "substitute"]
 
 
 def edge_notes(rec: TuneRecord) -> list[str]:
@@ -83,86 +51,9 @@ def edge_notes(rec: TuneRecord) -> list[str]:
     return notes
 
 
-def span_key(span) -> SpanKey:
-    return (span.file, span.line, span.col)
-
-
-def find_sites(prog: ir.Program) -> list[TuneSite]:
-    """Every tune() of the program's merges, in binding order."""
-    from ..plan.values import param_names
-
-    sites = []
-    for q, b in prog.bindings.items():
-        if b.kind != "merge":
-            continue
-        for root in (b.value, *(r.value for r in b.rules)):
-            params: dict[SpanKey, str] = {}  # the argument each tune() fills, where it is one
-            for node in ir.walk_expr(root):
-                if isinstance(node, ir.CallE) and not ir.is_tune(node):
-                    for name, arg in list(zip(param_names(prog, node), node.args)) + list(node.kwargs):
-                        if ir.is_tune(arg):
-                            params[span_key(arg.span)] = name
-            for node in ir.walk_expr(root):
-                if ir.is_tune(node):
-                    a = ir.tune_args(node)
-                    on = ir.let_value(prog, a["on"])
-                    on = on.items if isinstance(on, ir.ListE) else (on,)
-                    split = a.get("split")
-                    rng = ir.tune_range(prog, node)
-                    settings = {k: (_literal(a[k]), a[k].span) for k in ir.TUNE_PARAMS[3:]
-                                if k in a and a[k].type != "none"}
-                    sites.append(TuneSite(q, node, params.get(span_key(node.span), "value"),
-                                          [float(i.value) for i in ir.tune_values(prog, node)],
-                                          [t.name for t in on], split.value if split is not None else "val",
-                                          ir.between_args(rng) if rng is not None else None, settings))
-    _name_apart(sites)
-    return sites
-
-
-def _literal(e: ir.Expr):
-    """A checked literal setting: a number, a string, or a list of strings."""
-    if isinstance(e, ir.ListE):
-        return [i.value for i in e.items]
-    return e.value if isinstance(e, ir.Const) else -e.operand.value
-
-
-def _name_apart(sites: list[TuneSite]) -> None:
-    """Two tune()s of one merge filling the same parameter (the points of a gradient
-    `scale=[tune(...), tune(...)]`, or a rule's argument) are named `scale[0]`, `scale[1]`."""
-    seen: dict[tuple[str, str], list[TuneSite]] = {}
-    for s in sites:
-        seen.setdefault((s.merge, s.param), []).append(s)
-    for group in seen.values():
-        if len(group) > 1:
-            for i, s in enumerate(group):
-                s.param = f"{s.param}[{i}]"
-
-
-def substitute(prog: ir.Program, chosen: dict[SpanKey, float]) -> ir.Program:
-    """The program with the tune() calls in `chosen` replaced by their values."""
-    if not chosen:
-        return prog
-
-    def repl(e):
-        if ir.is_tune(e) and span_key(e.span) in chosen:
-            return ir.Const(span=e.span, type="number", value=chosen[span_key(e.span)])
-        return None
-
-    bindings = {}
-    for q, b in prog.bindings.items():
-        if b.kind == "merge":
-            b = b.model_copy(update={
-                "value": ir.map_expr(b.value, repl),
-                "rules": tuple(r.model_copy(update={"value": ir.map_expr(r.value, repl)}) for r in b.rules)})
-        bindings[q] = b
-    return prog.model_copy(update={"bindings": bindings})
-
-
 def check_candidates(prog: ir.Program) -> list[Diagnostic]:
     """Lower every candidate of every tune() at a probe tensor (no model files needed)."""
     from ..plan.lower import Lowerer
-    from .search import is_search, study_of
-
     diags: list[Diagnostic] = []
     by_merge = _by_merge(find_sites(prog))
     for sites in by_merge.values():
@@ -232,8 +123,6 @@ def resolve(prog: ir.Program, run_device: str, eval_device: str, console, shard_
         pending = set(by_merge)
         q = next((m for m in by_merge if not _depends_on(prog, m, pending)), next(iter(by_merge)))
         sites = by_merge.pop(q)
-        from .search import is_search, search_merge
-
         how = search_merge if is_search(sites) else _tune_merge
         records.append(how(substitute(prog, chosen), q, sites, chosen, run_device, eval_device, console, shard_bytes))
     return substitute(prog, chosen), records
