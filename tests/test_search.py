@@ -256,3 +256,24 @@ save c to "out/c"
     assert "spec.fuse:10:102: error[E019]: the objective 'loss' needs a loss, and 'em' is an exact_match() task" in err
     assert "spec.fuse:11:75: error[E019]: tune() chooses by accuracy, and 'ppl' is a perplexity() task" in err
     assert "spec.fuse:12" not in err  # a loss search on a perplexity task is fine
+
+
+@pytest.mark.parametrize("sampler", ["gp", "nsga2", "random"])
+def test_every_multi_objective_sampler_returns_the_pareto_front(zoo_cache, tmp_path, monkeypatch, sampler):
+    monkeypatch.setenv("FUSIONLANG_CACHE", str(zoo_cache))
+    spec = write_spec(tmp_path, HEAD + f'''merge tt = ties(base, experts, density=tune(between(0.1, 0.9), on=[austen, pos],
+    budget=5, sampler="{sampler}", seed=1, objectives=["accuracy", "loss"], pick="accuracy"),
+    scale=tune([0.5, 1.0, 1.5], on=[austen, pos]))
+eval tt on austen to "r"
+''')
+    rc, _, err = run_cli("run", str(spec), "--device", "cpu")
+    assert rc == 0, err
+    rec = _report(tmp_path / "r/report.json")
+    trials = rec["candidates"]
+    assert len(trials) == 5 and rec["params"] == ["density", "scale"]
+    assert all(0.1 <= t["values"]["density"] <= 0.9 and t["values"]["scale"] in (0.5, 1.0, 1.5) for t in trials)
+    points = [(t["objectives"]["accuracy"], t["objectives"]["loss"]) for t in trials]
+    front = _non_dominated(points)
+    assert set(rec["search"]["pareto_front"]) == front
+    best = min(front, key=lambda i: (-points[i][0], points[i][1], i))  # pick="accuracy", then loss
+    assert rec["search"]["chosen_trial"] == best
