@@ -270,19 +270,12 @@ def search_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, 
                                    if s.range else trial.suggest_categorical(s.param, s.values)) for s in sites}
             label = ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
             values = {s.key: float(shown[s.param]) for s in sites}
-            cand = substitute(prog, values)
-            plan = _plan_one(cand, q, str(Path(tmp) / f"{short}-{i}"))
-            key = candidate_key(plan, task_args, split, eval_device)
-            scores = memo.get(key) or cached_scores(key)
-            was_cached = scores is not None
-            if scores is None:
-                scores = _evaluate(plan, q, task_args, split, run_device, eval_device, shard_bytes,
-                                   lambda what, i=i, label=label: beat.beat(i, study.budget, f"{label}: {what}"))
-                store_scores(key, scores, shown)
-                evaluated += 1
-            else:
-                reused += 1
-            memo[key] = scores
+            scores, was_cached = candidate_scores(
+                substitute(prog, values), q, str(Path(tmp) / f"{short}-{i}"), task_args, split, run_device,
+                eval_device, shard_bytes, lambda what, i=i, label=label: beat.beat(i, study.budget, f"{label}: {what}"),
+                memo, shown)
+            evaluated += not was_cached
+            reused += was_cached
             objs = _objectives(scores, study.objectives)
             opt.tell(trial, [objs[o] for o in study.objectives])
             row = {"trial": i, "values": shown, "objectives": objs, "reused": was_cached}
@@ -316,6 +309,24 @@ def search_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, 
     for n in rec.notes:
         console.print(f"  note: {n}", markup=False, highlight=False, soft_wrap=True)
     return rec
+
+
+def candidate_scores(prog: ir.Program, q: str, out: str, tasks: dict[str, dict], split: str, run_device: str,
+                     eval_device: str, shard_bytes: int, progress, memo: dict, values: dict) -> tuple[dict, bool]:
+    """The scores of merge `q` of `prog` (a candidate: its tune()s substituted) on the
+    tasks' `split`, {task: {"accuracy", "loss"}}, and whether they came from the cache
+    (`memo`: this run's, then the disk's); else merged into `out` (removed afterwards),
+    scored and remembered. `progress(text)` during the merge and the evaluation."""
+    plan = _plan_one(prog, q, out)
+    key = candidate_key(plan, tasks, split, eval_device)
+    scores = memo.get(key) or cached_scores(key)
+    if scores is not None:
+        memo[key] = scores
+        return scores, True
+    scores = _evaluate(plan, q, tasks, split, run_device, eval_device, shard_bytes, progress)
+    store_scores(key, scores, values)
+    memo[key] = scores
+    return scores, False
 
 
 def _fmt(objs: dict) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import ir
 from ..lang.diagnostics import Diagnostic, FuseErrors
-from .search import is_search, search_merge, study_of
+from .search import candidate_scores, is_search, search_merge, study_of
 from .tune_sites import SpanKey, TuneRecord, TuneSite, find_sites, span_key, substitute
 
 __all__ = ["SpanKey", "TuneRecord", "TuneSite", "check_candidates", "edge_notes", "find_sites", "resolve",
@@ -130,13 +130,13 @@ def resolve(prog: ir.Program, run_device: str, eval_device: str, console, shard_
 
 def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, run_device: str,
                 eval_device: str, console, shard_bytes: int) -> TuneRecord:
-    from .evaluation import resolve_task, score_task
+    from .evaluation import resolve_task
 
     short = q.split("::")[-1]
     tasks = list(dict.fromkeys(t for s in sites for t in s.tasks))
     split = sites[0].split
-    task_args = {t: resolve_task(prog, t) for t in tasks}
-    rec = TuneRecord(short, split, [t.split("::")[-1] for t in tasks], [s.param for s in sites])
+    task_args = {t.split("::")[-1]: resolve_task(prog, t) for t in tasks}
+    rec = TuneRecord(short, split, list(task_args), [s.param for s in sites])
     grid = list(itertools.product(*(s.values for s in sites)))
     console.print(f"tuning [bold]{short}[/]: {len(grid)} candidate{'s' * (len(grid) != 1)} "
                   f"on the '{split}' split of {', '.join(rec.tasks)}")
@@ -144,31 +144,33 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
 
     beat = Heartbeat(stderr_writer(console), f"tuning {short}", "candidates")
     best = None
+    memo: dict = {}
+    reused = 0
     tmp = tempfile.mkdtemp(prefix="fusionlang-tune-")
     try:
         for i, combo in enumerate(grid):
             values = {s.key: v for s, v in zip(sites, combo)}
             shown = {s.param: v for s, v in zip(sites, combo)}
             label = ", ".join(f"{k}={v:g}" for k, v in shown.items())
-            out = str(Path(tmp) / f"{short}-{i}")
-            # a long candidate shows its merge and its evaluation batches (throttled lines)
-            _merge_one(substitute(prog, values), q, out, run_device, shard_bytes,
-                       lambda d, n, i=i, label=label: beat.beat(i, len(grid), f"{label}: merged {min(d, n)}/{n} tensors"))
-            acc = {}
-            for t in tasks:
-                name = t.split("::")[-1]
-                acc[name] = score_task(out, task_args[t], eval_device, split, on_batch=lambda b, n, name=name, i=i, label=label: beat.beat(
-                    i, len(grid), f"{label}: {name} batch {b}/{n}"))["accuracy"]
-            shutil.rmtree(out, ignore_errors=True)
+            # a long candidate shows its merge and its evaluation batches (throttled lines);
+            # its scores are cached like a search's (eval.search.candidate_key)
+            scores, cached = candidate_scores(
+                substitute(prog, values), q, str(Path(tmp) / f"{short}-{i}"), task_args, split, run_device,
+                eval_device, shard_bytes, lambda what, i=i, label=label: beat.beat(i, len(grid), f"{label}: {what}"),
+                memo, shown)
+            reused += cached
+            acc = {name: s["accuracy"] for name, s in scores.items()}
             avg = sum(acc.values()) / len(acc)
             rec.candidates.append({"values": shown, "accuracy": acc, "average": avg})
             beat.last = float("-inf")  # every finished candidate gets its line
             beat.beat(i + 1, len(grid), f"{label}  ->  {100 * avg:.1f}  ("
-                      + ", ".join(f"{k} {100 * x:.1f}" for k, x in acc.items()) + ")")
+                      + ", ".join(f"{k} {100 * x:.1f}" for k, x in acc.items()) + ")" + ("  (cached)" * cached))
             if best is None or avg > best[0]:
                 best = (avg, values, shown)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if reused:
+        console.print(f"  {len(grid) - reused} merged and evaluated, {reused} reused from the cache")
     chosen.update(best[1])
     rec.chosen = best[2]
     console.print(f"  chosen: [bold]{', '.join(f'{k}={v:g}' for k, v in rec.chosen.items())}[/] "
@@ -177,14 +179,3 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
     for n in rec.notes:
         console.print(f"  note: {n}", markup=False, highlight=False, soft_wrap=True)
     return rec
-
-
-def _merge_one(prog: ir.Program, q: str, out: str, device: str, shard_bytes: int, progress=None) -> None:
-    from ..passes import run_passes
-    from ..plan.lower import Lowerer
-    from ..runtime.scheduler import run_plan
-
-    b = prog.bindings[q]
-    save = ir.SaveIR(name=q, display=q.split("::")[-1], path=out, dtype=None, span=b.span, path_span=b.span)
-    plan = run_passes(Lowerer(prog.model_copy(update={"saves": (save,), "evals": ()})).lower())
-    run_plan(plan, device, shard_bytes, progress)
