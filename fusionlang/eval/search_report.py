@@ -122,8 +122,7 @@ def plot(rec: dict, path: Path) -> None:
         if i == chosen:
             draw.ellipse([px - 8, py - 8, px + 8, py + 8], outline=(214, 39, 40), width=2)
     legend = f"{rec['merge']}: {len(trials)} trials ({s['sampler']}); chosen = red ring"
-    if len(objs) > 1:
-        legend += "; blue = Pareto front"
+    legend += "; blue = Pareto front" if len(objs) > 1 else "; line = best so far"
     draw.text((left, top + h + 44), legend, fill="black")
     img.save(path)
 
