@@ -126,7 +126,11 @@ def _check_tasks(prog: ir.Program) -> None:
                                         "perplexity() task", at,
                                         "choose on classification tasks (classify() or accuracy()), or search "
                                         'objectives=["loss"] with budget='))
-            if kind in ("exact_match", "lm_eval") and objectives is not None and "loss" in objectives:
+            if kind == "lm_eval":
+                diags.append(Diagnostic("E019", f"tune() chooses by accuracy or loss, and '{t.split('::')[-1]}' is "
+                                        "an lm_eval() task, which reports its own metric", at,
+                                        "choose on classify(), accuracy(), exact_match() or perplexity() tasks"))
+            elif kind == "exact_match" and objectives is not None and "loss" in objectives:
                 diags.append(Diagnostic("E019", f"the objective 'loss' needs a loss, and '{t.split('::')[-1]}' is "
                                         f"an {kind}() task, which has none", at,
                                         "search loss on classify(), accuracy() or perplexity() tasks, or "
