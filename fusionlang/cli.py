@@ -98,9 +98,14 @@ def _summary(prog, lowered, plan) -> None:
 
     sites = find_sites(prog)
     if sites:
-        t.add_row("tune()", "; ".join(f"{s.merge.split('::')[-1]}.{s.param} in {[round(v, 6) for v in s.values]}"
+        t.add_row("tune()", "; ".join(f"{s.merge.split('::')[-1]}.{s.param} in "
+                                      + (f"between({s.range[0]:g}, {s.range[1]:g}{', log' * s.range[2]})" if s.range
+                                         else f"{[round(v, 6) for v in s.values]}")
+                                      + (f" (search, budget {s.settings['budget'][0]:g})" if "budget" in s.settings
+                                         else "")
                                       for s in sites)
-                  + " [dim](planned with the first candidate; `run` chooses on the validation split)[/]")
+                  + " [dim](planned with the first candidate, a range's low end; `run` chooses on the validation "
+                  "split)[/]")
     console.print(t)
 
 

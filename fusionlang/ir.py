@@ -213,9 +213,31 @@ def is_tune(e: Expr) -> bool:
     return isinstance(e, CallE) and e.kind == "builtin" and e.target == "tune"
 
 
+TUNE_PARAMS = ("values", "on", "split", "budget", "sampler", "seed", "objectives", "pick")
+
+
 def tune_args(call: CallE) -> dict[str, Expr]:
-    """A tune() call's arguments by name: values, on, split."""
-    return dict(zip(("values", "on", "split"), call.args)) | dict(call.kwargs)
+    """A tune() call's arguments by name: values, on, split and the search settings."""
+    return dict(zip(TUNE_PARAMS, call.args)) | dict(call.kwargs)
+
+
+def is_between(e: Expr) -> bool:
+    """Whether `e` is a call of the builtin between(low, high, log=false): a search range."""
+    return isinstance(e, CallE) and e.kind == "builtin" and e.target == "between"
+
+
+def between_args(e: CallE) -> tuple[float, float, bool]:
+    """(low, high, log) of a checked between() call."""
+    a = dict(zip(("low", "high", "log"), e.args)) | dict(e.kwargs)
+    log = a.get("log")
+    return float(_number(a["low"])), float(_number(a["high"])), bool(log is not None and log.value)
+
+
+def _number(e: Expr) -> float:
+    """A checked literal number: a constant, or a negated one."""
+    if isinstance(e, Neg):
+        return -_number(e.operand)
+    return e.value
 
 
 def let_value(prog: Program, e: Expr) -> Expr:
@@ -226,10 +248,21 @@ def let_value(prog: Program, e: Expr) -> Expr:
 
 
 def tune_values(prog: Program, call: CallE) -> tuple[Const, ...]:
-    """The candidate constants of a tune(): its literal list, or the `let` it names."""
-    return let_value(prog, tune_args(call)["values"]).items
+    """The candidate constants of a tune(): its literal list, or the `let` it names; for a
+    between() range, its two ends."""
+    v = let_value(prog, tune_args(call)["values"])
+    if is_between(v):
+        return tuple(Const(span=v.span, type="number", value=x) for x in between_args(v)[:2])
+    return v.items
+
+
+def tune_range(prog: Program, call: CallE) -> CallE | None:
+    """The between() a tune() searches, else None (a list of candidates)."""
+    v = let_value(prog, tune_args(call)["values"])
+    return v if is_between(v) else None
 
 
 def tune_first_value(prog: Program, call: CallE) -> float:
-    """The first candidate of a tune(): what `compile` plans (`run` substitutes the chosen one)."""
+    """The first candidate of a tune() (a range's low end): what `compile` plans (`run`
+    substitutes the chosen one)."""
     return float(tune_values(prog, call)[0].value)

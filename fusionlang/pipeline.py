@@ -116,11 +116,25 @@ def _check_tasks(prog: ir.Program) -> None:
             except FuseErrors as e:
                 diags += e.diagnostics
     for site in find_sites(prog):
+        # NOTE: at the objectives, else the tasks: `check` leaves out what lowering says at a
+        # tune() itself (it sees each tune() as its first candidate)
+        objectives, at = site.settings.get("objectives", (None, ir.tune_args(site.call)["on"].span))
         for t in site.tasks:
-            if kinds.get(t) == "perplexity":
+            kind = kinds.get(t)
+            if kind == "perplexity" and (objectives is None or "accuracy" in objectives):
                 diags.append(Diagnostic("E019", f"tune() chooses by accuracy, and '{t.split('::')[-1]}' is a "
-                                        "perplexity() task", site.call.span,
-                                        "choose on classification tasks (classify() or accuracy())"))
+                                        "perplexity() task", at,
+                                        "choose on classification tasks (classify() or accuracy()), or search "
+                                        'objectives=["loss"] with budget='))
+            if kind == "lm_eval":
+                diags.append(Diagnostic("E019", f"tune() chooses by accuracy or loss, and '{t.split('::')[-1]}' is "
+                                        "an lm_eval() task, which reports its own metric", at,
+                                        "choose on classify(), accuracy(), exact_match() or perplexity() tasks"))
+            elif kind == "exact_match" and objectives is not None and "loss" in objectives:
+                diags.append(Diagnostic("E019", f"the objective 'loss' needs a loss, and '{t.split('::')[-1]}' is "
+                                        f"an {kind}() task, which has none", at,
+                                        "search loss on classify(), accuracy() or perplexity() tasks, or "
+                                        'objectives=["accuracy"]'))
     if diags:
         raise FuseErrors(diags)
 

@@ -127,3 +127,20 @@ eval clf on t
 ''', "clf.fuse")
     rc, _, err = run_cli("run", str(spec))
     assert rc == 1 and "E014" in err and "not a causal language model" in err and "Traceback" not in err
+
+
+def test_tune_on_an_lm_eval_task_is_refused(fam):
+    """tune() chooses by accuracy or loss; an lm_eval() task reports its own metric."""
+    root, _, _ = fam
+    spec = write_spec(root, '''use merging
+model base = local("base")
+models experts = [local("e0"), local("e1")]
+task t = lm_eval("tasks/mc.yaml")
+merge ta = task_arithmetic(base, experts, scale=tune(between(0.1, 1.0), on=[t], budget=3))
+save ta to "out/ta"
+''', "tune_lm.fuse")
+    for cmd in ("check", "run"):
+        rc, _, err = run_cli(cmd, str(spec))
+        assert rc == 1 and "Traceback" not in err, err
+        assert "tune_lm.fuse:5:76: error[E019]: tune() chooses by accuracy or loss, and 't' is an lm_eval() task" in err
+    assert not (root / "out/ta").exists()

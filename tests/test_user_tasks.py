@@ -84,6 +84,33 @@ eval rm, soup, experts on t0 to "rep"
     assert "t0" in out + err and (root / "rep" / "report.png").is_file()
 
 
+def test_accuracy_task_reports_the_mean_cross_entropy(cls):
+    """The loss a search minimises on an accuracy() task: −log softmax at the label, by
+    hand, one row at a time (no padding), against the batched evaluation."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fusionlang.eval.evaluation import resolve_task, score_task
+    from fusionlang.lang.checker import check_file
+
+    root, f = cls
+    spec = write_spec(root, '''data test0 = dataset("data0.jsonl", text="text", label="label")
+task t0 = accuracy(test0, batch_size=5)
+''', "loss.fuse")
+    prog = check_file(str(spec))
+    task = resolve_task(prog, next(q for q, b in prog.bindings.items() if b.kind == "task"))
+    res = score_task(str(f["e0"]), task, "cpu")
+    rows = [json.loads(x) for x in (root / "data0.jsonl").read_text().splitlines()]
+    m = AutoModelForSequenceClassification.from_pretrained(str(f["e0"])).eval()
+    tok = AutoTokenizer.from_pretrained(str(f["e0"]))
+    nll = 0.0
+    with torch.no_grad():
+        for r in rows:
+            logits = m(**tok([r["text"]], return_tensors="pt")).logits[0].double()
+            nll += float(logits.exp().sum().log() - logits[r["label"]])
+    assert res["loss"] == pytest.approx(nll / len(rows), abs=1e-5)
+    assert res["accuracy"] == pytest.approx(_accuracy(f["e0"], rows), abs=1e-9)
+
+
 def test_perplexity_task_of_causal_lms(lm):
     root, f = lm
     spec = write_spec(root, '''use merging
@@ -160,7 +187,7 @@ merge ta = task_arithmetic(base, experts, scale=tune([0.2, 0.5], on=[ppl]))
 eval ta on ppl
 ''', "tune_ppl.fuse")
     rc, _, err = run_cli("compile", str(spec))
-    assert rc == 1 and error_locations(err) == [(5, 49, "E019")] and "perplexity() task" in err, err
+    assert rc == 1 and error_locations(err) == [(5, 69, "E019")] and "perplexity() task" in err, err
 
 
 def _greedy_first_word(model_dir, prompt: str, steps: int = 3) -> str:

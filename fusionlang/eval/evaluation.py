@@ -517,6 +517,9 @@ def _print(console, report: dict) -> None:
                   f"{1000 * row['latency_per_batch_s']:.0f}" if "latency_per_batch_s" in row else "",
                   style="dim" if name in ("pretrained", "fine-tuned (individual)") else None)
     console.print(t)
+    from .search_report import show
+
+    show(console, report)  # a search's trials and Pareto front
     for rec in report.get("tuning", ()):
         for n in rec.get("notes", ()):
             console.print(f"note: {n}", markup=False, highlight=False, soft_wrap=True)
@@ -525,6 +528,9 @@ def _print(console, report: dict) -> None:
 def _write(report_dir: str, report: dict) -> None:
     d = Path(report_dir)
     d.mkdir(parents=True, exist_ok=True)
+    from .search_report import write
+
+    write(report, d)  # search-MERGE.png, named in report.json
     tmp = d / ".report.json.tmp"
     tmp.write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, d / "report.json")

@@ -9,6 +9,9 @@ built from a tuned merge sees its chosen value.
 
 `check` and `compile` need no data: they verify every candidate (each one is lowered at a
 probe tensor) and plan the first candidate.
+
+A tune() with a budget (`tune(between(0.1, 1.0), on=[...], budget=16)`) is a search
+instead of a grid: `eval.search` runs it; the sites and records are `eval.tune_sites`'.
 """
 
 from __future__ import annotations
@@ -16,45 +19,15 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import ir
 from ..lang.diagnostics import Diagnostic, FuseErrors
+from .search import candidate_scores, is_search, search_merge, study_of
+from .tune_sites import SpanKey, TuneRecord, TuneSite, find_sites, span_key, substitute
 
-SpanKey = tuple[str, int, int]
-
-
-@dataclass
-class TuneSite:
-    merge: str  # qualified name of the merge whose expression holds the tune()
-    call: ir.CallE
-    param: str  # the argument it fills, for reports ("scale")
-    values: list[float]
-    tasks: list[str]  # qualified task names
-    split: str
-
-    @property
-    def key(self) -> SpanKey:
-        return span_key(self.call.span)
-
-
-@dataclass
-class TuneRecord:
-    merge: str
-    split: str
-    tasks: list[str]
-    params: list[str]
-    candidates: list[dict] = field(default_factory=list)  # {"values": {...}, "accuracy": {...}, "average": x}
-    chosen: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # e.g. the choice is at the edge of its grid
-
-    def to_json(self) -> dict:
-        out = {"merge": self.merge, "split": self.split, "tasks": self.tasks, "params": self.params,
-               "candidates": self.candidates, "chosen": self.chosen}
-        if self.notes:
-            out["notes"] = self.notes
-        return out
+__all__ = ["SpanKey", "TuneRecord", "TuneSite", "check_candidates", "edge_notes", "find_sites", "resolve",
+           "span_key", "substitute"]
 
 
 def edge_notes(rec: TuneRecord) -> list[str]:
@@ -78,64 +51,17 @@ def edge_notes(rec: TuneRecord) -> list[str]:
     return notes
 
 
-def span_key(span) -> SpanKey:
-    return (span.file, span.line, span.col)
-
-
-def find_sites(prog: ir.Program) -> list[TuneSite]:
-    """Every tune() of the program's merges, in binding order."""
-    from ..plan.values import param_names
-
-    sites = []
-    for q, b in prog.bindings.items():
-        if b.kind != "merge":
-            continue
-        for root in (b.value, *(r.value for r in b.rules)):
-            params: dict[SpanKey, str] = {}  # the argument each tune() fills, where it is one
-            for node in ir.walk_expr(root):
-                if isinstance(node, ir.CallE) and not ir.is_tune(node):
-                    for name, arg in list(zip(param_names(prog, node), node.args)) + list(node.kwargs):
-                        if ir.is_tune(arg):
-                            params[span_key(arg.span)] = name
-            for node in ir.walk_expr(root):
-                if ir.is_tune(node):
-                    a = ir.tune_args(node)
-                    on = ir.let_value(prog, a["on"])
-                    on = on.items if isinstance(on, ir.ListE) else (on,)
-                    split = a.get("split")
-                    sites.append(TuneSite(q, node, params.get(span_key(node.span), "value"),
-                                          [float(i.value) for i in ir.tune_values(prog, node)],
-                                          [t.name for t in on], split.value if split is not None else "val"))
-    return sites
-
-
-def substitute(prog: ir.Program, chosen: dict[SpanKey, float]) -> ir.Program:
-    """The program with the tune() calls in `chosen` replaced by their values."""
-    if not chosen:
-        return prog
-
-    def repl(e):
-        if ir.is_tune(e) and span_key(e.span) in chosen:
-            return ir.Const(span=e.span, type="number", value=chosen[span_key(e.span)])
-        return None
-
-    bindings = {}
-    for q, b in prog.bindings.items():
-        if b.kind == "merge":
-            b = b.model_copy(update={
-                "value": ir.map_expr(b.value, repl),
-                "rules": tuple(r.model_copy(update={"value": ir.map_expr(r.value, repl)}) for r in b.rules)})
-        bindings[q] = b
-    return prog.model_copy(update={"bindings": bindings})
-
-
 def check_candidates(prog: ir.Program) -> list[Diagnostic]:
     """Lower every candidate of every tune() at a probe tensor (no model files needed)."""
     from ..plan.lower import Lowerer
-
     diags: list[Diagnostic] = []
     by_merge = _by_merge(find_sites(prog))
     for sites in by_merge.values():
+        if is_search(sites):
+            diags += study_of(sites)[1]
+            if not _has_optuna():
+                diags.append(Diagnostic("E019", "a search needs optuna, which is not installed", sites[0].call.span,
+                                        "pip install 'fusionlang[search]' (optuna and cmaes)"))
         for s in sites[1:]:
             if s.split != sites[0].split:
                 diags.append(Diagnostic("E019", f"the tune() arguments of one merge must choose on the same split "
@@ -143,7 +69,10 @@ def check_candidates(prog: ir.Program) -> list[Diagnostic]:
                                         "they are searched together, as a grid, on one split"))
     for sites in by_merge.values():
         for s in sites:
-            for item, v in zip(ir.tune_values(prog, s.call), s.values):
+            items = list(zip(ir.tune_values(prog, s.call), s.values))
+            if s.range is not None:  # the middle of a range too: e.g. a fraction where an integer is needed
+                items.append((items[0][0], (s.range[0] + s.range[1]) / 2))
+            for item, v in items:
                 try:
                     Lowerer(substitute(prog, {s.key: v}), dry=True).dry_check(merges={s.merge}, first_probe_only=True)
                 except FuseErrors as e:
@@ -152,6 +81,12 @@ def check_candidates(prog: ir.Program) -> list[Diagnostic]:
                             diags.append(Diagnostic(d.code, f"candidate {s.param}={v:g} of tune(): {d.message}",
                                                     item.span, d.hint or f"(at {d.span})"))
     return diags
+
+
+def _has_optuna() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("optuna") is not None
 
 
 def _by_merge(sites: list[TuneSite]) -> dict[str, list[TuneSite]]:
@@ -187,20 +122,21 @@ def resolve(prog: ir.Program, run_device: str, eval_device: str, console, shard_
     while by_merge:
         pending = set(by_merge)
         q = next((m for m in by_merge if not _depends_on(prog, m, pending)), next(iter(by_merge)))
-        records.append(_tune_merge(substitute(prog, chosen), q, by_merge.pop(q), chosen, run_device, eval_device,
-                                   console, shard_bytes))
+        sites = by_merge.pop(q)
+        how = search_merge if is_search(sites) else _tune_merge
+        records.append(how(substitute(prog, chosen), q, sites, chosen, run_device, eval_device, console, shard_bytes))
     return substitute(prog, chosen), records
 
 
 def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, run_device: str,
                 eval_device: str, console, shard_bytes: int) -> TuneRecord:
-    from .evaluation import resolve_task, score_task
+    from .evaluation import resolve_task
 
     short = q.split("::")[-1]
     tasks = list(dict.fromkeys(t for s in sites for t in s.tasks))
     split = sites[0].split
-    task_args = {t: resolve_task(prog, t) for t in tasks}
-    rec = TuneRecord(short, split, [t.split("::")[-1] for t in tasks], [s.param for s in sites])
+    task_args = {t.split("::")[-1]: resolve_task(prog, t) for t in tasks}
+    rec = TuneRecord(short, split, list(task_args), [s.param for s in sites])
     grid = list(itertools.product(*(s.values for s in sites)))
     console.print(f"tuning [bold]{short}[/]: {len(grid)} candidate{'s' * (len(grid) != 1)} "
                   f"on the '{split}' split of {', '.join(rec.tasks)}")
@@ -208,31 +144,33 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
 
     beat = Heartbeat(stderr_writer(console), f"tuning {short}", "candidates")
     best = None
+    memo: dict = {}
+    reused = 0
     tmp = tempfile.mkdtemp(prefix="fusionlang-tune-")
     try:
         for i, combo in enumerate(grid):
             values = {s.key: v for s, v in zip(sites, combo)}
             shown = {s.param: v for s, v in zip(sites, combo)}
             label = ", ".join(f"{k}={v:g}" for k, v in shown.items())
-            out = str(Path(tmp) / f"{short}-{i}")
-            # a long candidate shows its merge and its evaluation batches (throttled lines)
-            _merge_one(substitute(prog, values), q, out, run_device, shard_bytes,
-                       lambda d, n, i=i, label=label: beat.beat(i, len(grid), f"{label}: merged {min(d, n)}/{n} tensors"))
-            acc = {}
-            for t in tasks:
-                name = t.split("::")[-1]
-                acc[name] = score_task(out, task_args[t], eval_device, split, on_batch=lambda b, n, name=name, i=i, label=label: beat.beat(
-                    i, len(grid), f"{label}: {name} batch {b}/{n}"))["accuracy"]
-            shutil.rmtree(out, ignore_errors=True)
+            # a long candidate shows its merge and its evaluation batches (throttled lines);
+            # its scores are cached like a search's (eval.search.candidate_key)
+            scores, cached = candidate_scores(
+                substitute(prog, values), q, str(Path(tmp) / f"{short}-{i}"), task_args, split, run_device,
+                eval_device, shard_bytes, lambda what, i=i, label=label: beat.beat(i, len(grid), f"{label}: {what}"),
+                memo, shown)
+            reused += cached
+            acc = {name: s["accuracy"] for name, s in scores.items()}
             avg = sum(acc.values()) / len(acc)
             rec.candidates.append({"values": shown, "accuracy": acc, "average": avg})
             beat.last = float("-inf")  # every finished candidate gets its line
             beat.beat(i + 1, len(grid), f"{label}  ->  {100 * avg:.1f}  ("
-                      + ", ".join(f"{k} {100 * x:.1f}" for k, x in acc.items()) + ")")
+                      + ", ".join(f"{k} {100 * x:.1f}" for k, x in acc.items()) + ")" + ("  (cached)" * cached))
             if best is None or avg > best[0]:
                 best = (avg, values, shown)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if reused:
+        console.print(f"  {len(grid) - reused} merged and evaluated, {reused} reused from the cache")
     chosen.update(best[1])
     rec.chosen = best[2]
     console.print(f"  chosen: [bold]{', '.join(f'{k}={v:g}' for k, v in rec.chosen.items())}[/] "
@@ -241,14 +179,3 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
     for n in rec.notes:
         console.print(f"  note: {n}", markup=False, highlight=False, soft_wrap=True)
     return rec
-
-
-def _merge_one(prog: ir.Program, q: str, out: str, device: str, shard_bytes: int, progress=None) -> None:
-    from ..passes import run_passes
-    from ..plan.lower import Lowerer
-    from ..runtime.scheduler import run_plan
-
-    b = prog.bindings[q]
-    save = ir.SaveIR(name=q, display=q.split("::")[-1], path=out, dtype=None, span=b.span, path_span=b.span)
-    plan = run_passes(Lowerer(prog.model_copy(update={"saves": (save,), "evals": ()})).lower())
-    run_plan(plan, device, shard_bytes, progress)

@@ -80,6 +80,7 @@ def check(task: dict, model_dir: str, name: str) -> None:
 def score(model_dir: str | dict, task: dict, device: str, on_batch=None) -> dict:
     """Score a model directory on a user task. Returns the metric (`accuracy`, or
     `perplexity` with `loss` and `tokens`; for exact_match `accuracy` = `exact_match`), `n`, `latency_per_batch_s`, `peak_mem_bytes`.
+    An accuracy() task also reports `loss`: the mean cross-entropy (nats per row) of the head's logits against the labels.
     An ensemble (`model_dir` a dict of members, weights, mode) combines its members' logits."""
     if task["kind"] == "lm_eval":
         if isinstance(model_dir, dict):
@@ -144,7 +145,9 @@ def score(model_dir: str | dict, task: dict, device: str, on_batch=None) -> dict
                 all_logits = outs[0]
             if task["kind"] == "accuracy":
                 pred = all_logits.argmax(-1).cpu()
-                correct += int((pred == torch.as_tensor(ex.labels[start:stop])).sum())
+                labels = torch.as_tensor(ex.labels[start:stop])
+                correct += int((pred == labels).sum())
+                loss_sum += float(torch.nn.functional.cross_entropy(all_logits.float().cpu(), labels, reduction="sum"))
             else:
                 logits = all_logits[:, :-1].float()
                 target = batch["input_ids"][:, 1:]
@@ -160,6 +163,7 @@ def score(model_dir: str | dict, task: dict, device: str, on_batch=None) -> dict
            "peak_mem_bytes": _peak_mem_bytes(device), "batch_size": bs}
     if task["kind"] == "accuracy":
         res["accuracy"] = correct / len(ex)
+        res["loss"] = loss_sum / len(ex)  # mean cross-entropy (nats) of the head's logits against the labels
     else:
         loss = loss_sum / tokens if tokens else float("nan")
         res.update(loss=loss, perplexity=math.exp(loss) if tokens else float("nan"), tokens=tokens)

@@ -228,6 +228,12 @@ class ExprChecker(ModuleChecker):
                         check_path_string(self.sink, a.value, a.span)
             if e.func == "tune":
                 self._check_tune(e, args, kwargs)
+            elif e.func == "between":
+                from .search_args import check_between
+
+                call = ir.CallE(span=s, type="range", kind="builtin", target="between", args=args,
+                                kwargs=tuple((k, v) for k, v, _ in kwargs))
+                check_between(self.sink, call, self.folded)
             return ir.CallE(span=s, type=b.returns, kind="builtin", target=e.func, args=args,
                             kwargs=tuple((k, v) for k, v, _ in kwargs))
         self._unknown(mod, e.func, e.func_span, scope, called=True)
@@ -268,11 +274,14 @@ class ExprChecker(ModuleChecker):
             values = self.bindings[values.name].value
         if isinstance(on, ir.Ref) and on.type != "task" and on.scope == "global" and on.name in self.bindings:
             on = self.bindings[on.name].value
-        if values is not None and values.type != "any":
+        if ir.is_between(values):
+            pass  # a search range: between() checked its bounds
+        elif values is not None and values.type != "any":
             if not (isinstance(values, ir.ListE) and values.items
                     and all(isinstance(i, ir.Const) and i.type in ("number", "int") for i in values.items)):
-                self.sink.error("E019", "tune() needs a literal list of candidate numbers", values.span,
-                                "e.g. tune([0.1, 0.2, 0.3, 0.5, 0.7, 1.0], on=[task1, task2]), or a `let` holding one")
+                self.sink.error("E019", "tune() needs a literal list of candidate numbers or a between() range",
+                                values.span, "e.g. tune([0.1, 0.2, 0.3, 0.5, 0.7, 1.0], on=[task1, task2]), or "
+                                "tune(between(0.1, 1.0), on=[task1, task2], budget=16), or a `let` holding one")
             elif len({i.value for i in values.items}) != len(values.items):
                 self.sink.error("E019", "tune() lists a candidate twice", values.span, "list each candidate once")
             else:
@@ -288,6 +297,9 @@ class ExprChecker(ModuleChecker):
                 if not (isinstance(i, ir.Ref) and i.type == "task"):
                     self.sink.error("E005", f"tune() chooses on tasks, not {type_name(i.type)}", i.span,
                                     'declare one with `task NAME = classify("NAME", zoo="text")`')
+        from .search_args import check_search
+
+        check_search(self.sink, bound, self.folded)
         split = bound.get("split")
         if isinstance(split, ir.Const) and split.value == "test":
             self.sink.warning("W002", "tune() chooses on the test split: the reported test accuracy is then "
@@ -368,7 +380,8 @@ def type_name(t: str) -> str:
     return {"model": "a model", "models": "a list of models", "number": "a number", "int": "an integer",
             "string": "a string", "bool": "a bool", "numbers": "a list of numbers", "list": "a list",
             "tensor": "a model", "tensors": "a list of models", "none": "none", "function": "a function",
-            "slice": "a layer range", "data": "a data value", "stats": "a list of statistics"}.get(t, t)
+            "slice": "a layer range", "data": "a data value", "stats": "a list of statistics",
+            "range": "a search range (between() belongs in tune())"}.get(t, t)
 
 
 def arg_text(a: ir.Expr) -> str:

@@ -178,9 +178,15 @@ BUILTINS: dict[str, BuiltinSig] = {
                                "SVD of each Linear layer's task vector cut to max_rank; embeddings, norms and "
                                "modules_to_save at full rank; the whole value of a merge, saved as "
                                "adapter_model.safetensors + adapter_config.json"),
-    "tune": BuiltinSig((("values", "numbers", REQUIRED), ("on", "any", REQUIRED), ("split", "string", "val")), "number",
-                       "a merge argument chosen at run time: the candidate with the best mean accuracy on the "
-                       "tasks' validation split"),
+    "tune": BuiltinSig((("values", "any", REQUIRED), ("on", "any", REQUIRED), ("split", "string", "val"),
+                        ("budget", "int", None), ("sampler", "string", None), ("seed", "int", None),
+                        ("objectives", "list", None), ("pick", "string", None)), "number",
+                       "a merge argument chosen at run time on the tasks' validation split: the candidate with the "
+                       "best mean accuracy (a grid), or with budget= a search (optuna: tpe, gp, cmaes, random, "
+                       "nsga2) over a list or a between() range, on one or several objectives"),
+    "between": BuiltinSig((("low", "number", REQUIRED), ("high", "number", REQUIRED), ("log", "bool", False)),
+                          "range", "a continuous range [low, high] for tune() to search (optuna's suggest_float; "
+                          "log=true searches log(x))"),
 }
 
 _TYPE_OK = {

@@ -347,6 +347,9 @@ class Evaluator:
             if e.target == "ramp":
                 a, b = float(args["start"]), float(args["end"])
                 return a + (b - a) * ctx.t
+            if e.target == "between":
+                raise EvalError("E019", "between() is a search range: it belongs in tune()", e.span,
+                                "e.g. scale=tune(between(0.1, 1.0), on=[task1], budget=16)")
             raise AssertionError(e.target)
         if e.kind == "def":
             d = self.prog.defs[e.target]

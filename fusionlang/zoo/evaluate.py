@@ -168,7 +168,9 @@ def evaluate(
 ) -> dict:
     """Accuracy of ``model`` (+ the task's frozen head) on ``split`` of ``task``.
 
-    Returns ``accuracy``, ``n`` (examples), ``correct``, ``latency_per_batch_s`` (mean
+    Returns ``accuracy``, ``loss`` (mean cross-entropy in nats of the logits, softmax
+    over the task's classes, against the labels: what the head was trained on),
+    ``n`` (examples), ``correct``, ``latency_per_batch_s`` (mean
     wall time of one forward batch, tokenisation/preprocessing included),
     ``peak_mem_bytes`` (CUDA: peak allocated; CPU: the process's peak RSS),
     ``batches``, ``task``, ``split``. ``dataset`` overrides the task's data (tests).
@@ -188,7 +190,7 @@ def evaluate(
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
 
-    correct, times, batches = 0, [], 0
+    correct, loss_sum, times, batches = 0, 0.0, [], 0
     labels = torch.as_tensor(list(data.labels[:n]))
     with torch.no_grad():
         for start in range(0, n, batch_size):
@@ -223,11 +225,14 @@ def evaluate(
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
             correct += int((pred == labels[start:stop]).sum())
+            loss_sum += float(torch.nn.functional.cross_entropy(logits.float().cpu(), labels[start:stop],
+                                                                reduction="sum"))
             batches += 1
             if on_batch is not None:
                 on_batch(batches, -(-n // batch_size))
     return {
         "accuracy": correct / n if n else float("nan"),
+        "loss": loss_sum / n if n else float("nan"),
         "n": n,
         "correct": correct,
         "latency_per_batch_s": sum(times) / len(times) if times else 0.0,
