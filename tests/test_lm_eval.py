@@ -137,10 +137,10 @@ model base = local("base")
 models experts = [local("e0"), local("e1")]
 task t = lm_eval("tasks/mc.yaml")
 merge ta = task_arithmetic(base, experts, scale=tune(between(0.1, 1.0), on=[t], budget=3))
-save ta to "out/ta"
+save ta to "out/ta_tuned"
 ''', "tune_lm.fuse")
     for cmd in ("check", "run"):
         rc, _, err = run_cli(cmd, str(spec))
         assert rc == 1 and "Traceback" not in err, err
         assert "tune_lm.fuse:5:76: error[E019]: tune() chooses by accuracy or loss, and 't' is an lm_eval() task" in err
-    assert not (root / "out/ta").exists()
+    assert not (root / "out/ta_tuned").exists()
