@@ -134,13 +134,19 @@ slices:
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_same_output_as_mergekit(zoo, name):
+@pytest.fixture(scope="module")
+def mergekit_outputs(zoo):
+    """Every case's MergeKit output, from one MergeKit process (start-up paid once)."""
     root, _ = zoo
-    body, yaml = CASES[name]
+    return run_mergekit_batch(root, {name: yaml for name, (_, yaml) in CASES.items()})
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_same_output_as_mergekit(zoo, mergekit_outputs, name):
+    root, _ = zoo
+    body, _yaml = CASES[name]
     ours = run_fuse(root, body, name)
-    theirs = run_mergekit(root, yaml, name)
-    assert_same(ours, theirs)
+    assert_same(ours, load_state(mergekit_outputs[name]))
 
 
 def test_dare_l1_rescale_matches_mergekit_statistics(zoo):
