@@ -199,3 +199,25 @@ save m to "out/m"
     assert code in err and needle in err, err
     (line, _col, _), *_ = error_locations(err)
     assert line == 4
+
+
+def test_a_model_without_tokenizer_files_is_located(fam, tmp_path):
+    """tokenizer() reads every model's tokenizer: a directory without one is E011 naming it."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(fam / "e2", bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            f.unlink()
+    spec = write_spec(fam, f'''use merging
+model base = local("base")
+model bare = local("{bare}")
+merge m = tokenizer(average([base, bare]))
+save m to "out/bare"
+''', "bare.fuse")
+    rc, out, err = run_cli("compile", str(spec))
+    assert rc == 1 and "Traceback" not in err, out + err
+    assert "E011" in err and "tokenizer of 'bare'" in err, err
+    (line, _col, _), *_ = error_locations(err)
+    assert line == 4
