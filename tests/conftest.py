@@ -163,6 +163,35 @@ def word_tokenizer():
     return fast, vocab
 
 
+@pytest.fixture(scope="module")
+def mk_family(tmp_path_factory):
+    """(root, family) of the MergeKit comparisons: a tiny Llama base and three experts
+    (noise 0.02, seed 11), one per test module. NOTE: at seed 11 no two task-vector
+    magnitudes tie at a trim threshold, where MergeKit keeps whichever its unstable
+    argsort puts first and fusionlang the first in flat order
+    (docs/mergekit-semantics.md, "ties at the threshold")."""
+    root = tmp_path_factory.mktemp("mk")
+    return root, make_family(root, "llama", n_experts=3, noise=0.02, seed=11)
+
+
+def word_llama(path: Path, seed: int, **sizes):
+    """A tiny LlamaForCausalLM over the word tokenizer, initialised after
+    torch.manual_seed(seed) and saved with the tokenizer to `path`; `sizes` override the
+    config (hidden_size 16, intermediate_size 32, 2 layers, 2 heads, 2 key/value heads).
+    Returns the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast, vocab = word_tokenizer()
+    config = {"vocab_size": len(vocab), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 32,
+              "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3} | sizes
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return model
+
+
 def make_causal_family(root: Path, n_experts: int = 2, rows: int = 30, seed: int = 0) -> dict[str, Path]:
     """Tiny LlamaForCausalLM models (base + noise experts) with the word-level tokenizer,
     and `lm.jsonl`: `rows` random sentences ("text")."""
@@ -281,6 +310,9 @@ class ReferenceWorker:
 
 
 FUSIONBENCH_PYTHON = Path(os.environ.get("FUSIONBENCH_PYTHON") or REPO / ".venv-fusionbench/bin/python")
+# NOTE: on CI a missing FusionBench is a failure (the tests run and cannot start it), never a skip
+needs_fusionbench = pytest.mark.skipif(not FUSIONBENCH_PYTHON.is_file() and not os.environ.get("CI"),
+                                       reason="FusionBench not installed (bash .ci/install_fusionbench.sh)")
 _workers: dict[Path, ReferenceWorker] = {}
 
 

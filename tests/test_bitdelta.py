@@ -8,7 +8,6 @@ nothing else, and the located errors."""
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest
@@ -17,17 +16,15 @@ from conftest import (
     FUSIONBENCH_PYTHON,
     REPO,
     WORDS,
-    error_locations,
     load_state,
+    needs_fusionbench,
     run_cli,
     run_reference,
+    word_llama,
     word_tokenizer,
     write_spec,
 )
-
-if not FUSIONBENCH_PYTHON.is_file() and os.environ.get("CI"):
-    raise RuntimeError("FusionBench is required on CI: run `bash .ci/install_fusionbench.sh`")
-needs_fb = pytest.mark.skipif(not FUSIONBENCH_PYTHON.is_file(), reason="FusionBench not installed")
+from test_errors import expect_error
 
 STEPS, BS, LR, MAXLEN = 12, 2, 1e-3, 12
 
@@ -36,22 +33,15 @@ STEPS, BS, LR, MAXLEN = 12, 2, 1e-3, 12
 def fam(tmp_path_factory):
     """A tiny Llama (hidden 32, MLP 64: in-features divisible by 32, as FusionBench's bit
     packing needs) and a fine-tune (every tensor moved by noise), 24 rows of text."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("bitdelta")
-    fast, vocab = word_tokenizer()
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    torch.manual_seed(9)
-    base = LlamaForCausalLM(config)
-    base.save_pretrained(root / "base")
-    fast.save_pretrained(root / "base")
+    base = word_llama(root / "base", 9, hidden_size=32, intermediate_size=64, num_attention_heads=4)
     g = torch.Generator().manual_seed(10)
-    ft = LlamaForCausalLM(config)
+    ft = LlamaForCausalLM(base.config)
     ft.load_state_dict({k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
     ft.save_pretrained(root / "ft")
-    fast.save_pretrained(root / "ft")
+    word_tokenizer()[0].save_pretrained(root / "ft")
     rng = random.Random(3)
     rows = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(STEPS * BS)]
     (root / "calib.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
@@ -75,7 +65,7 @@ def compressed(k: str) -> bool:
     return k.startswith("model.layers.") and k.endswith("proj.weight")
 
 
-@needs_fb
+@needs_fusionbench
 def test_matches_fusionbench(fam):
     root, rows = fam
     mine = ours(root, "bd")
@@ -161,8 +151,5 @@ data calib = dataset("calib.jsonl", text="text")
 merge bad = bitdelta(base, ft, calib{args})
 save bad to "out/bad"
 ''', "bad.fuse")
-    rc, out, err = run_cli("compile", str(spec))
-    assert rc == 1, out + err
-    assert "E006" in err and needle in err, err
-    (line, col, _), *_ = error_locations(err)
-    assert line == 5 and col > len("merge bad = bitdelta(base, ft, calib"), err
+    d = expect_error(run_cli("compile", str(spec)), "E006", line=5)
+    assert needle in d["msg"] and d["col"] > len("merge bad = bitdelta(base, ft, calib"), d

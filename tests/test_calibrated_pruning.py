@@ -7,7 +7,6 @@ layers are measured on the pruned layers below, and the located errors."""
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -17,17 +16,15 @@ from conftest import (
     FUSIONBENCH_PYTHON,
     REPO,
     WORDS,
-    error_locations,
     load_state,
+    needs_fusionbench,
     run_cli,
     run_reference,
+    word_llama,
     word_tokenizer,
     write_spec,
 )
-
-if not FUSIONBENCH_PYTHON.is_file() and os.environ.get("CI"):
-    raise RuntimeError("FusionBench is required on CI: run `bash .ci/install_fusionbench.sh`")
-needs_fb = pytest.mark.skipif(not FUSIONBENCH_PYTHON.is_file(), reason="FusionBench not installed")
+from test_errors import expect_error
 
 STACK = "model.layers."
 
@@ -37,16 +34,9 @@ def fam(tmp_path_factory):
     """A tiny Llama (hidden 32, MLP 160: down_proj has 160 input columns, two SparseGPT
     blocks of 128) and 12 calibration sentences of 10 words (10 tokens: no padding, as
     FusionBench's fixed-length samples)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("calibrated")
-    fast, vocab = word_tokenizer()
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=160, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    torch.manual_seed(5)
-    LlamaForCausalLM(config).save_pretrained(root / "base")
-    fast.save_pretrained(root / "base")
+    _, vocab = word_tokenizer()
+    word_llama(root / "base", 5, hidden_size=32, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4)
     rng = random.Random(1)
     rows = [" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(12)]
     (root / "calib.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
@@ -89,7 +79,7 @@ CASES = [
 ]
 
 
-@needs_fb
+@needs_fusionbench
 @pytest.mark.parametrize("method,name,fb_params,args", CASES)
 def test_matches_fusionbench(fam, method, name, fb_params, args):
     root, ids = fam
@@ -204,9 +194,5 @@ data calib = dataset("calib.jsonl", text="text")
 merge bad = wanda(m, calib, {args})
 save bad to "out/bad"
 ''', "bad.fuse")
-    rc, out, err = run_cli("compile", str(spec))
-    assert rc == 1, out + err
-    assert code in err and needle in err, err
-    line, col, _ = error_locations(err)[0]
-    assert line == 4 and col > len("merge bad = wanda(m, calib, "), err
-    assert "Traceback" not in err
+    d = expect_error(run_cli("compile", str(spec)), code, line=4)
+    assert needle in d["msg"] and d["col"] > len("merge bad = wanda(m, calib, "), d

@@ -6,7 +6,8 @@ merged from the first and last slices' models at position 0); and the located er
 from __future__ import annotations
 
 import pytest
-from conftest import error_locations, load_state, make_family, run_cli, write_spec
+from conftest import load_state, run_cli, write_spec
+from test_errors import expect_error
 from test_mergekit_conformance import MERGEKIT, assert_same, run_fuse, run_mergekit_batch
 
 pytestmark = pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (bash .ci/install_mergekit.sh)")
@@ -31,29 +32,23 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mslices")
-    return root, make_family(root, "llama", n_experts=3, noise=0.02, seed=11)
-
-
-@pytest.fixture(scope="module")
-def mergekit(zoo):
-    return run_mergekit_batch(zoo[0], {name: yaml for name, (_, yaml) in CASES.items()})
+def mergekit(mk_family):
+    return run_mergekit_batch(mk_family[0], {name: yaml for name, (_, yaml) in CASES.items()})
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_mergekit(zoo, mergekit, name):
-    root, _ = zoo
+def test_matches_mergekit(mk_family, mergekit, name):
+    root, _ = mk_family
     mine = run_fuse(root, CASES[name][0], name)
     assert_same(mine, load_state(mergekit[name]))
     cfg = (root / "fl_out" / name / "config.json").read_text()
     assert '"num_hidden_layers": 4' in cfg
 
 
-def test_offset_layers_are_read(zoo):
+def test_offset_layers_are_read(mk_family):
     """Independent of MergeKit: output layer j of linear([layers(e0, 0, 3), layers(e1, 1, 4)])
     is 0.7 · e0 layer j + 0.3 · e1 layer j + 1."""
-    root, fam = zoo
+    root, fam = mk_family
     mine = run_fuse(root, "slices([linear([layers(experts[0], 0, 3), layers(experts[1], 1, 4)], [0.7, 0.3])])", "off")
     e0, e1 = load_state(fam["e0"]), load_state(fam["e1"])
     for j in range(3):
@@ -67,16 +62,13 @@ def test_offset_layers_are_read(zoo):
     ("lerp(layers(experts[0], 0, 2), experts[1], 0.5)", "E005", "through layers"),
     ("lerp(layers(experts[0], 0, 2), layers(experts[1], 3, 5), 0.5)", "E006", "outside"),
 ])
-def test_mistakes_are_located(zoo, item, code, needle):
-    root, _ = zoo
+def test_mistakes_are_located(mk_family, item, code, needle):
+    root, _ = mk_family
     spec = write_spec(root, f'''use merging
 model base = local("base")
 models experts = [local("e0"), local("e1"), local("e2")]
 merge m = slices([{item}])
 save m to "out/m"
 ''', "bad.fuse")
-    rc, out, err = run_cli("compile", str(spec))
-    assert rc == 1, out + err
-    assert code in err and needle in err, err
-    (line, _col, _), *_ = error_locations(err)
-    assert line == 4
+    d = expect_error(run_cli("compile", str(spec)), code, line=4)
+    assert needle in d["msg"], d

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, load_state, make_family, run_cli, write_spec
+from conftest import REPO, load_state, run_cli, write_spec
 
 
 def _mergekit() -> str | None:
@@ -22,13 +22,6 @@ MERGEKIT = _mergekit()
 if MERGEKIT is None and os.environ.get("CI"):
     raise RuntimeError("MergeKit is required on CI: run `bash .ci/install_mergekit.sh`")
 pytestmark = pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (bash .ci/install_mergekit.sh)")
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mk")
-    fam = make_family(root, "llama", n_experts=3, noise=0.02, seed=11)
-    return root, fam
 
 
 def run_mergekit(root: Path, yaml: str, name: str) -> dict[str, torch.Tensor]:
@@ -135,24 +128,24 @@ slices:
 
 
 @pytest.fixture(scope="module")
-def mergekit_outputs(zoo):
+def mergekit_outputs(mk_family):
     """Every case's MergeKit output, from one MergeKit process (start-up paid once)."""
-    root, _ = zoo
+    root, _ = mk_family
     return run_mergekit_batch(root, {name: yaml for name, (_, yaml) in CASES.items()})
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_same_output_as_mergekit(zoo, mergekit_outputs, name):
-    root, _ = zoo
+def test_same_output_as_mergekit(mk_family, mergekit_outputs, name):
+    root, _ = mk_family
     body, _yaml = CASES[name]
     ours = run_fuse(root, body, name)
     assert_same(ours, load_state(mergekit_outputs[name]))
 
 
-def test_dare_l1_rescale_matches_mergekit_statistics(zoo):
+def test_dare_l1_rescale_matches_mergekit_statistics(mk_family):
     """DARE masks come from different RNGs, so compare what the method guarantees:
     the kept fraction and the per-tensor L1 norm of each delta (MergeKit's rescale)."""
-    root, fam = zoo
+    root, fam = mk_family
     ours = run_fuse(root, 'dare(base, [experts[0]], density=0.5, rescale="l1", seed=0)', "dare_l1")
     theirs = run_mergekit(root, "merge_method: dare_linear\nbase_model: ./base\nmodels:\n"
                           "  - model: ./e0\n    parameters: {weight: 1.0, density: 0.5}\n", "dare_l1")

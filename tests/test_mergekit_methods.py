@@ -17,12 +17,6 @@ RTOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mkm")
-    return root, make_family(root, "llama", n_experts=3, noise=0.02, seed=11)
-
-
-@pytest.fixture(scope="module")
 def quiet_zoo(tmp_path_factory):
     """Experts 1e-4 away from the base: task vectors whose mean square is below SCE's
     absolute 1e-6 threshold (its equal-weights branch)."""
@@ -122,16 +116,16 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def mergekit_outputs(zoo):
+def mergekit_outputs(mk_family):
     """Every case's MergeKit output, from one MergeKit process (start-up paid once)."""
-    root, _ = zoo
+    root, _ = mk_family
     return run_mergekit_batch(root, {name: yaml for name, (_, yaml) in CASES.items()})
 
 
 @needs_mergekit
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_same_output_as_mergekit(zoo, mergekit_outputs, name):
-    root, _ = zoo
+def test_same_output_as_mergekit(mk_family, mergekit_outputs, name):
+    root, _ = mk_family
     body, _yaml = CASES[name]
     assert_close(run_fuse(root, body, name), load_state(mergekit_outputs[name]))
 
@@ -166,11 +160,11 @@ def run_della(root, body: str, name: str):
 
 
 @pytest.mark.parametrize("rescale", ["none", "inverse", "l1"])
-def test_della_random_path_invariants(zoo, rescale):
+def test_della_random_path_invariants(mk_family, rescale):
     """One model, density 0.4 ± 0.3: kept entries are the delta's own (÷ p for
     "inverse", times the L1 factor for "l1"); the kept fraction is 0.4 and follows the
     magnitude rank as the formula says."""
-    root, fam = zoo
+    root, fam = mk_family
     density, eps = 0.4, 0.3
     out = run_della(root, f'della_linear(base, [experts[0]], density={density}, epsilon={eps}, rescale="{rescale}")',
                     f"della_{rescale}")
@@ -203,8 +197,8 @@ def test_della_random_path_invariants(zoo, rescale):
     assert abs(high_kept / high_n - (density + 0.75 * eps)) < 0.035  # and over the top quarter
 
 
-def test_della_masks_are_seeded_per_tensor(zoo):
-    root, _ = zoo
+def test_della_masks_are_seeded_per_tensor(mk_family):
+    root, _ = mk_family
     a = run_della(root, "della(base, experts, density=0.5, seed=1)", "della_s1")
     b = run_della(root, "della(base, experts, density=0.5, seed=1)", "della_s1b")
     c = run_della(root, "della(base, experts, density=0.5, seed=2)", "della_s2")
@@ -213,10 +207,10 @@ def test_della_masks_are_seeded_per_tensor(zoo):
 
 
 @needs_mergekit
-def test_della_statistics_match_mergekit(zoo):
+def test_della_statistics_match_mergekit(mk_family):
     """MergeKit draws from torch's RNG: compare what the method guarantees, per rank
     band: the kept fraction, and the L1 norm of each delta (rescale)."""
-    root, fam = zoo
+    root, fam = mk_family
     ours = run_della(root, "della_linear(base, [experts[1]], density=0.5, epsilon=0.25)", "della_mk")
     theirs = run_mergekit(root, "merge_method: della_linear\n"
                           + per_model({"weight": [1.0], "density": [0.5], "epsilon": [0.25]}, models=("e1",)),
@@ -289,13 +283,13 @@ def test_multislerp_cancelling_models_beyond_two_are_an_error():
     assert e.value.code == "E006"
 
 
-def test_multislerp_of_unchanged_tensors_is_the_base(zoo, tmp_path):
+def test_multislerp_of_unchanged_tensors_is_the_base(mk_family, tmp_path):
     """A tensor no fine-tune changed has zero task vectors: the barycenter is the base
     there (MergeKit fails on it); and where models really cancel, the error is located
     at the save and names the tensor."""
     from safetensors.torch import save_file
 
-    _root, fam = zoo
+    _root, fam = mk_family
     base = load_state(fam["base"])
     key = "model.layers.0.mlp.up_proj.weight"
     for i in range(3):  # copies whose `key` is the base's, and otherwise the experts'

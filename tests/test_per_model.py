@@ -6,7 +6,8 @@ and the located error where one value applies to all models."""
 from __future__ import annotations
 
 import pytest
-from conftest import error_locations, run_cli, write_spec
+from conftest import load_state, run_cli, write_spec
+from test_errors import expect_error
 from test_mergekit_conformance import MERGEKIT, assert_same, run_fuse, run_mergekit_batch
 
 pytestmark = pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (bash .ci/install_mergekit.sh)")
@@ -37,34 +38,21 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def mergekit(zoo):
-    root, _ = zoo
+def mergekit(mk_family):
+    root, _ = mk_family
     return run_mergekit_batch(root, {name: yaml for name, (_, yaml) in CASES.items()})
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    from conftest import make_family
-
-    root = tmp_path_factory.mktemp("permodel")
-    # NOTE: a seed whose task vectors have no two equal magnitudes at any trim threshold:
-    # there MergeKit keeps whichever its unstable argsort puts first, fusionlang the first
-    # in flat order (docs/mergekit-semantics.md, "ties at the threshold")
-    return root, make_family(root, "llama", n_experts=3, noise=0.02, seed=11)
-
-
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_mergekit(zoo, mergekit, name):
-    from conftest import load_state
-
-    root, _ = zoo
+def test_matches_mergekit(mk_family, mergekit, name):
+    root, _ = mk_family
     assert_same(run_fuse(root, CASES[name][0], name), load_state(mergekit[name]))
 
 
-def test_per_model_differs_from_the_same_value_for_all(zoo):
+def test_per_model_differs_from_the_same_value_for_all(mk_family):
     """The per-model densities are used (a can-fail check next to the reference): the
     result is not ties at any one of the three densities."""
-    root, _ = zoo
+    root, _ = mk_family
     mine = run_fuse(root, "ties(base, experts, density=per_model([0.2, 0.5, 0.8]))", "pm")
     for d in (0.2, 0.5, 0.8):
         one = run_fuse(root, f"ties(base, experts, density={d})", f"one_{int(d * 10)}")
@@ -72,19 +60,16 @@ def test_per_model_differs_from_the_same_value_for_all(zoo):
 
 
 @pytest.mark.parametrize("body,needle", [
-    ("task_arithmetic(base, experts, scale=per_model([0.3, 0.5, 0.2]))", "'scale'"),
-    ("ties(base, experts, density=per_model([0.3, 0.5]))", "per_model"),
+    ("task_arithmetic(base, experts, scale=per_model([0.3, 0.5, 0.2]))", "'*' takes one value"),
+    ("ties(base, experts, density=per_model([0.3, 0.5]))", "'trim' takes one value"),
 ])
-def test_one_value_for_all_models_is_located(zoo, body, needle):
-    root, _ = zoo
+def test_one_value_for_all_models_is_located(mk_family, body, needle):
+    root, _ = mk_family
     spec = write_spec(root, f'''use merging
 model base = local("base")
 models experts = [local("e0"), local("e1"), local("e2")]
 merge bad = {body}
 save bad to "out/bad"
 ''', "bad.fuse")
-    rc, out, err = run_cli("compile", str(spec))
-    assert rc == 1, out + err
-    assert "E006" in err and "per_model" in err, err
-    (line, col, _), *_ = error_locations(err)
-    assert line == 4 and body.index("per_model") + len("merge bad = ") + 1 == col, err
+    d = expect_error(run_cli("compile", str(spec)), "E006", at=(4, body.index("per_model") + len("merge bad = ") + 1))
+    assert "per_model" in d["msg"] and needle in d["msg"], d

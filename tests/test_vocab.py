@@ -11,7 +11,8 @@ import copy
 
 import pytest
 import torch
-from conftest import error_locations, load_state, run_cli, word_tokenizer, write_spec
+from conftest import load_state, run_cli, word_llama, word_tokenizer, write_spec
+from test_errors import expect_error
 from test_mergekit_conformance import MERGEKIT, run_mergekit_batch
 
 needs_mk = pytest.mark.skipif(MERGEKIT is None, reason="mergekit not installed (bash .ci/install_mergekit.sh)")
@@ -26,17 +27,11 @@ def fam(tmp_path_factory):
     """base (40 tokens); e0 adds "<x>", "<y>"; e1 adds "<y>" and the special token
     "<|end|>"; e2 has the base's vocabulary. Every fine-tune is the base plus noise, its
     new rows random."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("vocab")
-    fast, vocab = word_tokenizer()
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    torch.manual_seed(1)
-    base = LlamaForCausalLM(config)
-    base.save_pretrained(root / "base")
-    fast.save_pretrained(root / "base")
+    _, vocab = word_tokenizer()
+    base = word_llama(root / "base", 1)
     for i, (normal, special) in enumerate([(["<x>", "<y>"], []), (["<y>"], ["<|end|>"]), ([], [])]):
         tok, _ = word_tokenizer()
         tok.chat_template = TEMPLATES[min(i, 1)]
@@ -44,7 +39,7 @@ def fam(tmp_path_factory):
         if special:
             tok.add_special_tokens({"additional_special_tokens": special})
         g = torch.Generator().manual_seed(20 + i)
-        m = LlamaForCausalLM(copy.deepcopy(config))
+        m = LlamaForCausalLM(copy.deepcopy(base.config))
         m.load_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()})
         m.resize_token_embeddings(len(tok), mean_resizing=False)
         with torch.no_grad():
@@ -176,9 +171,8 @@ models experts = [local("e0"), local("e1")]
 merge m = ties(base, experts, density=0.5)
 save m to "out/m"
 ''', "nomatch.fuse")
-    rc, _out, err = run_cli("compile", str(spec))
-    assert rc == 1
-    assert "E014" in err and "tokenizer(" in err, err
+    d = expect_error(run_cli("compile", str(spec)), "E014", line=4)
+    assert "tokenizer(" in d["hint"], d
 
 
 @pytest.mark.parametrize("body,code,needle", [
@@ -194,11 +188,8 @@ models experts = [local("e0"), local("e1")]
 merge m = {body}
 save m to "out/m"
 ''', "bad.fuse")
-    rc, out, err = run_cli("compile", str(spec))
-    assert rc == 1, out + err
-    assert code in err and needle in err, err
-    (line, _col, _), *_ = error_locations(err)
-    assert line == 4
+    d = expect_error(run_cli("compile", str(spec)), code, line=4)
+    assert needle in d["msg"], d
 
 
 def test_a_model_without_tokenizer_files_is_located(fam, tmp_path):
@@ -216,8 +207,5 @@ model bare = local("{bare}")
 merge m = tokenizer(average([base, bare]))
 save m to "out/bare"
 ''', "bare.fuse")
-    rc, out, err = run_cli("compile", str(spec))
-    assert rc == 1 and "Traceback" not in err, out + err
-    assert "E011" in err and "tokenizer of 'bare'" in err, err
-    (line, _col, _), *_ = error_locations(err)
-    assert line == 4
+    d = expect_error(run_cli("compile", str(spec)), "E011", line=4)
+    assert "tokenizer of 'bare'" in d["msg"], d

@@ -18,9 +18,9 @@ from .stage_values import (
     _arg_spans,
     _check_data,
     _numel,
-    _show,
     _source_key,
     _whole,
+    reject_bad,
 )
 from .values import EvalError, TensorCtx, TensorV, at
 
@@ -45,10 +45,7 @@ def call(ev, e: ir.CallE, args: dict, ctx: TensorCtx, env: tuple = ()) -> list:
            ("max_length", not _whole(p["max_length"], 1), "tokens per row (padded), e.g. max_length=128"),
            ("calibrate", p["calibrate"] not in ("all", "scales"),
             'calibrate="all" (every parameter, as FusionBench) or "scales" (the paper\'s)')]
-    for name, wrong, hint in bad:
-        if wrong:
-            shown = json.dumps(p[name]) if isinstance(p[name], str) else _show(p[name])
-            raise EvalError("E006", f"{name}={shown} is not valid for bitdelta", arg_span.get(name, e.span), hint)
+    reject_bad(bad, p, arg_span, e, "bitdelta")
     p.update(lr=float(p["lr"]), batch_size=int(p["batch_size"]), num_steps=int(p["num_steps"]),
              max_length=int(p["max_length"]))
     if d := _needs_text(data):
@@ -72,13 +69,13 @@ def _needs_text(d: DataV) -> str | None:
 
 
 def _register(ev, e: ir.CallE, base_key: str, key: str, d: DataV, p: dict) -> str:
-    from ..stages.bitdelta import compressed_names
     from ..stages.data import describe
+    from ..stages.pruning import stack_linears
 
     src, base = ev.plan.sources[key], ev.plan.sources[base_key]
     _check_data(ev, d)
     module = _meta_causal_lm(src.path, e)
-    comp = {f"{n}.weight" for n in compressed_names(module)}
+    comp = set(stack_linears(module))
     if not comp:
         raise EvalError("E014", f"bitdelta() found no Linear layer inside a numbered layer stack of '{key}'", e.span,
                         "BitDelta compresses the Linear weights of a transformer's layers")

@@ -72,22 +72,24 @@ class Domains(Evaluator):
         return self.eval(value, (), ctx)
 
     def eval_slices(self, call: ir.CallE, ctx: TensorCtx):
-        parts = self.slice_parts(call)
         dom = self._slices_cache = getattr(self, "_slices_cache", None) or {}
         key = id(call)
-        if key not in dom:
-            dom[key] = self.slices_domain(call)
-        si, src, layer, n = dom[key].source_of.get(ctx.group, (0, ctx.tensor, None, 0))
+        if key not in dom:  # per slices() call, not per tensor
+            dom[key] = (self.slice_parts(call), self.slices_domain(call))
+        parts, domain = dom[key]
+        si, src, layer, n = domain.source_of.get(ctx.group, (0, ctx.tensor, None, 0))
         p = parts[si]
         if not p.merged:
             return self.eval(p.expr, p.env, TensorCtx(src, ctx.group, layer, n))
         # MergeKit: a layer's gradient position is its offset in the slice, j / (L - 1);
         # the tensors before and after the stack take position 0
-        length = p.end - p.start
-        j = layer - p.start if layer is not None else 0
-        inner = TensorCtx(src, ctx.group, j if layer is not None else None, length if length > 1 else 2)
-        if layer is not None and length == 1:
+        length, j = p.end - p.start, layer - p.start if layer is not None else 0
+        if layer is None:
+            inner = TensorCtx(src, ctx.group, None, 2)  # position 0
+        elif length == 1:
             inner = TensorCtx(src, ctx.group, 1, 2)  # MergeKit: t = 1 in a one-layer slice
+        else:
+            inner = TensorCtx(src, ctx.group, j, length)
         self._slice_offset = j
         try:
             return self.eval(p.expr, p.env, inner)

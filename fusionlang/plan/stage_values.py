@@ -140,9 +140,7 @@ def _adamerging(ev, e: ir.CallE, args: dict, ctx: TensorCtx) -> list:
            ("batch_size", not _whole(p["batch_size"], 1), "e.g. batch_size=16"),
            ("seed", not _whole(p["seed"], 0), "e.g. seed=0"),
            ("lr", not (isinstance(p["lr"], (int, float)) and p["lr"] > 0), "e.g. lr=0.001")]
-    for name, wrong, hint in bad:
-        if wrong:
-            raise EvalError("E006", f"{name}={_show(p[name])} is not valid for adamerging", arg_span.get(name, e.span), hint)
+    reject_bad(bad, p, arg_span, e, "adamerging")
     p.update(steps=int(p["steps"]), batch_size=int(p["batch_size"]), seed=int(p["seed"]), lr=float(p["lr"]),
              init=float(p["init"]))
     if ev.dry:
@@ -218,6 +216,16 @@ def _register_joint(ev, e: ir.CallE, keys: list[str], datas: list, p: dict) -> l
                                          {**joint, "index": i, "of": k})
         out.append(sk)
     return out
+
+
+def reject_bad(bad: list[tuple[str, bool, str]], values: dict, arg_span: dict, e: ir.CallE, method: str) -> None:
+    """E006 at the user's argument for the first (name, wrong, hint) of `bad` that is
+    wrong: "name=value is not valid for method" (strings shown in double quotes)."""
+    for name, wrong, hint in bad:
+        if wrong:
+            v = values[name]
+            shown = json.dumps(v) if isinstance(v, str) else _show(v)
+            raise EvalError("E006", f"{name}={shown} is not valid for {method}", arg_span.get(name, e.span), hint)
 
 
 def _show(v) -> str:
@@ -354,11 +362,7 @@ def _pruning_params(args: dict, arg_span: dict, e: ir.CallE) -> dict:
            ("blocksize", not _whole(p["blocksize"], 1), "SparseGPT's column block, e.g. blocksize=128"),
            ("percdamp", not (isinstance(percdamp, (int, float)) and percdamp >= 0),
             "the dampening added to the Gram matrix's diagonal, as a fraction of its mean, e.g. percdamp=0.01")]
-    for name, wrong, hint in bad:
-        if wrong:
-            raise EvalError("E006", f"{name}={_show(p[name]) if not isinstance(p[name], str) else json.dumps(p[name])} "
-                            f"is not valid for {p['method'] if p['method'] in METHODS else 'pruning'}",
-                            arg_span.get(name, e.span), hint)
+    reject_bad(bad, p, arg_span, e, p["method"] if p["method"] in METHODS else "pruning")
     out = {**p, "sparsity_ratio": float(ratio), "percdamp": float(percdamp), "n": int(p["n"]), "m": int(p["m"]),
            "blocksize": int(p["blocksize"])}
     if out["method"] == "wanda":  # SparseGPT's own arguments: not in Wanda's plan or cache key

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
-from .regmean_pp import layer_index
+from .pruning import stack_linears
 
 
 class SignDelta(torch.nn.Module):
@@ -50,14 +50,6 @@ class SignDelta(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.base) + self.scale * F.linear(x, self.sign)
         return y + self.bias if self.bias is not None else y
-
-
-def compressed_names(module: torch.nn.Module) -> list[str]:
-    """The module names of the Linear layers BitDelta compresses: every nn.Linear inside
-    the numbered layer stack (for Llama-family models FusionBench's rule, `mlp` or
-    `self_attn` children named `*proj*`, picks the same ones)."""
-    return [n for n, m in module.named_modules()
-            if isinstance(m, torch.nn.Linear) and layer_index(f"{n}.weight") is not None]
 
 
 def _load(model_dir: str, device):
@@ -88,7 +80,7 @@ def train(stage: dict, device, log: Callable[[str], None] | None = None) -> dict
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     base_state = dict(base.named_parameters())
-    names = compressed_names(comp)
+    names = [w[: -len(".weight")] for w in stack_linears(comp)]
     with torch.no_grad():
         for n in names:
             lin = comp.get_submodule(n)

@@ -41,15 +41,26 @@ class _Stop(Exception):
     pass is not needed."""
 
 
+def stack_linears(module: torch.nn.Module, names: dict[str, str] | None = None) -> dict[str, torch.nn.Linear]:
+    """The nn.Linear modules inside the model's numbered layer stack, by the file tensor
+    name of their weight (`names`: module parameter name -> file name, as a StageModel's;
+    default: the module's own parameter names). What Wanda, SparseGPT and BitDelta
+    compress (for Llama-family models FusionBench's rule, the `*proj*` children of `mlp`
+    and `self_attn`, picks the same)."""
+    out = {}
+    for mname, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            w = f"{mname}.weight" if names is None else names.get(f"{mname}.weight")
+            if w is not None and layer_index(w) is not None:
+                out[w] = m
+    return out
+
+
 def covered(sm: M.StageModel, method: str) -> dict[str, tuple[int, ...]]:
     """File tensor name -> shape of the statistic, for every Linear weight inside the
     model's numbered layer stack (works on a meta-device module: compile time)."""
-    out = {}
-    for mname, m in sm.module.named_modules():
-        w = sm.names.get(f"{mname}.weight")
-        if isinstance(m, torch.nn.Linear) and w is not None and layer_index(w) is not None:
-            out[w] = (m.in_features,) if method == "wanda" else (m.in_features, m.in_features)
-    return out
+    return {w: (m.in_features,) if method == "wanda" else (m.in_features, m.in_features)
+            for w, m in stack_linears(sm.module, sm.names).items()}
 
 
 def _stack(sm: M.StageModel) -> torch.nn.ModuleList:
@@ -107,22 +118,18 @@ def stats(stage: dict, device, log: Callable[[str], None] | None = None) -> dict
         handle.remove()
         if use_cache:
             config.use_cache = use_cache
-    shapes = covered(sm, method)
+    linears = stack_linears(sm.module, sm.names)
     out: dict[str, torch.Tensor] = {}
     args = {k: p[k] for k in ("prune_type", "sparsity_ratio", "n", "m")}
     for li, layer in enumerate(layers):
-        here = {}
-        prefix = _path(sm.module, layer)
-        for mname, m in layer.named_modules():
-            w = sm.names.get(f"{prefix}.{mname}.weight")
-            if w in shapes:
-                here[w] = m
+        mine = {id(m) for m in layer.modules()}
+        here = {w: m for w, m in linears.items() if id(m) in mine}
         with GramHooks(here) as hooks, torch.no_grad():
             for a, kw, k in caught:
                 hooks.keep = k
                 layer(*a, **kw)
                 hooks.pass_done()
-        grams = hooks.result({w: (s[0], s[0]) for w, s in shapes.items() if w in here})
+        grams = hooks.result({w: (m.in_features, m.in_features) for w, m in here.items()})
         with torch.no_grad():
             for w, m in here.items():
                 if w not in grams:
@@ -141,13 +148,6 @@ def stats(stage: dict, device, log: Callable[[str], None] | None = None) -> dict
         if log:
             log(f"layer {li + 1}/{len(layers)} pruned")
     return out
-
-
-def _path(root: torch.nn.Module, sub: torch.nn.Module) -> str:
-    for name, m in root.named_modules():
-        if m is sub:
-            return name
-    raise KeyError("module not found")
 
 
 def _advance(args: tuple, kwargs: dict, out) -> tuple[tuple, dict]:
