@@ -195,6 +195,9 @@ def _cmd_run(args, plan_box: list) -> int:
     if not math.isfinite(args.shard_size) or args.shard_size <= 0 or args.shard_size * 1024**3 < 1:
         raise FuseErrors([Diagnostic("E006", f"--shard-size must be a positive, finite number of GB, not {args.shard_size:g}",
                                      Span("<command line>", 1, 1), "a size in GB, e.g. --shard-size 2")])
+    if args.address and args.executor != "ray":
+        raise FuseErrors([Diagnostic("E006", "--address names a Ray cluster, but the executor is local",
+                                     Span("<command line>", 1, 1), "add --executor ray, or drop --address")])
     if args.spec.endswith(".json"):
         plan = load_plan(args.spec)
         name = args.spec
@@ -229,7 +232,8 @@ def _cmd_run(args, plan_box: list) -> int:
                 console.print(f"merging {name}: {done}/{total} written ({step * 10}%), {rate}, {el:.1f}s",
                               soft_wrap=True, markup=False, highlight=False)
 
-        stats = run_plan(plan, args.device, int(args.shard_size * 1024**3), tick) if plan.outputs else None
+        stats = run_plan(plan, args.device, int(args.shard_size * 1024**3), tick, executor=args.executor,
+                         address=args.address) if plan.outputs else None
     setup = getattr(plan, "eval_setup", None)
     if setup is not None and stats is not None:
         setup.learned = stats.learned
@@ -318,6 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="where to compute (auto: CUDA, else MPS, else CPU)")
             c.add_argument("--shard-size", type=float, default=4.0, metavar="GB",
                            help="max GB per output safetensors shard (default 4)")
+            c.add_argument("--executor", choices=["local", "ray"], default="local",
+                           help="local: this process; ray: tensor groups, model stages and search candidates as "
+                                "Ray tasks (pip install 'fusionlang[ray]'; workers read the inputs at the same paths)")
+            c.add_argument("--address", metavar="ADDR",
+                           help="the Ray cluster to join (e.g. HOST:6379 or ray://HOST:10001; default: $RAY_ADDRESS, "
+                                "else a local instance with this machine's CPUs)")
         c.set_defaults(fn=fn)
 
     c = sub.add_parser("fmt", help="print specs in canonical form")
@@ -384,7 +394,7 @@ def _main(args) -> int:
                 console.print(f"  = hint: {e.hint}", soft_wrap=True)
             return 1
         if isinstance(e, RunError):  # located at its save or source call, else the spec or plan that was run
-            where = getattr(args, "spec", None) if e.code != "E006" else None
+            where = getattr(args, "spec", None) if e.code not in ("E006", "E032") else None
             span = Span(*e.at) if e.at else Span(where or "<command line>", 1, 1)
             _print_diags([Diagnostic(e.code, e.message, span, e.hint)])
             return 1

@@ -185,30 +185,7 @@ def estimate_peak_bytes(plan: Plan) -> int:
     by_group: dict[str, list[str]] = {}
     for nid in order:
         by_group.setdefault(plan.nodes[nid].group, []).append(nid)
-    peak = 0
-    for group, nodes in by_group.items():
-        if not group:
-            continue
-        uses: dict[str, int] = {}
-        for nid in nodes:
-            for i in plan.nodes[nid].inputs:
-                uses[i] = uses.get(i, 0) + 1
-        alive: dict[str, int] = {}
-        for nid in nodes:
-            n = plan.nodes[nid]
-            size = 4
-            for d in n.shape or ():
-                size *= d
-            alive[nid] = size
-            peak = max(peak, sum(alive.values()))
-            for i in n.inputs:
-                if i in uses:
-                    uses[i] -= 1
-                    if uses[i] == 0:
-                        alive.pop(i, None)
-            if nid not in uses:
-                alive.pop(nid, None)  # an output: written, then freed
-    return peak
+    return max((plan.peak_bytes(nodes) for group, nodes in by_group.items() if group), default=0)
 
 
 def load_plan(path: str) -> Plan:

@@ -86,6 +86,9 @@ class FuseErrors(Exception):
         self.diagnostics = list(diagnostics)
         self.partial = None  # checker errors: the program without the definitions that had them
 
+    def __reduce__(self):  # pickled whole (raised in a Ray task)
+        return type(self), (self.diagnostics,), self.__dict__
+
 
 @dataclass
 class DiagnosticSink:

@@ -195,21 +195,48 @@ class Plan:
         return counts
 
     def bytes_read(self) -> int:
-        total = 0
+        """Bytes of every tensor (or row block) the plan's load nodes read, in their stored dtypes."""
+        return sum(self.load_bytes(nid) for nid, n in self.nodes.items() if n.op == "load")
+
+    def load_bytes(self, nid: str) -> int:
+        """Bytes load node `nid` reads from its file (its row block, for a split tensor)."""
         from ..runtime.sources import DTYPE_SIZES
 
-        for n in self.nodes.values():
-            if n.op == "load":
-                src = self.sources[n.param("source")]
-                dtype, shape, _ = src.tensors[n.param("tensor")]
-                size = DTYPE_SIZES.get(dtype, 4)
-                for d in shape:
-                    size *= d
-                rows = n.param("rows")
-                if rows is not None and shape:  # a block of rows (split pass)
-                    size = size // shape[0] * (rows[1] - rows[0])
-                total += size
-        return total
+        n = self.nodes[nid]
+        dtype, shape, _ = self.sources[n.param("source")].tensors[n.param("tensor")]
+        size = DTYPE_SIZES.get(dtype, 4)
+        for d in shape:
+            size *= d
+        rows = n.param("rows")
+        if rows is not None and shape:  # a block of rows (split pass)
+            size = size // shape[0] * (rows[1] - rows[0])
+        return size
+
+    def peak_bytes(self, nodes: list[str]) -> int:
+        """Peak bytes of live values while `nodes` (one tensor group, in plan order) are
+        computed, each value float32 and freed after its last use among `nodes`; no credit
+        for in-place ops: an upper bound of what the runner holds for that group."""
+        uses: dict[str, int] = {}
+        for nid in nodes:
+            for i in self.nodes[nid].inputs:
+                uses[i] = uses.get(i, 0) + 1
+        alive: dict[str, int] = {}
+        peak = 0
+        for nid in nodes:
+            n = self.nodes[nid]
+            size = 4
+            for d in n.shape or ():
+                size *= d
+            alive[nid] = size
+            peak = max(peak, sum(alive.values()))
+            for i in n.inputs:
+                if i in uses:
+                    uses[i] -= 1
+                    if uses[i] == 0:
+                        alive.pop(i, None)
+            if nid not in uses:
+                alive.pop(nid, None)  # an output: written, then freed
+        return peak
 
     def bytes_written(self) -> int:
         from ..runtime.sources import DTYPE_SIZES

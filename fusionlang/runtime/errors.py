@@ -12,6 +12,9 @@ class RunError(Exception):
         super().__init__(message)
         self.message, self.hint, self.code, self.at = message, hint, code, at
 
+    def __reduce__(self):  # pickled whole (a Ray task's error reaches the driver as it was raised)
+        return type(self), (self.message, self.hint, self.code, self.at), self.__dict__
+
 
 class BadValue(Exception):
     """An output value that is not finite, or beyond its dtype's range (raised where the
@@ -20,3 +23,6 @@ class BadValue(Exception):
     def __init__(self, node: str, value, source):
         super().__init__(node)
         self.node, self.value, self.source = node, value, source
+
+    def __reduce__(self):
+        return type(self), (self.node, self.value, self.source), self.__dict__

@@ -29,7 +29,7 @@ from .errors import BadValue, RunError
 from .reader import TensorReader, keep_freed_memory, pick_device, trim_heap
 from .runner import Runner
 from .sinks import DEFAULT_SHARD_BYTES, OutputSink
-from .units import Unit, closure, output_roots, plan_phases
+from .units import Phase, Unit, closure, output_roots, plan_phases
 
 
 @dataclass
@@ -119,28 +119,10 @@ class LocalScheduler:
         sink = OutputSink(plan, self.shard_bytes)
         try:
             sink.open()
-            done = 0
+            self._written, self._total = 0, total
             reduce_values: dict[str, torch.Tensor] = {}
             for phase in phases:
-                shared: dict[str, torch.Tensor] = {}  # exports of this phase's units
-                stat_inputs: dict[str, torch.Tensor] = {}  # inputs of this phase's reduces
-                for unit in self._order(phase.units):
-                    if unit is None:
-                        self._await_stages()
-                        continue
-                    self._unit = unit
-                    for nid, value, owned in self.runner.run(unit, shared, reduce_values):
-                        if nid in unit.exports:
-                            shared[nid] = value
-                        elif nid not in unit.writes:
-                            stat_inputs[nid] = value
-                        for okey, tensor, first_row in unit.writes.get(nid, ()):
-                            self.stats.bytes_written += sink.write(okey, tensor, value, first_row, owned)
-                            done += 1
-                            if self.progress:
-                                self.progress(done, total)
-                    if unit.trim_heap:
-                        trim_heap()
+                stat_inputs = self._run_phase(phase, reduce_values, sink)
                 for r in phase.reduces:
                     args = [stat_inputs[i] if i in stat_inputs else reduce_values[i] for i in plan.nodes[r].inputs]
                     reduce_values[r] = self.runner.apply(r, args, False)
@@ -174,6 +156,36 @@ class LocalScheduler:
         self.stats.bytes_read = self.reader.bytes_read
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
+
+    def _run_phase(self, phase: Phase, reduce_values: dict, sink: OutputSink) -> dict[str, torch.Tensor]:
+        """Compute a phase's units, writing their output pieces to `sink`; returns the
+        inputs of the phase's reduce nodes (by node id)."""
+        shared: dict[str, torch.Tensor] = {}  # exports of this phase's units
+        stat_inputs: dict[str, torch.Tensor] = {}
+        for unit in self._order(phase.units):
+            if unit is None:
+                self._await_stages()
+                continue
+            self._unit = unit
+            for nid, value, owned in self.runner.run(unit, shared, reduce_values):
+                if nid in unit.exports:
+                    shared[nid] = value
+                self._deliver(unit, nid, value, owned, stat_inputs, sink)
+            if unit.trim_heap:
+                trim_heap()
+        return stat_inputs
+
+    def _deliver(self, unit: Unit, nid: str, value: torch.Tensor, owned: bool, stat_inputs: dict,
+                 sink: OutputSink) -> None:
+        """Route a unit's computed value: its output pieces to the sink (with progress), a
+        reduce node's input to `stat_inputs` (an export is kept by the caller)."""
+        if nid not in unit.exports and nid not in unit.writes:
+            stat_inputs[nid] = value
+        for okey, tensor, first_row in unit.writes.get(nid, ()):
+            self.stats.bytes_written += sink.write(okey, tensor, value, first_row, owned)
+            self._written += 1
+            if self.progress:
+                self.progress(self._written, self._total)
 
     def _order(self, units: list[Unit]):
         """A phase's units: while stages run, first those that need no stage result, then
@@ -242,7 +254,8 @@ class LocalScheduler:
 
 
 def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
-             progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] | None = None) -> RunStats:
+             progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] | None = None,
+             executor: str = "local", address: str | None = None) -> RunStats:
     """Run a plan with the local scheduler and commit all its outputs together
     (docs/language.md, "Where outputs go"). `progress(done, total)` is called after each
     piece written. Raises RunError: E016 (a save path that breaks a rule, an unwritable
@@ -253,7 +266,14 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
     The plan's model stages (`stages.run.run_stages`: one model resident at a time,
     results cached on disk) run first, or, when all are short (`BACKGROUND_STAGES`), in
     the background while the units that need none of their results run; `log(line)`
-    gets their progress lines (default: stderr)."""
+    gets their progress lines (default: stderr).
+
+    `executor="ray"`: the units and stages run as Ray tasks on the cluster at `address`
+    (or a local instance), with the same outputs (`ray_scheduler.run_plan_on_ray`)."""
+    if executor == "ray":
+        from .ray_scheduler import run_plan_on_ray
+
+        return run_plan_on_ray(plan, address, device, shard_bytes, progress, log or _stderr_line)
     stages = None
     kinds = {s.stage["kind"] for s in plan.sources.values() if s.stage}
     if kinds:

@@ -36,6 +36,9 @@ class DataError(Exception):
         super().__init__(message)
         self.code, self.message, self.hint, self.arg = code, message, hint, arg
 
+    def __reduce__(self):  # pickled whole (raised in a Ray task)
+        return type(self), (self.code, self.message, self.hint, self.arg), self.__dict__
+
 
 @dataclass(frozen=True)
 class Examples:

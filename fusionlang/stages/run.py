@@ -181,24 +181,80 @@ def _release() -> None:
         pass
 
 
-def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> Plan:
+def _stage_file(root: Path, st: dict) -> tuple[str, Path, bool]:
+    """(content key, cache file, joint) of a stage source; a joint stage is one
+    computation for every model's source (`st["index"]`), one file each."""
+    joint = "index" in st
+    base_key = stage_key({k: v for k, v in st.items() if k not in ("index", "of")})
+    return base_key, root / (f"{base_key}-{st['index']}.safetensors" if joint else f"{base_key}.safetensors"), joint
+
+
+def _check_computed(st: dict, src: SourceSpec, result: dict) -> None:
+    """Raise DataError (E014) when a stage's result lacks a tensor the plan reads."""
+    missing = sorted(set(src.tensors) - set(result))
+    if missing:
+        raise DataError("E014", f"the {st['kind']} stage of '{st['model']}' computed no statistic for "
+                        f"{len(missing)} tensor(s), e.g. '{missing[0]}': the forward pass never reached "
+                        "that layer", "treat those tensors with a rule (e.g. \"*.pooler.*\" => base)")
+
+
+def _run_remote(stages: dict, root: Path, remote, log) -> None:
+    """Compute every stage not cached yet with `remote(jobs)` (all at once: e.g. Ray tasks)
+    and cache the results, so that the sequential pass finds them all. `remote` takes
+    [(stage, tensor names, label, spec place)] and yields (job, result) as each finishes;
+    a job's DataError is raised as RunError at its place."""
+    from ..runtime.errors import RunError
+
+    jobs, owners = [], {}
+    for i, (key, src) in enumerate(stages.items()):
+        st = src.stage
+        base_key, file, joint = _stage_file(root, st)
+        if _cached(file, src) or base_key in owners:
+            continue
+        what = f"stage {i + 1}/{len(stages)}: {st['kind']}({st.get('of', st['model'])}, {st.get('data_text', '')})"
+        owners[base_key] = (src, joint, what)
+        jobs.append((st, list(src.tensors), base_key, src.at))
+    if not jobs:
+        return
+    if log:
+        log(f"running {len(jobs)} model stage{'s' * (len(jobs) != 1)} as Ray tasks")
+    t0 = time.perf_counter()
+    for (st, _names, base_key, _at), result in remote(jobs):
+        src, joint, what = owners[base_key]
+        try:
+            if joint:
+                for j, res in enumerate(result):
+                    _save(root / f"{base_key}-{j}.safetensors", res, st)
+            else:
+                _check_computed(st, src, result)
+                _save(root / f"{base_key}.safetensors", result, st)
+        except DataError as e:
+            raise RunError(e.message, e.hint, e.code, src.at) from None
+        if log:
+            log(f"{what}: computed ({time.perf_counter() - t0:.1f}s)")
+        del result
+
+
+def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None, remote=None) -> Plan:
     """A copy of `plan` whose stage sources point at their computed (or cached) results.
-    Raises RunError (E010/E011/E014/E006 at the stage's call) when a stage cannot run."""
+    `remote`: compute the stages not cached yet elsewhere first (`_run_remote`; the Ray
+    executor's tasks), else here one by one. Raises RunError (E010/E011/E014/E006 at
+    the stage's call) when a stage cannot run."""
     from ..runtime.errors import RunError
 
     stages = {k: s for k, s in plan.sources.items() if s.stage}
     if not stages:
         return plan
     root = cache_root()
+    if remote is not None:
+        _run_remote(stages, root, remote, log)
     out = plan.copy()
     out.sources = dict(plan.sources)
     for i, (key, src) in enumerate(stages.items()):
         st = src.stage
         what = f"stage {i + 1}/{len(stages)}: {st['kind']}({st.get('of', st['model'])}, {st.get('data_text', '')})"
         try:
-            joint = "index" in st  # one computation for every model's source; one file each
-            base_key = stage_key({k: v for k, v in st.items() if k not in ("index", "of")})
-            file = root / (f"{base_key}-{st['index']}.safetensors" if joint else f"{base_key}.safetensors")
+            base_key, file, joint = _stage_file(root, st)
             if joint and not _cached(file, src):
                 if log:
                     log(f"{what}: {st['estimate']['examples']} examples (all models at once)")
@@ -225,11 +281,7 @@ def run_stages(plan: Plan, device, log: Callable[[str], None] | None = None) -> 
 
                 result = compute(st, device, on_batch, (lambda line, what=what: log(f"{what}: {line}")) if log else None,
                                  list(src.tensors))
-                missing = sorted(set(src.tensors) - set(result))
-                if missing:
-                    raise DataError("E014", f"the {st['kind']} stage of '{st['model']}' computed no statistic for "
-                                    f"{len(missing)} tensor(s), e.g. '{missing[0]}': the forward pass never reached "
-                                    "that layer", "treat those tensors with a rule (e.g. \"*.pooler.*\" => base)")
+                _check_computed(st, src, result)
                 _save(file, result, st)
                 del result
                 _release()
