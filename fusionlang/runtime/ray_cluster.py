@@ -56,13 +56,15 @@ def connect(address: str | None = None) -> Cluster:
         import ray
     except ImportError:
         raise RunError("--executor ray needs Ray, which is not installed", INSTALL_HINT, E_EXECUTOR) from None
+    # NOTE: a failed task's siblings are cancelled unread; Ray would print each of their errors
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    if address:
+        _check_reachable(address)
     if ray.is_initialized():
         return _described(address, False)
     import logging
     import warnings
 
-    if address:
-        _check_reachable(address)
     # NOTE: ERROR, not WARNING: Ray's start-up notices (token authentication) are not the user's business
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
                               "configure_logging": True, "log_to_driver": True}
