@@ -202,7 +202,8 @@ def _cmd_run(args, plan_box: list) -> int:
         plan = load_plan(args.spec)
         name = args.spec
     else:
-        prog, _lowered, plan = _compile(args, make_tuner(args.device, console, int(args.shard_size * 1024**3)))
+        prog, _lowered, plan = _compile(args, make_tuner(args.device, console, int(args.shard_size * 1024**3),
+                                                         args.executor, args.address))
         plan_box.append(plan)
         name = prog.file
     import time

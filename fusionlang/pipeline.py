@@ -247,13 +247,15 @@ def remove_eval_tmpdir(plan) -> None:
         shutil.rmtree(setup.tmpdir, ignore_errors=True)
 
 
-def make_tuner(device: str, console, shard_bytes: int) -> Callable[[ir.Program], tuple[ir.Program, list]]:
+def make_tuner(device: str, console, shard_bytes: int, executor: str = "local",
+               address: str | None = None) -> Callable[[ir.Program], tuple[ir.Program, list]]:
     """The `tuner` of compile_spec for a run: each tune() chosen on its validation split,
-    merging candidates on `device` and evaluating them on the same device type."""
+    merging candidates on `device` and evaluating them on the same device type, here or
+    as Ray tasks (`executor="ray"`, the cluster at `address`)."""
     from .eval.tuning import resolve
     from .runtime.reader import pick_device
 
     def tuner(prog: ir.Program):
-        return resolve(prog, device, pick_device(device).type, console, shard_bytes)
+        return resolve(prog, device, pick_device(device).type, console, shard_bytes, executor, address)
 
     return tuner

@@ -30,22 +30,16 @@ smaller budget's), merges and evaluates only the candidates it has not seen.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 from .. import ir
 from ..lang.diagnostics import Diagnostic
 from ..lang.search_args import OBJECTIVES, SAMPLERS
+from .candidates import Candidate, LocalCandidates, Scoring, cache_root
 from .tune_sites import TuneRecord, TuneSite, substitute
-
-FORMAT = 1  # bump when a score's definition changes: cached candidates are then ignored
 
 
 @dataclass
@@ -175,67 +169,12 @@ def choose(trials: list[dict], study: Study) -> int:
     return min(front, key=key)
 
 
-# -- the candidate cache
-def cache_root() -> Path:
-    from ..zoo.paths import cache_dir
-
-    return cache_dir() / "search"
-
-
-def candidate_key(plan, tasks: dict[str, dict], split: str, device: str) -> str:
-    """The content hash naming a candidate's scores: the lowered merge (every output
-    tensor's node: node ids hash op, parameters and inputs recursively), the digests of
-    the input files it reads (`stages.run.model_hash`; a model stage's own key), the
-    tasks (a zoo task's head file and description; a user task's data fingerprint), the
-    split and the device type."""
-    from ..stages import data as D
-    from ..stages.run import _file_digest, model_hash, stage_key
-
-    [out] = plan.outputs.values()  # the plan of one candidate (`_plan_one`)
-    used = {n.param("source") for n in plan.nodes.values() if n.op == "load"} | {out.reference}
-    sources = {k: stage_key(s.stage) if s.stage else model_hash(s.path)
-               for k, s in plan.sources.items() if k in used}
-    task_keys = {}
-    for name, t in tasks.items():
-        if "spec" in t:  # a zoo task
-            task_keys[name] = {"head": _file_digest(t["spec"].head_path), "info": t["spec"].info,
-                               "limit": t.get("limit")}
-        else:
-            datas = t.get("data")
-            task_keys[name] = {k: v for k, v in t.items() if k not in ("data", "span")} | {
-                "data": D.load(datas).fingerprint if datas is not None else None}
-    text = json.dumps({"format": FORMAT, "tensors": sorted(out.tensors.items()), "blocks": out.blocks,
-                       "dtypes": out.dtypes, "config": out.config_overrides, "description": out.description,
-                       "sources": sources, "tasks": task_keys, "split": split, "device": device},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-def cached_scores(key: str) -> dict | None:
-    """A candidate's cached scores ({task: {metric: value}}), or None."""
-    try:
-        return json.loads((cache_root() / f"{key}.json").read_text())["scores"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # absent, or damaged: evaluated again
-
-
-def store_scores(key: str, scores: dict, values: dict) -> None:
-    """Remember a candidate's scores (atomic; an unwritable cache only costs a re-evaluation)."""
-    root = cache_root()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"scores": scores, "values": values}))
-        os.replace(tmp, root / f"{key}.json")
-    except OSError:
-        pass
-
-
 # -- running a search
 def search_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, run_device: str, eval_device: str,
-                 console, shard_bytes: int) -> TuneRecord:
+                 console, shard_bytes: int, pool: LocalCandidates) -> TuneRecord:
     """Search merge `q`'s tune()s on its study's budget; sets the chosen values in `chosen`
-    and returns the record (every trial, the Pareto front, the choice). Progress: a line per
+    and returns the record (every trial, the Pareto front, the choice); `pool` merges and
+    scores the candidates (`candidates.make_candidates`). Progress: a line per
     finished trial on stderr (also when it is not a terminal), throttled lines in between."""
     import optuna
 
@@ -258,11 +197,14 @@ def search_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     opt = optuna.create_study(directions=study.directions, sampler=make_sampler(study))
     beat = Heartbeat(stderr_writer(console), f"searching {short}", "trials")
-    tmp = tempfile.mkdtemp(prefix="fusionlang-search-")
-    memo: dict[str, dict] = {}
+    how = Scoring(task_args, split, run_device, eval_device, shard_bytes)
     evaluated = reused = 0
-    try:
-        for i in range(study.budget):
+    # NOTE: a pool that scores k candidates at once (Ray) gets k trials asked before their
+    # scores are told: the sampler sees the same history for a given k and seed
+    i = 0
+    while i < study.budget:
+        batch = []
+        for j in range(i, min(study.budget, i + pool.parallel)):
             trial = opt.ask()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. a categorical of floats
@@ -270,10 +212,11 @@ def search_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, 
                                    if s.range else trial.suggest_categorical(s.param, s.values)) for s in sites}
             label = ", ".join(f"{k}={v:.4g}" for k, v in shown.items())
             values = {s.key: float(shown[s.param]) for s in sites}
-            scores, was_cached = candidate_scores(
-                substitute(prog, values), q, str(Path(tmp) / f"{short}-{i}"), task_args, split, run_device,
-                eval_device, shard_bytes, lambda what, i=i, label=label: beat.beat(i, study.budget, f"{label}: {what}"),
-                memo, shown)
+            batch.append((trial, shown, label, Candidate(
+                substitute(prog, values), q, shown,
+                lambda what, j=j, label=label: beat.beat(j, study.budget, f"{label}: {what}"))))
+        results = pool.scores([c for *_, c in batch], how)
+        for (trial, shown, label, _c), (scores, was_cached) in zip(batch, results):
             evaluated += not was_cached
             reused += was_cached
             objs = _objectives(scores, study.objectives)
@@ -286,10 +229,9 @@ def search_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, 
             if "accuracy" in row:
                 row["average"] = sum(row["accuracy"].values()) / len(row["accuracy"])
             rec.candidates.append(row)
+            i += 1
             beat.last = float("-inf")  # every finished trial gets its line
-            beat.beat(i + 1, study.budget, f"{label}  ->  {_fmt(objs)}" + ("  (cached)" if was_cached else ""))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            beat.beat(i, study.budget, f"{label}  ->  {_fmt(objs)}" + ("  (cached)" if was_cached else ""))
     front = pareto_front([[t["objectives"][o] for o in study.objectives] for t in rec.candidates],
                          study.directions)
     for j, t in enumerate(rec.candidates):
@@ -311,24 +253,6 @@ def search_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, 
     return rec
 
 
-def candidate_scores(prog: ir.Program, q: str, out: str, tasks: dict[str, dict], split: str, run_device: str,
-                     eval_device: str, shard_bytes: int, progress, memo: dict, values: dict) -> tuple[dict, bool]:
-    """The scores of merge `q` of `prog` (a candidate: its tune()s substituted) on the
-    tasks' `split`, {task: {"accuracy", "loss"}}, and whether they came from the cache
-    (`memo`: this run's, then the disk's); else merged into `out` (removed afterwards),
-    scored and remembered. `progress(text)` during the merge and the evaluation."""
-    plan = _plan_one(prog, q, out)
-    key = candidate_key(plan, tasks, split, eval_device)
-    scores = memo.get(key) or cached_scores(key)
-    if scores is not None:
-        memo[key] = scores
-        return scores, True
-    scores = _evaluate(plan, q, tasks, split, run_device, eval_device, shard_bytes, progress)
-    store_scores(key, scores, values)
-    memo[key] = scores
-    return scores, False
-
-
 def _fmt(objs: dict) -> str:
     return ", ".join(f"{k} {100 * v:.1f}" if k == "accuracy" else f"{k} {v:.4f}" for k, v in objs.items())
 
@@ -336,35 +260,6 @@ def _fmt(objs: dict) -> str:
 def _objectives(scores: dict, objectives) -> dict[str, float]:
     """Each objective: the mean over tasks of the task's metric of that name."""
     return {o: sum(s[o] for s in scores.values()) / len(scores) for o in objectives}
-
-
-def _plan_one(prog: ir.Program, q: str, out: str):
-    """The optimized plan that writes merge `q` alone to `out`."""
-    from ..passes import run_passes
-    from ..plan.lower import Lowerer
-
-    b = prog.bindings[q]
-    save = ir.SaveIR(name=q, display=q.split("::")[-1], path=out, dtype=None, span=b.span, path_span=b.span)
-    return run_passes(Lowerer(prog.model_copy(update={"saves": (save,), "evals": ()})).lower())
-
-
-def _evaluate(plan, q: str, tasks: dict[str, dict], split: str, run_device: str, eval_device: str,
-              shard_bytes: int, progress) -> dict:
-    """Merge one candidate and score it: {task: {"accuracy", "loss" (where the task has them)}}."""
-    from ..runtime.scheduler import run_plan
-    from .evaluation import score_task
-
-    [out] = (o.path for o in plan.outputs.values())
-    run_plan(plan, run_device, shard_bytes, lambda d, n: progress(f"merged {min(d, n)}/{n} tensors"))
-    try:
-        scores = {}
-        for name, task in tasks.items():
-            res = score_task(out, task, eval_device, split,
-                             on_batch=lambda b, n, name=name: progress(f"{name} batch {b}/{n}"))
-            scores[name] = {m: float(res[m]) for m in ("accuracy", "loss") if m in res}
-        return scores
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
 
 
 def search_notes(rec: TuneRecord, sites: list[TuneSite]) -> list[str]:

@@ -17,13 +17,11 @@ instead of a grid: `eval.search` runs it; the sites and records are `eval.tune_s
 from __future__ import annotations
 
 import itertools
-import shutil
-import tempfile
-from pathlib import Path
 
 from .. import ir
 from ..lang.diagnostics import Diagnostic, FuseErrors
-from .search import candidate_scores, is_search, search_merge, study_of
+from .candidates import Candidate, LocalCandidates, Scoring
+from .search import is_search, search_merge, study_of
 from .tune_sites import SpanKey, TuneRecord, TuneSite, find_sites, span_key, substitute
 
 __all__ = ["SpanKey", "TuneRecord", "TuneSite", "check_candidates", "edge_notes", "find_sites", "resolve",
@@ -111,25 +109,36 @@ def _depends_on(prog: ir.Program, q: str, pending: set[str], seen: set[str] | No
     return False
 
 
-def resolve(prog: ir.Program, run_device: str, eval_device: str, console, shard_bytes: int
-            ) -> tuple[ir.Program, list[TuneRecord]]:
+def resolve(prog: ir.Program, run_device: str, eval_device: str, console, shard_bytes: int,
+            executor: str = "local", address: str | None = None) -> tuple[ir.Program, list[TuneRecord]]:
     """Choose every tune() on its validation split; returns the program with the chosen
     values in place, and a record of every candidate's scores. The candidates are
-    checked already (pipeline.compile_spec runs check_candidates first)."""
+    checked already (pipeline.compile_spec runs check_candidates first). `executor`:
+    where candidates are merged and scored ("local", or "ray": Ray tasks on the cluster
+    at `address`, `candidates.RayCandidates`)."""
+    from .candidates import make_candidates
+
     by_merge = _by_merge(find_sites(prog))
     chosen: dict[SpanKey, float] = {}
     records = []
-    while by_merge:
-        pending = set(by_merge)
-        q = next((m for m in by_merge if not _depends_on(prog, m, pending)), next(iter(by_merge)))
-        sites = by_merge.pop(q)
-        how = search_merge if is_search(sites) else _tune_merge
-        records.append(how(substitute(prog, chosen), q, sites, chosen, run_device, eval_device, console, shard_bytes))
+    if not by_merge:
+        return prog, records
+    pool = make_candidates(executor, address, gpu=eval_device == "cuda")
+    try:
+        while by_merge:
+            pending = set(by_merge)
+            q = next((m for m in by_merge if not _depends_on(prog, m, pending)), next(iter(by_merge)))
+            sites = by_merge.pop(q)
+            how = search_merge if is_search(sites) else _tune_merge
+            records.append(how(substitute(prog, chosen), q, sites, chosen, run_device, eval_device, console,
+                               shard_bytes, pool))
+    finally:
+        pool.close()
     return substitute(prog, chosen), records
 
 
 def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, run_device: str,
-                eval_device: str, console, shard_bytes: int) -> TuneRecord:
+                eval_device: str, console, shard_bytes: int, pool: LocalCandidates) -> TuneRecord:
     from .evaluation import resolve_task
 
     short = q.split("::")[-1]
@@ -143,32 +152,29 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
     from ..zoo.progress import Heartbeat, stderr_writer
 
     beat = Heartbeat(stderr_writer(console), f"tuning {short}", "candidates")
+    cands = []
+    for i, combo in enumerate(grid):
+        shown = {s.param: v for s, v in zip(sites, combo)}
+        label = ", ".join(f"{k}={v:g}" for k, v in shown.items())
+        # a long candidate shows its merge and its evaluation batches (throttled lines);
+        # its scores are cached like a search's (eval.candidates.candidate_key)
+        cands.append(Candidate(substitute(prog, {s.key: v for s, v in zip(sites, combo)}), q, shown,
+                               lambda what, i=i, label=label: beat.beat(i, len(grid), f"{label}: {what}")))
     best = None
-    memo: dict = {}
     reused = 0
-    tmp = tempfile.mkdtemp(prefix="fusionlang-tune-")
-    try:
-        for i, combo in enumerate(grid):
-            values = {s.key: v for s, v in zip(sites, combo)}
-            shown = {s.param: v for s, v in zip(sites, combo)}
-            label = ", ".join(f"{k}={v:g}" for k, v in shown.items())
-            # a long candidate shows its merge and its evaluation batches (throttled lines);
-            # its scores are cached like a search's (eval.search.candidate_key)
-            scores, cached = candidate_scores(
-                substitute(prog, values), q, str(Path(tmp) / f"{short}-{i}"), task_args, split, run_device,
-                eval_device, shard_bytes, lambda what, i=i, label=label: beat.beat(i, len(grid), f"{label}: {what}"),
-                memo, shown)
-            reused += cached
-            acc = {name: s["accuracy"] for name, s in scores.items()}
-            avg = sum(acc.values()) / len(acc)
-            rec.candidates.append({"values": shown, "accuracy": acc, "average": avg})
-            beat.last = float("-inf")  # every finished candidate gets its line
-            beat.beat(i + 1, len(grid), f"{label}  ->  {100 * avg:.1f}  ("
-                      + ", ".join(f"{k} {100 * x:.1f}" for k, x in acc.items()) + ")" + ("  (cached)" * cached))
-            if best is None or avg > best[0]:
-                best = (avg, values, shown)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # NOTE: the candidates in grid order, whatever order they finished in: the same choice on ties
+    for i, (combo, c, (scores, cached)) in enumerate(zip(grid, cands, pool.scores(cands, Scoring(
+            task_args, split, run_device, eval_device, shard_bytes)))):
+        reused += cached
+        acc = {name: s["accuracy"] for name, s in scores.items()}
+        avg = sum(acc.values()) / len(acc)
+        rec.candidates.append({"values": c.values, "accuracy": acc, "average": avg})
+        beat.last = float("-inf")  # every finished candidate gets its line
+        label = ", ".join(f"{k}={v:g}" for k, v in c.values.items())
+        beat.beat(i + 1, len(grid), f"{label}  ->  {100 * avg:.1f}  ("
+                  + ", ".join(f"{k} {100 * x:.1f}" for k, x in acc.items()) + ")" + ("  (cached)" * cached))
+        if best is None or avg > best[0]:
+            best = (avg, {s.key: v for s, v in zip(sites, combo)}, c.values)
     if reused:
         console.print(f"  {len(grid) - reused} merged and evaluated, {reused} reused from the cache")
     chosen.update(best[1])
