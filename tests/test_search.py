@@ -277,3 +277,42 @@ eval tt on austen to "r"
     assert set(rec["search"]["pareto_front"]) == front
     best = min(front, key=lambda i: (-points[i][0], points[i][1], i))  # pick="accuracy", then loss
     assert rec["search"]["chosen_trial"] == best
+
+
+def test_ray_scores_the_same_candidates_in_parallel(zoo_cache, tmp_path, monkeypatch):
+    """`--executor ray`: a grid tune() and a seeded random search run their candidates as
+    Ray tasks (2 at a time on a local 2-CPU instance) and get the local run's candidates,
+    scores and choices; the random sampler's trials do not depend on when scores arrive."""
+    import ray
+
+    spec = write_spec(tmp_path, HEAD + '''merge g = task_arithmetic(base, experts, scale=tune([0.2, 0.6, 1.0], on=[austen, pos]))
+merge r = ties(base, experts, density=tune(between(0.1, 0.9), on=[austen, pos], budget=4, sampler="random", seed=5,
+    objectives=["accuracy", "loss"], pick="accuracy"))
+eval g, r on austen, pos to "REPORT"
+save g to "OUT/g"
+save r to "OUT/r"
+''')
+    text = spec.read_text()
+    reports = {}
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        for name, extra in (("local", ()), ("ray", ("--executor", "ray"))):
+            cache = tmp_path / f"cache-{name}"  # each evaluates every candidate itself
+            shutil.copytree(zoo_cache, cache, symlinks=True, ignore=shutil.ignore_patterns("search"))
+            monkeypatch.setenv("FUSIONLANG_CACHE", str(cache))
+            spec.write_text(text.replace("REPORT", f"rep-{name}").replace("OUT", f"out-{name}"))
+            rc, _, err = run_cli("run", str(spec), "--device", "cpu", *extra)
+            assert rc == 0, err
+            reports[name] = json.loads((tmp_path / f"rep-{name}" / "report.json").read_text())["tuning"]
+            if name == "ray":
+                assert " ".join(err.split()).count("as Ray tasks, 2 at a time") == 2, err
+    finally:
+        ray.shutdown()
+    for local, remote in zip(reports["local"], reports["ray"]):
+        assert local["chosen"] == remote["chosen"]
+        assert [c["values"] for c in local["candidates"]] == [c["values"] for c in remote["candidates"]]
+        for a, b in zip(local["candidates"], remote["candidates"]):
+            assert a["accuracy"] == b["accuracy"]
+            if "loss" in a:
+                assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    assert reports["ray"][1]["search"]["evaluated"] == 4

@@ -149,6 +149,7 @@ class LocalCandidates:
     """Candidates merged and scored in this process, one at a time."""
 
     parallel = 1  # candidates a search may propose before it learns their scores
+    where = ""  # how the header lines of a tune or a search say where candidates run
 
     def __init__(self) -> None:
         self.memo: dict[str, dict] = {}
@@ -182,6 +183,7 @@ class RayCandidates(LocalCandidates):
         self.cluster = RC.connect(address)
         self.gpu = gpu and self.cluster.gpus > 0
         self.parallel = max(1, self.cluster.gpus if self.gpu else self.cluster.cpus)
+        self.where = f"; as Ray tasks, {self.parallel} at a time"
 
     def scores(self, cands: list[Candidate], how: Scoring) -> list[tuple[dict, bool]]:
         import ray

@@ -193,7 +193,7 @@ def search_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, 
                                        else {"choices": s.values}) for s in sites}}
     console.print(f"searching [bold]{short}[/]: {study.budget} trial{'s' * (study.budget != 1)} "
                   f"({SAMPLERS[study.sampler].split(' (')[0]}, seed {study.seed}) on the '{split}' split of "
-                  f"{', '.join(rec.tasks)}; objectives: {', '.join(study.objectives)}")
+                  f"{', '.join(rec.tasks)}; objectives: {', '.join(study.objectives)}{pool.where}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     opt = optuna.create_study(directions=study.directions, sampler=make_sampler(study))
     beat = Heartbeat(stderr_writer(console), f"searching {short}", "trials")

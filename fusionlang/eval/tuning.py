@@ -148,7 +148,7 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
     rec = TuneRecord(short, split, list(task_args), [s.param for s in sites])
     grid = list(itertools.product(*(s.values for s in sites)))
     console.print(f"tuning [bold]{short}[/]: {len(grid)} candidate{'s' * (len(grid) != 1)} "
-                  f"on the '{split}' split of {', '.join(rec.tasks)}")
+                  f"on the '{split}' split of {', '.join(rec.tasks)}{pool.where}")
     from ..zoo.progress import Heartbeat, stderr_writer
 
     beat = Heartbeat(stderr_writer(console), f"tuning {short}", "candidates")
