@@ -110,7 +110,8 @@ class RunResult:
 
 
 def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable[str] | None = None,
-        shard_size: float = 4.0, progress: bool = True) -> RunResult:
+        shard_size: float = 4.0, progress: bool = True, executor: str = "local",
+        address: str | None = None) -> RunResult:
     """Run a spec (or a plan saved by `fusionlang compile --emit json`) as `fusionlang run`
     does: choose every ``tune()`` on its validation split, merge streaming into atomic
     sharded safetensors outputs (fp32 math, the `save`'s dtype on disk), then run the
@@ -118,7 +119,9 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
 
     ``device``: "auto" | "cpu" | "cuda" | "mps". ``shard_size``: max GB per output shard.
     ``progress``: plain progress lines on stderr (throttled, see docs/api.md); False: silent.
-    Returns a RunResult. Raises FuseErrors for every user error (spec, models, device,
+    ``executor``: "local" | "ray" (tensor groups, model stages and tune()/search candidates
+    as Ray tasks; ``address``: the cluster, default $RAY_ADDRESS or a local instance;
+    docs/cluster.md). Returns a RunResult. Raises FuseErrors for every user error (spec, models, device,
     unwritable output, zoo not built...), with nothing partial left behind;
     KeyboardInterrupt propagates after the same clean-up."""
     import math
@@ -131,6 +134,10 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
     if device not in DEVICES:
         raise FuseErrors([Diagnostic("E006", f"unknown device {device!r}", _here("<python>"),
                                      f"one of: {', '.join(DEVICES)}")])
+    if executor not in ("local", "ray") or (address is not None and executor != "ray"):
+        raise FuseErrors([Diagnostic("E006", f"unknown executor {executor!r}" if executor not in ("local", "ray")
+                                     else "address= names a Ray cluster, but the executor is local",
+                                     _here("<python>"), "executor='local' or executor='ray' (address= with 'ray')")])
     if not isinstance(shard_size, (int, float)) or not math.isfinite(shard_size) or shard_size * 1024**3 < 1:
         raise FuseErrors([Diagnostic("E006", f"shard_size must be a positive, finite number of GB, not {shard_size!r}",
                                      _here("<python>"), "a size in GB, e.g. shard_size=2")])
@@ -150,7 +157,8 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
             else:
                 from .pipeline import compile_spec, make_tuner
 
-                _prog, _lowered, plan = compile_spec(spec, _passes(passes), tuner=make_tuner(device, console, shard_bytes))
+                _prog, _lowered, plan = compile_spec(spec, _passes(passes), tuner=make_tuner(device, console, shard_bytes,
+                                                                                          executor, address))
                 result.warnings = list(_prog.warnings)
                 if result.warnings:
                     from .lang.diagnostics import render_all
@@ -160,7 +168,8 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
             if plan.outputs:
                 beat = Heartbeat(stderr_writer(console), f"merging {Path(spec).name}", "tensors written")
                 t0 = time.perf_counter()
-                stats = run_plan(plan, device, shard_bytes, lambda d, n: beat.beat(d, n) if progress else None)
+                stats = run_plan(plan, device, shard_bytes, lambda d, n: beat.beat(d, n) if progress else None,
+                                 executor=executor, address=address)
                 result.bytes_read, result.bytes_written = stats.bytes_read, stats.bytes_written
                 if setup is not None:
                     setup.learned = stats.learned

@@ -182,3 +182,20 @@ def test_the_cli_runs_ray_in_a_fresh_process(fam, tmp_path):
     assert "fresh.fuse: 143/143 written (100%)" in r.stdout + r.stderr and "Traceback" not in r.stderr
     if (root / "local" / "t").exists():
         assert _files(root / "local" / "t") == _files(root / "fresh" / "t")
+
+
+def test_the_python_api_runs_on_ray(local_ray, fam):
+    import fusionlang
+
+    root, _ = fam
+    if not (root / "local" / "t").exists():
+        assert _run(root, "local")[0] == 0
+    spec = write_spec(root, SPEC.replace("OUT", "api"), "api.fuse")
+    result = fusionlang.run(spec, executor="ray", progress=False)
+    assert set(result.outputs) == {"t", "g", "d", "o", "s", "p"}
+    for out in ("t", "g", "o"):
+        assert _files(root / "local" / out) == _files(root / "api" / out)
+    for bad in ({"executor": "dask"}, {"address": "localhost:6379"}):
+        with pytest.raises(fusionlang.FuseErrors) as e:
+            fusionlang.run(spec, progress=False, **bad)
+        assert e.value.diagnostics[0].code == "E006"
