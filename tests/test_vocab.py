@@ -178,7 +178,7 @@ save m to "out/m"
 @pytest.mark.parametrize("body,code,needle", [
     ('tokenizer(average(experts), source="all")', "E006", "source"),
     ('tokenizer(average(experts), pad_to_multiple_of=0)', "E006", "pad_to_multiple_of"),
-    ('tokenizer(average(experts), chat_template="chatml")', "E006", "chat_template"),
+    ('tokenizer(average(experts), chat_template="chatml3")', "E006", "chatml, llama3, mistral, alpaca, exaone"),
     ('average([tokenizer(average(experts)), base])', "E005", "whole value"),
 ])
 def test_mistakes_are_located(fam, body, code, needle):
@@ -189,7 +189,64 @@ merge m = {body}
 save m to "out/m"
 ''', "bad.fuse")
     d = expect_error(run_cli("compile", str(spec)), code, line=4)
-    assert needle in d["msg"], d
+    assert needle in d["msg"] + d["hint"], d
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": " Hi there "}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4 "}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "user_context", "content": "ctx"}],
+]
+
+
+@needs_mk
+@pytest.mark.parametrize("name", ["chatml", "llama3", "mistral", "alpaca", "exaone"])
+def test_named_chat_templates_render_as_mergekits(fam, name):
+    """MergeKit's named templates (its package's own .jinja files): the output tokenizer
+    renders every conversation as MergeKit's template does, with and without a generation
+    prompt; alpaca and exaone equal but for MergeKit's stray whitespace (module
+    fusionlang.arch.chat_templates), and in the formats' own layout."""
+    import subprocess
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    _, out = ours(fam, f"named_{name}", f'tokenizer(average(experts), source="base", chat_template="{name}")')
+    tok = AutoTokenizer.from_pretrained(out)
+    ref = AutoTokenizer.from_pretrained(out)
+    ref.chat_template = subprocess.run(  # MergeKit's own file, read by its own install
+        [str(Path(MERGEKIT).parent / "python"), "-c", ("import importlib.resources as r, sys; "
+         "sys.stdout.write(r.files('mergekit._data.chat_templates').joinpath(sys.argv[1]).read_text())"),
+         f"{name}.jinja"], capture_output=True, text=True, check=True).stdout
+    def render(t, conv, gen):
+        try:
+            return t.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # noqa: BLE001 (a refusal, e.g. mistral's for other roles: both must refuse)
+            return f"refused: {e}"
+
+    refused = 0
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            for specials in (False, True):
+                for t in (tok, ref):  # the word tokenizer has no bos / eos: both templates must cope alike
+                    t.bos_token, t.eos_token = ("<s>", "</s>") if specials else (None, None)
+                got, want = render(tok, conv, gen), render(ref, conv, gen)
+                if name in ("alpaca", "exaone"):
+                    assert "".join(got.split()) == "".join(want.split()), (conv, gen, got, want)
+                else:
+                    assert got == want, (conv, gen, got, want)
+                refused += specials and got.startswith("refused")
+    assert refused <= 2  # with bos / eos every conversation renders (but mistral's user_context one)
+    layouts = {  # the formats as their authors write them (independent of both templates)
+        "alpaca": "Be brief.\n\n### Instruction:\n2+2?\n\n### Response:\n4",
+        "exaone": "[|system|]Be brief.[|endofturn|]\n[|user|]2+2?\n[|assistant|]4 [|endofturn|]\n",
+        "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+                  "4 <|im_end|>\n",
+    }
+    if name in layouts:
+        assert tok.apply_chat_template(CONVERSATIONS[1], tokenize=False) == layouts[name]
 
 
 def test_a_model_without_tokenizer_files_is_located(fam, tmp_path):

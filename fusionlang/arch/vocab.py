@@ -73,7 +73,8 @@ def build(spec_json: str):
     used, "pad_to_multiple_of": n or null, "chat_template": null (the output tokenizer's
     own) | "auto" (the template most models have; a tie: the first read) | index of the
     model whose template is used | the Jinja text}. Cached per spec (the plan's ops and
-    the output writer share it). MergeKit's `chat_template`, without its named templates."""
+    the output writer share it). MergeKit's `chat_template`, its named templates included
+    (`chat_templates.NAMED`)."""
     return _build(spec_json)
 
 
@@ -147,7 +148,9 @@ def _chat_template(ct, toks) -> str | None:
         return Counter(found).most_common(1)[0][0] if found else None
     if isinstance(ct, int):
         return _template(toks[ct])
-    return ct
+    from .chat_templates import NAMED
+
+    return NAMED.get(ct, ct)
 
 
 def realign(xs: list, which: int, spec_json: str):

@@ -17,6 +17,7 @@ import json
 
 from .. import ir
 from ..arch import vocab as V
+from ..arch.chat_templates import NAMED
 from .values import EvalError, TensorCtx, TensorV
 
 SOURCES = ("union", "base")
@@ -48,11 +49,12 @@ def options(ev, call: ir.CallE, env: tuple = (), probe: TensorCtx | None = None)
                         exprs["pad_to_multiple_of"].span, "e.g. pad_to_multiple_of=64")
     out["pad_to_multiple_of"] = int(pad) if pad is not None else None
     ct = out["chat_template"]
-    if not (ct is None or isinstance(ct, TensorV) or ct == "auto" or (isinstance(ct, str) and "{" in ct)):
+    if not (ct is None or isinstance(ct, TensorV) or ct == "auto" or ct in NAMED
+            or (isinstance(ct, str) and "{" in ct)):
         raise EvalError("E006", f"chat_template={json.dumps(ct) if isinstance(ct, str) else ct!r} is not a chat "
                         "template", exprs["chat_template"].span,
                         'chat_template="auto" (the template most of the models have), a model (its template), '
-                        "or the Jinja text of a template")
+                        f"a name ({', '.join(NAMED)}) or the Jinja text of a template")
     return out
 
 
