@@ -108,10 +108,13 @@ def run_batch(plan_box: list, env: dict, device: str, phase: int, indices: list[
     RC.use_env(env)
     _maybe_crash_for_test()
     _, phases, runner = _context(plan_box, device)
-    reduce_values = reduce_values or {}
+    # NOTE: values cross processes on the host: moved to this worker's device here, and
+    # results back to the host (a CPU-only driver cannot unpickle a CUDA tensor)
+    dev = runner.device
+    reduce_values = {k: v.to(dev) for k, v in (reduce_values or {}).items()}
     shared: dict = {}
     for d in export_dicts:
-        shared.update(d)
+        shared.update({k: v.to(dev) for k, v in d.items()})
     exports: dict = {}
     results: list = []
     read0 = runner.reader.bytes_read
@@ -120,9 +123,10 @@ def run_batch(plan_box: list, env: dict, device: str, phase: int, indices: list[
         try:
             for nid, value, _owned in runner.run(unit, shared, reduce_values):
                 if nid in unit.exports:
-                    shared[nid] = exports[nid] = value
+                    shared[nid] = value
+                    exports[nid] = value.cpu()
                 if nid in unit.writes or nid not in unit.exports:
-                    results.append((i, nid, value))
+                    results.append((i, nid, value.cpu()))
         except BaseException as e:
             e.fusionlang_group = unit.group
             raise
@@ -234,16 +238,17 @@ def run_plan_on_ray(plan: Plan, address: str | None = None, device: str = "auto"
     Raises RunError E032 when Ray is missing, unreachable, or loses a task for good."""
     cluster = RC.connect(address)
     try:
-        if any(s.stage for s in plan.sources.values()):
-            from ..stages.run import learned_by_output, run_stages
+        staged = any(s.stage for s in plan.sources.values())
+        if staged:
+            from ..stages.run import run_stages
 
-            plan = run_stages(plan, pick_device("cpu") if device == "auto" else pick_device(device), log,
-                              remote=stage_runner(cluster, device))
-        else:
-            learned_by_output = None
+            # NOTE: the driver only saves what the stage tasks computed: its own device is the CPU
+            plan = run_stages(plan, pick_device("cpu"), log, remote=stage_runner(cluster, device))
         scheduler = RayScheduler(plan, cluster, device, shard_bytes, progress)
         stats = scheduler.run()
-        if learned_by_output is not None:
+        if staged:
+            from ..stages.run import learned_by_output
+
             stats.learned = learned_by_output(scheduler.plan)
         return stats
     finally:
