@@ -184,6 +184,12 @@ class RayCandidates(LocalCandidates):
         self.gpu = gpu and self.cluster.gpus > 0
         self.parallel = max(1, self.cluster.gpus if self.gpu else self.cluster.cpus)
         self.where = f"; as Ray tasks, {self.parallel} at a time"
+        import ray
+
+        # the workers import torch, transformers and the evaluation code while this
+        # process plans the first candidates (seconds per worker, once)
+        warm = ray.remote(_warm_up).options(num_cpus=1, num_gpus=1 if self.gpu else 0)
+        self._warming = [warm.remote() for _ in range(self.parallel)]
 
     def scores(self, cands: list[Candidate], how: Scoring) -> list[tuple[dict, bool]]:
         import ray
@@ -226,6 +232,13 @@ class RayCandidates(LocalCandidates):
 
     def close(self) -> None:
         self.cluster.close()
+
+
+def _warm_up() -> None:
+    """On a Ray worker: import what scoring a candidate needs."""
+    import transformers  # noqa: F401
+
+    from . import evaluation  # noqa: F401
 
 
 def _candidate_task(env: dict, prog: ir.Program, q: str, how: Scoring) -> dict:
