@@ -154,6 +154,11 @@ def _compile(args, tuner=None):
 def cmd_compile(args) -> int:
     from .plan import emit
 
+    if args.estimate_cluster is not None:  # E006 before compiling
+        from .plan.cluster import check_cluster_args
+
+        check_cluster_args(args.estimate_cluster, args.disk_gbps, args.net_gbps, args.mem_gbps, args.storage_gbps,
+                           args.slots)
     prog, lowered, plan = _compile(args)
     remove_eval_tmpdir(plan)  # compile writes nothing but the emitted plan
     if args.emit:
@@ -164,6 +169,11 @@ def cmd_compile(args) -> int:
             sys.stdout.write(text)
     if not args.quiet:
         _summary(prog, lowered, plan)
+    if args.estimate_cluster is not None:
+        from .plan.cluster import estimate_cluster, print_estimate
+
+        print_estimate(console, estimate_cluster(plan, args.estimate_cluster, args.disk_gbps, args.net_gbps,
+                                                 args.mem_gbps, args.storage_gbps, args.slots))
     return 0
 
 
@@ -318,6 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--emit", choices=["text", "json", "dot"],
                            help="print the plan: text (reviewable), json (runnable with `fusionlang run`), dot (Graphviz)")
             c.add_argument("-o", "--output", help="write the emitted plan here")
+            from .plan import cluster as cl
+
+            c.add_argument("--estimate-cluster", type=int, metavar="N",
+                           help="print what the plan would cost on N workers (bytes, memory, time) and on one machine")
+            c.add_argument("--disk-gbps", type=float, default=cl.DEFAULT_DISK_GBPS, metavar="X",
+                           help=f"each machine's disk bandwidth, GB/s (10^9 bytes; default {cl.DEFAULT_DISK_GBPS:g})")
+            c.add_argument("--net-gbps", type=float, default=cl.DEFAULT_NET_GBPS, metavar="Y",
+                           help=f"the driver's network bandwidth, GB/s (default {cl.DEFAULT_NET_GBPS:g}: 10 Gbit/s)")
+            c.add_argument("--mem-gbps", type=float, default=cl.DEFAULT_MEM_GBPS, metavar="Z",
+                           help=f"fp32 bytes a CPU's ops read and write, GB/s (default {cl.DEFAULT_MEM_GBPS:g})")
+            c.add_argument("--storage-gbps", type=float, metavar="S",
+                           help="the shared storage's read bandwidth over all workers, GB/s (default: no limit)")
+            c.add_argument("--slots", type=int, default=1, metavar="K", help="units a worker runs at once (default 1)")
         else:
             c.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                            help="where to compute (auto: CUDA, else MPS, else CPU)")
