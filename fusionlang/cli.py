@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"fp32 bytes a CPU's ops read and write, GB/s (default {cl.DEFAULT_MEM_GBPS:g})")
             c.add_argument("--storage-gbps", type=float, metavar="S",
                            help="the shared storage's read bandwidth over all workers, GB/s (default: no limit)")
-            c.add_argument("--slots", type=int, default=1, metavar="K", help="units a worker runs at once (default 1)")
+            c.add_argument("--slots", type=int, default=1, metavar="K",
+                           help="CPUs per machine: units a worker runs at once (default 1)")
         else:
             c.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                            help="where to compute (auto: CUDA, else MPS, else CPU)")

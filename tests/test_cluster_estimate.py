@@ -18,14 +18,16 @@ from conftest import make_classifier_family, make_family, run_cli, write_spec
 from safetensors import safe_open
 
 import fusionlang
-from fusionlang.pipeline import estimate_peak_bytes
 from fusionlang.plan.cluster import (
     GB,
+    TASK_BASE_MEMORY,
     UNSHAPED_VALUE_BYTES,
     estimate_cluster,
     human_duration,
     unit_costs,
+    unit_memory,
 )
+from fusionlang.runtime.units import plan_phases
 
 # hidden 32 x vocab 131200 = 4.2M elements: the embedding and the head are computed in
 # two row blocks (passes/split.py, 4M elements), so loads of row blocks are counted too
@@ -41,6 +43,7 @@ def fam(tmp_path_factory):
 
 HEAD = 'use merging\n\nmodel base = local("base")\nmodels experts = [local("e0"), local("e1"), local("e2")]\n\n'
 TA = HEAD + 'merge ta = task_arithmetic(base, experts, scale=0.3)\n\nsave ta to "out/ta"\nsave ta to "out/ta32" as fp32\n'
+TA_TWICE = HEAD + 'merge ta = task_arithmetic(base, experts, scale=0.3)\n\nsave ta to "out/a"\nsave ta to "out/b"\n'
 TIES_MODEL = HEAD + ('merge t = ties(base, experts, density=0.2, scope="model")\n\n'
                      'save t to "out/t"\n')
 
@@ -68,29 +71,34 @@ def test_bytes_against_the_files_and_the_executor(fam):
         est = estimate_cluster(plan, n)
         assert len(est.per_worker) == n and sum(w.units for w in est.per_worker) == est.units
         assert sum(w.read_bytes for w in est.per_worker) == est.read_bytes == inputs
-        # outputs: every tensor once in bf16 (the inputs' dtype) and once in fp32
-        assert sum(w.sent_bytes for w in est.per_worker) == est.output_bytes + est.shared_bytes
-        assert est.shared_bytes == 0  # task arithmetic hands nothing between units
+        # each output value goes to the driver once, in its output dtype: bf16 and fp32
+        assert sum(w.sent_bytes for w in est.per_worker) == est.sent_bytes == (est.output_bytes if n > 1 else 0)
     result = fusionlang.run(str(spec), device="cpu")
     assert result.bytes_read == inputs
     written = file_bytes(fam / "out" / "ta") + file_bytes(fam / "out" / "ta32")
     assert est.output_bytes == result.bytes_written == written
     assert file_bytes(fam / "out" / "ta32") == 2 * file_bytes(fam / "out" / "ta")
+    # one value saved twice in the same dtype: returned once, written twice
+    _, twice = compiled(fam, TA_TWICE, "ta_twice.fuse")
+    est = estimate_cluster(twice, 3)
+    assert est.output_bytes == 2 * est.sent_bytes == 2 * file_bytes(fam / "out" / "ta")
 
 
 def test_a_three_phase_plan_reads_its_inputs_in_each_phase(fam):
     """FusionBench's TIES: two histogram passes for the model-wide threshold, then the
-    merge: every input is read three times, which the executor does too."""
+    merge: every input is read three times, which the executor does too; the histograms
+    go to the driver besides the outputs."""
     spec, plan = compiled(fam, TIES_MODEL, "ties_model.fuse")
     inputs = sum(file_bytes(fam / m) for m in ("base", "e0", "e1", "e2"))
     est = estimate_cluster(plan, 4)
     assert est.phases == 3 and est.read_bytes == 3 * inputs
     assert sum(w.read_bytes for w in est.per_worker) == 3 * inputs
     assert fusionlang.run(str(spec), device="cpu").bytes_read == 3 * inputs
-    # each expert's task vector: one high-bits and one low-bits histogram per tensor group
-    groups = {c.group for c in unit_costs(plan) if c.phase == 0 and "@" not in c.group}
+    assert est.output_bytes == file_bytes(fam / "out" / "t")
+    # each expert's task vector: one high-bits and one low-bits histogram per tensor
+    tensors = len(plan.outputs["t"].tensors)
     hi, lo = UNSHAPED_VALUE_BYTES["magnitude_hist_hi"], UNSHAPED_VALUE_BYTES["magnitude_hist_lo"]
-    assert est.shared_bytes == 3 * len(groups) * (hi + lo)
+    assert est.sent_bytes - est.output_bytes == 3 * tensors * (hi + lo)
 
 
 def test_statistic_sizes_are_the_ops_real_outputs():
@@ -108,14 +116,15 @@ def unit_seconds(c, disk, mem) -> float:
 
 
 @pytest.mark.parametrize("spec_text,name", [(TA, "ta.fuse"), (TIES_MODEL, "ties_model.fuse")])
-def test_lpt_assignment_bounds(fam, spec_text, name):
+@pytest.mark.parametrize("placement", ["fifo", "lpt"])
+def test_placement_bounds(fam, spec_text, name, placement):
     """Per phase, the slowest worker is at least the mean load and the largest unit, and
-    at most their sum (Graham's list-scheduling bound, which LPT meets)."""
+    at most their sum (Graham's bound for list scheduling, in any order)."""
     _, plan = compiled(fam, spec_text, name)
     costs = unit_costs(plan)
     disk, mem = 2.0, 10.0
     for n in (2, 3, 5):
-        est = estimate_cluster(plan, n, disk_gbps=disk, mem_gbps=mem)
+        est = estimate_cluster(plan, n, disk_gbps=disk, mem_gbps=mem, placement=placement)
         low = high = 0.0
         for p in {c.phase for c in costs}:
             t = [unit_seconds(c, disk, mem) for c in costs if c.phase == p]
@@ -125,7 +134,7 @@ def test_lpt_assignment_bounds(fam, spec_text, name):
         busy = sorted(w.busy_seconds for w in est.per_worker)
         assert math.isclose(sum(busy), sum(unit_seconds(c, disk, mem) for c in costs))
     # more workers than units: each phase takes as long as its largest unit
-    est = estimate_cluster(plan, len(costs) + 3, disk_gbps=disk, mem_gbps=mem)
+    est = estimate_cluster(plan, len(costs) + 3, disk_gbps=disk, mem_gbps=mem, placement=placement)
     assert math.isclose(est.worker_seconds, sum(max(unit_seconds(c, disk, mem) for c in costs if c.phase == p)
                                                 for p in {c.phase for c in costs}))
 
@@ -134,16 +143,59 @@ def test_one_worker_is_the_one_machine_line(fam):
     _, plan = compiled(fam, TIES_MODEL, "ties_model.fuse")
     one = estimate_cluster(plan, 1, disk_gbps=3, net_gbps=1, mem_gbps=7)
     assert estimate_cluster(plan, 4, disk_gbps=3, net_gbps=1, mem_gbps=7).single == one
-    assert one.one_machine is one and one.receive_seconds == 0
+    assert one.one_machine is one and one.receive_seconds == 0 and one.sent_bytes == 0
     w = one.per_worker[0]
     assert w.units == one.units and w.read_bytes == one.read_bytes
-    assert w.peak_bytes == estimate_peak_bytes(plan)  # compile's "est. peak memory"
+    # the largest unit: phase 1 of the lm_head (or embedding), whole: the base, and the
+    # three task vectors with the last expert's load. NOTE: the schedule computes every
+    # task vector before the first histogram; interleaving them would hold three.
+    assert w.peak_bytes == (3 + 2) * 4 * VOCAB * 32
     costs = unit_costs(plan)
     by_phase = sum(sum(unit_seconds(c, 3, 7) for c in costs if c.phase == p) for p in range(3))
     assert math.isclose(one.seconds, max(by_phase, one.output_bytes / 3e9))
-    # with two slots a worker holds its two largest units at once
-    two = estimate_cluster(plan, 1, slots=2)
-    assert two.per_worker[0].peak_bytes == sum(sorted(c.peak_bytes for c in costs)[-2:])
+    # two CPUs: one unit at a time computed twice as fast, in the same memory
+    two = estimate_cluster(plan, 1, disk_gbps=3, net_gbps=1, mem_gbps=7, slots=2).per_worker[0]
+    assert two.peak_bytes == w.peak_bytes and math.isclose(two.compute_seconds, w.compute_seconds / 2)
+    assert two.read_seconds == w.read_seconds
+
+
+def test_worker_and_driver_memory_are_what_the_ray_executor_holds(fam):
+    """A worker holds the tasks it runs at once, each with the memory the Ray executor
+    asks for it; the driver the results of the tasks it keeps in flight (2 per CPU)."""
+    from fusionlang.runtime import ray_scheduler
+
+    _, plan = compiled(fam, TIES_MODEL, "ties_model.fuse")
+    for phase in plan_phases(plan):
+        for u in phase.units:
+            assert unit_memory(plan, u) == ray_scheduler.unit_memory(plan, u) + ray_scheduler._BASE_TASK_MEMORY
+    assert TASK_BASE_MEMORY == ray_scheduler._BASE_TASK_MEMORY
+    costs = unit_costs(plan)
+    for slots in (1, 2):
+        est = estimate_cluster(plan, 3, slots=slots)
+        mine = {w: [] for w in range(3)}
+        for w, c in _placed(est, costs):
+            mine[w].append(c.task_bytes)
+        for w in est.per_worker:
+            assert w.peak_bytes == sum(sorted(mine[w.index])[-slots:]) > slots * TASK_BASE_MEMORY
+        assert est.driver_peak_bytes == sum(sorted(c.sent_bytes for c in costs)[-2 * 3 * slots:])
+
+
+def _placed(est, costs):
+    """(worker, unit) pairs of a fifo estimate, placed again independently: each unit of
+    a phase, in order, to the worker whose phase load is least (ties: the lower index)."""
+    disk, mem = est.disk_gbps * GB, est.mem_gbps * GB * est.slots
+    out = []
+    total = [0.0] * est.workers  # over the phases so far: the tie-break
+    for p in sorted({c.phase for c in costs}):
+        load = [0.0] * est.workers
+        for c in (c for c in costs if c.phase == p):
+            w = min(range(est.workers), key=lambda i: (load[i], total[i], i))
+            t = c.read_bytes / disk + c.touched_bytes / mem
+            load[w] += t
+            total[w] += t
+            out.append((w, c))
+    assert [sum(1 for w, _ in out if w == i) for i in range(est.workers)] == [w.units for w in est.per_worker]
+    return out
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -155,7 +207,7 @@ def test_time_is_monotone_in_every_bandwidth(fam, n):
         assert all(a >= b for a, b in pairwise(times)), (knob, times)
     # a bandwidth that is the bottleneck, when raised, makes the merge faster
     slow_net = estimate_cluster(plan, 3, **(base | {"net_gbps": 0.001}))
-    assert "network" in slow_net.bottleneck
+    assert "network" in slow_net.bottleneck and math.isclose(slow_net.seconds, slow_net.sent_bytes / 1e6)
     assert estimate_cluster(plan, 3, **(base | {"net_gbps": 0.002})).seconds < slow_net.seconds
     slow_storage = estimate_cluster(plan, n, **(base | {"storage_gbps": 0.001}))
     assert "shared storage" in slow_storage.bottleneck

@@ -1,21 +1,32 @@
 """What a plan would cost on N workers: bytes, memory and time on paper (no torch).
 
 `fusionlang compile SPEC --estimate-cluster N` prints `estimate_cluster(plan, N, ...)`
-next to the same plan on one machine. The model is the Ray executor's
-(../shared/DESIGN.md, "The executor as units"):
+next to the same plan on one machine. The cluster is the Ray executor's
+(`runtime/ray_scheduler.py`, `run --executor ray`), the machine the local one's:
 
-- Each phase of the plan (`runtime.units.plan_phases`) is a set of units, one per
-  tensor group; a phase starts when the previous one's reduces are done (a barrier).
-- A unit runs on one worker: it reads its input tensors from the models' safetensors
-  files itself (shared storage: every worker sees the same paths), computes in fp32,
-  and sends its output pieces, in their output dtypes, to the driver, and the small
-  values other units or the phase's reduces take (histograms, per-tensor statistics).
-- The driver receives every output byte over its network link and writes every output
-  shard to its own disk; it overlaps both with the workers' computing (results stream).
-- Units go to whichever worker is free: with equal workers that behaves like
-  longest-processing-time-first (LPT), which is what is modelled, phase by phase.
+- Each phase of the plan (`runtime.units.plan_phases`) is a list of units, one per
+  tensor group; a phase starts when the previous one's reduces, computed on the
+  driver, are done (a barrier).
+- A unit runs on one CPU of a worker (a Ray node; `slots` CPUs each): it reads its
+  input tensors from the models' safetensors files itself (shared storage: every worker
+  sees the same paths), computes in fp32, and returns to the driver the output pieces it
+  defines (in their output dtypes: the plan casts them) and the inputs of the phase's
+  reduces (TIES' model-wide histograms). Values a unit hands to other units of its
+  phase (a per-tensor statistic of a split tensor's row blocks) go worker to worker
+  through Ray's object store: a few bytes, not counted.
+- The driver receives every returned byte over its network link and writes every
+  output shard to its own disk, both while the workers compute (results stream, at
+  most 2 x CPUs tasks in flight).
+- Units are handed out in the executor's order to whichever worker frees up first
+  (Ray's dynamic scheduling; `placement="fifo"`), or longest first (`"lpt"`, for
+  comparison). The executor batches consecutive small units into one task (about 32 MB
+  of reads): for the tensors of large models a batch is one unit, so units are placed.
+- A worker's memory is what Ray reserves for the tasks it runs at once: per task its
+  unit's live fp32 values plus the values it returns, plus 256 MiB (`unit_memory`).
 - A model stage (statistics, test-time training: `plan.sources[k].stage`) runs as one
   task before the units; its memory is its own estimate's `peak_bytes`.
+- One machine is the local executor: one unit at a time with all its CPUs (`slots`)
+  computing on it, its memory the largest unit's live values, nothing on a network.
 
 Units: bytes are bytes; bandwidths are GB/s with **1 GB = 10⁹ bytes** (as disk and
 network hardware is specified: 10 Gbit/s Ethernet is 1.25 GB/s); times are seconds.
@@ -29,7 +40,7 @@ from dataclasses import dataclass, field, replace
 
 from ..lang.diagnostics import Diagnostic, FuseErrors, Span
 from ..runtime.sources import DTYPE_SIZES
-from ..runtime.units import plan_phases
+from ..runtime.units import Unit, plan_phases
 from .graph import Plan
 
 GB = 1e9  # bytes: bandwidths and printed sizes use decimal gigabytes
@@ -46,39 +57,51 @@ DEFAULT_DISK_GBPS = 2.0
 DEFAULT_NET_GBPS = 1.25
 DEFAULT_MEM_GBPS = 10.0
 
+# NOTE: as runtime/ray_scheduler.py (which imports torch): the memory a task asks for
+# besides its unit's values (tests/test_cluster_estimate.py checks `unit_memory` against
+# that module's), and the tasks in flight per CPU (`RayScheduler._run_phase`'s
+# back-pressure: the results the driver may hold).
+TASK_BASE_MEMORY = 256 << 20
+IN_FLIGHT_PER_CPU = 2
+
 # NOTE: values whose plan node has no shape are small statistics; these are the ones
 # that are not a scalar (fusionlang/ops/sparsify.py: int64 bincounts of the float bit
 # patterns' high 15 and low 16 bits; the model-wide top-k's two histogram passes).
 # tests/test_cluster_estimate.py checks the sizes against the ops' real outputs.
 UNSHAPED_VALUE_BYTES = {"magnitude_hist_hi": 32768 * 8, "magnitude_hist_lo": 65536 * 8}
 SCALAR_BYTES = 8  # any other value without a shape: a threshold, a factor, a count
+PLACEMENTS = ("fifo", "lpt")
 
 
 @dataclass(frozen=True)
 class UnitCost:
     """One unit's work. `read_bytes`: its `load` nodes' bytes on disk (a row block's
-    rows only); `output_bytes`: the output pieces it defines, in their output dtypes;
-    `shared_bytes`: the values it hands to other units or to the phase's reduces (fp32,
-    or UNSHAPED_VALUE_BYTES); `touched_bytes`: the bytes its ops read and write, every
-    op's inputs and output in fp32, a load's file bytes plus its fp32 copy;
-    `peak_bytes`: the live fp32 values of its tensor group at most (`group_peak_bytes`)."""
+    rows only: `Plan.load_bytes`); `sent_bytes`: what it returns to the driver, each
+    output value once in its output dtype and the reduces' inputs (UNSHAPED_VALUE_BYTES,
+    fp32 otherwise); `output_bytes`: the output pieces it defines, as the driver writes
+    them (a value saved twice counts twice); `touched_bytes`: the bytes its ops read and
+    write, every op's inputs and output in fp32, a load's file bytes plus its fp32 copy;
+    `peak_bytes`: its live fp32 values at most as the runner frees them
+    (`Plan.peak_bytes`, the local executor's); `task_bytes`: the memory the Ray executor
+    asks for it (`unit_memory`)."""
 
     phase: int
     group: str
     read_bytes: int
+    sent_bytes: int
     output_bytes: int
-    shared_bytes: int
     touched_bytes: int
     peak_bytes: int
+    task_bytes: int
 
 
 @dataclass(frozen=True)
 class WorkerLoad:
     """What one worker does over the whole plan. Bytes as in `UnitCost`, summed over its
-    units; `sent_bytes` = output + shared bytes (to the driver); `peak_bytes`: the largest
-    of its `slots` largest units' peaks summed and its model stages' peaks; seconds:
-    `read_seconds` = read bytes / disk bandwidth, `compute_seconds` = touched bytes /
-    (slots × memory bandwidth), `busy_seconds` their sum."""
+    units; `peak_bytes`: its `slots` largest `task_bytes` summed (one machine: its
+    largest unit's `peak_bytes`), or its largest model stage's; seconds: `read_seconds`
+    = read bytes / disk bandwidth, `compute_seconds` = touched bytes / (slots x memory
+    bandwidth)."""
 
     index: int
     units: int
@@ -108,18 +131,20 @@ class StageTask:
 
 @dataclass(frozen=True)
 class ClusterEstimate:
-    """The cost of a plan on `workers` workers (one machine when `workers` is 1: the
-    driver computes the units itself and nothing crosses a network).
+    """The cost of a plan on `workers` workers of `slots` CPUs each (one machine when
+    `workers` is 1: the local executor, nothing on a network).
 
     `seconds` = max(`worker_seconds`, `receive_seconds`, `write_seconds`), where
     `worker_seconds` sums, over the phases, the slowest worker's busy time in that phase
     (or the phase's reads at the shared storage's bandwidth, when that is given and
     slower); `receive_seconds` = the bytes sent to the driver / network bandwidth (0 on
     one machine); `write_seconds` = the output bytes / disk bandwidth. `bottleneck` names
-    the largest term. Model stages run before the units and their time is not included
-    (forward and backward passes over data: compute-bound, not a matter of bandwidth).
-    `single` is the same plan on one machine at the same bandwidths (None when
-    `workers` is 1: then it is this estimate itself, see `one_machine`)."""
+    the largest term. `driver_peak_bytes`: the results the driver may hold at once (the
+    largest ones of as many tasks as it keeps in flight). Model stages run before the
+    units and their time is not included (forward and backward passes over data:
+    compute-bound, not a matter of bandwidth). `single` is the same plan on one machine
+    at the same bandwidths (None when `workers` is 1: then it is this estimate itself,
+    see `one_machine`)."""
 
     workers: int
     slots: int
@@ -127,17 +152,19 @@ class ClusterEstimate:
     net_gbps: float
     mem_gbps: float
     storage_gbps: float | None
+    placement: str
     phases: int
     units: int
     per_worker: tuple[WorkerLoad, ...]
     read_bytes: int  # every unit's reads: a tensor read in several phases counts once per phase
+    sent_bytes: int  # what the workers return to the driver
     output_bytes: int  # what the driver writes: every output piece in its output dtype
-    shared_bytes: int  # statistics and shared values sent to the driver besides the outputs
     worker_seconds: float
     receive_seconds: float
     write_seconds: float
     seconds: float
     bottleneck: str
+    driver_peak_bytes: int = 0
     stages: tuple[StageTask, ...] = ()
     single: ClusterEstimate | None = field(default=None, repr=False)
 
@@ -157,11 +184,11 @@ def check_cluster_args(workers: int, disk_gbps: float, net_gbps: float, mem_gbps
     count below 1 or a bandwidth that is not a positive, finite number of GB/s."""
     diags = []
     where = Span("<command line>", 1, 1)
-    for flag, n in (("--estimate-cluster", workers), ("--slots", slots)):
+    for flag, n, what, example in (("--estimate-cluster", workers, "workers", 8),
+                                   ("--slots", slots, "CPUs per worker (units it runs at once)", 8)):
         if n < 1:
             diags.append(Diagnostic("E006", f"{flag} must be at least 1, not {n}", where,
-                                    f"a count of {'workers' if flag != '--slots' else 'units a worker runs at once'}, "
-                                    f"e.g. {flag} {8 if flag != '--slots' else 1}"))
+                                    f"a count of {what}, e.g. {flag} {example}"))
     for flag, v in (("--disk-gbps", disk_gbps), ("--net-gbps", net_gbps), ("--mem-gbps", mem_gbps),
                     ("--storage-gbps", storage_gbps)):
         if v is not None and (not math.isfinite(v) or v <= 0 or v * GB < 1):
@@ -171,43 +198,17 @@ def check_cluster_args(workers: int, disk_gbps: float, net_gbps: float, mem_gbps
         raise FuseErrors(diags)
 
 
-def group_peak_bytes(plan: Plan) -> dict[str, int]:
-    """Peak bytes of live values per tensor group, simulating the executor's order and
-    frees (fp32 intermediates, no credit for in-place ops: an upper bound per group).
-    A group computed in several phases is simulated over all its nodes at once."""
-    order = plan.order or plan.topo_order()
-    by_group: dict[str, list[str]] = {}
-    for nid in order:
-        by_group.setdefault(plan.nodes[nid].group, []).append(nid)
-    peaks: dict[str, int] = {}
-    for group, nodes in by_group.items():
-        if not group:
-            continue
-        uses: dict[str, int] = {}
-        for nid in nodes:
-            for i in plan.nodes[nid].inputs:
-                uses[i] = uses.get(i, 0) + 1
-        alive: dict[str, int] = {}
-        peak = 0
-        for nid in nodes:
-            n = plan.nodes[nid]
-            alive[nid] = 4 * _numel(n.shape or ())
-            peak = max(peak, sum(alive.values()))
-            for i in n.inputs:
-                if i in uses:
-                    uses[i] -= 1
-                    if uses[i] == 0:
-                        alive.pop(i, None)
-            if nid not in uses:
-                alive.pop(nid, None)  # an output: written, then freed
-        peaks[group] = peak
-    return peaks
+def unit_memory(plan: Plan, unit: Unit) -> int:
+    """Bytes the Ray executor asks for a unit's task (`ray_scheduler.unit_memory` plus
+    TASK_BASE_MEMORY): its live fp32 values at most, the values it returns (fp32, 4 bytes
+    for one without a shape) and the worker's own overhead per task."""
+    out = sum(4 * _numel(plan.nodes[t].shape or ()) for t in unit.targets)
+    return plan.peak_bytes(unit.nodes) + out + TASK_BASE_MEMORY
 
 
 def unit_costs(plan: Plan) -> list[UnitCost]:
     """Every unit of a scheduled plan (`passes.schedule` has run) with its cost, in the
-    local order, phase by phase."""
-    peaks = group_peak_bytes(plan)
+    executors' order, phase by phase."""
     out_dtype = {(k, t): o.dtypes[t] for k, o in plan.outputs.items() for t in o.tensors}
     costs = []
     for phase in plan_phases(plan):
@@ -217,69 +218,82 @@ def unit_costs(plan: Plan) -> list[UnitCost]:
                 n = plan.nodes[nid]
                 size = 4 * _numel(n.shape or ())
                 if n.op == "load":
-                    file_bytes = _load_bytes(plan, n)
+                    file_bytes = plan.load_bytes(nid)
                     read += file_bytes
                     touched += file_bytes + size
                 else:
                     touched += size + sum(4 * _numel(plan.nodes[i].shape or ()) for i in n.inputs
                                           if plan.nodes[i].shape is not None)
-            output = sum(DTYPE_SIZES.get(out_dtype[(okey, tensor)], 4) * _numel(plan.nodes[nid].shape or ())
-                         for nid, pieces in u.writes.items() for okey, tensor, _ in pieces)
-            shared = sum(_value_bytes(plan, t) for t in u.targets if t not in u.writes)
-            costs.append(UnitCost(phase.index, u.group, read, output, shared, touched, peaks.get(u.group, 0)))
+            sent = output = 0
+            for nid, pieces in u.writes.items():
+                sizes = [DTYPE_SIZES.get(out_dtype[(okey, tensor)], 4) * _numel(plan.nodes[nid].shape or ())
+                         for okey, tensor, _ in pieces]
+                sent += sizes[0]  # the value, in the dtype its cast gave it
+                output += sum(sizes)
+            sent += sum(_value_bytes(plan, t) for t in u.targets if t not in u.writes and t not in u.exports)
+            costs.append(UnitCost(phase.index, u.group, read, sent, output, touched, plan.peak_bytes(u.nodes),
+                                  unit_memory(plan, u)))
     return costs
 
 
 def estimate_cluster(plan: Plan, workers: int, disk_gbps: float = DEFAULT_DISK_GBPS,
                      net_gbps: float = DEFAULT_NET_GBPS, mem_gbps: float = DEFAULT_MEM_GBPS,
-                     storage_gbps: float | None = None, slots: int = 1) -> ClusterEstimate:
-    """The cost of running a scheduled plan's units on `workers` equal workers, and
-    (as `.single`) on one machine at the same bandwidths.
+                     storage_gbps: float | None = None, slots: int = 1, placement: str = "fifo") -> ClusterEstimate:
+    """The cost of running a scheduled plan's units on `workers` equal workers of `slots`
+    CPUs each with the Ray executor, and (as `.single`) on one such machine with the
+    local executor, at the same bandwidths.
 
     Bandwidths in GB/s, 1 GB = 10⁹ bytes:
-    - `disk_gbps`: what one worker reads from the models' files per second (and, on the
+    - `disk_gbps`: what one machine reads from the models' files per second (and, on the
       driver, writes to the outputs' disk); reads and writes do not contend (the driver's
       output disk is not the shared storage; on one machine a disk that does both needs
       (read + write) / bandwidth at least, which this does not add).
-    - `net_gbps`: the driver's network link, which every output byte crosses once.
-    - `mem_gbps`: the fp32 bytes one unit's ops read and write per second on one CPU
+    - `net_gbps`: the driver's network link, which every returned byte crosses once.
+    - `mem_gbps`: the fp32 bytes one CPU's ops read and write per second
       (`UnitCost.touched_bytes`): a throughput, not the DRAM's bandwidth, since the
-      runner computes elementwise groups in tiles that stay in the CPU's cache.
+      runner computes elementwise groups in tiles that stay in the CPU's cache
+      (DEFAULT_MEM_GBPS says what was measured).
     - `storage_gbps`: the shared storage's aggregate read bandwidth over all workers;
       None: no limit (each worker reads at `disk_gbps`: local copies, a parallel file
       system).
-    `slots`: units a worker runs at once (one per CPU it is given): its compute goes
-    `slots` times as fast, its disk does not, and its memory is its `slots` largest
-    units' peaks summed.
+    `slots`: CPUs per machine: a worker runs that many units at once (Ray tasks of one
+    CPU), computing `slots` times as fast, its disk no faster; one machine computes one
+    unit at a time on all of them. `placement`: "fifo" (the executor's order, to the
+    first free worker) or "lpt" (longest first).
 
     Assumptions: each unit's reads and compute run one after the other (the runner
-    reads a tensor as it computes on it, on the same thread); units are placed LPT
-    by their busy time (read + compute seconds), phase by phase, all workers starting a
-    phase together; an order inside a phase (a per-tensor statistic before the row
-    blocks that take it) costs nothing, the phase's other units filling the wait; the
-    phases' reduces (on the driver) and the transfer of a phase's statistics take no
-    time; every op gets through fp32 bytes at the same rate (elementwise ops are faster
-    than that, selections such as top-k and decompositions such as SVD slower:
-    DEFAULT_MEM_GBPS says by how much); a tensor read in several phases is read from
-    disk in each, as the local executor does (a tile statistic's second pass over a
-    unit's inputs, DARE's L1 rescale, reads them from the page cache: not counted);
-    model stages are placed LPT by memory and their time is not included.
+    reads a tensor as it computes on it, on the same thread); all workers start a phase
+    together; an order inside a phase (a per-tensor statistic before the row blocks that
+    take it) costs nothing, the phase's other units filling the wait; the phases'
+    reduces, a task's overhead (milliseconds, per batch of small units) and the transfer
+    of the reduces' inputs take no time; every op gets through fp32 bytes at the same
+    rate (elementwise ops are faster than that, selections such as top-k and
+    decompositions such as SVD slower: DEFAULT_MEM_GBPS says by how much); a tensor read
+    in several phases, or by a whole-tensor statistic and again by its row blocks, is
+    read from disk each time (on one machine the page cache may hold it: not credited;
+    a tile statistic's second pass over a unit's inputs, DARE's L1 rescale, reads them
+    from the page cache: not counted); model stages are placed by memory, largest first,
+    and their time is not included.
 
-    Raises FuseErrors (E006) for arguments `check_cluster_args` rejects.
+    Raises FuseErrors (E006) for arguments `check_cluster_args` rejects; ValueError for
+    a `placement` not in PLACEMENTS.
     """
     check_cluster_args(workers, disk_gbps, net_gbps, mem_gbps, storage_gbps, slots)
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, not {placement!r}")
     costs = unit_costs(plan)
     stages = [(k, s.stage.get("kind", "stage"), int(s.stage.get("estimate", {}).get("peak_bytes", 0)))
               for k, s in plan.sources.items() if s.stage]
-    single = _estimate(costs, stages, 1, disk_gbps, net_gbps, mem_gbps, storage_gbps, slots)
+    single = _estimate(costs, stages, 1, disk_gbps, net_gbps, mem_gbps, storage_gbps, slots, placement)
     if workers == 1:
         return single
-    est = _estimate(costs, stages, workers, disk_gbps, net_gbps, mem_gbps, storage_gbps, slots)
+    est = _estimate(costs, stages, workers, disk_gbps, net_gbps, mem_gbps, storage_gbps, slots, placement)
     return replace(est, single=single)
 
 
 def _estimate(costs: list[UnitCost], stages: list[tuple[str, str, int]], workers: int, disk_gbps: float,
-              net_gbps: float, mem_gbps: float, storage_gbps: float | None, slots: int) -> ClusterEstimate:
+              net_gbps: float, mem_gbps: float, storage_gbps: float | None, slots: int,
+              placement: str) -> ClusterEstimate:
     disk, net, mem = disk_gbps * GB, net_gbps * GB, mem_gbps * GB * slots
     per_phase: dict[int, list[UnitCost]] = {}
     for c in costs:
@@ -289,9 +303,12 @@ def _estimate(costs: list[UnitCost], stages: list[tuple[str, str, int]], workers
     worker_seconds = 0.0
     read_part = compute_part = storage_part = 0.0  # of worker_seconds: what the slowest worker spent it on
     for p in sorted(per_phase):
-        units = sorted(per_phase[p], key=lambda c: (-(c.read_bytes / disk + c.touched_bytes / mem), c.group))
-        # (busy in this phase, busy so far: evens out the workers over phases, index)
-        heap = [(0.0, 0.0, w) for w in range(workers)]
+        units = per_phase[p]
+        if placement == "lpt":
+            units = sorted(units, key=lambda c: -(c.read_bytes / disk + c.touched_bytes / mem))  # stable: ties in order
+        # the worker that frees up first: (busy in this phase, busy so far: evens out the phases, index)
+        heap = [(0.0, total_busy[w], w) for w in range(workers)]
+        heapq.heapify(heap)
         phase_read = [0.0] * workers
         phase_busy = [0.0] * workers
         for c in units:
@@ -318,21 +335,22 @@ def _estimate(costs: list[UnitCost], stages: list[tuple[str, str, int]], workers
         stage_of[w].append((key, kind, peak))
         stage_tasks.append(StageTask(key, kind, peak, w))
         heapq.heappush(heap, (load + peak, w))
+    cluster = workers > 1
     per_worker = []
     for w, mine in enumerate(assigned):
         read = sum(c.read_bytes for c in mine)
         touched = sum(c.touched_bytes for c in mine)
-        biggest = heapq.nlargest(slots, (c.peak_bytes for c in mine))
-        peak = max(sum(biggest), max((s[2] for s in stage_of[w]), default=0))
+        units_peak = (sum(heapq.nlargest(slots, (c.task_bytes for c in mine))) if cluster
+                      else max((c.peak_bytes for c in mine), default=0))
         per_worker.append(WorkerLoad(
-            index=w, units=len(mine), read_bytes=read, sent_bytes=sum(c.output_bytes + c.shared_bytes for c in mine),
-            touched_bytes=touched, peak_bytes=peak, read_seconds=read / disk, compute_seconds=touched / mem,
-            stages=tuple(s[0] for s in stage_of[w])))
+            index=w, units=len(mine), read_bytes=read, sent_bytes=sum(c.sent_bytes for c in mine) if cluster else 0,
+            touched_bytes=touched, peak_bytes=max(units_peak, max((s[2] for s in stage_of[w]), default=0)),
+            read_seconds=read / disk, compute_seconds=touched / mem, stages=tuple(s[0] for s in stage_of[w])))
     output = sum(c.output_bytes for c in costs)
-    shared = sum(c.shared_bytes for c in costs)
-    receive = (output + shared) / net if workers > 1 else 0.0
+    sent = sum(c.sent_bytes for c in costs) if cluster else 0
+    receive = sent / net
     write = output / disk
-    who, driver = ("the workers'", "the driver's") if workers > 1 else ("the machine's", "the machine's")
+    who, driver = ("the workers'", "the driver's") if cluster else ("the machine's", "the machine's")
     # the worker term is the sum of its parts: it is named by the part that weighs most
     worker_part = max((storage_part, "the shared storage (all reads together)"),
                       (read_part, f"{who} disk reads"),
@@ -343,24 +361,18 @@ def _estimate(costs: list[UnitCost], stages: list[tuple[str, str, int]], workers
     elif seconds == worker_seconds:
         bottleneck = worker_part
     elif seconds == receive:
-        bottleneck = f"{driver} network (receiving the outputs)"
+        bottleneck = f"{driver} network (receiving the results)"
     else:
         bottleneck = f"{driver} disk (writing the outputs)"
+    in_flight = IN_FLIGHT_PER_CPU * workers * slots
     return ClusterEstimate(
         workers=workers, slots=slots, disk_gbps=disk_gbps, net_gbps=net_gbps, mem_gbps=mem_gbps,
-        storage_gbps=storage_gbps, phases=len(per_phase), units=len(costs), per_worker=tuple(per_worker),
-        read_bytes=sum(c.read_bytes for c in costs), output_bytes=output, shared_bytes=shared,
-        worker_seconds=worker_seconds, receive_seconds=receive, write_seconds=write, seconds=seconds,
-        bottleneck=bottleneck, stages=tuple(stage_tasks))
-
-
-def _load_bytes(plan: Plan, n) -> int:
-    dtype, shape, _ = plan.sources[n.param("source")].tensors[n.param("tensor")]
-    size = DTYPE_SIZES.get(dtype, 4) * _numel(shape)
-    rows = n.param("rows")
-    if rows is not None and shape:  # a block of rows (split pass)
-        size = size // shape[0] * (rows[1] - rows[0])
-    return size
+        storage_gbps=storage_gbps, placement=placement, phases=len(per_phase), units=len(costs),
+        per_worker=tuple(per_worker), read_bytes=sum(c.read_bytes for c in costs), sent_bytes=sent,
+        output_bytes=output, worker_seconds=worker_seconds, receive_seconds=receive, write_seconds=write,
+        seconds=seconds, bottleneck=bottleneck,
+        driver_peak_bytes=sum(heapq.nlargest(in_flight, (c.sent_bytes for c in costs))) if cluster else 0,
+        stages=tuple(stage_tasks))
 
 
 def _value_bytes(plan: Plan, nid: str) -> int:
@@ -383,8 +395,10 @@ def print_estimate(console, est: ClusterEstimate) -> None:
     expected time with its bottleneck, and the speed-up over one machine."""
     from rich.table import Table
 
-    t = Table(title=f"cluster estimate: {est.workers} worker{'s' * (est.workers != 1)}"
-              + (f" × {est.slots} slots" if est.slots > 1 else ""), title_justify="left")
+    cpus = f"{est.slots} CPU{'s' * (est.slots != 1)}"
+    t = Table(title=(f"cluster estimate: {est.workers} workers × {cpus} (Ray executor), and one machine of {cpus} "
+                     "(local executor)" if est.workers > 1 else f"estimate: one machine of {cpus} (local executor)"),
+              title_justify="left")
     for c in ("machine", "units", "in", "out", "memory", "seconds", "of which"):
         t.add_column(c, justify="right" if c in ("units", "in", "out", "memory", "seconds") else "left")
     one = est.one_machine
@@ -402,29 +416,30 @@ def print_estimate(console, est: ClusterEstimate) -> None:
         else:
             for w in est.per_worker:
                 row(f"worker {w.index}", [getattr(w, f) for f in fields])
-        t.add_row("driver", "", human_bytes(est.output_bytes + est.shared_bytes), human_bytes(est.output_bytes), "",
-                  _s(max(est.receive_seconds, est.write_seconds)),
+        t.add_row("driver", "", human_bytes(est.sent_bytes), human_bytes(est.output_bytes),
+                  human_bytes(est.driver_peak_bytes), _s(max(est.receive_seconds, est.write_seconds)),
                   f"{_s(est.receive_seconds)} receive ‖ {_s(est.write_seconds)} write", end_section=True)
     w = one.per_worker[0]
-    t.add_row("one machine", str(w.units), human_bytes(w.read_bytes), human_bytes(one.output_bytes), human_bytes(w.peak_bytes),
-              _s(one.seconds), f"{_s(w.read_seconds)} read + {_s(w.compute_seconds)} compute ‖ "
-              f"{_s(one.write_seconds)} write")
+    t.add_row("one machine", str(w.units), human_bytes(w.read_bytes), human_bytes(one.output_bytes),
+              human_bytes(w.peak_bytes), _s(one.seconds),
+              f"{_s(w.read_seconds)} read + {_s(w.compute_seconds)} compute ‖ {_s(one.write_seconds)} write")
     console.print(t)
-    console.print(f"[dim]in: a worker's reads, the driver's receipts; out: a worker's results sent, the driver's "
-                  f"writes; ‖: overlapped. Disk {est.disk_gbps:g} GB/s, network {est.net_gbps:g} GB/s, memory "
+    console.print(f"[dim]in: the bytes a worker reads, the driver receives; out: the bytes a worker returns, the "
+                  f"driver writes; memory: the tasks a worker runs at once (the results the driver holds); "
+                  f"‖: overlapped. Disk {est.disk_gbps:g} GB/s, network {est.net_gbps:g} GB/s, memory "
                   f"{est.mem_gbps:g} GB/s per CPU" + (f", shared storage {est.storage_gbps:g} GB/s in all"
                                                      if est.storage_gbps else "") + "; 1 GB = 10^9 bytes.[/]",
                   soft_wrap=True)
-    console.print(f"expected time on {est.workers} worker{'s' * (est.workers != 1)}: [bold]{human_duration(est.seconds)}[/]"
-                  f" — bottleneck: {est.bottleneck}", soft_wrap=True)
-    if est.workers > 1:
-        console.print(f"one machine: {human_duration(one.seconds)} — bottleneck: {one.bottleneck}; {est.workers} workers: "
-                      f"{one.seconds / est.seconds if est.seconds > 0 else 1.0:.2g}× as fast, "
-                      f"{human_bytes(est.peak_bytes)} of memory each at most (one machine: {human_bytes(one.peak_bytes)})",
-                      soft_wrap=True)
-    console.print(f"[dim]{est.units} units in {est.phases} phase{'s' * (est.phases != 1)} (each phase ends when "
-                  "its last unit does); a tensor read in several phases is read in each[/]",
+    where = f"{est.workers} workers" if est.workers > 1 else "one machine"
+    console.print(f"expected time on {where}: [bold]{human_duration(est.seconds)}[/] — bottleneck: {est.bottleneck}",
                   soft_wrap=True)
+    if est.workers > 1:
+        console.print(f"one machine: {human_duration(one.seconds)} — bottleneck: {one.bottleneck}; {est.workers} "
+                      f"workers: {one.seconds / est.seconds if est.seconds > 0 else 1.0:.2g}× as fast, "
+                      f"{human_bytes(est.peak_bytes)} of memory each at most (one machine: "
+                      f"{human_bytes(one.peak_bytes)})", soft_wrap=True)
+    console.print(f"[dim]{est.units} units in {est.phases} phase{'s' * (est.phases != 1)} (each phase ends when "
+                  "its last unit does); a tensor read in several phases is read in each[/]", soft_wrap=True)
     if est.stages:
         console.print("[dim]model stages, run first (their time is not estimated): "
                       + ", ".join(f"{s.key} ({s.kind}, {human_bytes(s.peak_bytes)}"
