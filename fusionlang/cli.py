@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
             from .plan import cluster as cl
 
             c.add_argument("--estimate-cluster", type=int, metavar="N",
-                           help="print what the plan would cost on N workers (bytes, memory, time) and on one machine")
+                           help="print what the plan would cost on N workers (bytes, memory, time) and on one machine "
+                                "(also with -q)")
             c.add_argument("--disk-gbps", type=float, default=cl.DEFAULT_DISK_GBPS, metavar="X",
                            help=f"each machine's disk bandwidth, GB/s (10^9 bytes; default {cl.DEFAULT_DISK_GBPS:g})")
             c.add_argument("--net-gbps", type=float, default=cl.DEFAULT_NET_GBPS, metavar="Y",
