@@ -148,8 +148,8 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
     plan = None
     try:
         with _diagnosed(spec):
+            from .runtime.executors import run_plan
             from .runtime.reader import pick_device
-            from .runtime.scheduler import run_plan
 
             eval_device = pick_device(device).type
             if spec.endswith(".json"):

@@ -200,7 +200,7 @@ def cmd_run(args) -> int:
 def _cmd_run(args, plan_box: list) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .runtime.scheduler import run_plan
+    from .runtime.executors import run_plan
 
     if not math.isfinite(args.shard_size) or args.shard_size <= 0 or args.shard_size * 1024**3 < 1:
         raise FuseErrors([Diagnostic("E006", f"--shard-size must be a positive, finite number of GB, not {args.shard_size:g}",

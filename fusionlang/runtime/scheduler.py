@@ -254,8 +254,7 @@ class LocalScheduler:
 
 
 def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_BYTES,
-             progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] | None = None,
-             executor: str = "local", address: str | None = None) -> RunStats:
+             progress: Callable[[int, int], None] | None = None, log: Callable[[str], None] | None = None) -> RunStats:
     """Run a plan with the local scheduler and commit all its outputs together
     (docs/language.md, "Where outputs go"). `progress(done, total)` is called after each
     piece written. Raises RunError: E016 (a save path that breaks a rule, an unwritable
@@ -266,23 +265,16 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
     The plan's model stages (`stages.run.run_stages`: one model resident at a time,
     results cached on disk) run first, or, when all are short (`BACKGROUND_STAGES`), in
     the background while the units that need none of their results run; `log(line)`
-    gets their progress lines (default: stderr).
-
-    `executor="ray"`: the units and stages run as Ray tasks on the cluster at `address`
-    (or a local instance), with the same outputs (`ray_scheduler.run_plan_on_ray`)."""
-    if executor == "ray":
-        from .ray_scheduler import run_plan_on_ray
-
-        return run_plan_on_ray(plan, address, device, shard_bytes, progress, log or _stderr_line)
+    gets their progress lines (default: stderr)."""
     stages = None
     kinds = {s.stage["kind"] for s in plan.sources.values() if s.stage}
     if kinds:
         from ..stages.run import learned_by_output, run_stages
 
         if kinds <= BACKGROUND_STAGES:
-            stages = Background(run_stages, plan, pick_device(device), log or _stderr_line, threads=1)
+            stages = Background(run_stages, plan, pick_device(device), log or stderr_line, threads=1)
         else:
-            plan = run_stages(plan, pick_device(device), log or _stderr_line)
+            plan = run_stages(plan, pick_device(device), log or stderr_line)
     scheduler = LocalScheduler(plan, device, shard_bytes, progress, stages)
     stats = scheduler.run()
     if kinds:
@@ -290,7 +282,7 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
     return stats
 
 
-def _stderr_line(line: str) -> None:
+def stderr_line(line: str) -> None:
     import sys
 
     print(line, file=sys.stderr, flush=True)
