@@ -159,7 +159,8 @@ class RayScheduler(LocalScheduler):
         self.worker_device = device
         self._remote = None
         self._plan_ref = None
-        self._read = 0
+        self._env: dict[str, str] = {}  # the driver's forwarded variables (ray_cluster.driver_env)
+        self._read = 0  # bytes the tasks read
 
     def _run(self):
         import ray
