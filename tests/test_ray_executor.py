@@ -64,10 +64,17 @@ def _run(root: Path, name: str, *args: str) -> tuple[int, str]:
     return rc, out + err
 
 
+def _local(root: Path) -> Path:
+    """The local executor's outputs of SPEC (made once per module)."""
+    if not (root / "local" / "t").exists():
+        rc, text = _run(root, "local")
+        assert rc == 0, text
+    return root / "local"
+
+
 def test_every_kind_of_unit_gives_the_local_bytes(local_ray, fam):
     root, _ = fam
-    rc, text = _run(root, "local")
-    assert rc == 0, text
+    _local(root)
     rc, text = _run(root, "ray", "--executor", "ray")
     assert rc == 0, text
     # the plan really has what the test is about: row blocks with exports, reduces in later phases
@@ -86,8 +93,7 @@ def test_every_kind_of_unit_gives_the_local_bytes(local_ray, fam):
 
 def test_a_killed_worker_is_retried_and_the_output_is_the_same(local_ray, fam, monkeypatch):
     root, _ = fam
-    if not (root / "local" / "t").exists():
-        assert _run(root, "local")[0] == 0
+    _local(root)
     marker = root / "crash-once"
     marker.write_text("")
     monkeypatch.setenv("FUSIONLANG_RAY_CRASH_ONCE", str(marker))  # forwarded to the workers: one exits
@@ -180,16 +186,14 @@ def test_the_cli_runs_ray_in_a_fresh_process(fam, tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "fresh.fuse: 143/143 written (100%)" in r.stdout + r.stderr and "Traceback" not in r.stderr
-    if (root / "local" / "t").exists():
-        assert _files(root / "local" / "t") == _files(root / "fresh" / "t")
+    assert _files(_local(root) / "t") == _files(root / "fresh" / "t")
 
 
 def test_the_python_api_runs_on_ray(local_ray, fam):
     import fusionlang
 
     root, _ = fam
-    if not (root / "local" / "t").exists():
-        assert _run(root, "local")[0] == 0
+    _local(root)
     spec = write_spec(root, SPEC.replace("OUT", "api"), "api.fuse")
     result = fusionlang.run(spec, executor="ray", progress=False)
     assert set(result.outputs) == {"t", "g", "d", "o", "s", "p"}

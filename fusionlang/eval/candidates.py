@@ -153,12 +153,11 @@ class LocalCandidates:
 
     def __init__(self) -> None:
         self.memo: dict[str, dict] = {}
-        self._tmp: str | None = None
 
     def scores(self, cands: list[Candidate], how: Scoring) -> list[tuple[dict, bool]]:
         """Each candidate's scores {task: {"accuracy", "loss"}} and whether they were reused
         (this run's memo or the disk cache), in the order given."""
-        tmp = self._tmp or tempfile.mkdtemp(prefix="fusionlang-tune-")
+        tmp = tempfile.mkdtemp(prefix="fusionlang-tune-")
         try:
             return [candidate_scores(c.prog, c.q, str(Path(tmp) / f"{c.q.split('::')[-1]}-{i}"), how.tasks, how.split,
                                      how.run_device, how.eval_device, how.shard_bytes, c.progress, self.memo, c.values)

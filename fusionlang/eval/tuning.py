@@ -152,29 +152,27 @@ def _tune_merge(prog: ir.Program, q: str, sites: list[TuneSite], chosen: dict, r
     from ..zoo.progress import Heartbeat, stderr_writer
 
     beat = Heartbeat(stderr_writer(console), f"tuning {short}", "candidates")
-    cands = []
-    for i, combo in enumerate(grid):
-        shown = {s.param: v for s, v in zip(sites, combo)}
-        label = ", ".join(f"{k}={v:g}" for k, v in shown.items())
-        # a long candidate shows its merge and its evaluation batches (throttled lines);
-        # its scores are cached like a search's (eval.candidates.candidate_key)
-        cands.append(Candidate(substitute(prog, {s.key: v for s, v in zip(sites, combo)}), q, shown,
-                               lambda what, i=i, label=label: beat.beat(i, len(grid), f"{label}: {what}")))
+    points = [({s.key: v for s, v in zip(sites, combo)}, {s.param: v for s, v in zip(sites, combo)}) for combo in grid]
+    labels = [", ".join(f"{k}={v:g}" for k, v in shown.items()) for _, shown in points]
+    # a long candidate shows its merge and its evaluation batches (throttled lines);
+    # its scores are cached like a search's (eval.candidates.candidate_key)
+    cands = [Candidate(substitute(prog, values), q, shown,
+                       lambda what, i=i: beat.beat(i, len(grid), f"{labels[i]}: {what}"))
+             for i, (values, shown) in enumerate(points)]
     best = None
     reused = 0
     # NOTE: the candidates in grid order, whatever order they finished in: the same choice on ties
-    for i, (combo, c, (scores, cached)) in enumerate(zip(grid, cands, pool.scores(cands, Scoring(
-            task_args, split, run_device, eval_device, shard_bytes)))):
+    results = pool.scores(cands, Scoring(task_args, split, run_device, eval_device, shard_bytes))
+    for i, ((values, shown), (scores, cached)) in enumerate(zip(points, results)):
         reused += cached
         acc = {name: s["accuracy"] for name, s in scores.items()}
         avg = sum(acc.values()) / len(acc)
-        rec.candidates.append({"values": c.values, "accuracy": acc, "average": avg})
+        rec.candidates.append({"values": shown, "accuracy": acc, "average": avg})
         beat.last = float("-inf")  # every finished candidate gets its line
-        label = ", ".join(f"{k}={v:g}" for k, v in c.values.items())
-        beat.beat(i + 1, len(grid), f"{label}  ->  {100 * avg:.1f}  ("
+        beat.beat(i + 1, len(grid), f"{labels[i]}  ->  {100 * avg:.1f}  ("
                   + ", ".join(f"{k} {100 * x:.1f}" for k, x in acc.items()) + ")" + ("  (cached)" * cached))
         if best is None or avg > best[0]:
-            best = (avg, {s.key: v for s, v in zip(sites, combo)}, c.values)
+            best = (avg, values, shown)
     if reused:
         console.print(f"  {len(grid) - reused} merged and evaluated, {reused} reused from the cache")
     chosen.update(best[1])

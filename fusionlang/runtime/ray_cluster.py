@@ -31,12 +31,16 @@ MAX_RETRIES = 3
 @dataclass
 class Cluster:
     """A connection to a Ray cluster. `started`: this process started a local instance
-    (and `close()` stops it); `cpus`/`gpus`: the cluster's resources when connected."""
+    (and `close()` stops it); `cpus`/`gpus`: the cluster's resources when connected;
+    `node_cpus` / `node_memory`: the most CPUs and `memory` bytes one live node offers
+    (what a single task can get; 0: unknown)."""
 
     address: str | None
     started: bool
     cpus: int
     gpus: int
+    node_cpus: int = 0
+    node_memory: int = 0
 
     def close(self) -> None:
         """Stop the local instance this process started (a cluster it joined keeps running)."""
@@ -105,7 +109,10 @@ def _described(address: str | None, started: bool) -> Cluster:
     import ray
 
     res = ray.cluster_resources()
-    return Cluster(address, started, int(res.get("CPU", 0)), int(res.get("GPU", 0)))
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return Cluster(address, started, int(res.get("CPU", 0)), int(res.get("GPU", 0)),
+                   int(max((n.get("CPU", 0) for n in nodes), default=0)),
+                   int(max((n.get("memory", 0) for n in nodes), default=0)))
 
 
 # Environment variables of the driver that a task needs too (caches, zoo, offline mode):

@@ -36,7 +36,7 @@ from .reader import pick_device, trim_heap
 from .runner import Runner
 from .scheduler import LocalScheduler
 from .sinks import DEFAULT_SHARD_BYTES, OutputSink
-from .units import Phase, Unit, plan_phases
+from .units import Phase, Unit, plan_phases, shape_numel
 
 BATCH_BYTES = 32 << 20  # tensor bytes read per task, about; a unit above it is a task of its own
 BATCH_UNITS = 256
@@ -51,26 +51,20 @@ def unit_read_bytes(plan: Plan, unit: Unit) -> int:
 def unit_memory(plan: Plan, unit: Unit) -> int:
     """Bytes a worker holds while computing `unit` and returning its values: the plan's
     fp32 live-value peak plus the values it returns (an upper bound)."""
-    out = 0
-    for t in unit.targets:
-        size = 4
-        for d in plan.nodes[t].shape or ():
-            size *= d
-        out += size
-    return plan.peak_bytes(unit.nodes) + out
+    return plan.peak_bytes(unit.nodes) + sum(4 * shape_numel(plan.nodes[t].shape or ()) for t in unit.targets)
 
 
 def batches(plan: Plan, units: list[Unit], workers: int) -> list[list[int]]:
     """Indices of `units` in consecutive batches of about BATCH_BYTES read (fewer when the
     phase is small, so that every worker gets several batches)."""
-    total = sum(unit_read_bytes(plan, u) for u in units)
-    target = max(1, min(BATCH_BYTES, total // max(1, 4 * workers)))
+    sizes = [unit_read_bytes(plan, u) for u in units]
+    target = max(1, min(BATCH_BYTES, sum(sizes) // max(1, 4 * workers)))
     out: list[list[int]] = []
     cur: list[int] = []
     size = 0
-    for i, u in enumerate(units):
+    for i, n in enumerate(sizes):
         cur.append(i)
-        size += unit_read_bytes(plan, u)
+        size += n
         if size >= target or len(cur) >= BATCH_UNITS:
             out.append(cur)
             cur, size = [], 0
@@ -181,7 +175,7 @@ class RayScheduler(LocalScheduler):
         plan = self.plan
         workers = max(1, self.cluster.gpus if self._gpu else self.cluster.cpus)
         groups = batches(plan, phase.units, workers)
-        largest = _largest_node_memory()
+        largest = self.cluster.node_memory
         needed_reduces = {i for u in phase.units for i in u.outside if i in reduce_values}
         reduce_ref = ray.put({k: reduce_values[k] for k in needed_reduces}) if needed_reduces else None
         export_refs: dict[str, object] = {}  # node id -> the exports object of the task that computes it
@@ -222,13 +216,6 @@ class RayScheduler(LocalScheduler):
     @property
     def _gpu(self) -> bool:
         return self.worker_device == "cuda" or (self.worker_device == "auto" and self.cluster.gpus > 0)
-
-
-def _largest_node_memory() -> int:
-    """The largest `memory` resource of a live Ray node, bytes (0: unknown)."""
-    import ray
-
-    return int(max((n.get("Resources", {}).get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0))
 
 
 def run_plan_on_ray(plan: Plan, address: str | None = None, device: str = "auto",
@@ -286,20 +273,18 @@ def stage_runner(cluster: RC.Cluster, device: str):
 
     remote = ray.remote(_stage_task)
     gpu = device == "cuda" or (device == "auto" and cluster.gpus > 0)
-    largest = _largest_node_memory()
-    node_cpus = int(max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1))
 
     def run(jobs):
         jobs = list(jobs)
         env = RC.driver_env()
         # the cluster's CPUs shared among the stages, a node's at most (stages are multi-threaded)
-        threads = max(1, min(node_cpus, cluster.cpus // max(1, len(jobs))))
+        threads = max(1, min(cluster.node_cpus or 1, cluster.cpus // max(1, len(jobs))))
 
         def submit(job):
             stage, names, _key, at = job
             peak = int(stage.get("estimate", {}).get("peak_bytes", 0)) + _BASE_TASK_MEMORY
             opts = {"max_retries": RC.MAX_RETRIES, "num_cpus": threads, "num_gpus": 1 if gpu else 0,
-                    "memory": min(peak, largest) if largest else peak}
+                    "memory": min(peak, cluster.node_memory) if cluster.node_memory else peak}
             return remote.options(**opts).remote(env, stage, names, device, threads, at)
 
         yield from RC.imap_unordered(submit, jobs, len(jobs), lambda job: f"the {job[0]['kind']} stage")

@@ -18,7 +18,7 @@ from ..ops import OPS, sparsify
 from ..plan.graph import Plan
 from .errors import BadValue, RunError
 from .reader import TORCH_DTYPES, TensorReader
-from .units import Unit, closure, refcounts
+from .units import Unit, closure, refcounts, shape_numel
 
 # Tiled execution: elements per tile (fp32: 256 KiB per value, a few live at once fit
 # in a core's L2 cache), the pointwise ops it runs, and those that take a flat offset.
@@ -56,13 +56,6 @@ def op_kwargs(n) -> dict:
 def is_tile_stat(op: str) -> bool:
     """A per-tensor statistic the tiled executor sums tile by tile (e.g. DARE's L1 factor)."""
     return OPS.get(op) is not None and OPS[op].tile_stat is not None
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class Runner:
@@ -226,7 +219,7 @@ class Runner:
                 continue  # a small value, computed from tensors of the unit (checked as its nodes)
             if n.shape is None:
                 return 0
-            k = _numel(n.shape)
+            k = shape_numel(n.shape)
             if numel and k != numel:
                 return 0
             numel = k

@@ -137,7 +137,7 @@ def plan_phases(plan: Plan) -> list[Phase]:
                 phase=p, group=g, targets=by_group[g], nodes=nodes, outside=outside,
                 writes={t: roots[t] for t in by_group[g] if t in roots and ph[t] == p},
                 exports=unit_exports,
-                trim_heap="@" not in g and any(plan.nodes[n].shape and _numel(plan.nodes[n].shape) > TRIM_HEAP_ELEMENTS
+                trim_heap="@" not in g and any(plan.nodes[n].shape and shape_numel(plan.nodes[n].shape) > TRIM_HEAP_ELEMENTS
                                                for n in nodes)))
             shared |= unit_exports
         phase_reduces = [r for r in reduces if ph[r] == p]
@@ -146,7 +146,8 @@ def plan_phases(plan: Plan) -> list[Phase]:
     return phases
 
 
-def _numel(shape) -> int:
+def shape_numel(shape) -> int:
+    """Elements of a tensor of `shape` (1 for a scalar's empty shape)."""
     n = 1
     for d in shape:
         n *= d
