@@ -84,7 +84,7 @@ def test_smile_matches_fusionbench(fam, k, gate_k, top_k, use_diff, average):
     upscaled = sorted(desc["modules"])
     assert upscaled == sorted({k.split(".gate.weights")[0] for k in ref if k.endswith(".gate.weights")})
     assert "pooler.dense" in upscaled and len(upscaled) == 3 * 6 + 1  # every nn.Linear, as FusionBench
-    worst = 0.0
+    worst = worst_truth = 0.0
     for key, b in ref.items():
         if key.startswith("output."):
             continue
@@ -104,10 +104,26 @@ def test_smile_matches_fusionbench(fam, k, gate_k, top_k, use_diff, average):
             else:
                 a = mine[f"{layer}.smile_{part}"][int(i)]
                 a = _signed(a, b, 0) if part == "u" else _signed(a, b, 1) if part == "svh" else a
+                if part in ("u", "svh"):  # the factors themselves, against a float64 SVD
+                    truth = _truth_factor(fam[1], layer, int(i), part, k)
+                    worst_truth = max(worst_truth, float((a.double() - _signed(truth, b.double(), 0 if part == "u"
+                                                                               else 1)).abs().max()))
         else:
             a = mine[key]
         worst = max(worst, float((a - b).abs().max()))
-    assert worst < 1e-5
+    # FusionBench's float32 LAPACK SVD is off the float64 factors by up to 8.3e-5 on this
+    # family (k = 8: σ_8 and σ_9 are close), fusionlang's float64 Gram route by < 1e-7
+    assert worst < 2e-4
+    assert worst_truth < 5e-7, worst_truth
+
+
+def _truth_factor(f: dict, layer: str, expert: int, part: str, k: int) -> torch.Tensor:
+    """SMILE's u [out, k] or svh [k, in] of one expert's Linear from a float64 SVD."""
+    name = layer.removeprefix("model.") + ".weight"
+    base, ft = load_state(f["base"]), load_state(f[f"e{expert}"])
+    key = next(x for x in base if x.endswith(name))
+    u, s, vh = torch.linalg.svd(ft[key].double() - base[key].double(), full_matrices=False)
+    return u[:, :k] if part == "u" else s[:k, None] * vh[:k]
 
 
 def test_one_expert_at_full_rank_is_that_expert(fam):

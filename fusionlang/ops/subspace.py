@@ -14,6 +14,7 @@ singular values); every result below is invariant to that choice.
 from __future__ import annotations
 
 from .registry import Tensor, op, torch
+from .svd import polar, top_svd
 
 
 def _mean(xs: list) -> object:
@@ -81,6 +82,9 @@ def tsv_merge(xs: list[Tensor], alpha: float = 1.0, weights: list[float] | None 
     k = int(r * (1 / t))  # NOTE: FusionBench's int(r * sv_reduction), sv_reduction = 1 / T
     if k == 0:
         return torch.zeros_like(xs[0])
+    fast = _tsv_gram(xs, k, task)
+    if fast is not None:
+        return (fast if task >= 0 else fast.mul_(alpha)).to(dtype)
     # NOTE: the blocks go into zero-padded [out, r] / [r, in] matrices as FusionBench
     # places them: when the blocks are linearly dependent (two equal task vectors) the
     # polar factor is not unique, and the same matrix gives LAPACK's same choice.
@@ -100,6 +104,29 @@ def tsv_merge(xs: list[Tensor], alpha: float = 1.0, weights: list[float] | None 
         return ((u_o[:, block] * s_all[block]) @ vh_o[block]).to(dtype)
     out = (u_o * s_all) @ vh_o
     return out.mul_(alpha).to(dtype)
+
+
+def _tsv_gram(xs: list, k: int, task: int):
+    """TSV-M's merged (or task `task`'s) vector by the float64 Gram route (`ops.svd.top_svd`,
+    `polar`): each task's k leading triplets, the polar factors of the T·k used
+    columns of U and rows of Vᵀ (the zero padding FusionBench adds for r mod T does not
+    change them when the blocks are independent, and meets zero singular values). None
+    when any step is outside that route's accuracy (then LAPACK's SVD, as FusionBench)."""
+    tops = []
+    for x in xs:
+        top = top_svd(_work(x), k)
+        if top is None:
+            return None
+        tops.append(top)
+    u_o = polar(torch.cat([t[0] for t in tops], dim=1))
+    vh_o = polar(torch.cat([t[2] for t in tops], dim=0)) if u_o is not None else None
+    if vh_o is None:
+        return None
+    s_all = torch.cat([t[1] for t in tops])
+    if task >= 0:
+        block = slice(task * k, (task + 1) * k)
+        return (u_o[:, block] * s_all[block]) @ vh_o[block]
+    return (u_o * s_all) @ vh_o
 
 
 @op()
@@ -177,6 +204,9 @@ def iso_cts(xs: list[Tensor], common_space_fraction: float = 0.8) -> Tensor:
     total = _work(xs[0]).clone()
     for x in xs[1:]:
         total.add_(_work(x))
+    fast = _iso_cts_gram(xs, total, common, per_task)
+    if fast is not None:
+        return fast.to(dtype)
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     u_c = u[:, :common]
     us, ss, vhs = [], [], []
@@ -198,6 +228,39 @@ def iso_cts(xs: list[Tensor], common_space_fraction: float = 0.8) -> Tensor:
     u_o = _polar(torch.cat(us, dim=1))
     vh_o = _polar(torch.cat(vhs, dim=0))
     return (u_o @ vh_o).mul_(torch.cat(ss).mean()).to(dtype)
+
+
+def _iso_cts_gram(xs: list, total, common: int, per_task: int):
+    """Iso-CTS by the float64 Gram route (`ops.svd.top_svd`, `polar`), the same value as
+    `iso_cts`'s LAPACK one: U_c from the `common` leading triplets of `total`, each
+    task's `per_task` leading triplets of τ_i − U_c·(U_cᵀ·τ_i). None when any step is
+    outside that route's accuracy (then LAPACK's SVD, as FusionBench)."""
+    if common > 0:
+        top = top_svd(total, common)
+        if top is None:
+            return None
+        u_c, s_c, vh_c = top
+    else:
+        u_c = total.new_zeros(total.shape[0], 0)
+    us, ss, vhs = [], [], []
+    if per_task > 0:
+        for x in xs:
+            w = _work(x)
+            top = top_svd(w - u_c @ (u_c.T @ w), per_task)
+            if top is None:
+                return None
+            us.append(top[0])
+            ss.append(top[1])
+            vhs.append(top[2])
+    if common > 0:
+        us.append(u_c)
+        ss.append(s_c)
+        vhs.append(vh_c)
+    u_o = polar(torch.cat(us, dim=1))
+    vh_o = polar(torch.cat(vhs, dim=0)) if u_o is not None else None
+    if vh_o is None:
+        return None
+    return (u_o @ vh_o).mul_(torch.cat(ss).mean())
 
 
 def _opcm_clean(merged, x, alpha: float):
