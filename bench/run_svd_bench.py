@@ -1,4 +1,4 @@
-"""Benchmark the SVD-based FusionBench methods (TSV-M, Iso-C) against FusionBench 0.2.33.
+"""Benchmark the SVD-based FusionBench methods (TSV-M, Iso-C, Iso-CTS) against FusionBench 0.2.33.
 
     python bench/run_svd_bench.py [--hidden 384] [--layers 4] [--experts 3] [--threads 1]
 
@@ -8,9 +8,9 @@ tests/conftest.py's `make_family`. Each method runs once per tool as a fresh pro
 the same model directories:
 
 - fusionlang: `fusionlang run` of a spec (`task_singular_vector(base, experts)` /
-  `iso_c_merge(base, experts)`), which writes the merged model;
-- FusionBench: its `TaskSingularVectorMerging` / `IsotropicMergingInCommonSubspace`
-  `.run` on a `BaseModelPool` (tests/reference/fusionbench_data_free.py), which loads
+  `iso_c_merge(base, experts)` / `iso_cts_merge(base, experts)`), which writes the merged model;
+- FusionBench: its `TaskSingularVectorMerging` / `IsotropicMergingInCommonSubspace` /
+  `IsotropicMergingInCommonAndTaskSubspace` `.run` on a `BaseModelPool` (tests/reference/fusionbench_data_free.py), which loads
   the models with transformers and saves the merged state dict.
 
 Both with OMP/MKL threads = `threads`. Recorded: wall time and peak anonymous RSS of the
@@ -39,7 +39,8 @@ from run_bench import run_measured
 
 # method: (fusionlang call, FusionBench parameters: its config defaults)
 METHODS = {"tsvm": ("task_singular_vector(base, experts)", {"alpha": 1}),
-           "iso_c": ("iso_c_merge(base, experts)", {"scaling_factor": 1.0})}
+           "iso_c": ("iso_c_merge(base, experts)", {"scaling_factor": 1.0}),
+           "iso_cts": ("iso_cts_merge(base, experts)", {"scaling_factor": 1.0, "common_space_fraction": 0.8})}
 
 
 def _max_rel_diff(a_path: Path, b_path: Path) -> float:

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusionlang.ops import subspace
-from fusionlang.ops.svd import lora_factors, polar, smile_factors, top_svd
+from fusionlang.ops.gram import polar, top_svd
+from fusionlang.ops.svd import lora_factors, smile_factors
 
 
 def _spectrum_matrix(m: int, n: int, s: torch.Tensor, seed: int) -> torch.Tensor:
@@ -75,13 +76,21 @@ def test_top_svd_gives_way_where_the_factors_are_not_determined():
 
 @pytest.mark.parametrize("shape", [(40, 12), (12, 40), (30, 30), (25, 20)])
 def test_polar_is_the_nearest_orthonormal_matrix(shape):
-    """P·Qᵀ of a float64 SVD, to 1e-6, for tall (the Gram route), wide and square or
-    nearly square (LAPACK) matrices; None for a rank-deficient one."""
+    """P·Qᵀ and σ of a float64 SVD, to 1e-6, for tall, wide and square matrices; the
+    same from LAPACK for a badly conditioned one (σ_max / σ_min = 5e4); None for a
+    rank-deficient one."""
     a = torch.randn(*shape)
-    p, _, qh = torch.linalg.svd(a.double(), full_matrices=False)
-    got = polar(a)
-    assert got is not None and got.dtype == torch.float32
+    p, s, qh = torch.linalg.svd(a.double(), full_matrices=False)
+    got, sv = polar(a)
+    assert got.dtype == sv.dtype == torch.float32
     assert _rel(got, p @ qh) < 1e-6
+    torch.testing.assert_close(sv.double(), s, rtol=1e-6, atol=0)
+    r = min(shape)
+    bad = _spectrum_matrix(*shape, torch.logspace(0, -4.7, r), 3)
+    p, s, qh = torch.linalg.svd(bad.double(), full_matrices=False)
+    got, sv = polar(bad)
+    assert _rel(got, p @ qh) < 1e-2  # float32 LAPACK: ~eps32·σ_max/σ_min
+    torch.testing.assert_close(sv.double(), s, rtol=1e-3, atol=1e-6)
     deficient = a.clone()
     if shape[0] >= shape[1]:
         deficient[:, 1] = deficient[:, 0]
@@ -195,3 +204,21 @@ def test_lora_and_smile_factors_are_the_float64_ones(transpose):
     packed = lora_factors(base, low, rank=4, transpose=transpose)
     a, b = packed[:4 * d.shape[1]].reshape(4, d.shape[1]), packed[4 * d.shape[1]:].reshape(d.shape[0], 4)
     assert _rel(b @ a, d) < 1e-5
+
+
+def test_iso_c_is_the_float64_value_and_lapacks_where_the_sum_is_rank_deficient():
+    """Iso-C = mean(S)·U·Vᵀ of the sum of task vectors: from the Gram route within 1e-6
+    of float64 LAPACK and closer to it than float32 LAPACK; for a sum of rank 2 (U·Vᵀ
+    not unique) exactly the float32 LAPACK route's value (FusionBench's choice)."""
+    g = torch.Generator().manual_seed(4)
+    for shape in ((48, 130), (130, 48), (64, 64)):
+        xs = [torch.randn(*shape, generator=g) * 0.02 for _ in range(3)]
+        u, s, vh = torch.linalg.svd(sum(x.double() for x in xs), full_matrices=False)
+        truth = (u @ vh) * s.mean()
+        ours = subspace.iso_c(xs)
+        assert _rel(ours, truth) < 1e-6
+        assert _rel(ours, truth) < _rel(_float32_lapack(subspace.iso_c, xs), truth)
+    low = torch.randn(40, 2, generator=g) @ torch.randn(2, 30, generator=g)
+    xs = [low, torch.randn(40, 30, generator=g), None]
+    xs[2] = -xs[1]
+    assert torch.equal(subspace.iso_c(xs), _float32_lapack(subspace.iso_c, xs))

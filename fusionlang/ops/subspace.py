@@ -13,8 +13,8 @@ singular values); every result below is invariant to that choice.
 
 from __future__ import annotations
 
+from .gram import polar, top_svd
 from .registry import Tensor, op, torch
-from .svd import polar, top_svd
 
 
 def _mean(xs: list) -> object:
@@ -107,7 +107,7 @@ def tsv_merge(xs: list[Tensor], alpha: float = 1.0, weights: list[float] | None 
 
 
 def _tsv_gram(xs: list, k: int, task: int):
-    """TSV-M's merged (or task `task`'s) vector by the float64 Gram route (`ops.svd.top_svd`,
+    """TSV-M's merged (or task `task`'s) vector by the float64 Gram route (`ops.gram.top_svd`,
     `polar`): each task's k leading triplets, the polar factors of the T·k used
     columns of U and rows of Vᵀ (the zero padding FusionBench adds for r mod T does not
     change them when the blocks are independent, and meets zero singular values). None
@@ -122,6 +122,7 @@ def _tsv_gram(xs: list, k: int, task: int):
     vh_o = polar(torch.cat([t[2] for t in tops], dim=0)) if u_o is not None else None
     if vh_o is None:
         return None
+    u_o, vh_o = u_o[0], vh_o[0]
     s_all = torch.cat([t[1] for t in tops])
     if task >= 0:
         block = slice(task * k, (task + 1) * k)
@@ -147,6 +148,11 @@ def iso_c(xs: list[Tensor]) -> Tensor:
     total = _work(xs[0]).clone()
     for x in xs[1:]:
         total.add_(_work(x))
+    fast = polar(total)  # U·Vᵀ and S by the float64 Gram route where accurate (ops.gram)
+    if fast is not None:
+        return fast[0].mul_(fast[1].mean()).to(dtype)
+    # NOTE: a rank-deficient sum (e.g. opposite task vectors) has no unique U·Vᵀ:
+    # LAPACK's SVD of the same matrix gives FusionBench's choice
     u, s, vh = torch.linalg.svd(total, full_matrices=False)
     return ((u * s.mean()) @ vh).to(dtype)
 
@@ -231,7 +237,7 @@ def iso_cts(xs: list[Tensor], common_space_fraction: float = 0.8) -> Tensor:
 
 
 def _iso_cts_gram(xs: list, total, common: int, per_task: int):
-    """Iso-CTS by the float64 Gram route (`ops.svd.top_svd`, `polar`), the same value as
+    """Iso-CTS by the float64 Gram route (`ops.gram.top_svd`, `polar`), the same value as
     `iso_cts`'s LAPACK one: U_c from the `common` leading triplets of `total`, each
     task's `per_task` leading triplets of τ_i − U_c·(U_cᵀ·τ_i). None when any step is
     outside that route's accuracy (then LAPACK's SVD, as FusionBench)."""
@@ -260,7 +266,7 @@ def _iso_cts_gram(xs: list, total, common: int, per_task: int):
     vh_o = polar(torch.cat(vhs, dim=0)) if u_o is not None else None
     if vh_o is None:
         return None
-    return (u_o @ vh_o).mul_(torch.cat(ss).mean())
+    return (u_o[0] @ vh_o[0]).mul_(torch.cat(ss).mean())
 
 
 def _opcm_clean(merged, x, alpha: float):

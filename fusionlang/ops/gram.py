@@ -1,0 +1,117 @@
+"""Leading singular triplets and polar factors from the float64 Gram matrix.
+
+LAPACK's float32 SVD (gesdd: what MergeKit and FusionBench call) costs ~4·m²·n + 8·m³
+for an [m, n] matrix (m ≤ n) and is accurate to ~eps32·σ_1 / gap. The route here forms
+G = A·Aᵀ in float64 (BLAS syrk: m²·n) and asks a symmetric eigensolver for what is
+needed: LAPACK syevr for the top k+1 eigenpairs (`top_svd`), syevd for all of them
+(`polar` of a clearly non-square matrix). On 1536 × 4096 with k = 384 that is ~3× faster than gesdd, and more
+accurate: a singular vector's error is ~eps64·σ_1² / (σ_k² − σ_{k+1}²), below float32's
+eps32·σ_1 / (σ_k − σ_{k+1}) by (eps64 / eps32)·σ_1 / (σ_k + σ_{k+1}) ≤ 1e-6 while
+σ_k ≥ 1e-3·σ_1.
+
+Outside those bounds (a rank below k, a zero matrix, repeated singular values at the
+cut, a badly conditioned matrix to take the polar factor of) the functions return None
+and the caller uses LAPACK's SVD: where the factors are not determined by the matrix,
+the reference's own choice is the one to reproduce. On the CPU the BLAS/LAPACK calls are
+SciPy's, its BLAS limited to torch's thread count in the calling thread (threadpoolctl);
+elsewhere (a GPU) torch's.
+"""
+
+from __future__ import annotations
+
+from .registry import Tensor, torch
+
+GRAM_MIN_RATIO = 1e-3   # top_svd: σ_k ≥ GRAM_MIN_RATIO·σ_1, else None (LAPACK)
+GRAM_MIN_GAP = 1e-6     # top_svd: σ_k² − σ_{k+1}² ≥ GRAM_MIN_GAP·σ_1², else None (LAPACK)
+POLAR_GRAM_COND = 1e4   # polar: the Gram route for σ_max / σ_min ≤ this (error ≤ eps64·1e8 ≈ 2e-8)
+POLAR_RANK_TOL = 1e-6   # polar: σ_min < this·σ_max (float32 LAPACK) is numerically rank-deficient: None
+
+_BLAS = None
+
+
+def _scipy():
+    """(scipy.linalg, dsyrk, ThreadpoolController) or None when SciPy or threadpoolctl is missing."""
+    global _BLAS
+    try:
+        import scipy.linalg
+        from scipy.linalg.blas import dsyrk
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return scipy.linalg, dsyrk, _BLAS
+
+
+def gram_eigh(a: Tensor, count: int):
+    """The `count` largest eigenvalues (descending, [count] float64) and eigenvectors
+    ([p, count] float64) of G = a·aᵀ for a float64 matrix `a` [p, q]. On the CPU with
+    SciPy: G's upper triangle by BLAS dsyrk, then LAPACK syevr for `count` < p pairs
+    or syevd for all; otherwise torch (a·aᵀ and torch.linalg.eigh)."""
+    p = a.shape[0]
+    lib = _scipy() if a.device.type == "cpu" else None
+    if lib is not None:
+        linalg, dsyrk, blas = lib
+        with blas.limit(limits=torch.get_num_threads(), user_api="blas"):
+            g = dsyrk(1.0, a.contiguous().numpy().T, trans=1, lower=0)
+            if count < p:
+                w, z = linalg.eigh(g, lower=False, subset_by_index=[p - count, p - 1], driver="evr",
+                                   overwrite_a=True, check_finite=False)
+            else:
+                w, z = linalg.eigh(g, lower=False, driver="evd", overwrite_a=True, check_finite=False)
+        return torch.from_numpy(w[::-1].copy()), torch.from_numpy(z[:, ::-1].copy())
+    w, z = torch.linalg.eigh(a @ a.T)
+    return w.flip(0)[:count], z.flip(1)[:, :count]
+
+
+def top_svd(x: Tensor, k: int):
+    """The k leading singular triplets of a float32 matrix `x` [m, n] from its float64
+    Gram matrix (the smaller side's): `(U [m, k], S [k], Vh [k, n])`, float32, S
+    descending, so that U·diag(S)·Vh is x's best rank-k approximation, as
+    `torch.linalg.svd(x, full_matrices=False)` truncated to k (up to the sign of each
+    (u, v) pair). Returns None when that route is not accurate (GRAM_MIN_RATIO,
+    GRAM_MIN_GAP) or `x` is not a float32 matrix: the caller then uses LAPACK's SVD.
+    k is capped at min(m, n)."""
+    if x.dtype != torch.float32 or x.dim() != 2:
+        return None
+    wide = x.shape[0] <= x.shape[1]
+    a = (x if wide else x.T).double()
+    r = a.shape[0]
+    k = min(int(k), r)
+    lam, z = gram_eigh(a, min(k + 1, r))
+    top = float(lam[0])
+    if not top > 0 or float(lam[k - 1]) < GRAM_MIN_RATIO ** 2 * top:
+        return None
+    if k < r and float(lam[k - 1] - lam[k]) < GRAM_MIN_GAP * top:
+        return None
+    s = lam[:k].sqrt()
+    u = z[:, :k]
+    vh = (u.T @ a).div_(s[:, None])
+    if not wide:
+        u, vh = vh.T, u.T
+    return u.float(), s.float(), vh.float()
+
+
+def polar(a: Tensor):
+    """The orthogonal polar factor of a float32 matrix `a` [p, q] (P·Qᵀ for
+    a = P·diag(σ)·Qᵀ: the nearest matrix with orthonormal columns, or rows) and its
+    singular values: `(P·Qᵀ [p, q] float32, σ [min(p, q)] float32, descending)`.
+
+    From the float64 Gram matrix of the smaller side C (a·C^(−1/2), σ = √eig(C)) when
+    one side is ≥ 1.5× the other and σ_max / σ_min ≤ POLAR_GRAM_COND; else LAPACK's
+    float32 SVD (a nearly square `a`: the Gram route is no faster there). Returns None when `a` is not a
+    float32 matrix or is numerically rank-deficient (σ_min < POLAR_RANK_TOL·σ_max): its
+    polar factor is not unique, and the caller reproduces its reference's own choice."""
+    if a.dtype != torch.float32 or a.dim() != 2:
+        return None
+    tall = a.shape[0] >= a.shape[1]
+    if 2 * max(a.shape) >= 3 * min(a.shape):  # NOTE: nearly square, syevd costs ~80% of gesdd: no gain
+        m = (a if tall else a.T).double()
+        lam, w = gram_eigh(m.T, m.shape[1])
+        if float(lam[0]) > 0 and float(lam[-1]) * POLAR_GRAM_COND ** 2 >= float(lam[0]):
+            p = m @ ((w * lam.rsqrt()) @ w.T)
+            return (p if tall else p.T).float(), lam.sqrt().float()
+    p, s, qh = torch.linalg.svd(a, full_matrices=False)
+    if not float(s[0]) > 0 or float(s[-1]) < POLAR_RANK_TOL * float(s[0]):
+        return None
+    return p @ qh, s
