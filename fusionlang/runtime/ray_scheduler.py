@@ -244,25 +244,13 @@ def run_plan_on_ray(plan: Plan, address: str | None = None, device: str = "auto"
 
 
 def _stage_task(env: dict, stage: dict, names: list[str], device: str, threads: int, at: tuple | None):
-    """One model stage's result on a worker (`stages.run.compute`) with `threads` intra-op
-    threads; its progress lines go to the worker's stderr, which Ray shows on the
-    driver's. A bad data value is raised as RunError at `at` (the stage's call)."""
-    import sys
-
-    from ..stages.data import DataError
-    from ..stages.run import compute
+    """One model stage's result on a worker (`stages.process.compute_job`); its progress
+    lines go to the worker's stderr, which Ray shows on the driver's."""
+    from ..stages.process import compute_job
 
     RC.use_env(env)
     _maybe_crash_for_test()
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    torch.set_num_threads(threads)
-    try:
-        return compute(stage, pick_device(device), None, log, names)
-    except DataError as e:
-        raise RunError(e.message, e.hint, e.code, at) from None
+    return compute_job(stage, names, device, threads, at)
 
 
 def stage_runner(cluster: RC.Cluster, device: str):
@@ -289,4 +277,5 @@ def stage_runner(cluster: RC.Cluster, device: str):
 
         yield from RC.imap_unordered(submit, jobs, len(jobs), lambda job: f"the {job[0]['kind']} stage")
 
+    run.where = "as Ray tasks"
     return run

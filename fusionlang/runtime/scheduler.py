@@ -43,8 +43,9 @@ class RunStats:
     learned: dict[str, list] = field(default_factory=dict)
 
 
-# Stage kinds short enough to run beside the units (one forward pass, no training): their
-# thread and the units' each get one intra-op thread while both run.
+# Stage kinds short enough to run beside the units (one forward pass, no training), in a
+# separate process (stages/process.py) waited for on a thread; that process and the units
+# each get one intra-op thread while both run.
 BACKGROUND_STAGES = {"router"}
 
 
@@ -263,8 +264,8 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
     call when the plan knows it. Nothing is left behind on any error or interruption.
 
     The plan's model stages (`stages.run.run_stages`: one model resident at a time,
-    results cached on disk) run first, or, when all are short (`BACKGROUND_STAGES`), in
-    the background while the units that need none of their results run; `log(line)`
+    results cached on disk) run first, or, when all are short (`BACKGROUND_STAGES`), in a
+    separate process while the units that need none of their results run; `log(line)`
     gets their progress lines (default: stderr)."""
     stages = None
     kinds = {s.stage["kind"] for s in plan.sources.values() if s.stage}
@@ -272,7 +273,10 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
         from ..stages.run import learned_by_output, run_stages
 
         if kinds <= BACKGROUND_STAGES:
-            stages = Background(run_stages, plan, pick_device(device), log or stderr_line, threads=1)
+            from ..stages.process import process_runner
+
+            stages = Background(run_stages, plan, pick_device(device), log or stderr_line,
+                                process_runner(device, threads=1), threads=1)
         else:
             plan = run_stages(plan, pick_device(device), log or stderr_line)
     scheduler = LocalScheduler(plan, device, shard_bytes, progress, stages)

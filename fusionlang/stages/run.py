@@ -217,7 +217,7 @@ def _run_remote(stages: dict, root: Path, remote, log) -> None:
     if not jobs:
         return
     if log:
-        log(f"running {len(jobs)} model stage{'s' * (len(jobs) != 1)} as Ray tasks")
+        log(f"running {len(jobs)} model stage{'s' * (len(jobs) != 1)} {getattr(remote, 'where', 'elsewhere')}")
     t0 = time.perf_counter()
     for (st, _names, base_key, _at), result in remote(jobs):
         src, joint, what = owners[base_key]
