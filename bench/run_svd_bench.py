@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "svd_methods")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
     args = ap.parse_args()
     fb_python = Path(os.environ.get("FUSIONBENCH_PYTHON") or REPO / ".venv-fusionbench/bin/python")
     from conftest import make_family
@@ -75,7 +76,8 @@ def main() -> None:
 
         n_params = sum(v.numel() for v in load_file(str(fam["base"] / "model.safetensors")).values())
         experts = ", ".join(f'local("e{i}")' for i in range(args.experts))
-        for method, (call, fb_params) in METHODS.items():
+        for method in args.methods.split(","):
+            call, fb_params = METHODS[method]
             spec = root / f"{method}.fuse"
             spec.write_text(f'use merging\nmodel base = local("base")\nmodels experts = [{experts}]\n'
                             f'merge m = {call}\nsave m to "out_{method}"\n')
@@ -89,6 +91,10 @@ def main() -> None:
                               root / f"{method}_fb.log", args.timeout)
             diff = (_max_rel_diff(root / f"out_{method}" / "model.safetensors", root / f"fb_{method}.safetensors")
                     if ours["rc"] == 0 and fb["rc"] == 0 else None)
+            for who, res in (("fusionlang", ours), ("fb", fb)):
+                if res["rc"] != 0:  # keep the reason: the temporary directory goes
+                    res["log_tail"] = (root / f"{method}_{'ours' if who == 'fusionlang' else 'fb'}.log").read_text(
+                        errors="replace")[-1500:]
             row = {"method": method, "fusionlang": ours, "fusionbench": fb, "max_rel_diff": diff,
                    "wall_ratio": round(ours["wall_s"] / fb["wall_s"], 3),
                    "peak_anon_ratio": round(ours["peak_anon_mb"] / max(fb["peak_anon_mb"], 1e-9), 3)}
@@ -111,7 +117,10 @@ def main() -> None:
         lines.append(f"| {r['method']} | {r['fusionlang']['wall_s']} | {r['fusionbench']['wall_s']} | {r['wall_ratio']} "
                      f"| {r['fusionlang']['peak_anon_mb']} | {r['fusionbench']['peak_anon_mb']} | "
                      f"{r['peak_anon_ratio']} | {r['max_rel_diff']:.2e} |" if r["max_rel_diff"] is not None else
-                     f"| {r['method']} | failed | | | | | | |")
+                     f"| {r['method']} | {r['fusionlang']['wall_s']} | {r['fusionbench']['wall_s']} | "
+                     f"{r['wall_ratio']} | {r['fusionlang']['peak_anon_mb']} | {r['fusionbench']['peak_anon_mb']} | "
+                     f"{r['peak_anon_ratio']} | failed: " + ("fusionlang" if r["fusionlang"]["rc"] else "FusionBench")
+                     + f" (exit code {r['fusionlang']['rc'] or r['fusionbench']['rc']}) |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

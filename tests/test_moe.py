@@ -415,3 +415,24 @@ def test_router_rows_of_prompts_of_different_lengths_are_each_prompts_own(fam, g
         for layer in range(2):
             got = mine[f"model.layers.{layer}.block_sparse_moe.gate.weight"][j]
             assert torch.allclose(got, v[layer], atol=1e-5), (j, layer, float((got - v[layer]).abs().max()))
+
+
+def test_the_router_stage_runs_in_its_own_process_and_a_crashed_one_is_replaced(fam, tmp_path, monkeypatch):
+    """With an empty stage cache the router stage runs in a separate Python process
+    (stages/process.py) while the tensors that need no router are written; when that
+    process dies before its result (fault injection), the run says so, computes the
+    stage on its own thread and writes the same bytes."""
+    root, _ = fam
+    merge = f'moe(base, experts, positive_prompts={_prompts_fuse()}, gate_mode="hidden")'
+    outputs = {}
+    for case, crash in (("proc", ""), ("crashed", "1")):
+        monkeypatch.setenv("FUSIONLANG_CACHE", str(tmp_path / case))  # nothing cached: the stage runs
+        monkeypatch.setenv("FUSIONLANG_STAGE_PROCESS_CRASH", crash)
+        rc, _, err = _fuse(root, merge, f"mx_{case}")
+        assert rc == 0, err
+        assert "running 1 model stage in a separate process" in err, err
+        said = "the model stage process ended without a result (exit code 3): computing the stage here instead"
+        assert (said in err) == bool(crash), err
+        assert any((tmp_path / case / "stages").glob("*.safetensors"))  # the router's result, cached
+        outputs[case] = {f.name: f.read_bytes() for f in (root / "out" / f"mx_{case}").glob("*.safetensors")}
+    assert outputs["proc"] and outputs["proc"] == outputs["crashed"]

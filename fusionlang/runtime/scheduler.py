@@ -276,7 +276,7 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
             from ..stages.process import process_runner
 
             stages = Background(run_stages, plan, pick_device(device), log or stderr_line,
-                                process_runner(device, threads=1), threads=1)
+                                process_runner(device, threads=1, log=log or stderr_line), threads=1)
         else:
             plan = run_stages(plan, pick_device(device), log or stderr_line)
     scheduler = LocalScheduler(plan, device, shard_bytes, progress, stages)

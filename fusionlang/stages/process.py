@@ -1,0 +1,136 @@
+"""Model stages computed in a separate Python process, next to the run.
+
+A short stage (a router's forward pass, `runtime.scheduler.BACKGROUND_STAGES`) runs
+beside the units that need none of its results. On a thread it competes with the
+writer for the GIL (its transformers import and model load hold it for seconds); in its
+own process (`python -m fusionlang.stages.process`, a plain subprocess: no
+multiprocessing start method re-imports the user's script) it has a core to itself.
+
+Protocol: the parent writes one pickle `(jobs, device, threads)` to the child's stdin
+and keeps stdin open; the child writes one pickle `(index, result, error)` per job to
+its stdout (its own prints go to stderr) and exits when stdin reaches EOF, so a parent
+that dies or fails takes the child with it. `run_stages(..., remote=process_runner())`
+caches the results; a job the child could not finish (it crashed, or could not start)
+is computed on the parent's thread as before.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+
+def compute_job(stage: dict, names: list[str], device: str, threads: int, at: tuple | None):
+    """One model stage's result (`stages.run.compute`) with `threads` intra-op threads;
+    progress lines go to stderr. A bad data value is raised as RunError at `at` (the
+    stage's call). Used by this module's child and by the Ray executor's tasks."""
+    import torch
+
+    from ..runtime.errors import RunError
+    from ..runtime.reader import pick_device
+    from .data import DataError
+    from .run import compute
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    torch.set_num_threads(threads)
+    try:
+        return compute(stage, pick_device(device), None, log, names)
+    except DataError as e:
+        raise RunError(e.message, e.hint, e.code, at) from None
+
+
+def process_runner(device: str = "cpu", threads: int = 1, log=None):
+    """`run_stages`' `remote`: computes the given stage jobs [(stage, tensor names, key,
+    at)] one after another in one child process with `threads` intra-op threads and
+    yields (job, result) as each finishes. Raises the RunError a job raised (a bad data
+    value, located at the stage's call); stops yielding, without raising, when the child
+    cannot start or ends early (the caller computes the rest itself; `log(line)` says so)."""
+
+    def early(why: str) -> None:
+        if log:
+            log(f"the model stage process {why}: computing the stage here instead")
+
+    def run(jobs):
+        jobs = list(jobs)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        try:
+            child = subprocess.Popen([sys.executable, "-m", "fusionlang.stages.process"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env)
+        except OSError as e:
+            early(f"could not start ({e})")
+            return
+        try:
+            try:
+                pickle.dump(([(st, names, at) for st, names, _key, at in jobs], device, threads), child.stdin)
+                child.stdin.flush()
+            except OSError:  # it ended at once (a broken pipe)
+                early(f"ended at its start (exit code {_exit_code(child)})")
+                return
+            for _ in jobs:
+                try:
+                    index, result, error = pickle.load(child.stdout)
+                except (EOFError, pickle.UnpicklingError):
+                    early(f"ended without a result (exit code {_exit_code(child)})")
+                    return
+                if error is not None:
+                    raise error
+                yield jobs[index], result
+        finally:
+            for pipe in (child.stdin, child.stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+            _exit_code(child)
+
+    run.where = "in a separate process"
+    return run
+
+
+def _exit_code(child: subprocess.Popen) -> int:
+    """The child's exit code, killing it when it has not ended 5 s after its pipes closed."""
+    try:
+        return child.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait()
+
+
+def _exit_with_parent() -> None:
+    """Wait for EOF on stdin (the parent closed it, or died), then end this process."""
+    try:
+        while sys.stdin.buffer.read(65536):
+            pass
+    finally:
+        os._exit(0)
+
+
+def main() -> None:
+    """The child: reads the jobs, writes each result (or the error it raised) back."""
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the result stream
+    jobs, device, threads = pickle.load(sys.stdin.buffer)
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    if os.environ.get("FUSIONLANG_STAGE_PROCESS_CRASH"):  # fault injection for the tests
+        os._exit(3)
+    for i, (stage, names, at) in enumerate(jobs):
+        try:
+            result, error = compute_job(stage, names, device, threads, at), None
+        except Exception as e:  # noqa: BLE001 (sent to the parent, which raises it)
+            result, error = None, e
+        try:
+            frame = pickle.dumps((i, result, error))
+        except (pickle.PicklingError, TypeError, AttributeError):
+            frame = pickle.dumps((i, None, RuntimeError(f"{type(error).__name__}: {error}")))
+        out.write(frame)
+        out.flush()
+    out.close()
+
+
+if __name__ == "__main__":
+    main()
