@@ -200,8 +200,6 @@ def cmd_run(args) -> int:
 def _cmd_run(args, plan_box: list) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .runtime.executors import run_plan
-
     if not math.isfinite(args.shard_size) or args.shard_size <= 0 or args.shard_size * 1024**3 < 1:
         raise FuseErrors([Diagnostic("E006", f"--shard-size must be a positive, finite number of GB, not {args.shard_size:g}",
                                      Span("<command line>", 1, 1), "a size in GB, e.g. --shard-size 2")])
@@ -212,11 +210,18 @@ def _cmd_run(args, plan_box: list) -> int:
         plan = load_plan(args.spec)
         name = args.spec
     else:
+        if args.executor == "local":
+            from .stages.process import prestart_for
+
+            prestart_for(args.spec)  # a MoE's router stage: its process imports while this one compiles
         prog, _lowered, plan = _compile(args, make_tuner(args.device, console, int(args.shard_size * 1024**3),
                                                          args.executor, args.address))
         plan_box.append(plan)
         name = prog.file
     import time
+
+    # (imports torch: after a prestarted stage process started)
+    from .runtime.executors import run_plan
 
     start = [0.0]  # the first piece written: model stages before it are not merge time
     total_bytes = plan.bytes_written()

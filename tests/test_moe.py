@@ -436,3 +436,40 @@ def test_the_router_stage_runs_in_its_own_process_and_a_crashed_one_is_replaced(
         assert any((tmp_path / case / "stages").glob("*.safetensors"))  # the router's result, cached
         outputs[case] = {f.name: f.read_bytes() for f in (root / "out" / f"mx_{case}").glob("*.safetensors")}
     assert outputs["proc"] and outputs["proc"] == outputs["crashed"]
+
+
+def test_a_prompt_routed_moe_prestarts_the_stage_process(fam, tmp_path, monkeypatch):
+    """`run` parses the spec before compiling and starts the router stage's process at once
+    for a `moe` with routers from prompts (inside any expression or definition), not for
+    random gates, nor for a spec that does not parse (the compile reports that). The
+    prestarted process then computes the stage: the same bytes as a fresh one."""
+    from fusionlang.stages import process
+
+    root, _ = fam
+    cases = {"hidden": f'merge m = moe(base, experts, positive_prompts={_prompts_fuse()})',
+             "in_def": f'def mx(b) = moe(b, experts, positive_prompts={_prompts_fuse()}, gate_mode="cheap_embed")\n'
+                       'merge m = mx(base)',
+             "random": 'merge m = moe(base, experts, gate_mode="random")',
+             "broken": 'merge m = moe(base, experts, positive_prompts=[["a"]]'}
+    for name, merge in cases.items():
+        spec = write_spec(root, f'model base = local("base")\nmodels experts = [local("e0"), local("e1")]\n{merge}\n',
+                          f"pre_{name}.fuse")
+        process._WARM.clear()
+        process.prestart_for(str(spec))
+        assert bool(process._WARM) == (name in ("hidden", "in_def")), name
+        for child, _env in process._WARM:
+            child.stdin.close()
+            assert child.wait(timeout=60) == 0  # an unused prestarted process ends on EOF
+    process._WARM.clear()
+    monkeypatch.setenv("FUSIONLANG_CACHE", str(tmp_path / "a"))
+    process.prestart()
+    warm = process._WARM[0][0]
+    rc, _, err = _fuse(root, f'moe(base, experts, positive_prompts={_prompts_fuse()})', "mx_warm")
+    assert rc == 0, err
+    assert not process._WARM and warm.poll() == 0  # used and ended
+    monkeypatch.setenv("FUSIONLANG_CACHE", str(tmp_path / "b"))
+    rc, _, err = _fuse(root, f'moe(base, experts, positive_prompts={_prompts_fuse()})', "mx_cold")
+    assert rc == 0, err
+    assert load_state(root / "out" / "mx_warm").keys() == load_state(root / "out" / "mx_cold").keys()
+    assert all(torch.equal(a, b) for a, b in zip(load_state(root / "out" / "mx_warm").values(),
+                                                  load_state(root / "out" / "mx_cold").values()))

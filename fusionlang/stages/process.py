@@ -57,10 +57,8 @@ def process_runner(device: str = "cpu", threads: int = 1, log=None):
 
     def run(jobs):
         jobs = list(jobs)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         try:
-            child = subprocess.Popen([sys.executable, "-m", "fusionlang.stages.process"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env)
+            child = _take()
         except OSError as e:
             early(f"could not start ({e})")
             return
@@ -92,6 +90,62 @@ def process_runner(device: str = "cpu", threads: int = 1, log=None):
     return run
 
 
+_WARM: list = []  # (child, its environment) started by `prestart`, not yet given jobs
+
+
+def _spawn() -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fusionlang.stages.process"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env)
+
+
+def _take() -> subprocess.Popen:
+    """The prestarted child when it is alive and has this process's environment (a
+    long-lived caller may have changed it since), else a new one. Raises OSError."""
+    while _WARM:
+        child, env = _WARM.pop()
+        if child.poll() is None and env == dict(os.environ):
+            return child
+        child.stdin.close()  # it ends on EOF
+    return _spawn()
+
+
+def prestart() -> None:
+    """Start the stage process now, so that its imports (torch, transformers: ~3 s) overlap
+    the compile; the next `process_runner` job uses it. Unused, it ends with this process
+    (its stdin closes). Does nothing when it cannot start."""
+    if not _WARM:
+        try:
+            _WARM.append((_spawn(), dict(os.environ)))
+        except OSError:
+            pass
+
+
+def prestart_for(spec_file: str) -> None:
+    """`prestart` when the spec at `spec_file` calls `moe` with routers from prompts (a
+    gate_mode other than "random" / "uniform_random"): a cheap parse before the compile.
+    A spec that cannot be read or parsed is left to the compile to report."""
+    from pathlib import Path
+
+    from ..lang import ast
+    from ..lang.parser import parse
+
+    try:
+        module = parse(Path(spec_file).read_text(), spec_file)
+    except Exception:  # noqa: BLE001 (the compile reports it, located)
+        return
+
+    stack = [e for st in module.stmts for e in ast.stmt_exprs(st)]
+    while stack:
+        e = stack.pop()
+        stack.extend(ast.children(e))
+        if isinstance(e, ast.Call) and e.func.rsplit(".", 1)[-1] == "moe":
+            mode = next((k.value for k in e.kwargs if k.name == "gate_mode"), None)
+            if not (isinstance(mode, ast.String) and mode.value in ("random", "uniform_random")):
+                prestart()
+                return
+
+
 def _exit_code(child: subprocess.Popen) -> int:
     """The child's exit code, killing it when it has not ended 5 s after its pipes closed."""
     try:
@@ -114,7 +168,13 @@ def main() -> None:
     """The child: reads the jobs, writes each result (or the error it raised) back."""
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed goes to stderr, never into the result stream
-    jobs, device, threads = pickle.load(sys.stdin.buffer)
+    import torch  # noqa: F401  (the imports a model stage needs, before the jobs arrive:
+    import transformers.modeling_utils  # noqa: F401  ~3 s that a prestarted child overlaps with the compile)
+
+    try:
+        jobs, device, threads = pickle.load(sys.stdin.buffer)
+    except EOFError:  # a prestarted child that was not needed
+        return
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     if os.environ.get("FUSIONLANG_STAGE_PROCESS_CRASH"):  # fault injection for the tests
         os._exit(3)
