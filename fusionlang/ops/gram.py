@@ -45,32 +45,48 @@ def _scipy():
 
 def gram_eigh(a: Tensor, count: int):
     """The `count` largest eigenvalues (descending, [count] float64) and eigenvectors
-    ([p, count] float64) of G = a·aᵀ for a float64 matrix `a` [p, q]. On the CPU with
-    SciPy: G's upper triangle by BLAS dsyrk, then LAPACK syevr for `count` < p pairs
-    or syevd for all; otherwise torch (a·aᵀ and torch.linalg.eigh)."""
+    ([p, count] float64) of G = a·aᵀ for a float64 matrix `a` [p, q], or None when the
+    solver fails or returns fewer or non-finite values (NaN or inf in `a`). On the CPU
+    with SciPy: G's upper triangle by BLAS dsyrk (on `a` as stored, row- or
+    column-major: no copy), then LAPACK syevr for `count` < p pairs or syevd for all;
+    otherwise torch (a·aᵀ and torch.linalg.eigh)."""
     p = a.shape[0]
     lib = _scipy() if a.device.type == "cpu" else None
     if lib is not None:
         linalg, dsyrk, blas = lib
         with blas.limit(limits=torch.get_num_threads(), user_api="blas"):
-            g = dsyrk(1.0, a.contiguous().numpy().T, trans=1, lower=0)
-            if count < p:
-                w, z = linalg.eigh(g, lower=False, subset_by_index=[p - count, p - 1], driver="evr",
-                                   overwrite_a=True, check_finite=False)
+            if a.T.is_contiguous():  # column-major (a transposed view): dsyrk's own layout
+                g = dsyrk(1.0, a.numpy(), trans=0, lower=0)
             else:
-                w, z = linalg.eigh(g, lower=False, driver="evd", overwrite_a=True, check_finite=False)
+                g = dsyrk(1.0, a.contiguous().numpy().T, trans=1, lower=0)
+            try:
+                if count < p:
+                    w, z = linalg.eigh(g, lower=False, subset_by_index=[p - count, p - 1], driver="evr",
+                                       overwrite_a=True, check_finite=False)
+                else:
+                    w, z = linalg.eigh(g, lower=False, driver="evd", overwrite_a=True, check_finite=False)
+            except (linalg.LinAlgError, ValueError):
+                return None
+        if w.shape[0] < count or not bool((abs(w) < float("inf")).all()):
+            return None
         return torch.from_numpy(w[::-1].copy()), torch.from_numpy(z[:, ::-1].copy())
-    w, z = torch.linalg.eigh(a @ a.T)
+    try:
+        w, z = torch.linalg.eigh(a @ a.T)
+    except RuntimeError:  # torch.linalg.LinAlgError
+        return None
+    if not bool(torch.isfinite(w).all()):
+        return None
     return w.flip(0)[:count], z.flip(1)[:, :count]
 
 
-def top_svd(x: Tensor, k: int):
+def top_svd(x: Tensor, k: int, cuts: tuple[int, ...] = ()):
     """The k leading singular triplets of a float32 matrix `x` [m, n] from its float64
     Gram matrix (the smaller side's): `(U [m, k], S [k], Vh [k, n])`, float32, S
     descending, so that U·diag(S)·Vh is x's best rank-k approximation, as
     `torch.linalg.svd(x, full_matrices=False)` truncated to k (up to the sign of each
     (u, v) pair). Returns None when that route is not accurate (GRAM_MIN_RATIO,
-    GRAM_MIN_GAP) or `x` is not a float32 matrix: the caller then uses LAPACK's SVD.
+    GRAM_MIN_GAP; the gap is also checked at each of `cuts`, other ranks the caller
+    cuts at) or `x` is not a finite float32 matrix: the caller then uses LAPACK's SVD.
     k is capped at min(m, n)."""
     if x.dtype != torch.float32 or x.dim() != 2:
         return None
@@ -78,11 +94,14 @@ def top_svd(x: Tensor, k: int):
     a = (x if wide else x.T).double()
     r = a.shape[0]
     k = min(int(k), r)
-    lam, z = gram_eigh(a, min(k + 1, r))
+    eig = gram_eigh(a, min(k + 1, r))
+    if eig is None:
+        return None
+    lam, z = eig
     top = float(lam[0])
     if not top > 0 or float(lam[k - 1]) < GRAM_MIN_RATIO ** 2 * top:
         return None
-    if k < r and float(lam[k - 1] - lam[k]) < GRAM_MIN_GAP * top:
+    if any(0 < c < r and c <= k and float(lam[c - 1] - lam[c]) < GRAM_MIN_GAP * top for c in (k, *cuts)):
         return None
     s = lam[:k].sqrt()
     u = z[:, :k]
@@ -107,7 +126,8 @@ def polar(a: Tensor):
     tall = a.shape[0] >= a.shape[1]
     if 2 * max(a.shape) >= 3 * min(a.shape):  # NOTE: nearly square, syevd costs ~80% of gesdd: no gain
         m = (a if tall else a.T).double()
-        lam, w = gram_eigh(m.T, m.shape[1])
+        eig = gram_eigh(m.T, m.shape[1])
+        lam, w = eig if eig is not None else (torch.zeros(1, dtype=torch.float64), None)
         if float(lam[0]) > 0 and float(lam[-1]) * POLAR_GRAM_COND ** 2 >= float(lam[0]):
             p = m @ ((w * lam.rsqrt()) @ w.T)
             return (p if tall else p.T).float(), lam.sqrt().float()

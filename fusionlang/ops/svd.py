@@ -46,7 +46,7 @@ def smile_factors(base: Tensor, finetuned: Tensor, k: int = 128, gate_k: int = 1
     if w.dim() != 2:
         raise ValueError(f"SMILE factors a Linear weight [out, in], not a tensor of shape {tuple(w.shape)}")
     k, gate_k = smile_sizes(w.shape[0], w.shape[1], k, gate_k)
-    u, s, vh = _svd_top(w - w0, max(k, gate_k))
+    u, s, vh = _svd_top(w - w0, max(k, gate_k), cuts=(min(k, gate_k),))
     parts = [u[:, :k], s[:k, None] * vh[:k]]
     if routing_use_diff:
         parts.append(vh[:gate_k])
@@ -118,8 +118,9 @@ def lora_apply(w: Tensor, a: Tensor, b: Tensor, scale: float = 1.0, transpose: b
     return w.float() + float(scale) * delta
 
 
-def _svd_top(x: Tensor, k: int):
-    """(U, S, Vh) holding at least x's k leading singular triplets: `top_svd`'s when it is
-    accurate, else LAPACK's whole thin SVD (`torch.linalg.svd`)."""
-    top = top_svd(x, k)
+def _svd_top(x: Tensor, k: int, cuts: tuple[int, ...] = ()):
+    """(U, S, Vh) holding at least x's k leading singular triplets (the caller also cuts
+    at `cuts`): `top_svd`'s when it is accurate, else LAPACK's whole thin SVD
+    (`torch.linalg.svd`)."""
+    top = top_svd(x, k, cuts)
     return top if top is not None else torch.linalg.svd(x, full_matrices=False)

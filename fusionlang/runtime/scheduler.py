@@ -44,8 +44,8 @@ class RunStats:
 
 
 # Stage kinds short enough to run beside the units (one forward pass, no training), in a
-# separate process (stages/process.py) waited for on a thread; that process and the units
-# each get one intra-op thread while both run.
+# separate process on the CPU (stages/process.py, waited for on a thread), on a thread on a
+# GPU; the stage gets one intra-op thread while both run, the units the others.
 BACKGROUND_STAGES = {"router"}
 
 
@@ -194,7 +194,7 @@ class LocalScheduler:
         if self.stages is None:
             yield from units
             return
-        torch.set_num_threads(1)  # the stage thread computes on the other core(s)
+        torch.set_num_threads(max(1, self._threads - 1))  # the stage computes on one other core
         later, waiting = [], set()
         for u in units:
             if u.outside & waiting or any(src in self.stage_sources for src, _, _ in u.loads(self.plan)):
@@ -275,8 +275,11 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
         if kinds <= BACKGROUND_STAGES:
             from ..stages.process import process_runner
 
-            stages = Background(run_stages, plan, pick_device(device), log or stderr_line,
-                                process_runner(device, threads=1, log=log or stderr_line), threads=1)
+            dev = pick_device(device)
+            # NOTE: on a GPU the stage stays in this process: a child would hold a second
+            # CUDA context and allocator cache beside the units'
+            remote = process_runner(device, threads=1, log=log or stderr_line) if dev.type == "cpu" else None
+            stages = Background(run_stages, plan, dev, log or stderr_line, remote, threads=1)
         else:
             plan = run_stages(plan, pick_device(device), log or stderr_line)
     scheduler = LocalScheduler(plan, device, shard_bytes, progress, stages)

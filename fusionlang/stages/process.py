@@ -21,6 +21,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import traceback
 
 
 def compute_job(stage: dict, names: list[str], device: str, threads: int, at: tuple | None):
@@ -72,7 +73,7 @@ def process_runner(device: str = "cpu", threads: int = 1, log=None):
             for _ in jobs:
                 try:
                     index, result, error = pickle.load(child.stdout)
-                except (EOFError, pickle.UnpicklingError):
+                except Exception:  # noqa: BLE001 (EOF, a torn frame: the child ended)
                     early(f"ended without a result (exit code {_exit_code(child)})")
                     return
                 if error is not None:
@@ -95,8 +96,9 @@ _WARM: list = []  # (child, its environment) started by `prestart`, not yet give
 
 def _spawn() -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # NOTE: its own session: Ctrl-C reaches the run only, whose exit closes the child's stdin
     return subprocess.Popen([sys.executable, "-m", "fusionlang.stages.process"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, env=env, start_new_session=True)
 
 
 def _take() -> subprocess.Popen:
@@ -106,7 +108,8 @@ def _take() -> subprocess.Popen:
         child, env = _WARM.pop()
         if child.poll() is None and env == dict(os.environ):
             return child
-        child.stdin.close()  # it ends on EOF
+        for pipe in (child.stdin, child.stdout):
+            pipe.close()  # it ends on EOF
     return _spawn()
 
 
@@ -164,8 +167,22 @@ def _exit_with_parent() -> None:
         os._exit(0)
 
 
+def _frame(i: int, result, error: BaseException | None) -> bytes:
+    """One job's answer, pickled; an error (or a result) that does not survive a pickle
+    round trip is sent as a RuntimeError holding the child's traceback text."""
+    try:
+        frame = pickle.dumps((i, result, error))
+        pickle.loads(frame)
+        return frame
+    except Exception:  # noqa: BLE001 (anything unpicklable: reported, not raised)
+        why = "".join(traceback.format_exception(error)) if error is not None else traceback.format_exc()
+        return pickle.dumps((i, None, RuntimeError(f"the model stage process could not send its answer:\n{why}")))
+
+
 def main() -> None:
-    """The child: reads the jobs, writes each result (or the error it raised) back."""
+    """The child: reads the jobs, writes each result (or the error it raised) back, then
+    ends with os._exit (the stdin watcher thread may hold stdin's lock: a normal
+    interpreter shutdown would abort on it)."""
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything printed goes to stderr, never into the result stream
     import torch  # noqa: F401  (the imports a model stage needs, before the jobs arrive:
@@ -174,7 +191,7 @@ def main() -> None:
     try:
         jobs, device, threads = pickle.load(sys.stdin.buffer)
     except EOFError:  # a prestarted child that was not needed
-        return
+        os._exit(0)
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     if os.environ.get("FUSIONLANG_STAGE_PROCESS_CRASH"):  # fault injection for the tests
         os._exit(3)
@@ -183,13 +200,11 @@ def main() -> None:
             result, error = compute_job(stage, names, device, threads, at), None
         except Exception as e:  # noqa: BLE001 (sent to the parent, which raises it)
             result, error = None, e
-        try:
-            frame = pickle.dumps((i, result, error))
-        except (pickle.PicklingError, TypeError, AttributeError):
-            frame = pickle.dumps((i, None, RuntimeError(f"{type(error).__name__}: {error}")))
-        out.write(frame)
+        out.write(_frame(i, result, error))
         out.flush()
     out.close()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def _run_remote(stages: dict, root: Path, remote, log) -> None:
     and cache the results, so that the sequential pass finds them all. `remote` takes
     [(stage, tensor names, label, spec place)] and yields (job, result) as each finishes;
     a job's DataError is raised as RunError at its place."""
-    from ..runtime.errors import RunError
+    import contextlib
 
     jobs, owners = [], {}
     for i, (key, src) in enumerate(stages.items()):
@@ -219,7 +219,16 @@ def _run_remote(stages: dict, root: Path, remote, log) -> None:
     if log:
         log(f"running {len(jobs)} model stage{'s' * (len(jobs) != 1)} {getattr(remote, 'where', 'elsewhere')}")
     t0 = time.perf_counter()
-    for (st, _names, base_key, _at), result in remote(jobs):
+    # NOTE: closed on any error, so that a stage process ends at once (its pipes close)
+    with contextlib.closing(remote(jobs)) as results:
+        _cache_results(results, owners, root, log, t0)
+
+
+def _cache_results(results, owners: dict, root: Path, log, t0: float) -> None:
+    """Save each (job, result) of `_run_remote`'s jobs in the stage cache."""
+    from ..runtime.errors import RunError
+
+    for (st, _names, base_key, _at), result in results:
         src, joint, what = owners[base_key]
         try:
             if joint:
