@@ -95,7 +95,10 @@ _WARM: list = []  # (child, its environment) started by `prestart`, not yet give
 
 
 def _spawn() -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # NOTE: this process's import path, so that the child finds fusionlang wherever this
+    # process did (a source checkout on sys.path, not only an installed package)
+    path = os.pathsep.join(p for p in sys.path if p)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     # NOTE: its own session: Ctrl-C reaches the run only, whose exit closes the child's stdin
     return subprocess.Popen([sys.executable, "-m", "fusionlang.stages.process"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, env=env, start_new_session=True)
