@@ -118,13 +118,15 @@ def polar(a: Tensor):
 
     From the float64 Gram matrix of the smaller side C (a·C^(−1/2), σ = √eig(C)) when
     one side is ≥ 1.5× the other and σ_max / σ_min ≤ POLAR_GRAM_COND; else LAPACK's
-    float32 SVD (a nearly square `a`: the Gram route is no faster there). Returns None when `a` is not a
-    float32 matrix or is numerically rank-deficient (σ_min < POLAR_RANK_TOL·σ_max): its
-    polar factor is not unique, and the caller reproduces its reference's own choice."""
+    float32 SVD (a nearly square `a`: the Gram route is no faster there). Returns None
+    when `a` is not a float32 matrix or is numerically rank-deficient (σ_min <
+    POLAR_RANK_TOL·σ_max): its polar factor is not unique, and the caller reproduces its
+    reference's own choice."""
     if a.dtype != torch.float32 or a.dim() != 2:
         return None
     tall = a.shape[0] >= a.shape[1]
-    if 2 * max(a.shape) >= 3 * min(a.shape):  # NOTE: nearly square, syevd costs ~80% of gesdd: no gain
+    # NOTE: clearly non-square matrices only: on a nearly square one syevd costs ~80% of gesdd
+    if 2 * max(a.shape) >= 3 * min(a.shape):
         m = (a if tall else a.T).double()
         eig = gram_eigh(m.T, m.shape[1])
         lam, w = eig if eig is not None else (torch.zeros(1, dtype=torch.float64), None)
