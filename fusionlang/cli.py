@@ -210,7 +210,7 @@ def _cmd_run(args, plan_box: list) -> int:
         plan = load_plan(args.spec)
         name = args.spec
     else:
-        if args.executor == "local":
+        if args.executor == "local" and args.device in ("auto", "cpu"):  # (on a GPU stages stay in-process)
             from .stages.process import prestart_for
 
             prestart_for(args.spec)  # a MoE's router stage: its process imports while this one compiles
