@@ -134,8 +134,10 @@ def run(path: str | os.PathLike, device: str = "auto", *, passes: str | Iterable
     if device not in DEVICES:
         raise FuseErrors([Diagnostic("E006", f"unknown device {device!r}", _here("<python>"),
                                      f"one of: {', '.join(DEVICES)}")])
-    if executor not in ("local", "ray") or (address is not None and executor != "ray"):
-        raise FuseErrors([Diagnostic("E006", f"unknown executor {executor!r}" if executor not in ("local", "ray")
+    from .runtime.executors import EXECUTORS
+
+    if executor not in EXECUTORS or (address is not None and executor != "ray"):
+        raise FuseErrors([Diagnostic("E006", f"unknown executor {executor!r}" if executor not in EXECUTORS
                                      else "address= names a Ray cluster, but the executor is local",
                                      _here("<python>"), "executor='local' or executor='ray' (address= with 'ray')")])
     if not isinstance(shard_size, (int, float)) or not math.isfinite(shard_size) or shard_size * 1024**3 < 1:

@@ -129,8 +129,8 @@ def polar(a: Tensor):
     if 2 * max(a.shape) >= 3 * min(a.shape):
         m = (a if tall else a.T).double()
         eig = gram_eigh(m.T, m.shape[1])
-        lam, w = eig if eig is not None else (torch.zeros(1, dtype=torch.float64), None)
-        if float(lam[0]) > 0 and float(lam[-1]) * POLAR_GRAM_COND ** 2 >= float(lam[0]):
+        if eig is not None and float(eig[0][0]) > 0 and float(eig[0][-1]) * POLAR_GRAM_COND ** 2 >= float(eig[0][0]):
+            lam, w = eig
             p = m @ ((w * lam.rsqrt()) @ w.T)
             return (p if tall else p.T).float(), lam.sqrt().float()
     p, s, qh = torch.linalg.svd(a, full_matrices=False)

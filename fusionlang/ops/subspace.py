@@ -106,6 +106,15 @@ def tsv_merge(xs: list[Tensor], alpha: float = 1.0, weights: list[float] | None 
     return out.mul_(alpha).to(dtype)
 
 
+def _whiten(us: list, vhs: list):
+    """(U⊥, V⊥ᵀ): the orthogonal polar factors of the concatenated left singular vectors
+    [U_1 … U_n] and right ones [V_1ᵀ; …; V_nᵀ] (`ops.gram.polar`); None when either has no
+    unique polar factor (dependent blocks: the caller then builds FusionBench's matrices)."""
+    u_o = polar(torch.cat(us, dim=1))
+    vh_o = polar(torch.cat(vhs, dim=0)) if u_o is not None else None
+    return None if vh_o is None else (u_o[0], vh_o[0])
+
+
 def _tsv_gram(xs: list, k: int, task: int):
     """TSV-M's merged (or task `task`'s) vector by the float64 Gram route (`ops.gram.top_svd`,
     `polar`): each task's k leading triplets, the polar factors of the T·k used
@@ -118,11 +127,10 @@ def _tsv_gram(xs: list, k: int, task: int):
         if top is None:
             return None
         tops.append(top)
-    u_o = polar(torch.cat([t[0] for t in tops], dim=1))
-    vh_o = polar(torch.cat([t[2] for t in tops], dim=0)) if u_o is not None else None
-    if vh_o is None:
+    white = _whiten([t[0] for t in tops], [t[2] for t in tops])
+    if white is None:
         return None
-    u_o, vh_o = u_o[0], vh_o[0]
+    u_o, vh_o = white
     s_all = torch.cat([t[1] for t in tops])
     if task >= 0:
         block = slice(task * k, (task + 1) * k)
@@ -262,11 +270,10 @@ def _iso_cts_gram(xs: list, total, common: int, per_task: int):
         us.append(u_c)
         ss.append(s_c)
         vhs.append(vh_c)
-    u_o = polar(torch.cat(us, dim=1))
-    vh_o = polar(torch.cat(vhs, dim=0)) if u_o is not None else None
-    if vh_o is None:
+    white = _whiten(us, vhs)
+    if white is None:
         return None
-    return (u_o[0] @ vh_o[0]).mul_(torch.cat(ss).mean())
+    return (white[0] @ white[1]).mul_(torch.cat(ss).mean())
 
 
 def _opcm_clean(merged, x, alpha: float):

@@ -18,7 +18,7 @@ import json
 
 from .. import ir
 from . import stage_values as SV
-from .graph import SourceSpec
+from .graph import SourceSpec, shape_numel
 from .values import EvalError, MissingTensor, TensorCtx, TensorV, at
 
 ALIGN_BUILTINS = {"align", "wasserstein_barycenter"}
@@ -156,7 +156,7 @@ def _register(ev, e: ir.CallE, keys: list[str], key_spans: list, data, p: dict, 
     rows = 0
     if data is not None:
         rows = _check(ev, e, data, [s.path for s in srcs], span)
-    model_bytes = sum(4 * _numel(s) for s in shapes.values())
+    model_bytes = sum(4 * shape_numel(s) for s in shapes.values())
     n = len(keys)
     name = {"align": "align", "wasserstein_barycenter": "barycenter"}[e.target]
     stage = {"kind": name, "model": keys[-1] if name == "align" else keys[0], "model_dir": srcs[-1].path,
@@ -197,8 +197,3 @@ def _check(ev, e: ir.CallE, data, dirs: list[str], span: dict) -> int:
     return len(ex)
 
 
-def _numel(shape) -> int:
-    k = 1
-    for d in shape:
-        k *= int(d)
-    return k

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from ..lang.diagnostics import Diagnostic, FuseErrors, Span
 from ..runtime.sources import DTYPE_SIZES
 from ..runtime.units import Unit, plan_phases
-from .graph import Plan
+from .graph import Plan, shape_numel
 
 GB = 1e9  # bytes: bandwidths and printed sizes use decimal gigabytes
 
@@ -202,7 +202,7 @@ def unit_memory(plan: Plan, unit: Unit) -> int:
     """Bytes the Ray executor asks for a unit's task (`ray_scheduler.unit_memory` plus
     TASK_BASE_MEMORY): its live fp32 values at most, the values it returns (fp32, 4 bytes
     for one without a shape) and the worker's own overhead per task."""
-    out = sum(4 * _numel(plan.nodes[t].shape or ()) for t in unit.targets)
+    out = sum(4 * shape_numel(plan.nodes[t].shape or ()) for t in unit.targets)
     return plan.peak_bytes(unit.nodes) + out + TASK_BASE_MEMORY
 
 
@@ -216,17 +216,17 @@ def unit_costs(plan: Plan) -> list[UnitCost]:
             read = touched = 0
             for nid in u.nodes:
                 n = plan.nodes[nid]
-                size = 4 * _numel(n.shape or ())
+                size = 4 * shape_numel(n.shape or ())
                 if n.op == "load":
                     file_bytes = plan.load_bytes(nid)
                     read += file_bytes
                     touched += file_bytes + size
                 else:
-                    touched += size + sum(4 * _numel(plan.nodes[i].shape or ()) for i in n.inputs
+                    touched += size + sum(4 * shape_numel(plan.nodes[i].shape or ()) for i in n.inputs
                                           if plan.nodes[i].shape is not None)
             sent = output = 0
             for nid, pieces in u.writes.items():
-                sizes = [DTYPE_SIZES.get(out_dtype[(okey, tensor)], 4) * _numel(plan.nodes[nid].shape or ())
+                sizes = [DTYPE_SIZES.get(out_dtype[(okey, tensor)], 4) * shape_numel(plan.nodes[nid].shape or ())
                          for okey, tensor, _ in pieces]
                 sent += sizes[0]  # the value, in the dtype its cast gave it
                 output += sum(sizes)
@@ -379,14 +379,8 @@ def _value_bytes(plan: Plan, nid: str) -> int:
     n = plan.nodes[nid]
     if n.shape is None:
         return UNSHAPED_VALUE_BYTES.get(n.op, SCALAR_BYTES)
-    return 4 * _numel(n.shape)
+    return 4 * shape_numel(n.shape)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def print_estimate(console, est: ClusterEstimate) -> None:

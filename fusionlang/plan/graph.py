@@ -15,8 +15,14 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+
+def shape_numel(shape) -> int:
+    """Elements of a tensor of `shape` (1 for a scalar's empty shape)."""
+    return math.prod(int(d) for d in shape)
 
 Param = tuple[str, Any]
 
@@ -204,9 +210,7 @@ class Plan:
 
         n = self.nodes[nid]
         dtype, shape, _ = self.sources[n.param("source")].tensors[n.param("tensor")]
-        size = DTYPE_SIZES.get(dtype, 4)
-        for d in shape:
-            size *= d
+        size = DTYPE_SIZES.get(dtype, 4) * shape_numel(shape)
         rows = n.param("rows")
         if rows is not None and shape:  # a block of rows (split pass)
             size = size // shape[0] * (rows[1] - rows[0])
@@ -224,10 +228,7 @@ class Plan:
         peak = 0
         for nid in nodes:
             n = self.nodes[nid]
-            size = 4
-            for d in n.shape or ():
-                size *= d
-            alive[nid] = size
+            alive[nid] = 4 * shape_numel(n.shape or ())
             peak = max(peak, sum(alive.values()))
             for i in n.inputs:
                 if i in uses:

@@ -18,7 +18,7 @@ from .. import arch, ir
 from ..arch import moe as A
 from ..lang.diagnostics import Diagnostic
 from ..lang.signatures import BUILTINS
-from .graph import SourceSpec
+from .graph import SourceSpec, shape_numel
 from .values import PROBE, EvalError, TensorCtx, TensorV, at
 
 PARAMS = [name for name, _, _ in BUILTINS["moe"].params]
@@ -258,7 +258,7 @@ def _register_router(ev, call: ir.CallE, base_key: str, o: dict, n: int, layers:
     prompts = sum(len(p) + len(q) for p, q in zip(params["positive"], params["negative"]))
     forward = o["gate_mode"] in ("hidden", "hidden_avg")
     random = o["gate_mode"] in ("random", "uniform_random")
-    model_bytes = sum(4 * _numel(s) for _, s, _ in src.tensors.values())
+    model_bytes = sum(4 * shape_numel(s) for _, s, _ in src.tensors.values())
     passes = n + sum(1 for q in params["negative"] if q)
     estimate = {"examples": prompts, "batches": passes if forward else 0, "batch_size": 0,
                 "passes": "forward" if forward else "no", "models_resident": 1 if forward else 0,
@@ -284,12 +284,6 @@ def _arch_hint(config: dict) -> str:
     return "build a MoE from a base and experts of one Llama, Mistral or Qwen2 architecture and size"
 
 
-def _numel(shape) -> int:
-    k = 1
-    for d in shape:
-        k *= int(d)
-    return k
-
 
 def _param_counts(h, tensors: dict, n: int, top_k: int) -> str:
     """'total N parameters, M active per token': the experts count once each in the total
@@ -297,19 +291,19 @@ def _param_counts(h, tensors: dict, n: int, top_k: int) -> str:
     total = active = 0
     for name, t in tensors.items():
         if t.kind == "base":
-            k = _numel(h.tensors[name].shape)
+            k = shape_numel(h.tensors[name].shape)
             total, active = total + k, active + k
         elif t.kind in ("router", "shared_router"):
             k = (n if t.kind == "router" else 1) * int(h.config.get("hidden_size") or 0)
             total, active = total + k, active + k
         elif t.kind in ("shared", "zeros"):
-            k = _numel(h.tensors[t.source].shape) if t.kind == "shared" else _numel(t.shape)
+            k = shape_numel(h.tensors[t.source].shape) if t.kind == "shared" else shape_numel(t.shape)
             total, active = total + k, active + k
         elif t.kind == "expert":
-            k = _numel(h.tensors[t.source].shape)
+            k = shape_numel(h.tensors[t.source].shape)
             total, active = total + k, active + (k * top_k) // n
         else:
-            k = sum(_numel(h.tensors[s].shape) for s in t.sources)
+            k = sum(shape_numel(h.tensors[s].shape) for s in t.sources)
             total, active = total + n * k, active + top_k * k
     return f"{n} experts, top-{top_k}: {_human(total)} parameters, {_human(active)} active per token"
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .. import ir
 from ..lang.diagnostics import Span
-from .graph import SourceSpec
+from .graph import SourceSpec, shape_numel
 from .values import EvalError, TensorCtx, TensorV, at
 
 STAGE_BUILTINS = {"dataset", "zoo_data", "gram", "gram_plusplus", "pruning_stats", "fisher", "adamerging_coefficients",
@@ -199,7 +199,7 @@ def _register_joint(ev, e: ir.CallE, keys: list[str], datas: list, p: dict) -> l
     n = len(keys)
     layers = len({R.layer_index(t)[1] for t in shapes})
     rows = sum(len(_check_data(ev, d)) for d in datas)
-    model_bytes = sum(4 * _numel(s) for _, s, _ in first.tensors.values())
+    model_bytes = sum(4 * shape_numel(s) for _, s, _ in first.tensors.values())
     joint = {"kind": "gram_plusplus", "model": keys[0], "model_dir": first.path, "models": keys,
              "model_dirs": [ev.plan.sources[k].path for k in keys], "data": [d.spec for d in datas],
              "data_text": ", ".join(describe(d.spec) for d in datas), "params": p,
@@ -252,7 +252,7 @@ def _register_adamerging(ev, e: ir.CallE, base_key: str, keys: list[str], datas:
     sk = f"adamerging[{base_key}]"
     while sk in ev.plan.sources:
         sk += "'"
-    model_bytes = sum(4 * _numel(s) for _, s, _ in base.tensors.values())
+    model_bytes = sum(4 * shape_numel(s) for _, s, _ in base.tensors.values())
     estimate = {"examples": p["steps"] * n * p["batch_size"], "batches": p["steps"] * n, "batch_size": p["batch_size"],
                 "passes": "forward+backward", "models_resident": n + 1,
                 "peak_bytes": model_bytes * (n + 3)}
@@ -328,8 +328,8 @@ def _register(ev, e: ir.CallE, model_key: str, d: DataV, params: dict) -> str:
     batches = -(-n // params["batch_size"])
     if e.target == "pruning_stats":  # up to the stack once, then each layer twice (measure; after pruning)
         batches *= 1 + 2 * len({P.layer_index(t)[1] for t in shapes})
-    model_bytes = sum(4 * _numel(s) for _, s in _param_shapes(sm))
-    stat_bytes = sum(4 * _numel(s) for s in shapes.values())
+    model_bytes = sum(4 * shape_numel(s) for _, s in _param_shapes(sm))
+    stat_bytes = sum(4 * shape_numel(s) for s in shapes.values())
     sk = f"{e.target}[{model_key}]"
     while sk in ev.plan.sources:
         sk += "'"
@@ -374,8 +374,3 @@ def _param_shapes(sm):
     return [(n, tuple(p.shape)) for n, p in sm.module.named_parameters()]
 
 
-def _numel(shape) -> int:
-    k = 1
-    for d in shape:
-        k *= int(d)
-    return k

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .. import arch, ir
 from ..arch import upscaled as U
 from ..arch import wemoe as W
-from .graph import SourceSpec
+from .graph import SourceSpec, shape_numel
 from .smile_values import linears_of
 from .values import PROBE, EvalError, TensorCtx, TensorV, at, builtin_exprs, builtin_options
 
@@ -92,8 +92,8 @@ def domain(ev, call: ir.CallE) -> dict:
     p = {k: o[k] for k in ("init_lambda", "router_hidden_layers", "lr", "steps", "batch_size", "seed")}
     p["batch_reduce"] = bool(o["batch_reduce"])
     p["groups"] = groups
-    model_bytes = sum(4 * _numel(s) for s in shapes.values())
-    tv_bytes = sum(4 * _numel(s) for _name, (kind, _m, s) in tensors.items() if kind in ("tv_weight", "tv_bias"))
+    model_bytes = sum(4 * shape_numel(s) for s in shapes.values())
+    tv_bytes = sum(4 * shape_numel(s) for _name, (kind, _m, s) in tensors.items() if kind in ("tv_weight", "tv_bias"))
     stage = {"kind": "wemoe", "model": base_key, "model_dir": src.path, "models": keys,
              "model_dirs": [ev.plan.sources[k].path for k in keys], "data": [d.spec for d in datas],
              "data_text": ", ".join(describe(d.spec) for d in datas), "params": p, "quiet": ["groups"],
@@ -117,20 +117,14 @@ def domain(ev, call: ir.CallE) -> dict:
             "description": desc, "note": _param_counts(tensors, n)}
 
 
-def _numel(shape) -> int:
-    k = 1
-    for d in shape:
-        k *= int(d)
-    return k
-
 
 def _param_counts(tensors: dict, n: int) -> str:
     """Stored parameters, and those of the model each input sample runs (its MLPs merged
     from the task vectors by its routing weights)."""
     from .moe_values import _human
 
-    total = sum(_numel(s) for _k, _m, s in tensors.values())
-    run = sum(_numel(s) for k, _m, s in tensors.values() if k not in ("tv_weight", "tv_bias"))
+    total = sum(shape_numel(s) for _k, _m, s in tensors.values())
+    run = sum(shape_numel(s) for k, _m, s in tensors.values() if k not in ("tv_weight", "tv_bias"))
     return f"WEMoE, {n} experts: {_human(total)} parameters, {_human(run)} in the model each input runs"
 
 

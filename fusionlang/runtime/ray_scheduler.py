@@ -29,14 +29,14 @@ from collections.abc import Callable
 
 import torch
 
-from ..plan.graph import Plan
+from ..plan.graph import Plan, shape_numel
 from . import ray_cluster as RC
 from .errors import RunError
 from .reader import pick_device, trim_heap
 from .runner import Runner
 from .scheduler import LocalScheduler
 from .sinks import DEFAULT_SHARD_BYTES, OutputSink
-from .units import Phase, Unit, plan_phases, shape_numel
+from .units import Phase, Unit, plan_phases
 
 BATCH_BYTES = 32 << 20  # tensor bytes read per task, about; a unit above it is a task of its own
 BATCH_UNITS = 256

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 import torch
 
 from ..ops import OPS, sparsify
-from ..plan.graph import Plan
+from ..plan.graph import Plan, shape_numel
 from .errors import BadValue, RunError
 from .reader import TORCH_DTYPES, TensorReader
-from .units import Unit, closure, refcounts, shape_numel
+from .units import Unit, closure, refcounts
 
 # Tiled execution: elements per tile (fp32: 256 KiB per value, a few live at once fit
 # in a core's L2 cache), the pointwise ops it runs, and those that take a flat offset.

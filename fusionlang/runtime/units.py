@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..ops import OPS
-from ..plan.graph import Plan
+from ..plan.graph import Plan, shape_numel
 
 # Elements above which a whole tensor's freed buffers are given back to the OS after its unit.
 TRIM_HEAP_ELEMENTS = 1 << 22
@@ -144,11 +144,3 @@ def plan_phases(plan: Plan) -> list[Phase]:
         phases.append(Phase(p, units, phase_reduces))
         reduced |= set(phase_reduces)
     return phases
-
-
-def shape_numel(shape) -> int:
-    """Elements of a tensor of `shape` (1 for a scalar's empty shape)."""
-    n = 1
-    for d in shape:
-        n *= d
-    return n
