@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 
 from .. import ir
-from .graph import SourceSpec
+from .graph import SourceSpec, shape_numel
 from .stage_values import (
     UNCOVERED,
     DataV,
     _arg_spans,
     _check_data,
-    _numel,
     _source_key,
     _whole,
     reject_bad,
@@ -86,7 +85,7 @@ def _register(ev, e: ir.CallE, base_key: str, key: str, d: DataV, p: dict) -> st
     trained = {n for n, prm in module.named_parameters()} - comp if p["calibrate"] == "all" else set()
     tensors = {t: ("F32", (1,), "") for t in comp if t in src.tensors}
     tensors.update({t: ("F32", tuple(src.tensors[t][1]), "") for t in trained if t in src.tensors})
-    model_bytes = sum(4 * _numel(s) for _, s, _ in src.tensors.values())
+    model_bytes = sum(4 * shape_numel(s) for _, s, _ in src.tensors.values())
     sk = f"bitdelta[{key}]"
     while sk in ev.plan.sources:
         sk += "'"
