@@ -274,7 +274,9 @@ def _cmd_run(args, plan_box: list) -> int:
             t.add_row(o.name, display_path(setup, o.path), str(len(o.tensors)))
         console.print(t)
         console.print(f"read {_human(stats.bytes_read)}, wrote {_human(stats.bytes_written)} in {stats.seconds:.2f}s "
-                      f"({_human(stats.bytes_written / max(stats.seconds, 1e-9))}/s written)")
+                      f"({_human(stats.bytes_written / max(stats.seconds, 1e-9))}/s written)"
+                      + (f"; {stats.side_by_side} units computed side by side on {stats.threads} threads"
+                         if stats.side_by_side else ""))
     if setup is not None and setup.reports:
         from .eval.evaluation import run as run_evals
         from .runtime.reader import pick_device

@@ -70,7 +70,7 @@ def adapter_cat(xs: list[Tensor], weights: list[float], dim: int = 0, total: int
     return cat
 
 
-@op(public=False)
+@op(public=False, decomposes=True)
 def adapter_svd(xs: list[Tensor], weights: list[float], scales: list[float], method: Literal[
         "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"] = "linear", density: float = 1.0,
         majority_sign_method: Literal["total", "frequency"] = "total", seed: int = 0, rank: int = 8,

@@ -78,7 +78,7 @@ def wanda_prune(models: list[Tensor], norms: list[Tensor], prune_type: Literal["
 
 
 @op(ranges={"sparsity_ratio": (0.0, 1.0), "n": (0, None), "m": (1, None), "blocksize": (1, None),
-            "percdamp": (0.0, None)}, check_args=_n_m_args, check_shapes=_stat_shapes("SparseGPT"))
+            "percdamp": (0.0, None)}, check_args=_n_m_args, check_shapes=_stat_shapes("SparseGPT"), decomposes=True)
 def sparsegpt_prune(models: list[Tensor], grams: list[Tensor], prune_type: Literal["unstructured", "semistructured"] = "unstructured",
                     sparsity_ratio: float = 0.5, n: int = 2, m: int = 4, blocksize: int = 128,
                     percdamp: float = 0.01) -> Tensor:

@@ -19,6 +19,8 @@ elsewhere (a GPU) torch's.
 
 from __future__ import annotations
 
+from .lapack import available as lapack_available
+from .lapack import syevd, syevr, syrk
 from .registry import Tensor, torch
 
 GRAM_MIN_RATIO = 1e-3   # top_svd: σ_k ≥ GRAM_MIN_RATIO·σ_1, else None (LAPACK)
@@ -29,47 +31,50 @@ POLAR_RANK_TOL = 1e-6   # polar: σ_min < this·σ_max (float32 LAPACK) is numer
 _BLAS = None
 
 
-def _scipy():
-    """(scipy.linalg, dsyrk, ThreadpoolController) or None when SciPy or threadpoolctl is missing."""
+def _blas():
+    """threadpoolctl's controller for SciPy's BLAS threads, or None when SciPy's
+    LAPACK (`ops.lapack`) or threadpoolctl is missing."""
     global _BLAS
-    try:
-        import scipy.linalg
-        from scipy.linalg.blas import dsyrk
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
     if _BLAS is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            return None
+        if not lapack_available():
+            return None
         _BLAS = ThreadpoolController()
-    return scipy.linalg, dsyrk, _BLAS
+    return _BLAS
+
+
+def blas_threads(n: int):
+    """A context in which SciPy's BLAS (`ops.lapack`) uses `n` threads process-wide
+    (threadpoolctl); a no-op one without SciPy or threadpoolctl. The per-call limits
+    below then restore `n`, not the process's default."""
+    import contextlib
+
+    blas = _blas()
+    return blas.limit(limits=n, user_api="blas") if blas is not None else contextlib.nullcontext()
 
 
 def gram_eigh(a: Tensor, count: int):
     """The `count` largest eigenvalues (descending, [count] float64) and eigenvectors
     ([p, count] float64) of G = a·aᵀ for a float64 matrix `a` [p, q], or None when the
     solver fails or returns fewer or non-finite values (NaN or inf in `a`). On the CPU
-    with SciPy: G's upper triangle by BLAS dsyrk (on `a` as stored, row- or
-    column-major: no copy), then LAPACK syevr for `count` < p pairs or syevd for all;
-    otherwise torch (a·aᵀ and torch.linalg.eigh)."""
+    with SciPy (`ops.lapack`, no GIL held): G's upper triangle by BLAS dsyrk (on `a` as
+    stored, row- or column-major: no copy), then LAPACK syevr for `count` < p pairs or
+    syevd for all; otherwise torch (a·aᵀ and torch.linalg.eigh)."""
     p = a.shape[0]
-    lib = _scipy() if a.device.type == "cpu" else None
-    if lib is not None:
-        linalg, dsyrk, blas = lib
+    blas = _blas() if a.device.type == "cpu" else None
+    if blas is not None:
         with blas.limit(limits=torch.get_num_threads(), user_api="blas"):
-            if a.T.is_contiguous():  # column-major (a transposed view): dsyrk's own layout
-                g = dsyrk(1.0, a.numpy(), trans=0, lower=0)
-            else:
-                g = dsyrk(1.0, a.contiguous().numpy().T, trans=1, lower=0)
-            try:
-                if count < p:
-                    w, z = linalg.eigh(g, lower=False, subset_by_index=[p - count, p - 1], driver="evr",
-                                       overwrite_a=True, check_finite=False)
-                else:
-                    w, z = linalg.eigh(g, lower=False, driver="evd", overwrite_a=True, check_finite=False)
-            except (linalg.LinAlgError, ValueError):
-                return None
-        if w.shape[0] < count or not bool((abs(w) < float("inf")).all()):
+            g = syrk(a)
+            eig = syevr(g, p - count, p - 1) if count < p else syevd(g)
+        if eig is None:
             return None
-        return torch.from_numpy(w[::-1].copy()), torch.from_numpy(z[:, ::-1].copy())
+        w, z = eig
+        if w.shape[0] < count or not bool(torch.isfinite(w).all()):
+            return None
+        return w.flip(0), z.flip(1)
     try:
         w, z = torch.linalg.eigh(a @ a.T)
     except RuntimeError:  # torch.linalg.LinAlgError

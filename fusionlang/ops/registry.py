@@ -58,6 +58,10 @@ class OpDef:
     # None: a compile-time check of parameter values against each other or the inputs'
     # shapes (a shape is None when the models are not there to read)
     check_args: Callable | None = None
+    # a matrix decomposition (SVD, eigendecomposition, Cholesky, a solve): LAPACK scales
+    # poorly over threads, so the local scheduler computes units holding one side by
+    # side on one thread each (runtime/scheduler.py, "Decomposing phases")
+    decomposes: bool = False
 
     @property
     def tensor_params(self) -> list[ParamSpec]:
@@ -96,7 +100,7 @@ def _type_of(ann: Any) -> tuple[str, tuple[str, ...], bool]:
 def op(name: str | None = None, *, kind: str = "map", public: bool = True, inplace: bool = False,
        ranges: dict[str, tuple[float | None, float | None]] | None = None,
        tile_stat: tuple[Callable, Callable] | None = None, check_shapes: Callable | None = None,
-       check_values: Callable | None = None, check_args: Callable | None = None):
+       check_values: Callable | None = None, check_args: Callable | None = None, decomposes: bool = False):
     """Register `fn` as a primitive; its signature is the op's schema."""
 
     def deco(fn: Callable) -> Callable:
@@ -110,7 +114,7 @@ def op(name: str | None = None, *, kind: str = "map", public: bool = True, inpla
         opname = name or fn.__name__.rstrip("_")
         OPS[opname] = OpDef(opname, fn, tuple(params), kind, public, inplace,
                             inspect.getdoc(fn) or "", dict(ranges or {}), tile_stat, check_shapes,
-                            check_values, check_args)
+                            check_values, check_args, decomposes)
         return fn
 
     return deco

@@ -52,7 +52,7 @@ def _gram_shapes(shapes: list[list]) -> str | None:
     return None if ok else f"Gram matrices of shape {list(g)} do not fit a weight of shape {list(w)}"
 
 
-@op(check_shapes=_gram_shapes, ranges={"alpha": (0.0, 1.0)})
+@op(check_shapes=_gram_shapes, ranges={"alpha": (0.0, 1.0)}, decomposes=True)
 def regmean_solve(models: list[Tensor], grams: list[Tensor], alpha: float = 0.95) -> Tensor:
     """RegMean (Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of
     Language Models"): the weight W* [out, in] minimising Σ_i ‖X_i W*ᵀ − X_i W_iᵀ‖², i.e.

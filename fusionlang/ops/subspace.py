@@ -51,7 +51,7 @@ def _tsv_args(shapes: list, params: dict):
     return None
 
 
-@op(check_args=_tsv_args)
+@op(check_args=_tsv_args, decomposes=True)
 def tsv_merge(xs: list[Tensor], alpha: float = 1.0, weights: list[float] | None = None, task: int = -1) -> Tensor:
     """Task Singular Vector merging (TSV-M) of the task vectors `xs` ([out, in] each).
 
@@ -138,7 +138,7 @@ def _tsv_gram(xs: list, k: int, task: int):
     return (u_o * s_all) @ vh_o
 
 
-@op()
+@op(decomposes=True)
 def iso_c(xs: list[Tensor]) -> Tensor:
     """Isotropic merging in the common subspace (Iso-C) of the task vectors `xs`.
 
@@ -195,7 +195,7 @@ def _iso_cts_args(shapes: list, params: dict):
     return None
 
 
-@op(ranges={"common_space_fraction": (0.0, 1.0)}, check_args=_iso_cts_args)
+@op(ranges={"common_space_fraction": (0.0, 1.0)}, check_args=_iso_cts_args, decomposes=True)
 def iso_cts(xs: list[Tensor], common_space_fraction: float = 0.8) -> Tensor:
     """Isotropic merging in common and task-specific subspaces (Iso-CTS) of `xs`.
 
@@ -295,7 +295,7 @@ def _opcm_clean(merged, x, alpha: float):
     return x - u @ zeroed @ vh
 
 
-@op(ranges={"alpha": (0.0, 1.0)})
+@op(ranges={"alpha": (0.0, 1.0)}, decomposes=True)
 def opcm_fold(xs: list[Tensor], alpha: float = 0.5, _project: bool = True) -> Tensor:
     """OPCM's un-normalized merged task vector of the task vectors `xs`, in their order:
     S_1 = τ_1, S_t = S_{t−1} + clean(S_{t−1}, τ_t), where `clean` (`_opcm_clean`)

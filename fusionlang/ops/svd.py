@@ -25,7 +25,7 @@ def smile_sizes(out_features: int, in_features: int, k: int, gate_k: int) -> tup
     return k, max(1, min(int(gate_k), r))
 
 
-@op(public=False)
+@op(public=False, decomposes=True)
 def smile_factors(base: Tensor, finetuned: Tensor, k: int = 128, gate_k: int = 1,
                   routing_use_diff: bool = True) -> Tensor:
     """SMILE's factors of one expert's Linear weight, packed into one float32 vector
@@ -69,7 +69,7 @@ def unpack(x: Tensor, offset: int = 0, shape: list[float] | None = None) -> Tens
     return x.reshape(-1)[offset:offset + n].reshape(dims).clone()
 
 
-@op(public=False)
+@op(public=False, decomposes=True)
 def lora_factors(base: Tensor, finetuned: Tensor, rank: int = 128, distribute_scale: bool = True,
                  sv_epsilon: float = 0.0, transpose: bool = False) -> Tensor:
     """LoRA factors of one weight's task vector, packed into one float32 vector `[A | B]`

@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from ..lang.diagnostics import Diagnostic, FuseErrors, Span
+from ..runtime import units
 from ..runtime.sources import DTYPE_SIZES
 from ..runtime.units import Unit, plan_phases
 from .graph import Plan, shape_numel
@@ -202,8 +203,7 @@ def unit_memory(plan: Plan, unit: Unit) -> int:
     """Bytes the Ray executor asks for a unit's task (`ray_scheduler.unit_memory` plus
     TASK_BASE_MEMORY): its live fp32 values at most, the values it returns (fp32, 4 bytes
     for one without a shape) and the worker's own overhead per task."""
-    out = sum(4 * shape_numel(plan.nodes[t].shape or ()) for t in unit.targets)
-    return plan.peak_bytes(unit.nodes) + out + TASK_BASE_MEMORY
+    return units.unit_memory(plan, unit) + TASK_BASE_MEMORY
 
 
 def unit_costs(plan: Plan) -> list[UnitCost]:

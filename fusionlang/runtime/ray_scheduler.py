@@ -29,29 +29,24 @@ from collections.abc import Callable
 
 import torch
 
-from ..plan.graph import Plan, shape_numel
+from ..plan.cluster import TASK_BASE_MEMORY
+from ..plan.graph import Plan
 from . import ray_cluster as RC
 from .errors import RunError
 from .reader import pick_device, trim_heap
 from .runner import Runner
 from .scheduler import LocalScheduler
 from .sinks import DEFAULT_SHARD_BYTES, OutputSink
-from .units import Phase, Unit, plan_phases
+from .units import Phase, Unit, plan_phases, unit_memory
 
 BATCH_BYTES = 32 << 20  # tensor bytes read per task, about; a unit above it is a task of its own
 BATCH_UNITS = 256
-_BASE_TASK_MEMORY = 256 << 20  # a worker's own overhead per task, on top of the plan's estimate
+_BASE_TASK_MEMORY = TASK_BASE_MEMORY  # a worker's own overhead per task, on top of the plan's estimate
 
 
 def unit_read_bytes(plan: Plan, unit: Unit) -> int:
     """Bytes a unit reads from the input files."""
     return sum(plan.load_bytes(n) for n in unit.nodes if plan.nodes[n].op == "load")
-
-
-def unit_memory(plan: Plan, unit: Unit) -> int:
-    """Bytes a worker holds while computing `unit` and returning its values: the plan's
-    fp32 live-value peak plus the values it returns (an upper bound)."""
-    return plan.peak_bytes(unit.nodes) + sum(4 * shape_numel(plan.nodes[t].shape or ()) for t in unit.targets)
 
 
 def batches(plan: Plan, units: list[Unit], workers: int) -> list[list[int]]:

@@ -57,10 +57,13 @@ class TensorReader:
     bytes of every view handed out."""
 
     def __init__(self, plan: Plan, device: torch.device):
+        import threading
+
         self.plan = plan
         self.device = device
         self._files: dict[str, MappedFile] = {}
         self.bytes_read = 0
+        self._lock = threading.Lock()  # units computed side by side share the reader
 
     def view(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The stored tensor (or rows [rows[0], rows[1]) of it) as a read-only view of the
@@ -68,13 +71,14 @@ class TensorReader:
         read or no longer holds the tensor."""
         src = self.plan.sources[source]
         _, _, file = src.tensors[tensor]
-        h = self._files.get(file)
-        if h is None:
-            try:
-                h = MappedFile(file)
-            except (OSError, ValueError, json.JSONDecodeError) as e:
-                raise RunError(f"cannot read '{file}': {e}", "the model file changed or is corrupt; re-run compile") from None
-            self._files[file] = h
+        with self._lock:
+            h = self._files.get(file)
+            if h is None:
+                try:
+                    h = MappedFile(file)
+                except (OSError, ValueError, json.JSONDecodeError) as e:
+                    raise RunError(f"cannot read '{file}': {e}", "the model file changed or is corrupt; re-run compile") from None
+                self._files[file] = h
         try:
             t = h.tensor(tensor)
         except (KeyError, ValueError, RuntimeError) as e:
@@ -82,7 +86,8 @@ class TensorReader:
                            "the file is corrupt or changed since compile; re-run compile") from None
         if rows is not None:
             t = t[rows[0]:rows[1]]
-        self.bytes_read += t.numel() * t.element_size()
+        with self._lock:
+            self.bytes_read += t.numel() * t.element_size()
         return t
 
     def load(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> torch.Tensor:

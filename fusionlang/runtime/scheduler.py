@@ -13,10 +13,22 @@ others of their phase. Both threads compute with one intra-op thread meanwhile: 
 OpenMP teams on the same cores slow each other down by an order of magnitude. Long
 stages (statistics, test-time training) run first with every thread. Outputs are
 written at fixed offsets, so the order gives the same bytes as any other.
+
+Decomposing phases: LAPACK's SVD and eigensolvers spend much of their time in
+memory-bound level-2 BLAS and gain little from a second thread (a 1536 × 4096 TSV-M
+unit: 5.7 s on one thread, 4.0 s on two). A phase whose units compute a matrix
+decomposition (ops registered `decomposes`) and share no values therefore runs its
+units side by side, one thread each, as many at once as the run has threads and their
+memory estimates (`units.unit_memory`) fit in `PARALLEL_MEMORY_SHARE` of the memory
+available; the main thread hands each finished unit's values to the sink. Each unit is
+the same function of its inputs, so the bytes are those of a one-thread run.
+`FUSIONLANG_PARALLEL_UNITS=0` turns this off (A/B timing).
 """
 
 from __future__ import annotations
 
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +41,7 @@ from .errors import BadValue, RunError
 from .reader import TensorReader, keep_freed_memory, pick_device, trim_heap
 from .runner import Runner
 from .sinks import DEFAULT_SHARD_BYTES, OutputSink
-from .units import Phase, Unit, closure, output_roots, plan_phases
+from .units import Phase, Unit, closure, decomposes, output_roots, plan_phases, unit_memory
 
 
 @dataclass
@@ -38,6 +50,8 @@ class RunStats:
     bytes_written: int = 0
     bytes_read: int = 0
     seconds: float = 0.0
+    side_by_side: int = 0  # units computed side by side ("Decomposing phases")
+    threads: int = 1  # the run's intra-op threads (the side-by-side workers)
     outputs: dict[str, str] = field(default_factory=dict)
     # what model stages learned (AdaMerging's coefficients), by output name
     learned: dict[str, list] = field(default_factory=dict)
@@ -47,6 +61,10 @@ class RunStats:
 # separate process on the CPU (stages/process.py, waited for on a thread), on a thread on a
 # GPU; the stage gets one intra-op thread while both run, the units the others.
 BACKGROUND_STAGES = {"router"}
+
+# Decomposing units side by side: at most this share of the memory available at the
+# phase's start held by their estimates at once (one unit always runs).
+PARALLEL_MEMORY_SHARE = 0.5
 
 
 class Background:
@@ -155,6 +173,7 @@ class LocalScheduler:
             sink.abort()
             raise
         self.stats.bytes_read = self.reader.bytes_read
+        self.stats.threads = self._threads
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
 
@@ -163,6 +182,9 @@ class LocalScheduler:
         inputs of the phase's reduce nodes (by node id)."""
         shared: dict[str, torch.Tensor] = {}  # exports of this phase's units
         stat_inputs: dict[str, torch.Tensor] = {}
+        if self._side_by_side(phase):
+            self._run_side_by_side(phase, reduce_values, sink, stat_inputs)
+            return stat_inputs
         for unit in self._order(phase.units):
             if unit is None:
                 self._await_stages()
@@ -175,6 +197,65 @@ class LocalScheduler:
             if unit.trim_heap:
                 trim_heap()
         return stat_inputs
+
+    def _side_by_side(self, phase: Phase) -> bool:
+        """Whether the phase's units run side by side ("Decomposing phases" above): a
+        CPU run with several threads and no background stage, units that share no
+        values, at least two of them computing a matrix decomposition."""
+        if (self.device.type != "cpu" or self._threads < 2 or self.stages is not None or len(phase.units) < 2
+                or os.environ.get("FUSIONLANG_PARALLEL_UNITS") == "0"):
+            return False
+        if any(u.exports for u in phase.units):
+            return False
+        return sum(1 for u in phase.units if decomposes(self.plan, u)) >= 2
+
+    def _run_side_by_side(self, phase: Phase, reduce_values: dict, sink: OutputSink, stat_inputs: dict) -> None:
+        """Compute the phase's units on `self._threads` worker threads of one intra-op
+        thread each (BLAS too), admitted in order while their memory estimates fit the
+        budget; deliver each unit's values on this thread as it finishes. A failed unit
+        stops the admissions and its error is raised here (workers still computing
+        finish their unit and exit; their results are dropped)."""
+        from ..ops.gram import blas_threads
+
+        units = phase.units
+        sizes = [unit_memory(self.plan, u) for u in units]
+        budget = max(max(sizes), int(PARALLEL_MEMORY_SHARE * available_memory()))
+        todo: queue.Queue = queue.Queue()
+        done: queue.Queue = queue.Queue()
+
+        def worker() -> None:
+            torch.set_num_threads(1)
+            while (i := todo.get()) is not None:
+                try:
+                    done.put((i, list(self.runner.run(units[i], {}, reduce_values)), None))
+                except BaseException as e:  # noqa: BLE001 (raised on the main thread)
+                    done.put((i, None, e))
+
+        workers = min(self._threads, len(units))
+        for _ in range(workers):
+            threading.Thread(target=worker, daemon=True, name="fusionlang-unit").start()
+        held, running, nxt = 0, 0, 0
+        try:
+            with blas_threads(1):
+                while nxt < len(units) or running:
+                    while nxt < len(units) and running < workers and (not running or held + sizes[nxt] <= budget):
+                        todo.put(nxt)
+                        held, running, nxt = held + sizes[nxt], running + 1, nxt + 1
+                    i, values, error = done.get()
+                    held, running = held - sizes[i], running - 1
+                    self._unit = units[i]
+                    if error is not None:
+                        raise error
+                    for nid, value, owned in values:
+                        self._deliver(units[i], nid, value, owned, stat_inputs, sink)
+                    del values
+                    self.stats.side_by_side += 1
+                    if units[i].trim_heap:
+                        trim_heap()
+        finally:
+            for _ in range(workers):
+                todo.put(None)
+            torch.set_num_threads(self._threads)
 
     def _deliver(self, unit: Unit, nid: str, value: torch.Tensor, owned: bool, stat_inputs: dict,
                  sink: OutputSink) -> None:
@@ -287,6 +368,19 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
     if kinds:
         stats.learned = learned_by_output(scheduler.plan)
     return stats
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux: MemAvailable), or 0 when
+    unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def stderr_line(line: str) -> None:

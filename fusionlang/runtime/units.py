@@ -48,6 +48,18 @@ class Phase:
     reduces: list[str]  # reduce nodes computed after every unit, from the units' targets
 
 
+def unit_memory(plan: Plan, unit: Unit) -> int:
+    """Bytes a unit holds while it is computed and its values are handed out: the plan's
+    fp32 live-value peak plus the values it returns (fp32, 4 bytes for one without a
+    shape): an upper bound, op-internal workspace not counted."""
+    return plan.peak_bytes(unit.nodes) + sum(4 * shape_numel(plan.nodes[t].shape or ()) for t in unit.targets)
+
+
+def decomposes(plan: Plan, unit: Unit) -> bool:
+    """Whether the unit computes a matrix decomposition (an op registered `decomposes`)."""
+    return any(OPS.get(plan.nodes[n].op) is not None and OPS[plan.nodes[n].op].decomposes for n in unit.nodes)
+
+
 def closure(plan: Plan, targets, known) -> set[str]:
     """The nodes `targets` need, stopping at the node ids in `known`."""
     need: set[str] = set()

@@ -1,0 +1,135 @@
+"""SciPy's BLAS dsyrk and LAPACK dsyevr / dsyevd, called without holding the GIL.
+
+SciPy's Python wrappers (`scipy.linalg.eigh`, `scipy.linalg.blas.dsyrk`) keep the
+interpreter lock for the whole call, so two threads computing decompositions run one
+after the other. The same routines are exported to C by `scipy.linalg.cython_blas` /
+`cython_lapack` (function pointers in `__pyx_capi__`); called through ctypes, which
+releases the GIL around a foreign call, several units of a plan decompose side by side
+(runtime/scheduler.py). The routines are SciPy's own (its OpenBLAS build): the same
+numbers as its wrappers give.
+
+Arrays are float64 torch tensors on the CPU. LAPACK is column-major: a row-major [p, q]
+tensor is the Fortran q × p matrix of its transpose, and a symmetric matrix is its own
+transpose, so the Fortran upper triangle is the row-major lower one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from .registry import Tensor, torch
+
+_P = ctypes.c_void_p
+_FNS: dict[str, object] = {}
+
+
+def _fn(module: str, name: str, nargs: int):
+    """The C function `name` of scipy.linalg.`module` (all arguments pointers) or None."""
+    f = _FNS.get(name)
+    if f is None and name not in _FNS:
+        try:
+            import importlib
+
+            capsule = importlib.import_module(f"scipy.linalg.{module}").__pyx_capi__[name]
+            api = ctypes.pythonapi
+            api.PyCapsule_GetName.restype = ctypes.c_char_p
+            api.PyCapsule_GetName.argtypes = [ctypes.py_object]
+            api.PyCapsule_GetPointer.restype = ctypes.c_void_p
+            api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+            ptr = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+            f = ctypes.CFUNCTYPE(None, *([_P] * nargs))(ptr)  # NOTE: CFUNCTYPE releases the GIL per call
+        except (ImportError, KeyError, AttributeError, ValueError):
+            f = None
+        _FNS[name] = f
+    return f
+
+
+def available() -> bool:
+    """Whether SciPy's dsyrk, dsyevr and dsyevd can be called here."""
+    return all(_fn(m, n, k) is not None for m, n, k in
+               (("cython_blas", "dsyrk", 10), ("cython_lapack", "dsyevr", 21), ("cython_lapack", "dsyevd", 11)))
+
+
+def _ptr(x) -> ctypes.c_void_p:
+    return ctypes.c_void_p(x.data_ptr())
+
+
+def _ints(*values: int):
+    return [ctypes.c_int(int(v)) for v in values]
+
+
+def _c(s: str) -> ctypes.c_char_p:
+    return ctypes.c_char_p(s.encode())
+
+
+def syrk(a: Tensor) -> Tensor:
+    """G = a·aᵀ ([p, p] float64) for a float64 CPU matrix `a` [p, q], row- or
+    column-major (a transposed view of a contiguous tensor): BLAS dsyrk on `a` as
+    stored, no copy. Only G's row-major lower triangle (LAPACK's upper, `uplo="U"`) is
+    defined, which is what `syevr` / `syevd` read."""
+    p, q = a.shape
+    g = torch.empty(p, p, dtype=torch.float64)
+    if a.T.is_contiguous():  # column-major: Fortran sees a itself, [p, q], lda = p
+        src, trans, lda = a.T, "N", p
+    else:
+        src, trans, lda = a.contiguous(), "T", q  # row-major: Fortran sees aᵀ [q, p]
+    n, k, ld, ldc = _ints(p, q, lda, p)
+    alpha, beta = ctypes.c_double(1.0), ctypes.c_double(0.0)
+    _fn("cython_blas", "dsyrk", 10)(_c("U"), _c(trans), ctypes.byref(n), ctypes.byref(k), ctypes.byref(alpha),
+                                     _ptr(src), ctypes.byref(ld), ctypes.byref(beta), _ptr(g), ctypes.byref(ldc))
+    return g
+
+
+def syevr(g: Tensor, first: int, last: int):
+    """Eigenpairs `first`..`last` (0-based, inclusive, in ascending order) of the
+    symmetric float64 matrix `g` [p, p] (its LAPACK upper triangle, `syrk`'s), by
+    LAPACK dsyevr (MRRR): `(w [m] ascending, z [p, m])`, or None when LAPACK fails
+    (info ≠ 0). `g` is overwritten."""
+    p = g.shape[0]
+    count = last - first + 1
+    w = torch.empty(p, dtype=torch.float64)
+    zt = torch.empty(count, p, dtype=torch.float64)  # Fortran [p, count], ldz = p
+    isuppz = torch.empty(2 * count, dtype=torch.int32)
+    n, lda, il, iu, m, ldz, info = _ints(p, p, first + 1, last + 1, 0, p, 0)
+    vl, vu, abstol = ctypes.c_double(0.0), ctypes.c_double(0.0), ctypes.c_double(0.0)
+    f = _fn("cython_lapack", "dsyevr", 21)
+
+    def call(work, lwork, iwork, liwork) -> None:
+        f(_c("V"), _c("I"), _c("U"), ctypes.byref(n), _ptr(g), ctypes.byref(lda), ctypes.byref(vl), ctypes.byref(vu),
+          ctypes.byref(il), ctypes.byref(iu), ctypes.byref(abstol), ctypes.byref(m), _ptr(w), _ptr(zt),
+          ctypes.byref(ldz), _ptr(isuppz), _ptr(work), ctypes.byref(lwork), _ptr(iwork), ctypes.byref(liwork),
+          ctypes.byref(info))
+
+    return _solve(call, info, lambda: (w[:m.value], zt[:m.value].T) if m.value == count else None)
+
+
+def syevd(g: Tensor):
+    """All eigenpairs of the symmetric float64 matrix `g` [p, p] (its LAPACK upper
+    triangle) by LAPACK dsyevd (divide and conquer): `(w [p] ascending, z [p, p])`, or
+    None when LAPACK fails. `g` is overwritten by the eigenvectors (z is a view of it)."""
+    p = g.shape[0]
+    w = torch.empty(p, dtype=torch.float64)
+    n, lda, info = _ints(p, p, 0)
+    f = _fn("cython_lapack", "dsyevd", 11)
+
+    def call(work, lwork, iwork, liwork) -> None:
+        f(_c("V"), _c("U"), ctypes.byref(n), _ptr(g), ctypes.byref(lda), _ptr(w), _ptr(work), ctypes.byref(lwork),
+          _ptr(iwork), ctypes.byref(liwork), ctypes.byref(info))
+
+    return _solve(call, info, lambda: (w, g.T))
+
+
+def _solve(call, info: ctypes.c_int, result):
+    """A LAPACK driver's workspace query (lwork = liwork = −1), then the call; `result()`
+    when info = 0, else None."""
+    work = torch.empty(1, dtype=torch.float64)
+    iwork = torch.empty(1, dtype=torch.int32)
+    lwork, liwork = _ints(-1, -1)
+    call(work, lwork, iwork, liwork)
+    if info.value != 0:
+        return None
+    lwork, liwork = _ints(int(work[0]) + 1, int(iwork[0]))
+    work = torch.empty(lwork.value, dtype=torch.float64)
+    iwork = torch.empty(max(1, liwork.value), dtype=torch.int32)
+    call(work, lwork, iwork, liwork)
+    return result() if info.value == 0 else None

@@ -1,0 +1,124 @@
+"""Decomposing units side by side (runtime/scheduler.py, "Decomposing phases") and the
+GIL-free LAPACK calls that make it pay (ops/lapack.py).
+
+The LAPACK wrappers are checked against SciPy's own `eigh` and a float64 product; the
+scheduler's side-by-side runs against one-thread runs of the same plans, byte for byte,
+and on a failing unit (NaN input) for the located error and the absence of any output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from conftest import load_state, make_family, run_cli, write_spec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusionlang.ops import lapack
+
+
+@pytest.fixture
+def threads():
+    """Set torch's intra-op threads for one test (some modules leave it at 1)."""
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
+@settings(max_examples=25, deadline=None)
+@given(p=st.integers(1, 40), q=st.integers(1, 40), column_major=st.booleans(), seed=st.integers(0, 2**16))
+def test_lapack_wrappers_match_scipy(p, q, column_major, seed):
+    assert lapack.available()
+    gen = np.random.default_rng(seed)
+    a_np = gen.standard_normal((p, q))
+    a = torch.from_numpy(a_np.copy())
+    if column_major:
+        a = a.T.contiguous().T
+        assert a.T.is_contiguous() and not a.is_contiguous() or p == 1 or q == 1
+    g = lapack.syrk(a)
+    exact = a_np @ a_np.T
+    assert np.abs(np.tril(g.numpy()) - np.tril(exact)).max() <= 1e-12 * max(1.0, np.abs(exact).max())
+    w_ref = scipy.linalg.eigh(exact, eigvals_only=True)
+    w, z = lapack.syevd(g.clone())
+    assert np.abs(w.numpy() - w_ref).max() <= 1e-11 * max(1.0, abs(w_ref).max())
+    assert np.abs(exact @ z.numpy() - z.numpy() * w.numpy()).max() <= 1e-10 * max(1.0, abs(w_ref).max())
+    assert np.abs(z.numpy().T @ z.numpy() - np.eye(p)).max() <= 1e-12
+    first = p // 2
+    w, z = lapack.syevr(g.clone(), first, p - 1)
+    assert w.shape == (p - first,) and z.shape == (p, p - first)
+    assert np.abs(w.numpy() - w_ref[first:]).max() <= 1e-11 * max(1.0, abs(w_ref).max())
+    assert np.abs(exact @ z.numpy() - z.numpy() * w.numpy()).max() <= 1e-10 * max(1.0, abs(w_ref).max())
+
+
+def test_lapack_wrappers_fail_cleanly_on_nan():
+    g = torch.eye(6, dtype=torch.float64)
+    g[2, 2] = float("nan")
+    for result in (lapack.syevd(g.clone()), lapack.syevr(g.clone(), 3, 5)):
+        assert result is None or not bool(torch.isfinite(result[0]).all())
+
+
+MERGES = {"tsv": "task_singular_vector(base, experts)", "iso": "iso_c_merge(base, experts)",
+          "cts": "iso_cts_merge(base, experts)", "ta": "task_arithmetic(base, experts, scale=0.3)"}
+
+
+def _spec(root, fam, out: str):
+    experts = ", ".join(f'local("{fam[k]}")' for k in ("e0", "e1", "e2"))
+    return write_spec(root, f'use merging\nmodel base = local("{fam["base"]}")\nmodels experts = [{experts}]\n'
+                      + "".join(f'merge {n} = {m}\nsave {n} to "{out}/{n}"\n' for n, m in MERGES.items()),
+                      f"{out}.fuse")
+
+
+def test_side_by_side_units_give_the_one_thread_bytes(llama, tmp_path, threads, monkeypatch):
+    """Two threads: the decomposing phase's units run side by side (the run says so) and
+    every output tensor equals the one-thread run's, bit for bit; with
+    FUSIONLANG_PARALLEL_UNITS=0 the same plan runs unit by unit."""
+    threads(1)
+    rc, _, err = run_cli("run", str(_spec(tmp_path, llama, "one")))
+    assert rc == 0, err
+    assert "side by side" not in err
+    threads(2)
+    rc, _, err = run_cli("run", str(_spec(tmp_path, llama, "two")))
+    assert rc == 0, err
+    units = 4 * 9 + 3  # per layer q, k, v, o, gate, up, down and two norms; embeddings, head, final norm
+    assert f"{units} units computed side by side on 2 threads" in " ".join(err.split())
+    for name in MERGES:
+        one, two = load_state(tmp_path / "one" / name), load_state(tmp_path / "two" / name)
+        assert one.keys() == two.keys()
+        for k in one:
+            assert torch.equal(one[k], two[k]), (name, k)
+    monkeypatch.setenv("FUSIONLANG_PARALLEL_UNITS", "0")
+    rc, _, err = run_cli("run", str(_spec(tmp_path, llama, "serial")))
+    assert rc == 0, err
+    assert "side by side" not in err
+
+
+def _poison(model_dir, tensor: str) -> None:
+    """Write NaN into the first value of `tensor` (float32) in the model's safetensors file."""
+    path = model_dir / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    start = 8 + n + json.loads(raw[8:8 + n])[tensor]["data_offsets"][0]
+    raw[start:start + 4] = struct.pack("<f", float("nan"))
+    path.write_bytes(bytes(raw))
+
+
+def test_a_failing_unit_side_by_side_is_located_and_leaves_nothing(tmp_path, threads):
+    fam = make_family(tmp_path / "fam", "llama", n_experts=3, seed=4)
+    _poison(fam["e1"], "model.layers.2.mlp.up_proj.weight")
+    threads(2)
+    spec = _spec(tmp_path, fam, "out")
+    rc, _, err = run_cli("run", str(spec), "-q")
+    assert rc == 1
+    col = spec.read_text().splitlines()[2].index(f'local("{fam["e1"]}")') + 1
+    assert f"{spec}:3:{col}: error[E031]: input model 'experts[1]' has 1 non-finite value" in err, err
+    assert "in tensor 'model.layers.2.mlp.up_proj.weight'" in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fam", "out.fuse"]
+    shutil.rmtree(tmp_path / "fam")
