@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from conftest import make_causal_family, make_family, run_cli, write_spec
 from safetensors.torch import save_file
 
@@ -144,13 +145,21 @@ save rm to "OUT/rm"
 save w to "OUT/w"
 '''
     outs = {}
-    for name, extra in (("local", ()), ("ray", ("--executor", "ray"))):
-        monkeypatch.setenv("FUSIONLANG_CACHE", str(tmp_path / f"cache-{name}"))  # each computes its stages
-        spec = write_spec(tmp_path, body.replace("OUT", name), f"{name}.fuse")
-        rc, _, err = run_cli("run", str(spec), *extra)
-        assert rc == 0, err
-        outs[name] = err
-        assert list((tmp_path / f"cache-{name}" / "stages").glob("*.safetensors"))
+    # NOTE: a forward pass's float32 sums split over threads: a stage is the same bytes at
+    # the same thread count. The three stages share this 2-CPU instance one thread each,
+    # so the local run computes them with one thread too (docs/cluster.md).
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, extra in (("local", ()), ("ray", ("--executor", "ray"))):
+            monkeypatch.setenv("FUSIONLANG_CACHE", str(tmp_path / f"cache-{name}"))  # each computes its stages
+            spec = write_spec(tmp_path, body.replace("OUT", name), f"{name}.fuse")
+            rc, _, err = run_cli("run", str(spec), *extra)
+            assert rc == 0, err
+            outs[name] = err
+            assert list((tmp_path / f"cache-{name}" / "stages").glob("*.safetensors"))
+    finally:
+        torch.set_num_threads(old_threads)
     assert "model stages as Ray tasks" in outs["ray"]
     for o in ("rm", "w"):
         assert _files(tmp_path / "local" / o) == _files(tmp_path / "ray" / o), o
