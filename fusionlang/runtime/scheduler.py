@@ -19,8 +19,8 @@ memory-bound level-2 BLAS and gain little from a second thread (a 1536 × 4096 T
 unit: 5.7 s on one thread, 4.0 s on two). A phase whose units compute a matrix
 decomposition (ops registered `decomposes`) and share no values therefore runs its
 units side by side, one thread each, as many at once as the run has threads and their
-memory estimates (`units.unit_memory`) fit in `PARALLEL_MEMORY_SHARE` of the memory
-available; the main thread hands each finished unit's values to the sink. Each unit is
+memory estimates (`units.unit_memory`, times DECOMPOSITION_WORKSPACE) fit in
+`PARALLEL_MEMORY_SHARE` of the memory available; the main thread hands each finished unit's values to the sink. Each unit is
 the same function of its inputs, so the bytes are those of a one-thread run.
 `FUSIONLANG_PARALLEL_UNITS=0` turns this off (A/B timing).
 """
@@ -63,8 +63,11 @@ class RunStats:
 BACKGROUND_STAGES = {"router"}
 
 # Decomposing units side by side: at most this share of the memory available at the
-# phase's start held by their estimates at once (one unit always runs).
+# phase's start held by their estimates at once (one unit always runs), each unit's fp32
+# estimate times DECOMPOSITION_WORKSPACE (float64 copies and factors inside the op: a
+# 1536 x 4096 TSV-M unit of 4 task vectors holds ~2.2x its estimate).
 PARALLEL_MEMORY_SHARE = 0.5
+DECOMPOSITION_WORKSPACE = 3
 
 
 class Background:
@@ -218,7 +221,7 @@ class LocalScheduler:
         from ..ops.gram import blas_threads
 
         units = phase.units
-        sizes = [unit_memory(self.plan, u) for u in units]
+        sizes = [unit_memory(self.plan, u) * (DECOMPOSITION_WORKSPACE if decomposes(self.plan, u) else 1) for u in units]
         budget = max(max(sizes), int(PARALLEL_MEMORY_SHARE * available_memory()))
         todo: queue.Queue = queue.Queue()
         done: queue.Queue = queue.Queue()
