@@ -114,8 +114,8 @@ def run_batch(plan_box: list, env: dict, device: str, phase: int, indices: list[
                 if nid in unit.exports:
                     shared[nid] = value
                     exports[nid] = value.cpu()
-                if nid in unit.writes or nid not in unit.exports:
-                    results.append((i, nid, value.cpu()))
+                if nid in unit.writes or nid not in unit.exports:  # a FileSpans copy: by reference
+                    results.append((i, nid, value.cpu() if isinstance(value, torch.Tensor) else value))
         except BaseException as e:
             e.fusionlang_group = unit.group
             raise

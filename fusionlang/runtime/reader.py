@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -51,6 +52,21 @@ class MappedFile:
         return t.view(info["shape"])
 
 
+@dataclass(frozen=True)
+class FileSpans:
+    """A value that is, byte for byte, the concatenation of ranges of input files
+    `(path, offset, nbytes)`, of shape `shape`: a unit that copies input tensors
+    unchanged (`runner.Runner._copy`) hands the sink these instead of the bytes, and the
+    sink copies them file to file in the kernel (`sinks.copy_spans`)."""
+
+    spans: tuple[tuple[str, int, int], ...]
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, _, n in self.spans)
+
+
 class TensorReader:
     """The input tensors of a plan, by reference (source key, tensor name, row block):
     files are mapped on first use and kept open for the run; `bytes_read` counts the
@@ -65,10 +81,10 @@ class TensorReader:
         self.bytes_read = 0
         self._lock = threading.Lock()  # units computed side by side share the reader
 
-    def view(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def view(self, source: str, tensor: str, rows: tuple[int, int] | None = None, count: bool = True) -> torch.Tensor:
         """The stored tensor (or rows [rows[0], rows[1]) of it) as a read-only view of the
-        mapped file, in its stored dtype. Raises RunError (E011) when the file cannot be
-        read or no longer holds the tensor."""
+        mapped file, in its stored dtype (`count`: add its bytes to `bytes_read`). Raises
+        RunError (E011) when the file cannot be read or no longer holds the tensor."""
         src = self.plan.sources[source]
         _, _, file = src.tensors[tensor]
         with self._lock:
@@ -86,9 +102,22 @@ class TensorReader:
                            "the file is corrupt or changed since compile; re-run compile") from None
         if rows is not None:
             t = t[rows[0]:rows[1]]
-        with self._lock:
-            self.bytes_read += t.numel() * t.element_size()
+        if count:
+            with self._lock:
+                self.bytes_read += t.numel() * t.element_size()
         return t
+
+    def span(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> tuple[str, int, int]:
+        """(file, offset, nbytes) of the stored tensor (or its rows) in its safetensors
+        file (not counted as read: the caller reads it, or `view`s it). Raises RunError
+        as `view`."""
+        t = self.view(source, tensor, rows, count=False)
+        file = self.plan.sources[source].tensors[tensor][2]
+        h = self._files[file]
+        offset = h.start + h.header[tensor]["data_offsets"][0]
+        if rows is not None and t.dim():
+            offset += rows[0] * (t.numel() // max(1, t.shape[0])) * t.element_size()
+        return file, offset, t.numel() * t.element_size()
 
     def load(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor as a private float32 buffer on the run's device (ops may update it in place)."""

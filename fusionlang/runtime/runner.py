@@ -17,7 +17,7 @@ import torch
 from ..ops import OPS, sparsify
 from ..plan.graph import Plan, shape_numel
 from .errors import BadValue, RunError
-from .reader import TORCH_DTYPES, TensorReader
+from .reader import TORCH_DTYPES, FileSpans, TensorReader
 from .units import Unit, closure, refcounts
 
 # Tiled execution: elements per tile (fp32: 256 KiB per value, a few live at once fit
@@ -141,7 +141,11 @@ class Runner:
         on disk (a rule `=> base`, a `slices` layer, a MoE expert), or of `stack_experts`
         over such loads (a fused MoE layer), as one copy of their bytes: no float32 round
         trip, which gives the same bits at three times the memory traffic. None for any
-        other unit. Raises BadValue as the cast would."""
+        other unit. Raises BadValue as the cast would.
+
+        On the CPU the value is a `FileSpans` (the input files' byte ranges, checked
+        finite in place), which the sink copies file to file; `FUSIONLANG_FILE_COPY=0`
+        makes it a tensor as on other devices (the same bytes)."""
         if self.device.type != "cpu" or len(unit.targets) != 1 or unit.targets[0] != unit.nodes[-1]:
             return None
         nodes = [self.plan.nodes[n] for n in unit.nodes]
@@ -159,6 +163,16 @@ class Runner:
                  for nid, n in zip(unit.nodes, loads)}
         if any(v.dtype != dtype or v.itemsize == 1 for v in views.values()):
             return None  # a real cast (or fp8, whose range check needs the float32 values)
+        order = list(stack.inputs) if stack is not None else [unit.nodes[0]]
+        if os.environ.get("FUSIONLANG_FILE_COPY") != "0" and all(views[i].is_contiguous() for i in order):
+            # NOTE: the experts' parts concatenated along rows and stacked on a new first
+            # axis are their bytes one after the other: the sink copies the file ranges
+            for i in order:
+                check_cast(unit.nodes[-1], views[i], views[i])
+            by_id = dict(zip(unit.nodes, loads))
+            spans = tuple(self.reader.span(by_id[i].param("source"), by_id[i].param("tensor"), by_id[i].param("rows"))
+                          for i in order)
+            return unit.nodes[-1], FileSpans(spans, tuple(cast.shape or ())), True
         value = (OPS["stack_experts"].fn([views[i] for i in stack.inputs], **op_kwargs(stack)) if stack is not None
                  else next(iter(views.values())).clone())
         check_cast(unit.nodes[-1], value, value)

@@ -4,6 +4,7 @@ computed, and the commit that moves every finished output into place, all or non
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -17,6 +18,7 @@ from ..plan.graph import OutputSpec, Plan
 from .errors import RunError
 from .model_files import finish_output
 from .outputs import RunLock, check_paths, clean_leftovers, shown
+from .reader import FileSpans
 from .sources import DTYPE_SIZES
 
 DEFAULT_SHARD_BYTES = 4 * 1024**3
@@ -124,6 +126,15 @@ class ShardWriter:
         value the caller hands over (`owned`: nothing will write into its memory again)
         is written in the background; any other is written before this returns."""
         si, off, n = self.where[tensor]
+        if isinstance(value, FileSpans):
+            nbytes = value.nbytes
+            if first_row:
+                off += first_row * (nbytes // value.shape[0])
+            assert nbytes <= n, f"{tensor}: {nbytes} bytes, header says {n}"
+            # NOTE: no memory is held while it waits: queued without counting its bytes
+            self.queue.submit(functools.partial(copy_spans, value.spans, self.fds[si], off), 0,
+                              self.dir / self.names[si])
+            return nbytes
         data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         if first_row:
             off += first_row * (data.nbytes // value.shape[0])
@@ -145,6 +156,52 @@ class ShardWriter:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+
+COPY_CHUNK = 8 << 20  # bytes per read/write where the kernel cannot copy file to file
+
+
+def copy_spans(spans, fd: int, off: int) -> None:
+    """Write the input file ranges `spans` [(path, offset, nbytes)], one after the other,
+    into `fd` from offset `off`: `os.copy_file_range` (the kernel copies page cache to
+    page cache, or shares the blocks on file systems that can), else — other systems,
+    or file systems that refuse it (EXDEV, EOPNOTSUPP, ...) — reads and writes of
+    COPY_CHUNK bytes. Raises RunError (E011) for an input that cannot be opened or ends
+    early, OSError for a failed write (a full disk)."""
+    fast = hasattr(os, "copy_file_range")
+    for path, start, n in spans:
+        try:
+            src = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise RunError(f"cannot read '{path}': {e.strerror or e}",
+                           "the model file changed or is corrupt; re-run compile", "E011") from None
+        try:
+            done = 0
+            while done < n and fast:
+                try:
+                    step = os.copy_file_range(src, fd, n - done, start + done, off + done)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                        raise
+                    fast = False
+                    break
+                if step == 0:
+                    raise _ended(path, start + n)
+                done += step
+            while done < n:
+                data = os.pread(src, min(COPY_CHUNK, n - done), start + done)
+                if not data:
+                    raise _ended(path, start + n)
+                _pwrite_all(fd, data, off + done)
+                done += len(data)
+        finally:
+            os.close(src)
+        off += n
+
+
+def _ended(path: str, end: int) -> RunError:
+    return RunError(f"cannot read '{path}': it ends before byte {end}",
+                    "the model file changed or is corrupt; re-run compile", "E011")
 
 
 def _pwrite_all(fd: int, data, off: int) -> None:
