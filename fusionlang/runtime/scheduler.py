@@ -356,7 +356,9 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
     if kinds:
         from ..stages.run import learned_by_output, run_stages
 
-        if kinds <= BACKGROUND_STAGES:
+        # NOTE: seeded random routers read no model: drawn here, no process to start
+        drawn = all(s.stage.get("reads_weights", True) is False for s in plan.sources.values() if s.stage)
+        if kinds <= BACKGROUND_STAGES and not drawn:
             from ..stages.process import process_runner
 
             dev = pick_device(device)
