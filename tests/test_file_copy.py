@@ -99,3 +99,29 @@ def test_file_copies_equal_memory_copies_with_and_without_copy_file_range(llama,
             assert torch.equal(v, e1[k]), k
         elif "norm" in k:
             assert torch.equal(v, base[k]), k
+
+
+def test_row_blocks_of_a_copied_tensor_land_at_their_rows(llama, tmp_path):
+    """A plan split into row blocks (the split pass, tiny blocks): each block of a copied
+    tensor is its own file range, written at its first row."""
+    from fusionlang.lang.checker import check_file
+    from fusionlang.passes import cse, dce, fold, schedule
+    from fusionlang.passes.split import split
+    from fusionlang.plan.lower import Lowerer
+    from fusionlang.runtime.scheduler import run_plan
+
+    spec = write_spec(tmp_path, f'''use merging
+model base = local("{llama['base']}")
+models experts = [local("{llama['e0']}"), local("{llama['e1']}")]
+merge m = linear(experts, weights=[0.5, 0.5]) {{
+    "model.embed_tokens.weight" => experts[1]
+    "lm_head.weight" => base
+}}
+save m to "blocks"
+''')
+    plan = split(dce(cse(fold(Lowerer(check_file(str(spec))).lower()))), block_elements=200)
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(plan.outputs["m"].blocks)
+    run_plan(schedule(plan), "cpu")
+    out = load_state(tmp_path / "blocks")
+    assert torch.equal(out["model.embed_tokens.weight"], load_state(llama["e1"])["model.embed_tokens.weight"])
+    assert torch.equal(out["lm_head.weight"], load_state(llama["base"])["lm_head.weight"])

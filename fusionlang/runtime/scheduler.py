@@ -20,9 +20,10 @@ unit: 5.7 s on one thread, 4.0 s on two). A phase whose units compute a matrix
 decomposition (ops registered `decomposes`) and share no values therefore runs its
 units side by side, one thread each, as many at once as the run has threads and their
 memory estimates (`units.unit_memory`, times DECOMPOSITION_WORKSPACE) fit in
-`PARALLEL_MEMORY_SHARE` of the memory available; the main thread hands each finished unit's values to the sink. Each unit is
-the same function of its inputs, so the bytes are those of a one-thread run.
-`FUSIONLANG_PARALLEL_UNITS=0` turns this off (A/B timing).
+`PARALLEL_MEMORY_SHARE` of the memory available; the main thread hands each finished
+unit's values to the sink. Each unit is the same function of its inputs, so the bytes
+are those of a one-thread run. `FUSIONLANG_PARALLEL_UNITS=0` turns this off (A/B
+timing).
 """
 
 from __future__ import annotations
