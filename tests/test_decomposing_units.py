@@ -63,8 +63,12 @@ def test_lapack_wrappers_fail_cleanly_on_nan():
         assert result is None or not bool(torch.isfinite(result[0]).all())
 
 
-MERGES = {"tsv": "task_singular_vector(base, experts)", "iso": "iso_c_merge(base, experts)",
-          "cts": "iso_cts_merge(base, experts)", "ta": "task_arithmetic(base, experts, scale=0.3)"}
+# `cp` copies the base: each of its tensors is a cast of the base's load in the unit that
+# also adds the merged task vectors to that load (a value handed out before the last use
+# of the buffer it shares)
+MERGES = {"cp": "slices([layers(base, 0, 4)])", "tsv": "task_singular_vector(base, experts)",
+          "iso": "iso_c_merge(base, experts)", "cts": "iso_cts_merge(base, experts)",
+          "ta": "task_arithmetic(base, experts, scale=0.3)"}
 
 
 def _spec(root, fam, out: str):
@@ -92,6 +96,9 @@ def test_side_by_side_units_give_the_one_thread_bytes(llama, tmp_path, threads, 
         assert one.keys() == two.keys()
         for k in one:
             assert torch.equal(one[k], two[k]), (name, k)
+    base = load_state(llama["base"])
+    assert load_state(tmp_path / "two" / "cp").keys() == base.keys()
+    assert all(torch.equal(v, base[k]) for k, v in load_state(tmp_path / "two" / "cp").items())
     monkeypatch.setenv("FUSIONLANG_PARALLEL_UNITS", "0")
     rc, _, err = run_cli("run", str(_spec(tmp_path, llama, "serial")))
     assert rc == 0, err

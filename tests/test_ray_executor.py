@@ -45,12 +45,14 @@ merge d = dare(base, experts, density=0.5, consensus=true, seed=7)
 merge o = opcm(base, experts, alpha=0.5)
 merge s = slerp(experts[0], experts[1], t=[0.0, 0.5, 1.0])
 merge p = slices([layers(base, 0, 2), layers(experts[0], 1, 2)])
+merge v = task_singular_vector(base, experts)
 save t to "OUT/t"
 save g to "OUT/g" as bf16
 save d to "OUT/d"
 save o to "OUT/o"
 save s to "OUT/s" as fp16
 save p to "OUT/p"
+save v to "OUT/v"
 '''
 
 
@@ -85,7 +87,7 @@ def test_every_kind_of_unit_gives_the_local_bytes(local_ray, fam):
     phases = plan_phases(compile_spec(str(root / "ray.fuse"))[2])
     assert len(phases) >= 2 and any(p.reduces for p in phases)
     assert any(u.exports for p in phases for u in p.units)
-    for out in ("t", "g", "d", "o", "s", "p"):
+    for out in ("t", "g", "d", "o", "s", "p", "v"):
         local, remote = _files(root / "local" / out), _files(root / "ray" / out)
         assert local.keys() == remote.keys() and local, out
         for name in local:
@@ -194,7 +196,7 @@ def test_the_cli_runs_ray_in_a_fresh_process(fam, tmp_path):
     r = subprocess.run([sys.executable, "-m", "fusionlang", "run", str(spec), "--executor", "ray"], check=False,
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "fresh.fuse: 143/143 written (100%)" in r.stdout + r.stderr and "Traceback" not in r.stderr
+    assert "fresh.fuse: 164/164 written (100%)" in r.stdout + r.stderr and "Traceback" not in r.stderr
     assert _files(_local(root) / "t") == _files(root / "fresh" / "t")
 
 
@@ -205,8 +207,8 @@ def test_the_python_api_runs_on_ray(local_ray, fam):
     _local(root)
     spec = write_spec(root, SPEC.replace("OUT", "api"), "api.fuse")
     result = fusionlang.run(spec, executor="ray", progress=False)
-    assert set(result.outputs) == {"t", "g", "d", "o", "s", "p"}
-    for out in ("t", "g", "o"):
+    assert set(result.outputs) == {"t", "g", "d", "o", "s", "p", "v"}
+    for out in ("t", "g", "o", "v"):
         assert _files(root / "local" / out) == _files(root / "api" / out)
     for bad in ({"executor": "dask"}, {"address": "localhost:6379"}):
         with pytest.raises(fusionlang.FuseErrors) as e:

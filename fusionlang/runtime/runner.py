@@ -127,6 +127,12 @@ class Runner:
             donate = first is not None and first in vals and rc.get(first, 0) == 1 and first not in keep \
                 and n.inputs.count(first) == 1
             vals[nid] = self.apply(nid, args, donate)
+            if nid in keep:
+                # NOTE: a target may share its buffer with another value (a cast to the
+                # dtype its input has returns that input): that value is kept too, so no
+                # later op donates (updates in place) what was handed out
+                ptr = vals[nid].untyped_storage().data_ptr()
+                keep.update(i for i, v in vals.items() if v.untyped_storage().data_ptr() == ptr)
             for i in n.inputs:
                 if i in rc:
                     rc[i] -= 1

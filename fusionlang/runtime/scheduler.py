@@ -217,8 +217,8 @@ class LocalScheduler:
         """Compute the phase's units on `self._threads` worker threads of one intra-op
         thread each (BLAS too), admitted in order while their memory estimates fit the
         budget; deliver each unit's values on this thread as it finishes. A failed unit
-        stops the admissions and its error is raised here (workers still computing
-        finish their unit and exit; their results are dropped)."""
+        stops the admissions and its error is raised here once the workers still
+        computing have finished their unit (their results are dropped)."""
         from ..ops.gram import blas_threads
 
         units = phase.units
@@ -236,8 +236,9 @@ class LocalScheduler:
                     done.put((i, None, e))
 
         workers = min(self._threads, len(units))
-        for _ in range(workers):
-            threading.Thread(target=worker, daemon=True, name="fusionlang-unit").start()
+        threads = [threading.Thread(target=worker, daemon=True, name="fusionlang-unit") for _ in range(workers)]
+        for t in threads:
+            t.start()
         held, running, nxt = 0, 0, 0
         try:
             with blas_threads(1):
@@ -259,6 +260,10 @@ class LocalScheduler:
         finally:
             for _ in range(workers):
                 todo.put(None)
+            # NOTE: after a failure the others finish their unit first: a process that
+            # exits while a thread is inside torch's C++ code aborts ("terminate called")
+            for t in threads:
+                t.join()
             torch.set_num_threads(self._threads)
 
     def _deliver(self, unit: Unit, nid: str, value: torch.Tensor, owned: bool, stat_inputs: dict,
