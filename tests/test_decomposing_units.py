@@ -56,6 +56,17 @@ def test_lapack_wrappers_match_scipy(p, q, column_major, seed):
     assert np.abs(exact @ z.numpy() - z.numpy() * w.numpy()).max() <= 1e-10 * max(1.0, abs(w_ref).max())
 
 
+def test_lapack_wrappers_take_empty_matrices_and_refuse_other_dtypes():
+    assert lapack.syrk(torch.zeros(0, 3, dtype=torch.float64)).shape == (0, 0)
+    assert lapack.syrk(torch.zeros(2, 0, dtype=torch.float64)).abs().sum() == 0
+    w, z = lapack.syevd(torch.zeros(0, 0, dtype=torch.float64))
+    assert w.shape == (0,) and z.shape == (0, 0)
+    with pytest.raises(ValueError, match="float64"):
+        lapack.syrk(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="eigenpairs 2..3"):
+        lapack.syevr(torch.eye(3, dtype=torch.float64), 2, 3)
+
+
 def test_lapack_wrappers_fail_cleanly_on_nan():
     g = torch.eye(6, dtype=torch.float64)
     g[2, 2] = float("nan")
@@ -103,6 +114,34 @@ def test_side_by_side_units_give_the_one_thread_bytes(llama, tmp_path, threads, 
     rc, _, err = run_cli("run", str(_spec(tmp_path, llama, "serial")))
     assert rc == 0, err
     assert "side by side" not in err
+    # decompositions compute on one thread wherever they run: two threads one unit at a
+    # time give the same bytes too
+    for name in MERGES:
+        one, serial = load_state(tmp_path / "one" / name), load_state(tmp_path / "serial" / name)
+        assert all(torch.equal(one[k], serial[k]) for k in one), name
+
+
+def test_a_value_handed_out_is_never_updated_in_place(llama, tmp_path, threads, monkeypatch):
+    """`karcher` of one model returns that model's buffer, and the unit then adds the base
+    to it in place; the copy `cp` of the base, handed out before, must not change (the
+    units run side by side, whose values are collected before they are written)."""
+    threads(2)
+    body = (f'use merging\nmodel base = local("{llama["base"]}")\n'
+            f'models experts = [local("{llama["e0"]}"), local("{llama["e1"]}")]\n'
+            'merge cp = base\nmerge k = karcher([base]) + base\nmerge tsv = task_singular_vector(base, experts)\n')
+    for out in ("side", "serial"):
+        if out == "serial":
+            monkeypatch.setenv("FUSIONLANG_PARALLEL_UNITS", "0")
+        spec = write_spec(tmp_path, body + "".join(f'save {n} to "{out}/{n}"\n' for n in ("cp", "k", "tsv")),
+                          f"{out}.fuse")
+        rc, _, err = run_cli("run", str(spec))
+        assert rc == 0, err
+        assert ("side by side" in err) == (out == "side")
+    base = load_state(llama["base"])
+    for out in ("side", "serial"):
+        cp, k = load_state(tmp_path / out / "cp"), load_state(tmp_path / out / "k")
+        assert all(torch.equal(v, base[key]) for key, v in cp.items()), out
+        assert all(torch.equal(v, 2 * base[key]) for key, v in k.items() if v.is_floating_point()), out
 
 
 def _poison(model_dir, tensor: str) -> None:

@@ -125,3 +125,25 @@ save m to "blocks"
     out = load_state(tmp_path / "blocks")
     assert torch.equal(out["model.embed_tokens.weight"], load_state(llama["e1"])["model.embed_tokens.weight"])
     assert torch.equal(out["lm_head.weight"], load_state(llama["base"])["lm_head.weight"])
+
+
+def test_an_input_that_cannot_be_read_is_e011_naming_the_file(tmp_path):
+    import pytest
+
+    from fusionlang.runtime.errors import RunError
+    from fusionlang.runtime.sinks import copy_spans
+
+    src = tmp_path / "in.bin"
+    src.write_bytes(bytes(range(256)) * 4)
+    dst = os.open(tmp_path / "out.bin", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        copy_spans([(str(src), 1000, 24), (str(src), 16, 8)], dst, 0)
+        assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()[1000:1024] + src.read_bytes()[16:24]
+        with pytest.raises(RunError) as e:
+            copy_spans([(str(src), 1000, 100)], dst, 0)
+        assert e.value.code == "E011" and f"cannot read '{src}': it ends before byte 1100" in e.value.message
+        with pytest.raises(RunError) as e:
+            copy_spans([(str(tmp_path / "gone.bin"), 0, 8)], dst, 0)
+        assert e.value.code == "E011" and "gone.bin" in e.value.message
+    finally:
+        os.close(dst)

@@ -64,8 +64,10 @@ def gram_eigh(a: Tensor, count: int):
     stored, row- or column-major: no copy), then LAPACK syevr for `count` < p pairs or
     syevd for all; otherwise torch (a·aᵀ and torch.linalg.eigh)."""
     p = a.shape[0]
-    blas = _blas() if a.device.type == "cpu" else None
+    blas = _blas() if a.device.type == "cpu" and a.dtype == torch.float64 else None
     if blas is not None:
+        if not (a.is_contiguous() or a.T.is_contiguous()):
+            a = a.contiguous()
         with blas.limit(limits=torch.get_num_threads(), user_api="blas"):
             g = syrk(a)
             eig = syevr(g, p - count, p - 1) if count < p else syevd(g)

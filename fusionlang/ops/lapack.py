@@ -31,12 +31,11 @@ def _fn(module: str, name: str, nargs: int):
             import importlib
 
             capsule = importlib.import_module(f"scipy.linalg.{module}").__pyx_capi__[name]
-            api = ctypes.pythonapi
-            api.PyCapsule_GetName.restype = ctypes.c_char_p
-            api.PyCapsule_GetName.argtypes = [ctypes.py_object]
-            api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-            api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-            ptr = api.PyCapsule_GetPointer(capsule, api.PyCapsule_GetName(capsule))
+            # NOTE: private prototypes: ctypes.pythonapi's own attributes are process-wide
+            get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+            get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+                ("PyCapsule_GetPointer", ctypes.pythonapi))
+            ptr = get_pointer(capsule, get_name(capsule))
             f = ctypes.CFUNCTYPE(None, *([_P] * nargs))(ptr)  # NOTE: CFUNCTYPE releases the GIL per call
         except (ImportError, KeyError, AttributeError, ValueError):
             f = None
@@ -48,6 +47,14 @@ def available() -> bool:
     """Whether SciPy's dsyrk, dsyevr and dsyevd can be called here."""
     return all(_fn(m, n, k) is not None for m, n, k in
                (("cython_blas", "dsyrk", 10), ("cython_lapack", "dsyevr", 21), ("cython_lapack", "dsyevd", 11)))
+
+
+def _check(a: Tensor) -> None:
+    """Raise ValueError unless `a` is a float64 CPU matrix these routines can read as is."""
+    if a.dtype != torch.float64 or a.device.type != "cpu" or a.dim() != 2:
+        raise ValueError(f"a float64 CPU matrix is needed, not {a.dtype} {tuple(a.shape)} on {a.device}")
+    if not (a.is_contiguous() or a.T.is_contiguous()):
+        raise ValueError("a row- or column-major matrix is needed (a contiguous tensor or its transpose)")
 
 
 def _ptr(x) -> ctypes.c_void_p:
@@ -67,8 +74,11 @@ def syrk(a: Tensor) -> Tensor:
     column-major (a transposed view of a contiguous tensor): BLAS dsyrk on `a` as
     stored, no copy. Only G's row-major lower triangle (LAPACK's upper, `uplo="U"`) is
     defined, which is what `syevr` / `syevd` read."""
+    _check(a)
     p, q = a.shape
     g = torch.empty(p, p, dtype=torch.float64)
+    if p == 0 or q == 0:
+        return g.zero_()
     if a.T.is_contiguous():  # column-major: Fortran sees a itself, [p, q], lda = p
         src, trans, lda = a.T, "N", p
     else:
@@ -85,8 +95,11 @@ def syevr(g: Tensor, first: int, last: int):
     symmetric float64 matrix `g` [p, p] (its LAPACK upper triangle, `syrk`'s), by
     LAPACK dsyevr (MRRR): `(w [m] ascending, z [p, m])`, or None when LAPACK fails
     (info ≠ 0). `g` is overwritten."""
+    _check(g)
     p = g.shape[0]
     count = last - first + 1
+    if not 0 <= first <= last < p:
+        raise ValueError(f"eigenpairs {first}..{last} of a {p} x {p} matrix")
     w = torch.empty(p, dtype=torch.float64)
     zt = torch.empty(count, p, dtype=torch.float64)  # Fortran [p, count], ldz = p
     isuppz = torch.empty(2 * count, dtype=torch.int32)
@@ -107,7 +120,10 @@ def syevd(g: Tensor):
     """All eigenpairs of the symmetric float64 matrix `g` [p, p] (its LAPACK upper
     triangle) by LAPACK dsyevd (divide and conquer): `(w [p] ascending, z [p, p])`, or
     None when LAPACK fails. `g` is overwritten by the eigenvectors (z is a view of it)."""
+    _check(g)
     p = g.shape[0]
+    if p == 0:
+        return torch.empty(0, dtype=torch.float64), torch.empty(0, 0, dtype=torch.float64)
     w = torch.empty(p, dtype=torch.float64)
     n, lda, info = _ints(p, p, 0)
     f = _fn("cython_lapack", "dsyevd", 11)

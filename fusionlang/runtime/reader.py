@@ -95,11 +95,11 @@ class TensorReader:
                 except (OSError, ValueError, json.JSONDecodeError) as e:
                     raise RunError(f"cannot read '{file}': {e}", "the model file changed or is corrupt; re-run compile") from None
                 self._files[file] = h
-        try:
-            t = h.tensor(tensor)
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise RunError(f"cannot read tensor '{tensor}' from '{file}': {e}",
-                           "the file is corrupt or changed since compile; re-run compile") from None
+            try:
+                t = h.tensor(tensor)  # NOTE: under the lock: its warnings filter is not thread-safe
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise RunError(f"cannot read tensor '{tensor}' from '{file}': {e}",
+                               "the file is corrupt or changed since compile; re-run compile") from None
         if rows is not None:
             t = t[rows[0]:rows[1]]
         if count:

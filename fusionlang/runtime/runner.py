@@ -48,6 +48,27 @@ def check_cast(node: str, value: torch.Tensor, source: torch.Tensor) -> None:
         raise BadValue(node, value, source)
 
 
+def _one_thread(fn, args: list, kwargs: dict):
+    """`fn(*args, **kwargs)` with one intra-op thread (BLAS too: ops.gram limits it to
+    torch's count). A decomposition is computed on one thread wherever it runs, serially,
+    side by side (scheduler "Decomposing phases") or on a Ray worker, so its bytes do not
+    depend on the thread count: LAPACK's float32 SVD differs in the last bits between one
+    and two threads."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return fn(*args, **kwargs)
+    torch.set_num_threads(1)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _buffer(t: torch.Tensor) -> int:
+    """The address of the memory a tensor's storage starts at (views share it)."""
+    return t.untyped_storage().data_ptr()
+
+
 def op_kwargs(n) -> dict:
     """A plan node's parameters as keyword arguments of its op (lists are stored as tuples)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.params}
@@ -95,6 +116,8 @@ class Runner:
         if o.inplace:
             kwargs["_inplace"] = donate
         try:
+            if o.decomposes and self.device.type == "cpu":
+                return _one_thread(o.fn, call_args, kwargs)
             return o.fn(*call_args, **kwargs)
         except RunError as e:
             if e.at is None and getattr(e, "node", None) is None:
@@ -119,26 +142,26 @@ class Runner:
         nodes = unit.nodes
         rc = refcounts(plan, nodes, set(nodes))
         keep = set(unit.targets)
+        handed: set[int] = set()  # buffers of the values yielded so far
         vals: dict[str, torch.Tensor] = {}
         for nid in nodes:
             n = plan.nodes[nid]
             args = [vals[i] if i in vals else shared[i] if i in shared else reduce_values[i] for i in n.inputs]
             first = n.inputs[0] if n.inputs else None
+            # NOTE: a value shares a yielded target's buffer when an op returned its input
+            # (a cast to the dtype it has, karcher of one model, trim at density 1): no op
+            # may update it in place afterwards, whichever node holds it (callers that
+            # collect a unit's values, Ray's and side-by-side units, read them later)
             donate = first is not None and first in vals and rc.get(first, 0) == 1 and first not in keep \
-                and n.inputs.count(first) == 1
+                and n.inputs.count(first) == 1 and _buffer(vals[first]) not in handed
             vals[nid] = self.apply(nid, args, donate)
-            if nid in keep:
-                # NOTE: a target may share its buffer with another value (a cast to the
-                # dtype its input has returns that input): that value is kept too, so no
-                # later op donates (updates in place) what was handed out
-                ptr = vals[nid].untyped_storage().data_ptr()
-                keep.update(i for i, v in vals.items() if v.untyped_storage().data_ptr() == ptr)
             for i in n.inputs:
                 if i in rc:
                     rc[i] -= 1
                     if rc[i] == 0 and i not in keep:
                         vals.pop(i, None)
             if nid in keep:
+                handed.add(_buffer(vals[nid]))
                 yield nid, vals[nid], False
         vals.clear()
 
@@ -152,7 +175,8 @@ class Runner:
         On the CPU the value is a `FileSpans` (the input files' byte ranges, checked
         finite in place), which the sink copies file to file; `FUSIONLANG_FILE_COPY=0`
         makes it a tensor as on other devices (the same bytes)."""
-        if self.device.type != "cpu" or len(unit.targets) != 1 or unit.targets[0] != unit.nodes[-1]:
+        if self.device.type != "cpu" or len(unit.targets) != 1 or unit.targets[0] != unit.nodes[-1] \
+                or unit.nodes[-1] not in unit.writes:
             return None
         nodes = [self.plan.nodes[n] for n in unit.nodes]
         cast, loads = nodes[-1], nodes[:-1]

@@ -258,6 +258,8 @@ class LocalScheduler:
                     if units[i].trim_heap:
                         trim_heap()
         finally:
+            while not todo.empty():  # after a failure: start no other unit
+                todo.get_nowait()
             for _ in range(workers):
                 todo.put(None)
             # NOTE: after a failure the others finish their unit first: a process that
@@ -382,16 +384,31 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
 
 
 def available_memory() -> int:
-    """Bytes of memory available to new allocations (Linux: MemAvailable), or 0 when
-    unknown."""
+    """Bytes of memory available to new allocations, or 0 when unknown: Linux's
+    MemAvailable, capped by the process's cgroup v2 limit (a container's `memory.max`
+    less its `memory.current`)."""
+    free = 0
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return 0
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            rel = next((line.strip().split("::", 1)[1] for line in f if line.startswith("0::")), None)
+        if rel is not None:
+            base = f"/sys/fs/cgroup{rel.rstrip('/')}"
+            with open(f"{base}/memory.max", encoding="ascii") as f:
+                limit = f.read().strip()
+            if limit != "max":
+                with open(f"{base}/memory.current", encoding="ascii") as f:
+                    left = max(0, int(limit) - int(f.read().strip()))
+                free = min(free, left) if free else left
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def stderr_line(line: str) -> None:

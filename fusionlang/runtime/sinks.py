@@ -77,6 +77,7 @@ class ShardWriter:
     each tensor's bytes at its offset as soon as it is computed: memory stays at one group."""
 
     def __init__(self, out: OutputSpec, directory: Path, shard_bytes: int, queue: WriteQueue):
+        self.out = out
         self.dir = directory
         self.queue = queue
         self.where: dict[str, tuple[int, int, int]] = {}  # tensor -> (shard, offset, nbytes)
@@ -132,7 +133,7 @@ class ShardWriter:
                 off += first_row * (nbytes // value.shape[0])
             assert nbytes <= n, f"{tensor}: {nbytes} bytes, header says {n}"
             # NOTE: no memory is held while it waits: queued without counting its bytes
-            self.queue.submit(functools.partial(copy_spans, value.spans, self.fds[si], off), 0,
+            self.queue.submit(functools.partial(self._copy, tensor, value.spans, self.fds[si], off), 0,
                               self.dir / self.names[si])
             return nbytes
         data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -148,6 +149,16 @@ class ShardWriter:
             # later op may update it in place: it must be written now.
             self.queue.run_now(write_all, self.dir / self.names[si])
         return data.nbytes
+
+    def _copy(self, tensor: str, spans, fd: int, off: int) -> None:
+        """`copy_spans` on the write thread; an unreadable input is located at this
+        output's save, naming the tensor (the unit that handed the spans is long done)."""
+        try:
+            copy_spans(spans, fd, off)
+        except RunError as e:
+            e.message += f" (tensor '{tensor}' of output '{self.out.name}')"
+            e.at = e.at or self.out.at
+            raise
 
     def close(self) -> None:
         """Close the shard files (after the queue is drained or stopped)."""
@@ -166,32 +177,36 @@ def copy_spans(spans, fd: int, off: int) -> None:
     into `fd` from offset `off`: `os.copy_file_range` (the kernel copies page cache to
     page cache, or shares the blocks on file systems that can), else — other systems,
     or file systems that refuse it (EXDEV, EOPNOTSUPP, ...) — reads and writes of
-    COPY_CHUNK bytes. Raises RunError (E011) for an input that cannot be opened or ends
-    early, OSError for a failed write (a full disk)."""
+    COPY_CHUNK bytes. Raises RunError (E011) for an input that cannot be opened or read
+    or ends early, OSError for the output's errors (a full disk: `_WRITE_ERRORS`)."""
     fast = hasattr(os, "copy_file_range")
     for path, start, n in spans:
         try:
             src = os.open(path, os.O_RDONLY)
         except OSError as e:
-            raise RunError(f"cannot read '{path}': {e.strerror or e}",
-                           "the model file changed or is corrupt; re-run compile", "E011") from None
+            raise _unreadable(path, e.strerror or str(e)) from None
         try:
             done = 0
             while done < n and fast:
                 try:
                     step = os.copy_file_range(src, fd, n - done, start + done, off + done)
                 except OSError as e:
+                    if e.errno in _WRITE_ERRORS:
+                        raise  # the output's side: E016 (WriteQueue)
                     if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
-                        raise
+                        raise _unreadable(path, e.strerror or str(e)) from None
+                    step = 0
+                if step == 0:  # refused, or a file system that reports 0: read and write instead
                     fast = False
                     break
-                if step == 0:
-                    raise _ended(path, start + n)
                 done += step
             while done < n:
-                data = os.pread(src, min(COPY_CHUNK, n - done), start + done)
+                try:
+                    data = os.pread(src, min(COPY_CHUNK, n - done), start + done)
+                except OSError as e:
+                    raise _unreadable(path, e.strerror or str(e)) from None
                 if not data:
-                    raise _ended(path, start + n)
+                    raise _unreadable(path, f"it ends before byte {start + n}")
                 _pwrite_all(fd, data, off + done)
                 done += len(data)
         finally:
@@ -199,9 +214,12 @@ def copy_spans(spans, fd: int, off: int) -> None:
         off += n
 
 
-def _ended(path: str, end: int) -> RunError:
-    return RunError(f"cannot read '{path}': it ends before byte {end}",
-                    "the model file changed or is corrupt; re-run compile", "E011")
+# errors of the file written to (the rest, in a file-to-file copy, are the input's)
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _unreadable(path: str, why: str) -> RunError:
+    return RunError(f"cannot read '{path}': {why}", "the model file changed or is corrupt; re-run compile", "E011")
 
 
 def _pwrite_all(fd: int, data, off: int) -> None:
