@@ -167,8 +167,7 @@ def test_worker_and_driver_memory_are_what_the_ray_executor_holds(fam):
     _, plan = compiled(fam, TIES_MODEL, "ties_model.fuse")
     for phase in plan_phases(plan):
         for u in phase.units:
-            assert unit_memory(plan, u) == ray_scheduler.unit_memory(plan, u) + ray_scheduler._BASE_TASK_MEMORY
-    assert TASK_BASE_MEMORY == ray_scheduler._BASE_TASK_MEMORY
+            assert unit_memory(plan, u) == ray_scheduler.unit_memory(plan, u) + TASK_BASE_MEMORY
     costs = unit_costs(plan)
     for slots in (1, 2):
         est = estimate_cluster(plan, 3, slots=slots)

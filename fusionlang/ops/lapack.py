@@ -20,13 +20,16 @@ import ctypes
 from .registry import Tensor, torch
 
 _P = ctypes.c_void_p
+# routine -> (the scipy.linalg module exporting it, its number of arguments: all pointers)
+_ROUTINES = {"dsyrk": ("cython_blas", 10), "dsyevr": ("cython_lapack", 21), "dsyevd": ("cython_lapack", 11)}
 _FNS: dict[str, object] = {}
 
 
-def _fn(module: str, name: str, nargs: int):
-    """The C function `name` of scipy.linalg.`module` (all arguments pointers) or None."""
+def _fn(name: str):
+    """SciPy's C function for the routine `name` (`_ROUTINES`), or None."""
     f = _FNS.get(name)
     if f is None and name not in _FNS:
+        module, nargs = _ROUTINES[name]
         try:
             import importlib
 
@@ -45,8 +48,7 @@ def _fn(module: str, name: str, nargs: int):
 
 def available() -> bool:
     """Whether SciPy's dsyrk, dsyevr and dsyevd can be called here."""
-    return all(_fn(m, n, k) is not None for m, n, k in
-               (("cython_blas", "dsyrk", 10), ("cython_lapack", "dsyevr", 21), ("cython_lapack", "dsyevd", 11)))
+    return all(_fn(name) is not None for name in _ROUTINES)
 
 
 def _check(a: Tensor) -> None:
@@ -85,7 +87,7 @@ def syrk(a: Tensor) -> Tensor:
         src, trans, lda = a.contiguous(), "T", q  # row-major: Fortran sees aᵀ [q, p]
     n, k, ld, ldc = _ints(p, q, lda, p)
     alpha, beta = ctypes.c_double(1.0), ctypes.c_double(0.0)
-    _fn("cython_blas", "dsyrk", 10)(_c("U"), _c(trans), ctypes.byref(n), ctypes.byref(k), ctypes.byref(alpha),
+    _fn("dsyrk")(_c("U"), _c(trans), ctypes.byref(n), ctypes.byref(k), ctypes.byref(alpha),
                                      _ptr(src), ctypes.byref(ld), ctypes.byref(beta), _ptr(g), ctypes.byref(ldc))
     return g
 
@@ -105,7 +107,7 @@ def syevr(g: Tensor, first: int, last: int):
     isuppz = torch.empty(2 * count, dtype=torch.int32)
     n, lda, il, iu, m, ldz, info = _ints(p, p, first + 1, last + 1, 0, p, 0)
     vl, vu, abstol = ctypes.c_double(0.0), ctypes.c_double(0.0), ctypes.c_double(0.0)
-    f = _fn("cython_lapack", "dsyevr", 21)
+    f = _fn("dsyevr")
 
     def call(work, lwork, iwork, liwork) -> None:
         f(_c("V"), _c("I"), _c("U"), ctypes.byref(n), _ptr(g), ctypes.byref(lda), ctypes.byref(vl), ctypes.byref(vu),
@@ -126,7 +128,7 @@ def syevd(g: Tensor):
         return torch.empty(0, dtype=torch.float64), torch.empty(0, 0, dtype=torch.float64)
     w = torch.empty(p, dtype=torch.float64)
     n, lda, info = _ints(p, p, 0)
-    f = _fn("cython_lapack", "dsyevd", 11)
+    f = _fn("dsyevd")
 
     def call(work, lwork, iwork, liwork) -> None:
         f(_c("V"), _c("U"), ctypes.byref(n), _ptr(g), ctypes.byref(lda), _ptr(w), _ptr(work), ctypes.byref(lwork),

@@ -200,7 +200,7 @@ def check_cluster_args(workers: int, disk_gbps: float, net_gbps: float, mem_gbps
 
 
 def unit_memory(plan: Plan, unit: Unit) -> int:
-    """Bytes the Ray executor asks for a unit's task (`ray_scheduler.unit_memory` plus
+    """Bytes the Ray executor asks for a unit's task (`runtime.units.unit_memory` plus
     TASK_BASE_MEMORY): its live fp32 values at most, the values it returns (fp32, 4 bytes
     for one without a shape) and the worker's own overhead per task."""
     return units.unit_memory(plan, unit) + TASK_BASE_MEMORY

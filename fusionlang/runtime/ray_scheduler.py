@@ -41,7 +41,6 @@ from .units import Phase, Unit, plan_phases, unit_memory
 
 BATCH_BYTES = 32 << 20  # tensor bytes read per task, about; a unit above it is a task of its own
 BATCH_UNITS = 256
-_BASE_TASK_MEMORY = TASK_BASE_MEMORY  # a worker's own overhead per task, on top of the plan's estimate
 
 
 def unit_read_bytes(plan: Plan, unit: Unit) -> int:
@@ -179,7 +178,7 @@ class RayScheduler(LocalScheduler):
         def submit(b: int):
             units = [phase.units[i] for i in groups[b]]
             deps = list(dict.fromkeys(export_refs[i] for u in units for i in u.outside if i in export_refs))
-            memory = max(unit_memory(plan, u) for u in units) + _BASE_TASK_MEMORY
+            memory = max(unit_memory(plan, u) for u in units) + TASK_BASE_MEMORY
             if largest and memory > largest:
                 self._unit = units[0]
                 raise RunError(f"a tensor group ('{units[0].group}') needs about {memory / 2**30:.1f} GiB on a worker; "
@@ -265,7 +264,7 @@ def stage_runner(cluster: RC.Cluster, device: str):
 
         def submit(job):
             stage, names, _key, at = job
-            peak = int(stage.get("estimate", {}).get("peak_bytes", 0)) + _BASE_TASK_MEMORY
+            peak = int(stage.get("estimate", {}).get("peak_bytes", 0)) + TASK_BASE_MEMORY
             opts = {"max_retries": RC.MAX_RETRIES, "num_cpus": threads, "num_gpus": 1 if gpu else 0,
                     "memory": min(peak, cluster.node_memory) if cluster.node_memory else peak}
             return remote.options(**opts).remote(env, stage, names, device, threads, at)

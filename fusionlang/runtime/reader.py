@@ -81,20 +81,13 @@ class TensorReader:
         self.bytes_read = 0
         self._lock = threading.Lock()  # units computed side by side share the reader
 
-    def view(self, source: str, tensor: str, rows: tuple[int, int] | None = None, count: bool = True) -> torch.Tensor:
+    def view(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The stored tensor (or rows [rows[0], rows[1]) of it) as a read-only view of the
-        mapped file, in its stored dtype (`count`: add its bytes to `bytes_read`). Raises
-        RunError (E011) when the file cannot be read or no longer holds the tensor."""
-        src = self.plan.sources[source]
-        _, _, file = src.tensors[tensor]
+        mapped file, in its stored dtype. Raises RunError (E011) when the file cannot be
+        read or no longer holds the tensor."""
+        file = self.plan.sources[source].tensors[tensor][2]
         with self._lock:
-            h = self._files.get(file)
-            if h is None:
-                try:
-                    h = MappedFile(file)
-                except (OSError, ValueError, json.JSONDecodeError) as e:
-                    raise RunError(f"cannot read '{file}': {e}", "the model file changed or is corrupt; re-run compile") from None
-                self._files[file] = h
+            h = self._mapped(file)
             try:
                 t = h.tensor(tensor)  # NOTE: under the lock: its warnings filter is not thread-safe
             except (KeyError, ValueError, RuntimeError) as e:
@@ -102,22 +95,34 @@ class TensorReader:
                                "the file is corrupt or changed since compile; re-run compile") from None
         if rows is not None:
             t = t[rows[0]:rows[1]]
-        if count:
-            with self._lock:
-                self.bytes_read += t.numel() * t.element_size()
+        with self._lock:
+            self.bytes_read += t.numel() * t.element_size()
         return t
 
     def span(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> tuple[str, int, int]:
-        """(file, offset, nbytes) of the stored tensor (or its rows) in its safetensors
-        file (not counted as read: the caller reads it, or `view`s it). Raises RunError
-        as `view`."""
-        t = self.view(source, tensor, rows, count=False)
+        """(file, offset, nbytes) of the stored tensor (or rows [rows[0], rows[1]) of it)
+        in its safetensors file, from the file's header (for a tensor `view` has checked;
+        not counted as read). Raises RunError (E011) when the file cannot be mapped."""
         file = self.plan.sources[source].tensors[tensor][2]
-        h = self._files[file]
-        offset = h.start + h.header[tensor]["data_offsets"][0]
-        if rows is not None and t.dim():
-            offset += rows[0] * (t.numel() // max(1, t.shape[0])) * t.element_size()
-        return file, offset, t.numel() * t.element_size()
+        with self._lock:
+            h = self._mapped(file)
+        info = h.header[tensor]
+        start, end = info["data_offsets"]
+        if rows is not None and info["shape"] and info["shape"][0]:
+            row = (end - start) // info["shape"][0]
+            start, end = start + rows[0] * row, start + rows[1] * row
+        return file, h.start + start, end - start
+
+    def _mapped(self, file: str) -> MappedFile:
+        """The mapping of `file`, made on first use (the caller holds the lock)."""
+        h = self._files.get(file)
+        if h is None:
+            try:
+                h = MappedFile(file)
+            except (OSError, ValueError, json.JSONDecodeError) as e:
+                raise RunError(f"cannot read '{file}': {e}", "the model file changed or is corrupt; re-run compile") from None
+            self._files[file] = h
+        return h
 
     def load(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor as a private float32 buffer on the run's device (ops may update it in place)."""

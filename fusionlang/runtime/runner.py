@@ -189,19 +189,17 @@ class Runner:
         if stack is not None and set(stack.inputs) != set(unit.nodes[:-2]):
             return None
         dtype = TORCH_DTYPES[cast.param("dtype")]
-        views = {nid: self.reader.view(n.param("source"), n.param("tensor"), n.param("rows"))
-                 for nid, n in zip(unit.nodes, loads)}
+        where = {nid: (n.param("source"), n.param("tensor"), n.param("rows")) for nid, n in zip(unit.nodes, loads)}
+        views = {nid: self.reader.view(*w) for nid, w in where.items()}
         if any(v.dtype != dtype or v.itemsize == 1 for v in views.values()):
             return None  # a real cast (or fp8, whose range check needs the float32 values)
-        order = list(stack.inputs) if stack is not None else [unit.nodes[0]]
-        if os.environ.get("FUSIONLANG_FILE_COPY") != "0" and all(views[i].is_contiguous() for i in order):
+        if os.environ.get("FUSIONLANG_FILE_COPY") != "0":
             # NOTE: the experts' parts concatenated along rows and stacked on a new first
             # axis are their bytes one after the other: the sink copies the file ranges
+            order = list(stack.inputs) if stack is not None else [unit.nodes[0]]
             for i in order:
                 check_cast(unit.nodes[-1], views[i], views[i])
-            by_id = dict(zip(unit.nodes, loads))
-            spans = tuple(self.reader.span(by_id[i].param("source"), by_id[i].param("tensor"), by_id[i].param("rows"))
-                          for i in order)
+            spans = tuple(self.reader.span(*where[i]) for i in order)
             return unit.nodes[-1], FileSpans(spans, tuple(cast.shape or ())), True
         value = (OPS["stack_experts"].fn([views[i] for i in stack.inputs], **op_kwargs(stack)) if stack is not None
                  else next(iter(views.values())).clone())

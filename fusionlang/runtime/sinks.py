@@ -127,19 +127,16 @@ class ShardWriter:
         value the caller hands over (`owned`: nothing will write into its memory again)
         is written in the background; any other is written before this returns."""
         si, off, n = self.where[tensor]
+        nbytes = value.nbytes  # a tensor's or a FileSpans'
+        if first_row:
+            off += first_row * (nbytes // value.shape[0])
+        assert nbytes <= n, f"{tensor}: {nbytes} bytes, header says {n}"
         if isinstance(value, FileSpans):
-            nbytes = value.nbytes
-            if first_row:
-                off += first_row * (nbytes // value.shape[0])
-            assert nbytes <= n, f"{tensor}: {nbytes} bytes, header says {n}"
             # NOTE: no memory is held while it waits: queued without counting its bytes
             self.queue.submit(functools.partial(self._copy, tensor, value.spans, self.fds[si], off), 0,
                               self.dir / self.names[si])
             return nbytes
         data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        if first_row:
-            off += first_row * (data.nbytes // value.shape[0])
-        assert data.nbytes <= n, f"{tensor}: {data.nbytes} bytes, header says {n}"
         # NOTE: `data` (a view of the tensor) keeps the tensor alive until it is written
         write_all = functools.partial(_pwrite_all, self.fds[si], data, off)
         if owned:
