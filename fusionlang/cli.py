@@ -12,12 +12,9 @@ import os
 import sys
 import traceback
 
-# NOTE: before torch loads OpenMP. Threads that wait for work sleep instead of spinning:
-# on cores other processes also use (a shared CI runner, a laptop), spinning OpenMP
-# threads made a 135M model's forward pass 11x slower here (3.8 s against 0.35 s with
-# two threads while two other jobs ran). With the cores to itself, spinning only saves a
-# wake-up (microseconds) per parallel region.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from .runtime.openmp import set_wait_policy
+
+set_wait_policy()  # NOTE: before torch loads OpenMP (runtime/openmp.py: a short spin, then sleep)
 
 from rich.console import Console
 from rich.table import Table

@@ -6,7 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: as the CLI (fusionlang/cli.py)
+from fusionlang.runtime.openmp import set_wait_policy  # torch-free
+
+set_wait_policy()  # before torch loads OpenMP: as the CLI (fusionlang/cli.py)
 
 import pytest
 import torch
