@@ -187,14 +187,22 @@ def _write_text(path: str, text: str) -> None:
 
 def cmd_run(args) -> int:
     plan_box: list = []
+    ray_start: list = []  # `ray_cluster.connect_early`'s result, started before compiling
     try:
-        return _cmd_run(args, plan_box)
+        return _cmd_run(args, plan_box, ray_start)
     finally:
         if plan_box:  # evaluations remove it when they run; a failed or interrupted run must too
             remove_eval_tmpdir(plan_box[0])
+        if ray_start:
+            from .runtime.errors import RunError
+
+            try:
+                ray_start[0]().close()  # NOTE: waits for a start still under way: no Ray process is left behind
+            except RunError:
+                pass  # reported by the run itself (its own connect fails the same way)
 
 
-def _cmd_run(args, plan_box: list) -> int:
+def _cmd_run(args, plan_box: list, ray_start: list) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     if not math.isfinite(args.shard_size) or args.shard_size <= 0 or args.shard_size * 1024**3 < 1:
@@ -211,6 +219,10 @@ def _cmd_run(args, plan_box: list) -> int:
             from .stages.process import prestart_for
 
             prestart_for(args.spec)  # a MoE's router stage: its process imports while this one compiles
+        if args.executor == "ray":
+            from .runtime.ray_cluster import connect_early
+
+            ray_start.append(connect_early(args.address))  # a local instance starts while the spec compiles
         prog, _lowered, plan = _compile(args, make_tuner(args.device, console, int(args.shard_size * 1024**3),
                                                          args.executor, args.address))
         plan_box.append(plan)

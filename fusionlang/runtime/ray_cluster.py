@@ -15,6 +15,7 @@ Only this module and `ray_scheduler` import ray, and only when a run asks for it
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,13 +42,60 @@ class Cluster:
     gpus: int
     node_cpus: int = 0
     node_memory: int = 0
+    keeper: tuple | None = None  # (event, thread) of `connect_early`: the thread that stops Ray
 
     def close(self) -> None:
         """Stop the local instance this process started (a cluster it joined keeps running)."""
+        if self.keeper is not None:
+            release, thread = self.keeper
+            release.set()
+            thread.join()
+            return
+        self.stop()
+
+    def stop(self) -> None:
+        """`close()` on the thread that connected."""
         import ray
 
         if self.started and ray.is_initialized():
             ray.shutdown()
+
+
+_CONNECTING = threading.Lock()  # one ray.init at a time (`connect_early`'s thread and a search's)
+
+
+def connect_early(address: str | None = None) -> Callable[[], Cluster]:
+    """`connect(address)` on a thread, so that a local instance starts (about 3 s) while
+    the caller compiles the spec; the returned function waits for it and returns the
+    Cluster, or raises its RunError. The caller closes the Cluster (a later `connect`
+    in this process reuses the connection and does not own it).
+
+    NOTE: Ray's processes end with the thread that started them (they are started with
+    PR_SET_PDEATHSIG), so that thread lives until the Cluster is closed, and stops them."""
+    box: dict[str, Any] = {}
+    ready, release = threading.Event(), threading.Event()
+
+    def target() -> None:
+        try:
+            box["cluster"] = cluster = connect(address)
+        except BaseException as e:  # noqa: BLE001 (raised by the waiting caller)
+            box["error"] = e
+            ready.set()
+            return
+        cluster.keeper = (release, threading.current_thread())
+        ready.set()
+        release.wait()
+        cluster.stop()
+
+    threading.Thread(target=target, daemon=True, name="fusionlang-ray-start").start()
+
+    def result() -> Cluster:
+        ready.wait()
+        if "error" in box:
+            raise box["error"]
+        return box["cluster"]
+
+    return result
 
 
 def connect(address: str | None = None) -> Cluster:
@@ -56,6 +104,11 @@ def connect(address: str | None = None) -> Cluster:
     machine's CPUs; reuses a connection this process already has.
 
     Raises RunError (E032) when Ray is not installed or the cluster cannot be reached."""
+    with _CONNECTING:
+        return _connect(address)
+
+
+def _connect(address: str | None) -> Cluster:
     try:
         import ray
     except ImportError:

@@ -1,5 +1,5 @@
 """Reading input tensors: safetensors files mapped read-only, tensors as zero-copy views;
-the device a run computes on; the heap settings of a streaming run."""
+the device a run computes on; the heap settings and memory of a streaming run."""
 
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ class TensorReader:
         self._files: dict[str, MappedFile] = {}
         self.bytes_read = 0
         self._lock = threading.Lock()  # units computed side by side share the reader
+        self.stager = None  # staging.Stager: the inputs of the next units, read ahead
 
     def view(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The stored tensor (or rows [rows[0], rows[1]) of it) as a read-only view of the
@@ -125,7 +126,16 @@ class TensorReader:
         return h
 
     def load(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor as a private float32 buffer on the run's device (ops may update it in place)."""
+        """The tensor as a private float32 buffer on the run's device (ops may update it in
+        place): the copy the stager read ahead, else read now. Raises RunError (E011)."""
+        if self.stager is not None:
+            staged = self.stager.take((source, tensor, rows))
+            if staged is not None:
+                return staged
+        return self.load_direct(source, tensor, rows)
+
+    def load_direct(self, source: str, tensor: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """`load` without the stager: read and converted on this thread."""
         t = self.view(source, tensor, rows)
         # NOTE: the conversion (or copy, for fp32) makes a private buffer that ops may
         # reuse in place; the mapped view itself is never written. Integer and bool
@@ -185,3 +195,31 @@ def keep_freed_memory() -> None:
         _LIBC = libc
     except (OSError, AttributeError):
         pass
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations, or 0 when unknown: Linux's
+    MemAvailable, capped by the process's cgroup v2 limit (a container's `memory.max`
+    less its `memory.current`)."""
+    free = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            rel = next((line.strip().split("::", 1)[1] for line in f if line.startswith("0::")), None)
+        if rel is not None:
+            base = f"/sys/fs/cgroup{rel.rstrip('/')}"
+            with open(f"{base}/memory.max", encoding="ascii") as f:
+                limit = f.read().strip()
+            if limit != "max":
+                with open(f"{base}/memory.current", encoding="ascii") as f:
+                    left = max(0, int(limit) - int(f.read().strip()))
+                free = min(free, left) if free else left
+    except (OSError, ValueError):
+        pass
+    return free

@@ -39,9 +39,10 @@ import torch
 
 from ..plan.graph import Plan
 from .errors import BadValue, RunError
-from .reader import TensorReader, keep_freed_memory, pick_device, trim_heap
+from .reader import TensorReader, available_memory, keep_freed_memory, pick_device, trim_heap
 from .runner import Runner
 from .sinks import DEFAULT_SHARD_BYTES, OutputSink
+from .staging import Stager, stage_ahead, staging_budget
 from .units import Phase, Unit, closure, decomposes, output_roots, plan_phases, unit_memory
 
 
@@ -52,6 +53,7 @@ class RunStats:
     bytes_read: int = 0
     seconds: float = 0.0
     side_by_side: int = 0  # units computed side by side ("Decomposing phases")
+    staged: int = 0  # input tensors read ahead by the stager (staging.py) and used
     threads: int = 1  # the run's intra-op threads (the side-by-side workers)
     outputs: dict[str, str] = field(default_factory=dict)
     # what model stages learned (AdaMerging's coefficients), by output name
@@ -117,6 +119,8 @@ class LocalScheduler:
         self.runner = Runner(plan, self.device, self.reader)
         self.stats = RunStats()
         self._unit: Unit | None = None
+        self.stager: Stager | None = None
+        self._queued = 0  # units handed to the stager so far (their numbers)
 
     def run(self) -> RunStats:
         """Execute the plan; writes every output atomically. Raises RunError."""
@@ -126,9 +130,15 @@ class LocalScheduler:
         # cycles worth collecting; the cyclic collector took ~3% of a DARE run's py-spy samples.
         was_enabled = gc.isenabled()
         gc.disable()
+        if stage_ahead(self.device):
+            self.stager = self.reader.stager = Stager(self.reader, self.device, staging_budget(self.device))
         try:
             return self._run()
         finally:
+            if self.stager is not None:
+                self.stats.staged = self.stager.taken
+                self.stager.close()
+                self.stager = self.reader.stager = None
             torch.set_num_threads(self._threads)  # also when a stage or a unit failed mid-overlap
             if was_enabled:
                 gc.enable()
@@ -189,18 +199,37 @@ class LocalScheduler:
         if self._side_by_side(phase):
             self._run_side_by_side(phase, reduce_values, sink, stat_inputs)
             return stat_inputs
-        for unit in self._order(phase.units):
+        order = list(self._order(phase.units))
+        numbers = self._read_ahead(order, 0)
+        for k, unit in enumerate(order):
             if unit is None:
                 self._await_stages()
+                numbers.update(self._read_ahead(order, k + 1))  # their inputs may be stage results
                 continue
             self._unit = unit
             for nid, value, owned in self.runner.run(unit, shared, reduce_values):
                 if nid in unit.exports:
                     shared[nid] = value
                 self._deliver(unit, nid, value, owned, stat_inputs, sink)
+            if k in numbers:
+                self.stager.finish(numbers[k])
             if unit.trim_heap:
                 trim_heap()
         return stat_inputs
+
+    def _read_ahead(self, order: list, start: int) -> dict[int, int]:
+        """Hand the stager the units order[start:] up to the next None (those after it
+        wait for the stages), in the order they run; their numbers by position."""
+        numbers: dict[int, int] = {}
+        if self.stager is None:
+            return numbers
+        for k in range(start, len(order)):
+            if order[k] is None:
+                break
+            numbers[k] = self._queued
+            self.stager.ahead(self._queued, order[k].loads(self.plan))
+            self._queued += 1
+        return numbers
 
     def _side_by_side(self, phase: Phase) -> bool:
         """Whether the phase's units run side by side ("Decomposing phases" above): a
@@ -381,34 +410,6 @@ def run_plan(plan: Plan, device: str = "auto", shard_bytes: int = DEFAULT_SHARD_
     if kinds:
         stats.learned = learned_by_output(scheduler.plan)
     return stats
-
-
-def available_memory() -> int:
-    """Bytes of memory available to new allocations, or 0 when unknown: Linux's
-    MemAvailable, capped by the process's cgroup v2 limit (a container's `memory.max`
-    less its `memory.current`)."""
-    free = 0
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        with open("/proc/self/cgroup", encoding="ascii") as f:
-            rel = next((line.strip().split("::", 1)[1] for line in f if line.startswith("0::")), None)
-        if rel is not None:
-            base = f"/sys/fs/cgroup{rel.rstrip('/')}"
-            with open(f"{base}/memory.max", encoding="ascii") as f:
-                limit = f.read().strip()
-            if limit != "max":
-                with open(f"{base}/memory.current", encoding="ascii") as f:
-                    left = max(0, int(limit) - int(f.read().strip()))
-                free = min(free, left) if free else left
-    except (OSError, ValueError):
-        pass
-    return free
 
 
 def stderr_line(line: str) -> None:
