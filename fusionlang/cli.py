@@ -194,12 +194,11 @@ def cmd_run(args) -> int:
         if plan_box:  # evaluations remove it when they run; a failed or interrupted run must too
             remove_eval_tmpdir(plan_box[0])
         if ray_start:
-            from .runtime.errors import RunError
+            import contextlib
 
-            try:
-                ray_start[0]().close()  # NOTE: waits for a start still under way: no Ray process is left behind
-            except RunError:
-                pass  # reported by the run itself (its own connect fails the same way)
+            # NOTE: a start that failed was reported by the run's own connect, or the run had failed already
+            with contextlib.suppress(Exception):
+                ray_start[0]().close()  # waits for a start still under way: no Ray process is left behind
 
 
 def _cmd_run(args, plan_box: list, ray_start: list) -> int:

@@ -54,6 +54,7 @@ class RunStats:
     seconds: float = 0.0
     side_by_side: int = 0  # units computed side by side ("Decomposing phases")
     staged: int = 0  # input tensors read ahead by the stager (staging.py) and used
+    staged_peak: int = 0  # the most bytes the stager held at once
     threads: int = 1  # the run's intra-op threads (the side-by-side workers)
     outputs: dict[str, str] = field(default_factory=dict)
     # what model stages learned (AdaMerging's coefficients), by output name
@@ -130,13 +131,13 @@ class LocalScheduler:
         # cycles worth collecting; the cyclic collector took ~3% of a DARE run's py-spy samples.
         was_enabled = gc.isenabled()
         gc.disable()
-        if stage_ahead(self.device):
-            self.stager = self.reader.stager = Stager(self.reader, self.device, staging_budget(self.device))
         try:
+            if stage_ahead(self.device):
+                self.stager = self.reader.stager = Stager(self.reader, self.device, staging_budget(self.device))
             return self._run()
         finally:
             if self.stager is not None:
-                self.stats.staged = self.stager.taken
+                self.stats.staged, self.stats.staged_peak = self.stager.taken, self.stager.peak
                 self.stager.close()
                 self.stager = self.reader.stager = None
             torch.set_num_threads(self._threads)  # also when a stage or a unit failed mid-overlap

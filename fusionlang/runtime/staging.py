@@ -52,10 +52,10 @@ class _Entry:
 
 
 def stage_ahead(device: torch.device) -> bool:
-    """Whether a run on `device` reads ahead: on a GPU unless FUSIONLANG_STAGE_AHEAD=0,
-    on the CPU only with FUSIONLANG_STAGE_AHEAD=1 (module docstring)."""
+    """Whether a run on `device` reads ahead: on a CUDA GPU unless FUSIONLANG_STAGE_AHEAD=0,
+    on the CPU only with FUSIONLANG_STAGE_AHEAD=1 (module docstring), never on MPS."""
     flag = os.environ.get("FUSIONLANG_STAGE_AHEAD")
-    return flag == "1" if device.type == "cpu" else flag != "0"
+    return flag == "1" if device.type == "cpu" else device.type == "cuda" and flag != "0"
 
 
 def staging_budget(device: torch.device) -> int:
@@ -70,20 +70,25 @@ def staging_budget(device: torch.device) -> int:
 
 class Stager:
     """Stages the input tensors of queued units on a background thread, in queue order,
-    holding at most `budget` bytes not yet taken (a unit is admitted whole; one is always
-    admitted). `staged` and `taken` count tensors; `close()` stops the thread."""
+    holding at most `budget` bytes of units not finished (a unit is admitted whole and
+    counted until it finishes, taken or not, so what is staged ahead and the current
+    unit's inputs stay within the budget; one unit is always admitted). `staged` and
+    `taken` count tensors, `peak` the most bytes held; `close()` stops the thread. A
+    device out of memory while staging, or a staging thread that failed, leaves the
+    tensors to be read directly."""
 
     def __init__(self, reader: TensorReader, device: torch.device, budget: int):
         self.reader = reader
         self.device = device
         self.budget = budget
-        self.staged = self.taken = 0
+        self.staged = self.taken = self.peak = 0
         self._cv = threading.Condition()
         self._queue: deque[tuple[int, list[Key]]] = deque()
         self._ready: dict[Key, deque[_Entry]] = {}
         self._pending: dict[Key, int] = {}  # queued or in flight, not yet ready
         self._dropped: set[int] = set()  # finished units: their entries are not kept
         self._held = 0
+        self._unit_bytes: dict[int, int] = {}  # admitted units not finished: their staged bytes
         self._closed = False
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._thread = threading.Thread(target=self._work, daemon=True, name="fusionlang-staging")
@@ -108,11 +113,11 @@ class Stager:
                     return None
                 self._cv.wait()
             entry = self._ready[key].popleft()
-            self._held -= entry.nbytes
-            self.taken += 1
-            self._cv.notify_all()
         if entry.error is not None:
             raise entry.error
+        if entry.value is None:
+            return None  # the device had no room for it ahead: read directly
+        self.taken += 1
         value = entry.value
         if entry.event is not None:
             current = torch.cuda.current_stream(self.device)
@@ -126,9 +131,9 @@ class Stager:
         was not staged yet."""
         with self._cv:
             self._dropped.add(unit)
+            self._held -= self._unit_bytes.pop(unit, 0)
             for k, entries in list(self._ready.items()):
                 keep = deque(e for e in entries if e.unit != unit)
-                self._held -= sum(e.nbytes for e in entries if e.unit == unit)
                 if keep:
                     self._ready[k] = keep
                 else:
@@ -146,6 +151,14 @@ class Stager:
 
     # -- the staging thread
     def _work(self) -> None:
+        try:
+            self._stage_units()
+        except BaseException:  # noqa: BLE001 (a failed stager stops staging: the runner reads directly)
+            with self._cv:
+                self._closed = True
+                self._cv.notify_all()
+
+    def _stage_units(self) -> None:
         torch.set_num_threads(1)  # NOTE: a conversion on this thread must not take the compute's cores
         while True:
             with self._cv:
@@ -158,20 +171,22 @@ class Stager:
                     self._forget(loads)
                     continue
                 sizes = [self._nbytes(k) for k in loads]
+                self._unit_bytes[unit] = sum(sizes)
                 self._held += sum(sizes)
+                self.peak = max(self.peak, self._held)
             for k, n in zip(loads, sizes):
                 entry = _Entry(unit, n)
-                if unit not in self._dropped:
+                if unit not in self._dropped and not self._closed:
                     try:
                         entry.value, entry.event = self._read(k)
                         self.staged += 1
-                    except BaseException as e:  # noqa: BLE001 (raised where the runner takes it)
+                    except torch.cuda.OutOfMemoryError:
+                        pass  # NOTE: no room ahead: the runner reads it when it needs it
+                    except Exception as e:  # noqa: BLE001 (raised where the runner takes it)
                         entry.error = e
                 with self._cv:
                     self._pending[k] -= 1
-                    if unit in self._dropped or self._closed:
-                        self._held -= n
-                    else:
+                    if unit not in self._dropped and not self._closed:
                         self._ready.setdefault(k, deque()).append(entry)
                     self._cv.notify_all()
 
