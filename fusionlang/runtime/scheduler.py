@@ -120,7 +120,6 @@ class LocalScheduler:
         self.runner = Runner(plan, self.device, self.reader)
         self.stats = RunStats()
         self._unit: Unit | None = None
-        self.stager: Stager | None = None
         self._queued = 0  # units handed to the stager so far (their numbers)
 
     def run(self) -> RunStats:
@@ -133,13 +132,13 @@ class LocalScheduler:
         gc.disable()
         try:
             if stage_ahead(self.device):
-                self.stager = self.reader.stager = Stager(self.reader, self.device, staging_budget(self.device))
+                self.reader.stager = Stager(self.reader, self.device, staging_budget(self.device))
             return self._run()
         finally:
-            if self.stager is not None:
-                self.stats.staged, self.stats.staged_peak = self.stager.taken, self.stager.peak
-                self.stager.close()
-                self.stager = self.reader.stager = None
+            stager, self.reader.stager = self.reader.stager, None
+            if stager is not None:
+                self.stats.staged, self.stats.staged_peak = stager.taken, stager.peak
+                stager.close()
             torch.set_num_threads(self._threads)  # also when a stage or a unit failed mid-overlap
             if was_enabled:
                 gc.enable()
@@ -213,7 +212,7 @@ class LocalScheduler:
                     shared[nid] = value
                 self._deliver(unit, nid, value, owned, stat_inputs, sink)
             if k in numbers:
-                self.stager.finish(numbers[k])
+                self.reader.stager.finish(numbers[k])
             if unit.trim_heap:
                 trim_heap()
         return stat_inputs
@@ -222,13 +221,13 @@ class LocalScheduler:
         """Hand the stager the units order[start:] up to the next None (those after it
         wait for the stages), in the order they run; their numbers by position."""
         numbers: dict[int, int] = {}
-        if self.stager is None:
+        if self.reader.stager is None:
             return numbers
         for k in range(start, len(order)):
             if order[k] is None:
                 break
             numbers[k] = self._queued
-            self.stager.ahead(self._queued, order[k].loads(self.plan))
+            self.reader.stager.ahead(self._queued, order[k].loads(self.plan))
             self._queued += 1
         return numbers
 

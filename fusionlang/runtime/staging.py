@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..plan.graph import shape_numel
 from .reader import TORCH_DTYPES, TensorReader, available_memory
 
 Key = tuple[str, str, "tuple[int, int] | None"]  # (source key, tensor name, row block)
@@ -45,7 +46,6 @@ MAX_STAGED_BYTES = 4 << 30
 @dataclass
 class _Entry:
     unit: int
-    nbytes: int
     value: torch.Tensor | None = None
     event: object = None  # the transfer's CUDA event
     error: BaseException | None = None
@@ -72,21 +72,21 @@ class Stager:
     """Stages the input tensors of queued units on a background thread, in queue order,
     holding at most `budget` bytes of units not finished (a unit is admitted whole and
     counted until it finishes, taken or not, so what is staged ahead and the current
-    unit's inputs stay within the budget; one unit is always admitted). `staged` and
-    `taken` count tensors, `peak` the most bytes held; `close()` stops the thread. A
-    device out of memory while staging, or a staging thread that failed, leaves the
-    tensors to be read directly."""
+    unit's inputs stay within the budget; one unit is always admitted). Units finish in
+    the order they were queued. `taken` counts the tensors handed out, `peak` the most
+    bytes held; `close()` stops the thread. A device out of memory while staging, or a
+    staging thread that failed, leaves the tensors to be read directly."""
 
     def __init__(self, reader: TensorReader, device: torch.device, budget: int):
         self.reader = reader
         self.device = device
         self.budget = budget
-        self.staged = self.taken = self.peak = 0
+        self.taken = self.peak = 0
         self._cv = threading.Condition()
-        self._queue: deque[tuple[int, list[Key]]] = deque()
+        self._queue: deque[tuple[int, list[Key], int]] = deque()  # (unit, its loads, their staged bytes)
         self._ready: dict[Key, deque[_Entry]] = {}
         self._pending: dict[Key, int] = {}  # queued or in flight, not yet ready
-        self._dropped: set[int] = set()  # finished units: their entries are not kept
+        self._finished = -1  # units up to this number have finished: their entries are not kept
         self._held = 0
         self._unit_bytes: dict[int, int] = {}  # admitted units not finished: their staged bytes
         self._closed = False
@@ -97,8 +97,9 @@ class Stager:
     def ahead(self, unit: int, loads: list[Key]) -> None:
         """Queue unit number `unit` (unique per run) with its input tensors `loads`, after
         the units queued before it (the order the scheduler runs them in)."""
+        size = sum(self._nbytes(k) for k in loads)
         with self._cv:
-            self._queue.append((unit, list(loads)))
+            self._queue.append((unit, list(loads), size))
             for k in loads:
                 self._pending[k] = self._pending.get(k, 0) + 1
             self._cv.notify_all()
@@ -127,13 +128,14 @@ class Stager:
         return value if value.dtype == torch.float32 else value.float()
 
     def finish(self, unit: int) -> None:
-        """Unit `unit` has finished: drop its entries not taken, and its queue place if it
-        was not staged yet."""
+        """Unit `unit` (and every unit queued before it) has finished: drop its entries not
+        taken, and its queue place if it was not staged yet."""
         with self._cv:
-            self._dropped.add(unit)
-            self._held -= self._unit_bytes.pop(unit, 0)
+            self._finished = unit
+            for u in [u for u in self._unit_bytes if u <= unit]:
+                self._held -= self._unit_bytes.pop(u)
             for k, entries in list(self._ready.items()):
-                keep = deque(e for e in entries if e.unit != unit)
+                keep = deque(e for e in entries if e.unit > unit)
                 if keep:
                     self._ready[k] = keep
                 else:
@@ -166,27 +168,25 @@ class Stager:
                     self._cv.wait()
                 if self._closed:
                     return
-                unit, loads = self._queue.popleft()
-                if unit in self._dropped:
+                unit, loads, size = self._queue.popleft()
+                if unit <= self._finished:
                     self._forget(loads)
                     continue
-                sizes = [self._nbytes(k) for k in loads]
-                self._unit_bytes[unit] = sum(sizes)
-                self._held += sum(sizes)
+                self._unit_bytes[unit] = size
+                self._held += size
                 self.peak = max(self.peak, self._held)
-            for k, n in zip(loads, sizes):
-                entry = _Entry(unit, n)
-                if unit not in self._dropped and not self._closed:
+            for k in loads:
+                entry = _Entry(unit)
+                if unit > self._finished and not self._closed:
                     try:
                         entry.value, entry.event = self._read(k)
-                        self.staged += 1
                     except torch.cuda.OutOfMemoryError:
                         pass  # NOTE: no room ahead: the runner reads it when it needs it
                     except Exception as e:  # noqa: BLE001 (raised where the runner takes it)
                         entry.error = e
                 with self._cv:
                     self._pending[k] -= 1
-                    if unit not in self._dropped and not self._closed:
+                    if unit > self._finished and not self._closed:
                         self._ready.setdefault(k, deque()).append(entry)
                     self._cv.notify_all()
 
@@ -194,10 +194,8 @@ class Stager:
         """The next queued unit may be staged now (the caller holds the lock)."""
         if not self._queue:
             return False
-        unit, loads = self._queue[0]
-        if unit in self._dropped or self._held == 0:
-            return True
-        return self._held + sum(self._nbytes(k) for k in loads) <= self.budget
+        unit, _, size = self._queue[0]
+        return unit <= self._finished or self._held == 0 or self._held + size <= self.budget
 
     def _forget(self, loads: list[Key]) -> None:
         """A dropped unit's loads are no longer pending (the caller holds the lock)."""
@@ -213,9 +211,7 @@ class Stager:
             dtype, shape, _ = self.reader.plan.sources[source].tensors[tensor]
         except KeyError:
             return 0
-        numel = 1
-        for d in shape:
-            numel *= d
+        numel = shape_numel(shape)
         if rows is not None and shape and shape[0]:
             numel = numel // shape[0] * (rows[1] - rows[0])
         stored = TORCH_DTYPES.get(dtype)
